@@ -1,0 +1,178 @@
+"""Configuration from one place: a file (the mounted ConfigMap), then environment, then flags.
+
+Only this module reads the environment. Every part receives a validated :class:`Settings`. A bad
+key is named with its allowed values; unknown keys are refused, so a typo never passes silently.
+"""
+
+import os
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import pydantic
+import yaml
+
+from gpushare import errors, names, quantities
+
+Policy = Literal["binpack", "spread"]
+Isolation = Literal["mps", "mps-shared", "none"]
+
+
+def _bytes(value: object) -> int:
+    try:
+        return quantities.parse_bytes(value)  # type: ignore[arg-type]
+    except errors.QuantityError as exc:
+        raise ValueError(str(exc)) from exc
+
+
+ByteSize = Annotated[int, pydantic.BeforeValidator(_bytes)]
+
+
+class _Section(pydantic.BaseModel):
+    model_config = pydantic.ConfigDict(extra="forbid", frozen=True)
+
+
+class SchedulerSettings(_Section):
+    """The extender."""
+
+    listen: str = "0.0.0.0:8888"
+    url_prefix: str = "/gpushare-scheduler"
+    heartbeat_timeout_seconds: float = pydantic.Field(default=300.0, gt=0)
+    """A node whose agent has been silent this long is not a place to schedule (5 heartbeats)."""
+
+
+class WebhookSettings(_Section):
+    """The admission webhook."""
+
+    listen: str = "0.0.0.0:9443"
+    scheduler_name: str = names.SCHEDULER_NAME
+    """``schedulerName`` set on mutated pods."""
+
+
+class AgentSettings(_Section):
+    """The device plugin and its agent on each GPU node."""
+
+    kubelet_dir: Path = Path("/var/lib/kubelet")
+    mps_root: Path = Path("/run/gpushare/mps")
+    """Host folder under which each MPS daemon gets its pipe directory."""
+    mps_server_bytes: ByteSize = 66 * quantities.MI
+    """Card memory each ``nvidia-cuda-mps-server`` takes (66 MiB measured on an H100)."""
+    poll_seconds: float = pydantic.Field(default=5.0, gt=0)
+    heartbeat_seconds: float = pydantic.Field(default=60.0, gt=0)
+    """Report at least this often even when nothing changed; a thousand nodes stay quiet."""
+    report_change_bytes: ByteSize = 256 * quantities.MI
+    """A card's used memory must move this much before a report goes out early."""
+    overuse_grace_seconds: float = pydantic.Field(default=30.0, ge=0)
+    overuse_action: Literal["event", "evict"] = "event"
+    cdi: bool = False
+    """Name the card as a CDI device (``nvidia.com/gpu=<uuid>``) in Allocate's response."""
+
+
+class Settings(_Section):
+    """Cluster-wide configuration shared by every part."""
+
+    unit_bytes: ByteSize = quantities.GI
+    """The memory unit of ``gpushare.io/gpu-memory``; requests round up to whole units."""
+    policy: Policy = "binpack"
+    reserve_bytes: ByteSize = 716 * quantities.MI
+    """Per-instance memory outside vLLM's budget (CUDA context ~620 MiB measured, plus margin)."""
+    isolation: Isolation = "mps"
+    scheduler: SchedulerSettings = SchedulerSettings()
+    webhook: WebhookSettings = WebhookSettings()
+    agent: AgentSettings = AgentSettings()
+
+    @pydantic.field_validator("unit_bytes")
+    @classmethod
+    def _unit_in_range(cls, value: int) -> int:
+        try:
+            quantities.check_unit(value)
+        except errors.ConfigError as exc:
+            raise ValueError(str(exc)) from exc
+        return value
+
+
+def load(
+    *,
+    file: Path | None = None,
+    environ: Mapping[str, str] | None = None,
+    overrides: Mapping[str, Any] | None = None,
+) -> Settings:
+    """Build settings from the file named by ``GPUSHARE_CONFIG``, then environment, then flags.
+
+    Environment keys are ``GPUSHARE_<KEY>`` for top-level keys and ``GPUSHARE_<SECTION>__<KEY>``
+    for nested ones (``GPUSHARE_SCHEDULER__LISTEN``).
+    """
+    env = os.environ if environ is None else environ
+    data: dict[str, Any] = {}
+    path = file or (Path(env[names.ENV_CONFIG_FILE]) if env.get(names.ENV_CONFIG_FILE) else None)
+    if path is not None:
+        data = _read_file(path)
+    for key, value in env.items():
+        if not key.startswith(names.ENV_PREFIX) or key == names.ENV_CONFIG_FILE:
+            continue
+        parts = key.removeprefix(names.ENV_PREFIX).lower().split("__")
+        if len(parts) > 2 or parts[0] not in Settings.model_fields:
+            continue  # other GPUSHARE_* variables (the contract's env) are not configuration
+        _merge(data, parts, value)
+    for dotted, value in (overrides or {}).items():
+        if value is not None:
+            _merge(data, dotted.split("."), value)
+    return validate(data)
+
+
+def validate(data: Mapping[str, Any]) -> Settings:
+    """Validate raw configuration, naming each bad key and what it accepts."""
+    try:
+        return Settings.model_validate(data)
+    except pydantic.ValidationError as exc:
+        raise errors.ConfigError(describe(exc)) from exc
+
+
+def describe(exc: pydantic.ValidationError) -> str:
+    """One line per bad key: ``scheduler.listn: unknown key; allowed: listen, url_prefix, ...``."""
+    lines = []
+    for error in exc.errors():
+        loc = [str(part) for part in error["loc"]]
+        key = ".".join(loc)
+        if error["type"] == "extra_forbidden":
+            allowed = ", ".join(_section_fields(loc[:-1]))
+            lines.append(f"{key}: unknown key; allowed: {allowed}")
+        elif error["type"] == "literal_error":
+            lines.append(f"{key}: {error['input']!r} is not allowed; {error['msg'].lower()}")
+        else:
+            lines.append(f"{key}: {error['msg'].removeprefix('Value error, ')} (got {error['input']!r})")
+    return "invalid configuration:\n  " + "\n  ".join(lines)
+
+
+def _section_fields(path: list[str]) -> list[str]:
+    model: type[pydantic.BaseModel] = Settings
+    for part in path:
+        annotation = model.model_fields[part].annotation
+        if not (isinstance(annotation, type) and issubclass(annotation, pydantic.BaseModel)):
+            break
+        model = annotation
+    return list(model.model_fields)
+
+
+def _merge(data: dict[str, Any], path: list[str], value: Any) -> None:
+    node = data
+    for part in path[:-1]:
+        child = node.setdefault(part, {})
+        if not isinstance(child, dict):
+            raise errors.ConfigError(f"{'.'.join(path)}: {part} is not a section")
+        node = child
+    node[path[-1]] = value
+
+
+def _read_file(path: Path) -> dict[str, Any]:
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except OSError as exc:
+        raise errors.ConfigError(f"cannot read configuration file {path}: {exc.strerror}") from exc
+    except yaml.YAMLError as exc:
+        raise errors.ConfigError(f"configuration file {path} is not YAML: {exc}") from exc
+    if raw is None:
+        return {}
+    if not isinstance(raw, dict):
+        raise errors.ConfigError(f"configuration file {path} must hold a mapping of keys")
+    return raw
