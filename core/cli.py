@@ -37,7 +37,13 @@ def _top_parser() -> argparse.ArgumentParser:
         description="Share one NVIDIA GPU between several vLLM servers on Kubernetes.",
     )
     parser.add_argument("--version", action="version", version=f"gpushare {__version__}")
-    parser.add_argument("--log-level", default="INFO", help="logging level (default INFO)")
+    parser.add_argument(
+        "--log-level",
+        default="INFO",
+        type=str.upper,
+        choices=("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"),
+        help="logging level (default INFO)",
+    )
     parts = parser.add_subparsers(dest="part", metavar="PART", required=True)
     for name, (_, summary) in PARTS.items():
         parts.add_parser(name, help=summary, add_help=False)
@@ -49,7 +55,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     top, rest = _top_parser().parse_known_args(argv)
     logging.basicConfig(
-        level=top.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+        level=top.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
     module_name, summary = PARTS[top.part]
     try:

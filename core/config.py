@@ -169,6 +169,10 @@ def _read_file(path: Path) -> dict[str, Any]:
         raw = yaml.safe_load(path.read_text())
     except OSError as exc:
         raise errors.ConfigError(f"cannot read configuration file {path}: {exc.strerror}") from exc
+    except UnicodeDecodeError as exc:
+        raise errors.ConfigError(
+            f"configuration file {path} is not UTF-8 text: {exc.reason} at byte {exc.start}"
+        ) from exc
     except yaml.YAMLError as exc:
         raise errors.ConfigError(f"configuration file {path} is not YAML: {exc}") from exc
     if raw is None:

@@ -28,6 +28,12 @@ ANNOTATION_CARD_INDEX: Final = f"{DOMAIN}/card-index"
 ANNOTATION_CARD_TOTAL: Final = f"{DOMAIN}/card-total-bytes"
 ANNOTATION_GRANTED_BYTES: Final = f"{DOMAIN}/granted-bytes"
 ANNOTATION_BIND_TIME: Final = f"{DOMAIN}/bind-time"
+ANNOTATION_ALLOCATIONS: Final = f"{DOMAIN}/allocations"
+"""JSON list, one entry per container that requests memory, written only when several do.
+
+Each entry: ``{"container", "card-uuid", "card-index", "card-total-bytes", "granted-bytes"}``.
+The pod-level annotations above always describe the first such container.
+"""
 
 # --- Annotations written by the webhook and the agent -------------------------------------------
 ANNOTATION_MUTATED: Final = f"{DOMAIN}/mutated"

@@ -48,7 +48,8 @@ class NodeReport(pydantic.BaseModel):
     model_config = pydantic.ConfigDict(frozen=True, extra="forbid")
 
     version: int = VERSION
-    heartbeat: datetime
+    heartbeat: pydantic.AwareDatetime
+    """When the agent wrote the report; a time without a timezone is refused (it cannot be aged)."""
     cards: tuple[CardReport, ...]
 
     def encode(self) -> str:

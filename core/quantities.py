@@ -8,7 +8,7 @@ memory. The tests check that both agree on every valid memory quantity.
 
 import math
 import re
-from decimal import Decimal, InvalidOperation
+from decimal import Decimal, InvalidOperation, localcontext
 from typing import Final
 
 from gpushare import errors
@@ -67,16 +67,19 @@ def parse_bytes(text: str | int) -> int:
         raise errors.QuantityError(f"{text!r} is not a number") from exc
     if number < 0:
         raise errors.QuantityError(f"{text!r} is negative; memory must be positive, e.g. \"20Gi\"")
-    if match["exp"] is not None:
-        exponent = int(match["exp"])
-        if abs(exponent) > 30:
-            raise errors.QuantityError(f"{text!r} is out of range for a memory size")
-        value = number.scaleb(exponent)
-    elif suffix in _BINARY:
-        value = number * (KI ** _BINARY[suffix])
-    else:
-        value = number * (1000 ** _DECIMAL[suffix])
-    return math.ceil(value)
+    if match["exp"] is not None and abs(int(match["exp"])) > 30:
+        raise errors.QuantityError(f"{text!r} is out of range for a memory size")
+    with localcontext() as exact:
+        # The default 28 digits would round a long fraction away before the ceiling: keep every
+        # digit of the number plus the 19 of the largest multiplier (1024**6).
+        exact.prec = len(stripped) + 19
+        if match["exp"] is not None:
+            value = number.scaleb(int(match["exp"]))
+        elif suffix in _BINARY:
+            value = number * (KI ** _BINARY[suffix])
+        else:
+            value = number * (1000 ** _DECIMAL[suffix])
+        return math.ceil(value)
 
 
 def format_bytes(n: int) -> str:

@@ -2,8 +2,8 @@ module gpushare.io/tests/controlplane
 
 go 1.26.0
 
-// The Kubernetes release under test: change K8S here and every staging
-// replace below (v1.X.Y -> v0.X.Y), then run `go mod tidy`.
+// The Kubernetes release under test and the etcd server of the client it uses.
+// Change both (and every replace below) with: tests/controlplane/pin.sh v1.X.Y
 require (
 	go.etcd.io/etcd/server/v3 v3.6.8
 	k8s.io/kubernetes v1.36.3
@@ -170,6 +170,7 @@ require (
 	sigs.k8s.io/yaml v1.6.0 // indirect
 )
 
+// Every staging module at its published version of the same release.
 replace (
 	k8s.io/api => k8s.io/api v0.36.3
 	k8s.io/apiextensions-apiserver => k8s.io/apiextensions-apiserver v0.36.3

@@ -1,0 +1,398 @@
+"""The agent: one node's cards, grants and isolation, and the loops that keep them current.
+
+The gRPC servicer (:mod:`.server`) asks it for the device list, preferences and allocations; its
+loops read NVML, track health, write the node report, watch usage and reconcile with kubelet. All
+of it runs on one asyncio loop, so state changes need no locks beyond the one that serialises
+``Allocate`` (a capacity check and its grant must not interleave with another's).
+"""
+
+import asyncio
+import logging
+import time
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass
+from typing import Final
+
+from gpushare import errors
+from gpushare.config import Settings
+from gpushare.deviceplugin import allocation, devices, health, kube, mps, reconcile
+from gpushare.deviceplugin.metrics import CardState, Metrics
+from gpushare.deviceplugin.nvml import CardReading, Nvml, Snapshot
+from gpushare.deviceplugin.podresources import Holding, PodResourcesClient, PodResourcesError
+from gpushare.deviceplugin.pods import PodSource, choose_pod
+from gpushare.deviceplugin.report import Reporter
+from gpushare.deviceplugin.watchdog import ProcessLocator, Watchdog, usage
+from gpushare.ids import CardUUID, DeviceID, PodKey
+from gpushare.nodereport import CardReport
+
+logger = logging.getLogger(__name__)
+
+EVENT_WAIT_SECONDS: Final = 1.0
+"""An NVML event wait returns at least this often, so the agent can stop promptly."""
+RESTART_SECONDS: Final = 5.0
+"""A loop that crashed is restarted after this pause (and its crash logged)."""
+
+
+@dataclass(frozen=True)
+class Booked:
+    """A grant handed out by ``Allocate`` and when."""
+
+    grant: allocation.Grant
+    at: float
+
+
+class Agent:
+    """State and behaviour of the device plugin on one node."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        *,
+        node: str,
+        nvml: Nvml,
+        mode: mps.Mode,
+        metrics: Metrics,
+        api: kube.NodeApi | None = None,
+        pods: PodSource | None = None,
+        podresources: PodResourcesClient | None = None,
+        locator: ProcessLocator | None = None,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.settings = settings
+        self.node = node
+        self.nvml = nvml
+        self.mode = mode
+        self.metrics = metrics
+        self.api = api
+        self.pods = pods
+        self.podresources = podresources
+        self.locator = locator
+        self.clock = clock
+        self.health = health.HealthTracker(clock=clock)
+        self.cards: dict[CardUUID, CardReading] = {}
+        self.book: dict[str, Booked] = {}
+        self.holdings: list[Holding] | None = None
+        self.last_snapshot = Snapshot(cards=())
+        self.devices_changed = asyncio.Condition()
+        self._devices: list[tuple[DeviceID, bool]] = []
+        self._allocating = asyncio.Lock()
+        self.reporter = (
+            Reporter(
+                api,
+                node=node,
+                change_bytes=settings.agent.report_change_bytes,
+                heartbeat_seconds=settings.agent.heartbeat_seconds,
+                on_sent=metrics.reports.inc,
+                clock=clock,
+            )
+            if api is not None
+            else None
+        )
+        self.watchdog = Watchdog(
+            api,
+            node=node,
+            grace_seconds=settings.agent.overuse_grace_seconds,
+            action=settings.agent.overuse_action,
+            on_violation=metrics.violation,
+            clock=clock,
+        )
+
+    # --- devices ----------------------------------------------------------------------------
+
+    def device_list(self) -> list[tuple[DeviceID, bool]]:
+        """Every unit ID with its health, the last sent to kubelet."""
+        return list(self._devices)
+
+    def _compute_devices(self) -> list[tuple[DeviceID, bool]]:
+        unit = self.settings.unit_bytes
+        server = self.settings.agent.mps_server_bytes
+        result: list[tuple[DeviceID, bool]] = []
+        for card in sorted(self.cards.values(), key=lambda c: (c.index, c.uuid)):
+            total = devices.unit_count(card.cuda_total_bytes, unit)
+            ids = devices.ids_for(card.uuid, total)
+            if not self.health.healthy(card.uuid):
+                result.extend((i, False) for i in ids)
+                continue
+            # Keep room for the card's MPS servers, and for the next container's own in `mps`.
+            servers = self.mode.servers_on(card.uuid) + (1 if self.mode.name == "mps" else 0)
+            capacity = devices.unit_count(card.cuda_total_bytes - servers * server, unit)
+            held = {
+                d for b in self.book.values() if b.grant.card == card.uuid for d in b.grant.devices
+            }
+            spare = [i for i in reversed(ids) if i not in held][: max(total - capacity, 0)]
+            result.extend((i, i not in spare) for i in ids)
+        return result
+
+    async def refresh_devices(self) -> bool:
+        """Recompute the device list; wake ``ListAndWatch`` streams if it changed."""
+        fresh = self._compute_devices()
+        if fresh == self._devices:
+            return False
+        self._devices = fresh
+        async with self.devices_changed:
+            self.devices_changed.notify_all()
+        return True
+
+    # --- polling ----------------------------------------------------------------------------
+
+    async def poll(self) -> Snapshot:
+        """Read NVML and update health, metrics, the node report and the watchdog."""
+        started = time.perf_counter()
+        snapshot = await asyncio.to_thread(self.nvml.snapshot)
+        self.last_snapshot = snapshot
+        if snapshot.error is not None:
+            logger.error("%s: no card can be granted until NVML answers", snapshot.error)
+        for reading in snapshot.cards:
+            if reading.error is None:
+                self.cards[reading.uuid] = reading
+            else:
+                logger.error("card %s (index %d): %s", reading.uuid, reading.index, reading.error)
+        self.health.observe(snapshot)
+        await self.mode.check()
+        self.health.isolation(self.mode.down_reason())
+        await self.refresh_devices()
+        self._update_card_metrics()
+        await self._watch_usage(snapshot)
+        self.metrics.poll_seconds.observe(time.perf_counter() - started)
+        if self.reporter is not None:
+            await self.reporter.offer(self.card_reports())
+        return snapshot
+
+    def card_reports(self) -> list[CardReport]:
+        """The node report's cards: the latest readings, or the last good one of a broken card."""
+        errors_now = {r.uuid for r in self.last_snapshot.cards if r.error is not None}
+        reports = []
+        for card in self.cards.values():
+            broken = card.uuid in errors_now or self.last_snapshot.error is not None
+            reports.append(
+                CardReport(
+                    uuid=card.uuid,
+                    index=card.index,
+                    model=card.model,
+                    total_bytes=card.total_bytes,
+                    reserved_bytes=card.reserved_bytes,
+                    used_bytes=card.used_bytes,
+                    free_bytes=0 if broken else card.free_bytes,
+                    healthy=self.health.healthy(card.uuid),
+                )
+            )
+        return reports
+
+    def granted_on(self, card: CardUUID, *, besides: allocation.Grant | None = None) -> int:
+        """Bytes booked on ``card`` (leaving out ``besides`` and any grant sharing its IDs)."""
+        skip = set(besides.devices) if besides is not None else set()
+        return sum(
+            b.grant.granted_bytes
+            for b in self.book.values()
+            if b.grant.card == card and not skip & set(b.grant.devices)
+        )
+
+    def _update_card_metrics(self) -> None:
+        self.metrics.set_cards(
+            CardState(
+                reading=reading,
+                granted_bytes=self.granted_on(uuid),
+                healthy=self.health.healthy(uuid),
+                mps_servers=self.mode.servers_on(uuid),
+            )
+            for uuid, reading in self.cards.items()
+        )
+
+    async def _watch_usage(self, snapshot: Snapshot) -> None:
+        if self.locator is None or self.pods is None:
+            return
+        grants = {
+            (h.pod, h.container): (
+                allocation.grant_of(h.devices, unit_bytes=self.settings.unit_bytes)
+            )
+            for h in self.holdings or []
+            if _single_card(h.devices)
+        }
+        usages = usage(
+            snapshot.processes,
+            locator=self.locator,
+            pods=self.pods.pods(),
+            grants={k: (g.card, g.granted_bytes) for k, g in grants.items()},
+        )
+        self.metrics.set_containers(usages)
+        await self.watchdog.check(usages)
+
+    async def watch_events(self) -> None:
+        """Forward NVML XID events to health as they come."""
+        while True:
+            events = await asyncio.to_thread(self.nvml.wait_events, EVENT_WAIT_SECONDS)
+            if events and self.health.xid(events):
+                await self.refresh_devices()
+                self._update_card_metrics()
+
+    # --- reconciliation ---------------------------------------------------------------------
+
+    async def reconcile(self) -> None:
+        """Read kubelet's PodResources: rebuild the book, stop idle daemons, fix pod annotations."""
+        if not await self.refresh_holdings():
+            return
+        unit = self.settings.unit_bytes
+        by_pod = reconcile.grants_by_pod(self.holdings or [], unit_bytes=unit)
+        held = {g.key: g for grants in by_pod.values() for g in grants}
+        now = self.clock()
+        book = {k: b for k, b in self.book.items() if now - b.at <= mps.RELEASE_GRACE_SECONDS}
+        for key, grant in held.items():
+            book[key] = self.book.get(key, Booked(grant, now))
+        self.book = book
+        await self.mode.release(held)
+        await self.refresh_devices()
+        self._update_card_metrics()
+        if self.api is not None and self.pods is not None:
+            fixes = reconcile.corrections(self.pods.pods(), by_pod, self.cards)
+            await reconcile.apply(self.api, fixes, node=self.node)
+
+    async def refresh_holdings(self) -> bool:
+        """Read which containers hold our IDs from kubelet; ``False`` if it did not answer."""
+        if self.podresources is None:
+            return False
+        try:
+            self.holdings = await self.podresources.holdings()
+        except PodResourcesError as exc:
+            logger.warning("%s; keeping grants as booked", exc)
+            return False
+        return True
+
+    def holders(self) -> set[PodKey]:
+        """Pods that hold devices (PodResources) now."""
+        return {h.pod for h in self.holdings or []}
+
+    # --- the device plugin calls ------------------------------------------------------------
+
+    async def preferred(
+        self, available: Sequence[str], must_include: Sequence[str], size: int
+    ) -> list[DeviceID]:
+        """Steer ``size`` IDs to the card the extender chose for the pod being admitted."""
+        unit = self.settings.unit_bytes
+        target: CardUUID | None = None
+        if self.pods is not None:
+            await self.refresh_holdings()
+            pick = choose_pod(
+                self.pods.pods(),
+                units=size,
+                unit_bytes=unit,
+                cards=self.cards,
+                holders=self.holders(),
+            )
+            if pick is None:
+                try:
+                    fresh = await self.pods.refresh()
+                except kube.ApiError as exc:
+                    logger.warning("cannot list pods for a preference: %s", exc)
+                    fresh = []
+                pick = choose_pod(
+                    fresh, units=size, unit_bytes=unit, cards=self.cards, holders=self.holders()
+                )
+            if pick is not None:
+                target = pick.card
+                logger.info("preferring card %s for %d unit(s): pod %s", target, size, pick.key)
+            else:
+                logger.info("no bound pod asks for %d unit(s): preferring the fullest card", size)
+        return allocation.preferred(available, must_include, size, target=target)
+
+    async def allocate(self, device_ids: Sequence[str]) -> allocation.ContainerSetup:
+        """Grant a container its IDs: check the card, start its isolation, build its environment."""
+        async with self._allocating:
+            try:
+                setup = await self._allocate(device_ids)
+            except errors.GpushareError:
+                self.metrics.allocations.labels(self.node, "refused").inc()
+                raise
+            self.metrics.allocations.labels(self.node, "ok").inc()
+            return setup
+
+    async def _allocate(self, device_ids: Sequence[str]) -> allocation.ContainerSetup:
+        grant = allocation.grant_of(device_ids, unit_bytes=self.settings.unit_bytes)
+        card = self.cards.get(grant.card)
+        if card is None:
+            raise errors.BadRequest(f"card {grant.card} is not on node {self.node}")
+        if not self.health.healthy(grant.card):
+            raise errors.NoFit(f"card {grant.card} is unhealthy: {self.health.reason(grant.card)}")
+        down = self.mode.down_reason()
+        if down is not None:
+            raise errors.NoFit(f"isolation {self.mode.name!r} cannot limit memory now: {down}")
+        allocation.check_fits(
+            grant,
+            cuda_total_bytes=card.cuda_total_bytes,
+            other_grants_bytes=self.granted_on(grant.card, besides=grant),
+            servers=self.mode.servers_for(grant),
+            server_bytes=self.settings.agent.mps_server_bytes,
+        )
+        pipe = await self.mode.prepare(grant)
+        setup = allocation.setup(
+            grant,
+            cuda_total_bytes=card.cuda_total_bytes,
+            settings=self.settings,
+            isolation=self.mode.name,
+            pipe_directory=pipe,
+        )
+        taken = set(grant.devices)
+        self.book = {k: b for k, b in self.book.items() if not taken & set(b.grant.devices)}
+        self.book[grant.key] = Booked(grant, self.clock())
+        logger.info(
+            "granted %d unit(s) of card %s (%d bytes) under %s",
+            len(grant.devices),
+            grant.card,
+            grant.granted_bytes,
+            self.mode.name,
+        )
+        await self.refresh_devices()
+        self._update_card_metrics()
+        return setup
+
+    async def pre_start(self, device_ids: Sequence[str]) -> None:
+        """Before a container starts: its MPS daemon must be running (restart it if it died)."""
+        async with self._allocating:
+            grant = allocation.grant_of(device_ids, unit_bytes=self.settings.unit_bytes)
+            down = self.mode.down_reason()
+            if down is not None:
+                raise errors.NoFit(f"isolation {self.mode.name!r} cannot limit memory now: {down}")
+            await self.mode.prepare(grant)
+            self.book.setdefault(grant.key, Booked(grant, self.clock()))
+
+    # --- running ----------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        """Adopt isolation state and take a first reading."""
+        await self.mode.start()
+        await self.poll()
+        await self.reconcile()
+
+    async def run_loops(self) -> None:
+        """Poll, watch events and reconcile until cancelled."""
+        period = self.settings.agent.poll_seconds
+        async with asyncio.TaskGroup() as group:
+            group.create_task(guard("poll", lambda: _every(period, self.poll)))
+            group.create_task(guard("reconcile", lambda: _every(period, self.reconcile)))
+            group.create_task(guard("nvml-events", self.watch_events))
+
+
+async def guard(name: str, loop: Callable[[], Awaitable[object]]) -> None:
+    """Run an eternal loop; log a crash or an early exit, and start it again."""
+    while True:
+        try:
+            await loop()
+            logger.error("%s loop exited; restarting it", name)
+        except asyncio.CancelledError:
+            raise
+        except Exception:
+            logger.exception("%s loop crashed; restarting it in %.0f s", name, RESTART_SECONDS)
+        await asyncio.sleep(RESTART_SECONDS)
+
+
+async def _every(seconds: float, step: Callable[[], Awaitable[object]]) -> None:
+    while True:
+        await asyncio.sleep(seconds)
+        await step()
+
+
+def _single_card(ids: Sequence[str]) -> bool:
+    try:
+        devices.card_of(ids)
+    except errors.BadRequest:
+        return False
+    return True

@@ -1,0 +1,277 @@
+"""The Kubernetes API behind a small interface, so another endpoint (the simulator's) can stand in.
+
+:class:`NodeApi` is everything the agent asks of the API server. :class:`KubeApi` implements it with
+kubernetes_asyncio; its errors stop here as :class:`ApiError`, which says whether a retry may help.
+:class:`PodCache` keeps this node's pods from a list-and-watch.
+"""
+
+import asyncio
+import json
+import logging
+from collections.abc import AsyncIterator, Mapping
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any, Final, Protocol
+
+import aiohttp
+from gpushare import errors
+from gpushare.deviceplugin.pods import PodInfo
+from kubernetes_asyncio import client, config
+from kubernetes_asyncio.client.exceptions import ApiException
+from kubernetes_asyncio.config.config_exception import ConfigException
+
+logger = logging.getLogger(__name__)
+
+COMPONENT: Final = "gpushare-device-plugin"
+"""The ``source.component`` of the Events the agent posts."""
+
+WATCH_SECONDS: Final = 300
+"""A watch is renewed this often, as client-go's reflector does (it picks 5 to 10 minutes)."""
+
+RETRY_SECONDS: Final = (1.0, 2.0, 5.0, 10.0)
+"""Backoff after a failed list or watch: quick first, then every 10 s (a restarting apiserver)."""
+
+
+class ApiError(errors.GpushareError):
+    """The API server refused or could not be reached; ``temporary`` says a retry may help."""
+
+    def __init__(self, message: str, *, status: int = 0) -> None:
+        super().__init__(message)
+        self.status = status
+
+    @property
+    def temporary(self) -> bool:
+        """429, 5xx, 409 conflicts and lost connections pass; other refusals stay."""
+        return self.status in (0, 409, 410, 429) or self.status >= 500
+
+
+class NodeApi(Protocol):
+    """What the agent asks of the API server."""
+
+    async def patch_node_annotations(
+        self, node: str, annotations: Mapping[str, str | None]
+    ) -> None:
+        """Merge ``annotations`` into the Node's (``None`` removes one)."""
+        ...
+
+    async def patch_pod_annotations(
+        self, namespace: str, name: str, annotations: Mapping[str, str | None]
+    ) -> None:
+        """Merge ``annotations`` into the Pod's."""
+        ...
+
+    async def list_pods(self, node: str) -> tuple[list[PodInfo], str]:
+        """The pods bound to ``node`` and the list's resourceVersion."""
+        ...
+
+    def watch_pods(self, node: str, resource_version: str) -> AsyncIterator[tuple[str, PodInfo]]:
+        """Changes to ``node``'s pods after ``resource_version``: (ADDED|MODIFIED|DELETED, pod)."""
+        ...
+
+    async def post_event(
+        self, pod: PodInfo, *, reason: str, message: str, warning: bool = True, node: str = ""
+    ) -> None:
+        """Record an Event about ``pod``."""
+        ...
+
+    async def evict(self, namespace: str, name: str) -> None:
+        """Evict a pod through the Eviction API (PodDisruptionBudgets apply)."""
+        ...
+
+
+class KubeApi:
+    """:class:`NodeApi` over kubernetes_asyncio."""
+
+    def __init__(self, api_client: client.ApiClient) -> None:
+        self._client = api_client
+        self._core = client.CoreV1Api(api_client)
+
+    @classmethod
+    async def connect(cls, kubeconfig: Path | None = None) -> "KubeApi":
+        """From ``kubeconfig``, else KUBECONFIG or ~/.kube/config, else the in-cluster account."""
+        configuration = client.Configuration()
+        try:
+            if kubeconfig is not None:
+                await config.load_kube_config(
+                    config_file=str(kubeconfig), client_configuration=configuration
+                )
+            else:
+                try:
+                    config.load_incluster_config(client_configuration=configuration)  # type: ignore[no-untyped-call]
+                except ConfigException:
+                    await config.load_kube_config(client_configuration=configuration)
+        except (ConfigException, OSError) as exc:
+            raise errors.ConfigError(f"no Kubernetes credentials: {exc}") from exc
+        return cls(client.ApiClient(configuration))
+
+    async def close(self) -> None:
+        """Close the HTTP session."""
+        await self._client.close()
+
+    async def patch_node_annotations(
+        self, node: str, annotations: Mapping[str, str | None]
+    ) -> None:
+        """Merge-patch the Node's annotations."""
+        body = {"metadata": {"annotations": dict(annotations)}}
+        async with _Translated(f"patch node {node}"):
+            await self._core.patch_node(node, body)
+
+    async def patch_pod_annotations(
+        self, namespace: str, name: str, annotations: Mapping[str, str | None]
+    ) -> None:
+        """Merge-patch the Pod's annotations."""
+        body = {"metadata": {"annotations": dict(annotations)}}
+        async with _Translated(f"patch pod {namespace}/{name}"):
+            await self._core.patch_namespaced_pod(name, namespace, body)
+
+    async def list_pods(self, node: str) -> tuple[list[PodInfo], str]:
+        """One list of the node's pods (all namespaces)."""
+        async with _Translated(f"list pods of node {node}"):
+            response = await self._core.list_pod_for_all_namespaces(
+                field_selector=f"spec.nodeName={node}", _preload_content=False
+            )
+            raw = await _json(response)
+        pods = [PodInfo.from_api(item) for item in raw.get("items") or []]
+        return pods, str((raw.get("metadata") or {}).get("resourceVersion") or "")
+
+    async def watch_pods(
+        self, node: str, resource_version: str
+    ) -> AsyncIterator[tuple[str, PodInfo]]:
+        """Stream pod changes; raises :class:`ApiError` (410 when the version is too old)."""
+        async with _Translated(f"watch pods of node {node}"):
+            response: Any = await self._core.list_pod_for_all_namespaces(
+                field_selector=f"spec.nodeName={node}",
+                watch=True,
+                resource_version=resource_version,
+                allow_watch_bookmarks=True,
+                timeout_seconds=WATCH_SECONDS,
+                _request_timeout=WATCH_SECONDS + 30,
+                _preload_content=False,
+            )
+            if not 200 <= response.status <= 299:
+                await _json(response)
+            async with response:
+                async for line in response.content:
+                    if not line.strip():
+                        continue
+                    event = json.loads(line)
+                    kind, obj = event.get("type"), event.get("object") or {}
+                    if kind == "ERROR":
+                        raise ApiError(
+                            f"watch ended: {obj.get('message')}", status=int(obj.get("code", 0))
+                        )
+                    if kind == "BOOKMARK":
+                        continue
+                    yield kind, PodInfo.from_api(obj)
+
+    async def post_event(
+        self, pod: PodInfo, *, reason: str, message: str, warning: bool = True, node: str = ""
+    ) -> None:
+        """Create a core/v1 Event on the pod (``kubectl describe pod`` shows it)."""
+        now = datetime.now(UTC)
+        body = client.CoreV1Event(
+            metadata=client.V1ObjectMeta(generate_name=f"{pod.name}.", namespace=pod.namespace),
+            involved_object=client.V1ObjectReference(
+                api_version="v1", kind="Pod", namespace=pod.namespace, name=pod.name, uid=pod.uid
+            ),
+            reason=reason,
+            message=message,
+            type="Warning" if warning else "Normal",
+            source=client.V1EventSource(component=COMPONENT, host=node or None),
+            reporting_component=COMPONENT,
+            reporting_instance=node,
+            first_timestamp=now,
+            last_timestamp=now,
+            count=1,
+        )
+        async with _Translated(f"post event on {pod.key}"):
+            await self._core.create_namespaced_event(pod.namespace, body)
+
+    async def evict(self, namespace: str, name: str) -> None:
+        """POST an Eviction."""
+        body = client.V1Eviction(metadata=client.V1ObjectMeta(name=name, namespace=namespace))
+        async with _Translated(f"evict pod {namespace}/{name}"):
+            await self._core.create_namespaced_pod_eviction(name, namespace, body)
+
+
+class _Translated:
+    """Turn kubernetes_asyncio and aiohttp errors into :class:`ApiError` naming the action."""
+
+    def __init__(self, action: str) -> None:
+        self._action = action
+
+    async def __aenter__(self) -> None:
+        return None
+
+    async def __aexit__(self, kind: object, exc: BaseException | None, tb: object) -> bool:
+        if isinstance(exc, ApiException):
+            raise ApiError(
+                f"{self._action}: {exc.status} {_reason(exc)}", status=exc.status or 0
+            ) from exc
+        if isinstance(exc, aiohttp.ClientError | asyncio.TimeoutError | OSError):
+            raise ApiError(f"{self._action}: {exc or type(exc).__name__}") from exc
+        return False
+
+
+def _reason(exc: ApiException) -> str:
+    try:
+        return str(json.loads(exc.body or "").get("message") or exc.reason)
+    except (TypeError, ValueError, AttributeError):
+        return str(exc.reason)
+
+
+async def _json(response: Any) -> dict[str, Any]:
+    """The body of a raw (not preloaded) response, raising for a non-2xx status."""
+    async with response:
+        body = await response.read()
+        if not 200 <= response.status <= 299:
+            raise ApiException(status=response.status, reason=response.reason)
+    data: dict[str, Any] = json.loads(body)
+    return data
+
+
+class PodCache:
+    """This node's pods from a list and a watch, relisting on 410 Gone and retrying on errors."""
+
+    def __init__(self, api: NodeApi, node: str) -> None:
+        self._api = api
+        self._node = node
+        self._pods: dict[str, PodInfo] = {}
+        self.synced = asyncio.Event()
+
+    def pods(self) -> list[PodInfo]:
+        """The pods known now."""
+        return list(self._pods.values())
+
+    async def refresh(self) -> list[PodInfo]:
+        """List afresh (used when the cache may lag a bind)."""
+        pods, _ = await self._list()
+        return pods
+
+    async def _list(self) -> tuple[list[PodInfo], str]:
+        pods, version = await self._api.list_pods(self._node)
+        self._pods = {pod.key: pod for pod in pods}
+        self.synced.set()
+        return pods, version
+
+    async def run(self) -> None:
+        """List, then watch, forever."""
+        failures = 0
+        while True:
+            try:
+                _, version = await self._list()
+                failures = 0
+                while True:
+                    async for kind, pod in self._api.watch_pods(self._node, version):
+                        if kind == "DELETED":
+                            self._pods.pop(pod.key, None)
+                        else:
+                            self._pods[pod.key] = pod
+                    # A watch that times out normally is renewed from a fresh list: simple and rare.
+                    break
+            except ApiError as exc:
+                delay = RETRY_SECONDS[min(failures, len(RETRY_SECONDS) - 1)]
+                failures += 1
+                log = logger.debug if exc.status == 410 else logger.warning
+                log("pod watch of node %s: %s; relisting in %.0f s", self._node, exc, delay)
+                await asyncio.sleep(0 if exc.status == 410 else delay)

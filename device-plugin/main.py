@@ -1,0 +1,122 @@
+"""``gpushare device-plugin``: the kubelet device plugin and GPU agent of one node.
+
+    gpushare device-plugin --kubelet-dir DIR --nvml real|fake:FILE --metrics-listen HOST:PORT
+
+The node's name comes from ``--node-name``, else the ``NODE_NAME`` variable (the DaemonSet sets it
+from ``spec.nodeName``). The Kubernetes API comes from ``--kubeconfig``, KUBECONFIG or the pod's
+service account. :func:`serve` runs a built :class:`Agent`, so another program (the simulator) can
+run several agents in one process with its own NVML and API endpoint.
+"""
+
+import argparse
+import asyncio
+import logging
+import os
+import signal
+from pathlib import Path
+
+import prometheus_client
+from gpushare import config, errors
+from gpushare.config import Settings
+from gpushare.deviceplugin import kube, mps, nvml
+from gpushare.deviceplugin.agent import Agent, guard
+from gpushare.deviceplugin.metrics import Metrics
+from gpushare.deviceplugin.podresources import PodResourcesClient
+from gpushare.deviceplugin.registration import PluginServer
+from gpushare.deviceplugin.watchdog import CgroupLocator
+
+logger = logging.getLogger(__name__)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """The device plugin's flags."""
+    parser.add_argument(
+        "--kubelet-dir", type=Path, help="kubelet's folder (default /var/lib/kubelet)"
+    )
+    parser.add_argument("--nvml", default="real", help="'real' or 'fake:FILE' (default real)")
+    parser.add_argument(
+        "--metrics-listen",
+        default="0.0.0.0:9400",
+        help="Prometheus exporter HOST:PORT (default 0.0.0.0:9400)",
+    )
+    parser.add_argument("--node-name", help="this node's name (default: $NODE_NAME)")
+    parser.add_argument(
+        "--isolation",
+        choices=["mps", "mps-shared", "none"],
+        help="override the configured isolation",
+    )
+    parser.add_argument(
+        "--kubeconfig", type=Path, help="kubeconfig (default: KUBECONFIG or in-cluster)"
+    )
+    parser.add_argument(
+        "--proc-root", type=Path, default=Path("/proc"), help="procfs of the host (default /proc)"
+    )
+    parser.add_argument(
+        "--mps-control", default=mps.CONTROL, help=f"MPS control program (default {mps.CONTROL})"
+    )
+
+
+def run(args: argparse.Namespace) -> int:
+    """Build the agent from flags and configuration and run it until SIGTERM."""
+    settings = config.load(
+        overrides={"agent.kubelet_dir": args.kubelet_dir, "isolation": args.isolation}
+    )
+    node = args.node_name or os.environ.get("NODE_NAME")
+    if not node:
+        raise errors.ConfigError("no node name: pass --node-name or set NODE_NAME")
+    host, port = _listen(args.metrics_listen)
+    asyncio.run(_main(settings, args, node=node, host=host, port=port))
+    return 0
+
+
+def _listen(text: str) -> tuple[str, int]:
+    host, sep, port = text.rpartition(":")
+    if not sep or not port.isdigit():
+        raise errors.ConfigError(f"--metrics-listen {text!r}: write HOST:PORT, e.g. 0.0.0.0:9400")
+    return host or "0.0.0.0", int(port)
+
+
+async def _main(
+    settings: Settings, args: argparse.Namespace, *, node: str, host: str, port: int
+) -> None:
+    backend = nvml.open_backend(args.nvml)
+    registry = prometheus_client.CollectorRegistry()
+    metrics = Metrics(registry, node=node)
+    http, _ = prometheus_client.start_http_server(port, host, registry=registry)
+    api = await kube.KubeApi.connect(args.kubeconfig)
+    pods = kube.PodCache(api, node)
+    kubelet_dir = settings.agent.kubelet_dir
+    agent = Agent(
+        settings,
+        node=node,
+        nvml=backend,
+        mode=mps.make(settings.isolation, settings.agent.mps_root, control=args.mps_control),
+        metrics=metrics,
+        api=api,
+        pods=pods,
+        podresources=PodResourcesClient(kubelet_dir / "pod-resources" / "kubelet.sock"),
+        locator=CgroupLocator(args.proc_root),
+    )
+    loop = asyncio.get_running_loop()
+    task = asyncio.current_task()
+    assert task is not None
+    loop.add_signal_handler(signal.SIGTERM, task.cancel)
+    try:
+        await serve(agent, kubelet_dir=kubelet_dir, pods=pods)
+    except asyncio.CancelledError:
+        logger.info("stopping")
+    finally:
+        http.shutdown()
+        await api.close()
+        backend.close()
+
+
+async def serve(agent: Agent, *, kubelet_dir: Path, pods: kube.PodCache | None = None) -> None:
+    """Start ``agent`` and run it with its plugin server until cancelled."""
+    await agent.start()
+    plugin = PluginServer(agent, kubelet_dir=kubelet_dir)
+    async with asyncio.TaskGroup() as group:
+        group.create_task(agent.run_loops())
+        group.create_task(guard("plugin", plugin.run))
+        if pods is not None:
+            group.create_task(guard("pod-watch", pods.run))

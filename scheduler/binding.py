@@ -1,0 +1,198 @@
+"""Bind: choose the card, record it, post the Binding with the card on it, and say so in an Event.
+
+The card is recorded in the ledger before the Binding goes out (nothing else can take that room
+meanwhile) and given back if the apiserver refuses. The allocation annotations travel on the
+Binding's metadata, so the apiserver writes them onto the pod in the same update that sets its
+node: no pod is ever bound without its card, and no second write can fail halfway.
+
+A ``409 Conflict`` usually means a retried bind whose first attempt landed (the extender restarted
+or the answer was lost): when the pod already sits on the same node, the bind succeeded.
+"""
+
+import asyncio
+import logging
+import socket
+from collections.abc import Callable
+from datetime import UTC, datetime
+from typing import Any, Final
+
+from gpushare import config, errors
+from gpushare.ids import NodeName, pod_key
+from gpushare.quantities import format_bytes
+from gpushare.scheduler import annotations, demand, ledger, wire
+from gpushare.scheduler.kube import ApiError, Kube
+from gpushare.scheduler.metrics import Metrics
+
+__all__ = ["Binder"]
+
+logger = logging.getLogger(__name__)
+
+REPORTING_CONTROLLER: Final = "gpushare.io/scheduler"
+EVENT_REASON: Final = "GPUMemoryGranted"
+MAX_NOTE: Final = 1024
+"""events.k8s.io/v1 refuses a note over 1 kB."""
+
+_WHY: Final = {
+    "binpack": "binpack chose the fullest card that fits",
+    "spread": "spread chose the emptiest card",
+}
+
+
+class Binder:
+    """Binds pods for kube-scheduler, one card per memory-requesting container."""
+
+    def __init__(
+        self,
+        *,
+        book: ledger.Ledger,
+        kube: Kube,
+        settings: config.Settings,
+        metrics: Metrics,
+        instance: str | None = None,
+        now: Callable[[], datetime] = lambda: datetime.now(UTC),
+    ) -> None:
+        self._book = book
+        self._kube = kube
+        self._settings = settings
+        self._metrics = metrics
+        self._instance = (instance or socket.gethostname())[:128]
+        self._now = now
+        self._events: set[asyncio.Task[None]] = set()
+
+    async def bind(self, args: wire.ExtenderBindingArgs) -> str:
+        """Bind the pod; return ``""`` on success, else the reason (kube-scheduler retries)."""
+        key = pod_key(args.pod_namespace, args.pod_name)
+        node = NodeName(args.node)
+        request = self._book.request(args.pod_uid) if args.pod_uid else None
+        if request is None:
+            try:
+                request = await self._read_request(args)
+            except errors.BadRequest as exc:
+                return self._fail("bad-request", f"pod {key}: {exc}")
+            except ApiError as exc:
+                return self._fail("api-error", f"cannot read pod {key}: {exc}")
+        policy = request.policy or self._settings.policy
+        try:
+            grant = self._book.reserve(request, node, policy=policy)
+        except errors.NoFit as exc:
+            return self._fail("no-fit", f"node {node} cannot take pod {key}: {exc}")
+        except errors.Conflict as exc:
+            return self._fail("conflict", str(exc))
+        moment = self._now()
+        body = _binding(args, request.uid, annotations.encode(grant.allocations, bind_time=moment))
+        path = f"/api/v1/namespaces/{args.pod_namespace}/pods/{args.pod_name}/binding"
+        try:
+            await self._kube.request("POST", path, body=body)
+        except ApiError as exc:
+            if not (exc.status == 409 and await self._bound_already(args, request)):
+                current = self._book.grant(request.uid)
+                if current is grant and grant.state == "reserved":
+                    self._book.release(request.uid)
+                result = "conflict" if exc.status == 409 else "api-error"
+                return self._fail(result, f"binding pod {key} to node {node} failed: {exc}")
+        self._book.commit(request.uid)
+        self._metrics.binds.labels("bound").inc()
+        self._announce(request, grant, policy, moment)
+        return ""
+
+    async def close(self) -> None:
+        """Wait for the Events still being posted."""
+        if self._events:
+            await asyncio.wait(self._events, timeout=5)
+
+    async def _read_request(self, args: wire.ExtenderBindingArgs) -> demand.PodRequest:
+        raw = await self._kube.request(
+            "GET", f"/api/v1/namespaces/{args.pod_namespace}/pods/{args.pod_name}"
+        )
+        pod = wire.Pod.model_validate(raw)
+        if args.pod_uid and pod.metadata.uid != args.pod_uid:
+            raise errors.BadRequest(f"has UID {pod.metadata.uid}, not {args.pod_uid} (recreated)")
+        return demand.from_pod(pod, unit_bytes=self._settings.unit_bytes)
+
+    async def _bound_already(
+        self, args: wire.ExtenderBindingArgs, request: demand.PodRequest
+    ) -> bool:
+        """Whether the pod already sits on the node asked for (a retried bind that landed)."""
+        try:
+            raw = await self._kube.request(
+                "GET", f"/api/v1/namespaces/{args.pod_namespace}/pods/{args.pod_name}"
+            )
+            pod = wire.Pod.model_validate(raw)
+            found = annotations.decode(pod.metadata.annotations, request)
+        except (ApiError, errors.BadRequest, ValueError):
+            return False
+        if pod.metadata.uid != request.uid or pod.spec.node_name != args.node:
+            return False
+        if found is not None:
+            self._book.observe(request.uid, request.key, NodeName(args.node), found)
+        return True
+
+    def _fail(self, result: str, message: str) -> str:
+        self._metrics.binds.labels(result).inc()
+        logger.warning("bind refused: %s", message)
+        return message
+
+    def _announce(
+        self,
+        request: demand.PodRequest,
+        grant: ledger.Grant,
+        policy: str,
+        moment: datetime,
+    ) -> None:
+        parts = [
+            f"{format_bytes(a.granted_bytes)} for {a.container!r} on GPU {a.index} ({a.card},"
+            f" {format_bytes(a.card_total_bytes)}) of node {grant.node}"
+            for a in grant.allocations
+        ]
+        note = (
+            f"granted {'; '.join(parts)}: {_WHY.get(policy, policy)}"
+            if parts
+            else f"bound to node {grant.node} without GPU memory"
+        )
+        logger.info("pod %s: %s", request.key, note)
+        task = asyncio.get_running_loop().create_task(self._post_event(request, note, moment))
+        self._events.add(task)
+        task.add_done_callback(self._events.discard)
+
+    async def _post_event(self, request: demand.PodRequest, note: str, moment: datetime) -> None:
+        body: dict[str, Any] = {
+            "apiVersion": "events.k8s.io/v1",
+            "kind": "Event",
+            "metadata": {"generateName": f"{request.name}.", "namespace": request.namespace},
+            "eventTime": moment.astimezone(UTC).isoformat(timespec="microseconds").replace(
+                "+00:00", "Z"
+            ),
+            "reportingController": REPORTING_CONTROLLER,
+            "reportingInstance": self._instance,
+            "action": "Binding",
+            "reason": EVENT_REASON,
+            "type": "Normal",
+            "note": note[:MAX_NOTE],
+            "regarding": {
+                "apiVersion": "v1",
+                "kind": "Pod",
+                "namespace": request.namespace,
+                "name": request.name,
+                "uid": request.uid,
+            },
+        }
+        try:
+            await self._kube.request(
+                "POST", f"/apis/events.k8s.io/v1/namespaces/{request.namespace}/events", body=body
+            )
+        except ApiError as exc:
+            logger.warning("pod %s: cannot post its Event: %s", request.key, exc)
+
+
+def _binding(args: wire.ExtenderBindingArgs, uid: str, notes: dict[str, str]) -> dict[str, Any]:
+    metadata: dict[str, Any] = {"name": args.pod_name, "namespace": args.pod_namespace}
+    if uid:
+        metadata["uid"] = uid  # a precondition: never bind a pod recreated under the same name
+    if notes:
+        metadata["annotations"] = notes
+    return {
+        "apiVersion": "v1",
+        "kind": "Binding",
+        "metadata": metadata,
+        "target": {"apiVersion": "v1", "kind": "Node", "name": args.node},
+    }

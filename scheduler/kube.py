@@ -1,0 +1,157 @@
+"""The Kubernetes API as the extender uses it: JSON dicts in and out, one error type.
+
+Built on ``kubernetes_asyncio``'s ApiClient for its configuration loading (kubeconfig or in-cluster,
+TLS, tokens), but requests go out raw (``_preload_content=False``): the extender reads pods as
+plain JSON into its own models, which is much cheaper than the generated classes for the tens of
+thousands of pods a list returns. Errors of the client and of aiohttp stop here and become
+:class:`ApiError`.
+"""
+
+import json
+import os
+from collections.abc import AsyncIterator, Mapping
+from pathlib import Path
+from typing import Any, Final
+
+import aiohttp
+from gpushare import errors
+from kubernetes_asyncio import client, config
+from kubernetes_asyncio.config import kube_config
+
+__all__ = ["ApiError", "Kube"]
+
+TRANSIENT_STATUSES: Final = frozenset({0, 408, 429, 500, 502, 503, 504})
+"""Worth retrying: unreachable (0), timeouts, throttling, server errors."""
+
+_JSON: Final = {"Accept": "application/json", "Content-Type": "application/json"}
+
+
+class ApiError(errors.GpushareError):
+    """The API answered with an error status, or could not be reached (``status`` 0)."""
+
+    def __init__(self, status: int, reason: str, message: str) -> None:
+        super().__init__(f"{status} {reason}: {message}" if status else f"{reason}: {message}")
+        self.status = status
+        self.reason = reason
+        self.message = message
+
+    @property
+    def transient(self) -> bool:
+        return self.status in TRANSIENT_STATUSES
+
+    @classmethod
+    def from_status(cls, status: int, body: object) -> "ApiError":
+        """From a ``Status`` object (or whatever text the answer held)."""
+        if isinstance(body, dict):
+            return cls(status, str(body.get("reason") or status), str(body.get("message") or ""))
+        return cls(status, str(status), str(body)[:500])
+
+
+class Kube:
+    """A connection to the Kubernetes API."""
+
+    def __init__(self, api: client.ApiClient) -> None:
+        self.api = api
+
+    @classmethod
+    async def connect(cls, kubeconfig: Path | None = None) -> "Kube":
+        """From ``kubeconfig``, else ``$KUBECONFIG`` or ``~/.kube/config``, else in-cluster."""
+        configuration = client.Configuration()
+        try:
+            if kubeconfig is not None:
+                await config.load_kube_config(
+                    config_file=str(kubeconfig), client_configuration=configuration
+                )
+            elif os.path.exists(os.path.expanduser(kube_config.KUBE_CONFIG_DEFAULT_LOCATION)):
+                await config.load_kube_config(client_configuration=configuration)
+            else:
+                config.load_incluster_config(  # type: ignore[no-untyped-call]
+                    client_configuration=configuration
+                )
+        except (config.ConfigException, OSError) as exc:
+            raise errors.ConfigError(f"cannot reach the Kubernetes API: {exc}") from exc
+        return cls(client.ApiClient(configuration))
+
+    async def close(self) -> None:
+        await self.api.close()
+
+    async def request(
+        self,
+        method: str,
+        path: str,
+        *,
+        params: Mapping[str, str | int] | None = None,
+        body: object = None,
+        timeout: float = 30.0,
+    ) -> dict[str, Any]:
+        """Send one request and return its JSON answer; raise :class:`ApiError`."""
+        response = await self._send(
+            method, path, params=params, body=body, timeout=aiohttp.ClientTimeout(total=timeout)
+        )
+        async with response:
+            try:
+                text = await response.text()
+            except (aiohttp.ClientError, TimeoutError) as exc:
+                raise ApiError(0, "Unreachable", f"{method} {path}: {exc!r}") from exc
+            try:
+                decoded = json.loads(text) if text else {}
+            except json.JSONDecodeError:
+                decoded = text
+            if response.status >= 300:
+                raise ApiError.from_status(response.status, decoded)
+            if not isinstance(decoded, dict):
+                raise ApiError(response.status, "BadResponse", f"{method} {path}: not JSON object")
+            return decoded
+
+    async def watch(
+        self, path: str, params: Mapping[str, str | int], *, timeout_seconds: int
+    ) -> AsyncIterator[dict[str, Any]]:
+        """The events of one watch request, until the server ends it.
+
+        An ``ERROR`` event is yielded like the others: it carries a ``Status`` (410 Gone means
+        the resource version is too old and the caller must list again).
+        """
+        query = {**params, "watch": "true", "timeoutSeconds": timeout_seconds}
+        # The server closes the stream after timeout_seconds; the read timeout only catches a
+        # connection that went silent without closing.
+        timeout = aiohttp.ClientTimeout(total=None, sock_connect=30, sock_read=timeout_seconds + 30)
+        response = await self._send("GET", path, params=query, timeout=timeout)
+        async with response:
+            if response.status >= 300:
+                text = await response.text()
+                try:
+                    raise ApiError.from_status(response.status, json.loads(text))
+                except json.JSONDecodeError:
+                    raise ApiError.from_status(response.status, text) from None
+            try:
+                async for line in response.content:
+                    if line.strip():
+                        event = json.loads(line)
+                        if isinstance(event, dict):
+                            yield event
+            except (aiohttp.ClientError, TimeoutError, ValueError) as exc:
+                raise ApiError(0, "WatchBroken", f"GET {path}: {exc!r}") from exc
+
+    async def _send(
+        self,
+        method: str,
+        path: str,
+        *,
+        params: Mapping[str, str | int] | None,
+        timeout: aiohttp.ClientTimeout,
+        body: object = None,
+    ) -> aiohttp.ClientResponse:
+        try:
+            response: aiohttp.ClientResponse = await self.api.call_api(
+                path,
+                method,
+                query_params=list((params or {}).items()),
+                header_params=dict(_JSON),
+                body=body,
+                auth_settings=["BearerToken"],
+                _preload_content=False,
+                _request_timeout=timeout,
+            )
+        except (aiohttp.ClientError, TimeoutError, OSError) as exc:
+            raise ApiError(0, "Unreachable", f"{method} {path}: {exc!r}") from exc
+        return response

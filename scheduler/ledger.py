@@ -1,0 +1,520 @@
+"""The ledger: per node and card, what the agent reports and what pods hold.
+
+No I/O and no ``await``: every method runs to its end on the event loop, which is what makes a
+reservation atomic. :meth:`Ledger.reserve` records the pod's cards *before* the Binding is posted;
+a failed post releases them. Two binds racing for the last room on a card are serialized by the
+loop: the second sees the first's grant and goes to another card or fails. There is no node lock.
+
+A grant moves through three states: ``reserved`` (recorded, Binding in flight), ``bound`` (our
+Binding was accepted) and ``observed`` (seen in the API with its annotations, the truth after a
+restart). Each card's granted memory is the sum of its grants plus one per-allocation overhead
+(:func:`overhead_bytes`).
+
+Filtering thousands of nodes must cost little per node, so each node keeps its placement view of
+its cards and its best room (the most any healthy card can still take) up to date on every
+change; a single-container request then passes or fails a node with one comparison. Failure
+reasons and scores are cached per node and request size until the node next changes.
+"""
+
+import dataclasses
+import enum
+import math
+import time
+from collections import Counter
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Final, Literal
+
+from gpushare import config, errors, placement
+from gpushare.ids import CardUUID, NodeName, PodKey
+from gpushare.nodereport import NodeReport
+from gpushare.quantities import format_bytes
+from gpushare.scheduler.demand import Demand, PodRequest
+
+__all__ = [
+    "Allocation",
+    "Failure",
+    "Grant",
+    "Ledger",
+    "Reason",
+    "overhead_bytes",
+    "too_large",
+]
+
+GrantState = Literal["reserved", "bound", "observed"]
+
+
+def overhead_bytes(settings: config.Settings) -> int:
+    """Card memory each allocation takes beyond its grant.
+
+    In ``mps`` mode every allocation runs its own ``nvidia-cuda-mps-server``, which holds
+    ``agent.mps_server_bytes`` of the card. A shared daemon (``mps-shared``) is one process per
+    card whatever the number of pods, and the agent reports its memory as used; ``none`` runs no
+    daemon.
+    """
+    return settings.agent.mps_server_bytes if settings.isolation == "mps" else 0
+
+
+class Reason(enum.StrEnum):
+    """Why a node cannot take a pod; the stable label of the filter-failure metric."""
+
+    UNKNOWN_NODE = "unknown-node"
+    NO_REPORT = "no-report"
+    BAD_REPORT = "bad-report"
+    STALE = "stale-heartbeat"
+    UNHEALTHY = "unhealthy"
+    NO_ROOM = "no-room"
+    TOO_LARGE = "too-large"
+    BAD_REQUEST = "bad-request"
+
+
+@dataclass(frozen=True, slots=True)
+class Failure:
+    """A node that cannot take a pod, with a line a person understands."""
+
+    reason: Reason
+    message: str
+
+
+@dataclass(frozen=True, slots=True)
+class Allocation:
+    """One container's memory on one card."""
+
+    container: str
+    card: CardUUID
+    index: int
+    card_total_bytes: int
+    """The card's CUDA-visible total when the grant was made."""
+    granted_bytes: int
+    """The grant itself, without the per-allocation overhead."""
+
+
+@dataclass(slots=True)
+class Grant:
+    """What one pod holds on one node."""
+
+    uid: str
+    pod: PodKey
+    node: NodeName
+    allocations: tuple[Allocation, ...]
+    state: GrantState
+    since: float
+    """Clock time of the last change of state."""
+
+
+_NO_ROOM: Final = -1
+
+
+class _Node:
+    """One node: its agent's report, and its cards as placement sees them right now."""
+
+    __slots__ = ("best_room", "capacities", "failures", "fresh_until", "problem", "report",
+                 "scores", "views")
+
+    def __init__(self) -> None:
+        self.report: NodeReport | None = None
+        self.problem: Failure | None = None
+        self.fresh_until = -math.inf
+        self.views: tuple[placement.Card, ...] = ()
+        self.best_room = _NO_ROOM
+        self.capacities: tuple[int, ...] = ()
+        self.failures: dict[int, Failure] = {}
+        self.scores: dict[tuple[placement.Policy, int], int] = {}
+
+
+class Ledger:
+    """Nodes, cards and grants, keyed by node name and pod UID."""
+
+    def __init__(
+        self,
+        *,
+        overhead_bytes: int,
+        heartbeat_timeout_seconds: float,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.overhead_bytes = overhead_bytes
+        self.heartbeat_timeout_seconds = heartbeat_timeout_seconds
+        self.clock = clock
+        """Seconds since the epoch (heartbeats are wall-clock times)."""
+        self._nodes: dict[NodeName, _Node] = {}
+        self._grants: dict[str, Grant] = {}
+        self._by_node: dict[NodeName, dict[str, Grant]] = {}
+        self._requests: dict[str, tuple[PodRequest, float]] = {}
+        self._capacities: Counter[int] = Counter()
+        self._stale_failure = Failure(
+            Reason.STALE,
+            f"GPU agent silent: its last report is older than {heartbeat_timeout_seconds:g} s",
+        )
+
+    # --- nodes ------------------------------------------------------------------------------------
+
+    def set_node(
+        self, name: NodeName, report: NodeReport | None, *, problem: Failure | None = None
+    ) -> None:
+        """Record a node's report, or the problem that keeps it from having one."""
+        node = self._nodes.get(name)
+        if node is None:
+            node = self._nodes[name] = _Node()
+        self._capacities.subtract(node.capacities)
+        node.report = None if problem is not None else report
+        node.problem = problem
+        if node.report is None and problem is None:
+            node.problem = Failure(Reason.NO_REPORT, "node has no GPU agent report")
+        if node.report is not None:
+            node.fresh_until = (
+                node.report.heartbeat.timestamp() + self.heartbeat_timeout_seconds
+            )
+            node.capacities = tuple(card.cuda_total_bytes for card in node.report.cards)
+        else:
+            node.fresh_until = -math.inf
+            node.capacities = ()
+        self._capacities.update(node.capacities)
+        self._refresh(name)
+
+    def remove_node(self, name: NodeName) -> None:
+        """Forget a deleted node (its pods' grants stay until the pods go)."""
+        node = self._nodes.pop(name, None)
+        if node is not None:
+            self._capacities.subtract(node.capacities)
+
+    def __contains__(self, name: object) -> bool:
+        return name in self._nodes
+
+    def node_names(self) -> list[NodeName]:
+        return list(self._nodes)
+
+    def largest_card_bytes(self) -> int:
+        """The largest CUDA-visible total of any card of any node (0 when none is known)."""
+        return max((size for size, count in self._capacities.items() if count > 0), default=0)
+
+    def cards(self) -> Iterator[placement.Card]:
+        """Every card of every node as placement sees it now."""
+        for node in self._nodes.values():
+            yield from node.views
+
+    def node_states(self, *, now: float | None = None) -> Counter[str]:
+        """How many nodes are ``ready``, ``stale`` or have each problem."""
+        moment = self.clock() if now is None else now
+        states: Counter[str] = Counter()
+        for node in self._nodes.values():
+            if node.problem is not None:
+                states[node.problem.reason.value] += 1
+            elif node.fresh_until < moment:
+                states[Reason.STALE.value] += 1
+            else:
+                states["ready"] += 1
+        return states
+
+    # --- questions --------------------------------------------------------------------------------
+
+    def split(
+        self,
+        names: Iterable[str],
+        request: PodRequest,
+        *,
+        policy: placement.Policy,
+        now: float | None = None,
+    ) -> tuple[list[str], dict[str, Failure]]:
+        """The nodes that can take the pod, and for the others why not."""
+        moment = self.clock() if now is None else now
+        passed: list[str] = []
+        failed: dict[str, Failure] = {}
+        nodes = self._nodes
+        if len(request.demands) == 1:
+            cost = request.demands[0].bytes + self.overhead_bytes
+            append = passed.append
+            for name in names:
+                node = nodes.get(name)  # type: ignore[call-overload]
+                if node is not None and node.best_room >= cost and node.fresh_until >= moment:
+                    append(name)
+                else:
+                    failed[name] = self._single_failure(node, cost, moment)
+            return passed, failed
+        for name in names:
+            failure = self.check(NodeName(name), request, policy=policy, now=moment)
+            if failure is None:
+                passed.append(name)
+            else:
+                failed[name] = failure
+        return passed, failed
+
+    def check(
+        self,
+        name: NodeName,
+        request: PodRequest,
+        *,
+        policy: placement.Policy,
+        now: float | None = None,
+    ) -> Failure | None:
+        """Why the node cannot take the pod, or ``None`` when it can."""
+        moment = self.clock() if now is None else now
+        node = self._nodes.get(name)
+        if len(request.demands) == 1:
+            cost = request.demands[0].bytes + self.overhead_bytes
+            if node is not None and node.best_room >= cost and node.fresh_until >= moment:
+                return None
+            return self._single_failure(node, cost, moment)
+        failure = self._node_failure(node, moment)
+        if failure is not None or node is None:
+            return failure
+        try:
+            self._place(node, request.demands, policy)
+        except errors.NoFit as exc:
+            return Failure(Reason.NO_ROOM, str(exc))
+        return None
+
+    def score(self, name: NodeName, request: PodRequest, *, policy: placement.Policy) -> int:
+        """0 to 10: how much ``policy`` likes the card this node would give (0: none fits)."""
+        node = self._nodes.get(name)
+        if node is None or node.best_room < 0 or not request.demands:
+            return 0
+        if len(request.demands) == 1:
+            cost = request.demands[0].bytes + self.overhead_bytes
+            key = (policy, cost)
+            cached = node.scores.get(key)
+            if cached is None:
+                fits = [
+                    placement.Fit(card, cost)
+                    for card in node.views
+                    if card.healthy and card.room_bytes >= cost
+                ]
+                best = placement.best(fits, policy)
+                cached = node.scores[key] = 0 if best is None else placement.score(best, policy)
+            return cached
+        try:
+            placed = self._place(node, request.demands, policy)
+        except errors.NoFit:
+            return 0
+        return round(sum(placement.score(fit, policy) for _, fit in placed) / len(placed))
+
+    # --- grants -----------------------------------------------------------------------------------
+
+    def reserve(
+        self,
+        request: PodRequest,
+        name: NodeName,
+        *,
+        policy: placement.Policy,
+        now: float | None = None,
+    ) -> Grant:
+        """Choose the pod's cards on ``name`` and record them, before the Binding is posted.
+
+        A second call for the same pod and node returns the grant it already has. Raises
+        :class:`NoFit` with the reason when the node cannot take the pod, and :class:`Conflict`
+        when the pod already holds memory on another node.
+        """
+        existing = self._grants.get(request.uid)
+        if existing is not None:
+            if existing.node == name:
+                return existing
+            raise errors.Conflict(
+                f"pod {request.key} already holds GPU memory on node {existing.node}"
+            )
+        moment = self.clock() if now is None else now
+        node = self._nodes.get(name)
+        failure = self._node_failure(node, moment)
+        if failure is not None or node is None:
+            raise errors.NoFit(failure.message if failure else "unknown node")
+        placed = self._place(node, request.demands, policy)
+        allocations = tuple(
+            Allocation(
+                container=demand.container,
+                card=fit.card.uuid,
+                index=fit.card.index,
+                card_total_bytes=fit.card.capacity_bytes,
+                granted_bytes=demand.bytes,
+            )
+            for demand, fit in placed
+        )
+        grant = Grant(request.uid, request.key, name, allocations, "reserved", moment)
+        self._add(grant)
+        return grant
+
+    def commit(self, uid: str) -> None:
+        """Our Binding was accepted."""
+        grant = self._grants.get(uid)
+        if grant is not None and grant.state == "reserved":
+            grant.state = "bound"
+            grant.since = self.clock()
+        self._requests.pop(uid, None)
+
+    def release(self, uid: str) -> Grant | None:
+        """Give a pod's memory back (its bind failed, or it ended); returns what it held."""
+        self._requests.pop(uid, None)
+        grant = self._grants.pop(uid, None)
+        if grant is not None:
+            self._by_node[grant.node].pop(uid, None)
+            self._refresh(grant.node)
+        return grant
+
+    def observe(
+        self, uid: str, pod: PodKey, name: NodeName, allocations: tuple[Allocation, ...]
+    ) -> None:
+        """Record what the API says a bound pod holds (its annotations are the truth)."""
+        self._requests.pop(uid, None)
+        existing = self._grants.get(uid)
+        if existing is not None and existing.node == name and existing.allocations == allocations:
+            if existing.state != "observed":
+                existing.state = "observed"
+                existing.since = self.clock()
+            return
+        if existing is not None:
+            self.release(uid)
+        self._add(Grant(uid, pod, name, allocations, "observed", self.clock()))
+
+    def resync(
+        self,
+        listed: Mapping[str, tuple[PodKey, NodeName, tuple[Allocation, ...]]],
+        *,
+        listed_at: float,
+    ) -> None:
+        """Replace observed grants by a fresh listing of every bound pod's allocations.
+
+        Grants missing from the listing go when the listing must have seen them: observed ones,
+        and ours whose Binding was accepted before the listing began. Reservations still in
+        flight stay (their bind settles them), and so do pods bound after the listing began.
+        """
+        for uid, (pod, name, allocations) in listed.items():
+            self.observe(uid, pod, name, allocations)
+        for uid, grant in list(self._grants.items()):
+            if uid in listed:
+                continue
+            if grant.state == "observed" or (grant.state == "bound" and grant.since < listed_at):
+                self.release(uid)
+
+    def grant(self, uid: str) -> Grant | None:
+        return self._grants.get(uid)
+
+    def holdings(self) -> dict[str, tuple[NodeName, tuple[Allocation, ...]]]:
+        """Every pod's node and allocations, by UID."""
+        return {uid: (grant.node, grant.allocations) for uid, grant in self._grants.items()}
+
+    def card_usage(self) -> dict[tuple[NodeName, CardUUID], tuple[int, int]]:
+        """``(granted, capacity)`` bytes of every known card."""
+        return {(card.node, card.uuid): (card.granted_bytes, card.capacity_bytes)
+                for card in self.cards()}
+
+    def grant_count(self) -> int:
+        return len(self._grants)
+
+    # --- requests of pods not yet bound ---------------------------------------------------------
+
+    def remember(self, request: PodRequest) -> None:
+        """Keep a pending pod's request for its bind (which names the pod only)."""
+        if request.uid:
+            self._requests[request.uid] = (request, self.clock())
+
+    def request(self, uid: str) -> PodRequest | None:
+        entry = self._requests.get(uid)
+        return None if entry is None else entry[0]
+
+    def forget(self, uid: str) -> None:
+        self._requests.pop(uid, None)
+
+    def forget_requests(self, keep: Iterable[str], *, before: float) -> None:
+        """Drop remembered requests older than ``before`` whose pods a listing no longer shows."""
+        kept = set(keep)
+        for uid, (_, since) in list(self._requests.items()):
+            if since < before and uid not in kept:
+                del self._requests[uid]
+
+    # --- inside -----------------------------------------------------------------------------------
+
+    def _add(self, grant: Grant) -> None:
+        self._grants[grant.uid] = grant
+        self._by_node.setdefault(grant.node, {})[grant.uid] = grant
+        self._refresh(grant.node)
+
+    def _refresh(self, name: NodeName) -> None:
+        node = self._nodes.get(name)
+        if node is None:
+            return
+        node.failures.clear()
+        node.scores.clear()
+        if node.report is None:
+            node.views = ()
+            node.best_room = _NO_ROOM
+            return
+        granted: Counter[CardUUID] = Counter()
+        for grant in self._by_node.get(name, {}).values():
+            for allocation in grant.allocations:
+                granted[allocation.card] += allocation.granted_bytes + self.overhead_bytes
+        node.views = tuple(
+            placement.Card(
+                node=name,
+                uuid=card.uuid,
+                index=card.index,
+                capacity_bytes=card.cuda_total_bytes,
+                granted_bytes=granted[card.uuid],
+                free_bytes=card.free_bytes,
+                healthy=card.healthy,
+            )
+            for card in node.report.cards
+        )
+        node.best_room = max(
+            (card.room_bytes for card in node.views if card.healthy), default=_NO_ROOM
+        )
+
+    def _node_failure(self, node: _Node | None, now: float) -> Failure | None:
+        if node is None:
+            return _UNKNOWN
+        if node.problem is not None:
+            return node.problem
+        if node.fresh_until < now:
+            return self._stale_failure
+        return None
+
+    def _single_failure(self, node: _Node | None, cost: int, now: float) -> Failure:
+        failure = self._node_failure(node, now)
+        if failure is not None or node is None:
+            return failure or _UNKNOWN
+        cached = node.failures.get(cost)
+        if cached is None:
+            _, misses = placement.split(node.views, cost)
+            reason = (
+                Reason.UNHEALTHY
+                if node.views and not any(card.healthy for card in node.views)
+                else Reason.NO_ROOM
+            )
+            cached = node.failures[cost] = Failure(reason, placement.explain(misses, cost))
+        return cached
+
+    def _place(
+        self, node: _Node, demands: Sequence[Demand], policy: placement.Policy
+    ) -> list[tuple[Demand, placement.Fit]]:
+        """A card for each demand, largest first, each seeing the ones placed before it."""
+        views = list(node.views)
+        chosen: dict[str, placement.Fit] = {}
+        for demand in sorted(demands, key=lambda d: -d.bytes):
+            fits, misses = placement.split(views, demand.bytes, overhead_bytes=self.overhead_bytes)
+            fit = placement.best(fits, policy)
+            if fit is None:
+                raise errors.NoFit(
+                    placement.explain(misses, demand.bytes + self.overhead_bytes)
+                )
+            chosen[demand.container] = fit
+            position = views.index(fit.card)
+            views[position] = dataclasses.replace(
+                fit.card, granted_bytes=fit.card.granted_bytes + fit.cost_bytes
+            )
+        return [(demand, chosen[demand.container]) for demand in demands]
+
+
+_UNKNOWN: Final = Failure(
+    Reason.UNKNOWN_NODE, "node is unknown to the gpushare ledger (no Node object seen yet)"
+)
+
+
+def too_large(request: PodRequest, *, largest_card_bytes: int, overhead: int) -> Failure | None:
+    """The failure for a request no card anywhere could hold, or ``None``."""
+    if largest_card_bytes <= 0:
+        return None
+    for demand in request.demands:
+        if demand.bytes + overhead > largest_card_bytes:
+            extra = f" plus {format_bytes(overhead)} for its MPS server" if overhead else ""
+            return Failure(
+                Reason.TOO_LARGE,
+                f"container {demand.container!r} asks for {format_bytes(demand.bytes)}{extra}"
+                f" but the largest GPU in the cluster holds {format_bytes(largest_card_bytes)}",
+            )
+    return None

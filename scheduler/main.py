@@ -1,0 +1,58 @@
+"""``gpushare scheduler``: the kube-scheduler extender, a sidecar of a stock kube-scheduler."""
+
+import argparse
+import asyncio
+import signal
+from pathlib import Path
+
+from gpushare import config, placement
+from gpushare.scheduler.kube import Kube
+from gpushare.scheduler.service import Extender, parse_listen
+
+__all__ = ["add_arguments", "run"]
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--listen", metavar="HOST:PORT", help="address to serve on (default 0.0.0.0:8888)"
+    )
+    parser.add_argument(
+        "--url-prefix", metavar="PATH",
+        help="path before /filter, /prioritize and /bind (default /gpushare-scheduler)",
+    )
+    parser.add_argument(
+        "--policy", choices=placement.POLICIES, help="cluster-wide placement (default binpack)"
+    )
+    parser.add_argument(
+        "--kubeconfig", type=Path, metavar="FILE",
+        help="kubeconfig to use (default: $KUBECONFIG, ~/.kube/config, else in-cluster)",
+    )
+
+
+def run(args: argparse.Namespace) -> int:
+    settings = config.load(
+        overrides={
+            "scheduler.listen": args.listen,
+            "scheduler.url_prefix": args.url_prefix,
+            "policy": args.policy,
+        }
+    )
+    host, port = parse_listen(settings.scheduler.listen)
+    asyncio.run(_serve(settings, host=host, port=port, kubeconfig=args.kubeconfig))
+    return 0
+
+
+async def _serve(
+    settings: config.Settings, *, host: str, port: int, kubeconfig: Path | None
+) -> None:
+    kube = await Kube.connect(kubeconfig)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signum, stop.set)
+    try:
+        async with Extender(settings, kube) as extender:
+            await extender.start(host=host, port=port)
+            await stop.wait()
+    finally:
+        await kube.close()

@@ -1,0 +1,108 @@
+"""The extender's HTTP routes: ``<prefix>/filter``, ``/prioritize``, ``/bind``, probes, metrics.
+
+Routes only: each handler parses, calls :mod:`filtering`, :mod:`scoring` or :mod:`binding`, and
+writes the answer. A malformed call gets ``400`` with the reason as text; a well-formed call about a
+pod that cannot be placed gets ``200`` with the reason in the answer, where kube-scheduler shows it
+in the pod's FailedScheduling Event.
+"""
+
+import logging
+import time
+from collections.abc import Awaitable, Callable
+from typing import Final
+
+from aiohttp import web
+from gpushare import config, errors
+from gpushare.scheduler import filtering, ledger, scoring, wire
+from gpushare.scheduler.binding import Binder
+from gpushare.scheduler.metrics import Metrics
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+__all__ = ["MAX_BODY_BYTES", "make_app"]
+
+logger = logging.getLogger(__name__)
+
+MAX_BODY_BYTES: Final = 256 * 1024**2
+"""Without nodeCacheCapable a filter call carries whole Nodes: 5,000 of up to ~50 kB each."""
+
+NOT_SYNCED: Final = "gpushare extender is starting: its ledger has not listed nodes and pods yet"
+
+_JSON: Final = "application/json"
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+def make_app(
+    *,
+    book: ledger.Ledger,
+    binder: Binder,
+    settings: config.Settings,
+    metrics: Metrics,
+    ready: Callable[[], bool],
+) -> web.Application:
+    """The aiohttp application of one extender."""
+    stem = settings.scheduler.url_prefix.strip("/")
+    prefix = f"/{stem}" if stem else ""
+
+    def timed(verb: str, handler: Handler) -> Handler:
+        histogram = metrics.request_seconds.labels(verb)
+
+        async def wrapper(request: web.Request) -> web.StreamResponse:
+            started = time.perf_counter()
+            try:
+                return await handler(request)
+            except errors.BadRequest as exc:
+                metrics.bad_requests.labels(verb).inc()
+                logger.warning("%s: bad request from %s: %s", verb, request.remote, exc)
+                return web.Response(status=400, text=f"{exc}\n")
+            finally:
+                histogram.observe(time.perf_counter() - started)
+
+        return wrapper
+
+    async def filter_nodes(request: web.Request) -> web.Response:
+        args = wire.parse(wire.ExtenderArgs, await request.read())
+        if not ready():
+            args.candidates()
+            result = wire.ExtenderFilterResult.model_construct(
+                nodes=None, node_names=None, failed_nodes={}, failed_and_unresolvable_nodes={},
+                error=NOT_SYNCED,
+            )
+            return web.Response(body=wire.encode(result), content_type=_JSON)
+        outcome = filtering.filter_nodes(book, args, settings=settings)
+        for reason, count in outcome.failures.items():
+            metrics.filter_failures.labels(reason.value).inc(count)
+        return web.Response(body=wire.encode(outcome.result), content_type=_JSON)
+
+    async def prioritize(request: web.Request) -> web.Response:
+        args = wire.parse(wire.ExtenderArgs, await request.read())
+        priorities = scoring.prioritize(book, args, settings=settings)
+        return web.Response(body=wire.encode_priorities(priorities), content_type=_JSON)
+
+    async def bind(request: web.Request) -> web.Response:
+        args = wire.parse(wire.ExtenderBindingArgs, await request.read())
+        error = await binder.bind(args) if ready() else NOT_SYNCED
+        result = wire.ExtenderBindingResult.model_construct(error=error)
+        return web.Response(body=wire.encode(result), content_type=_JSON)
+
+    async def healthz(_: web.Request) -> web.Response:
+        return web.Response(text="ok\n")
+
+    async def readyz(_: web.Request) -> web.Response:
+        if ready():
+            return web.Response(text="ok\n")
+        return web.Response(status=503, text=f"{NOT_SYNCED}\n")
+
+    async def scrape(_: web.Request) -> web.Response:
+        response = web.Response(body=generate_latest(metrics.registry))
+        response.headers["Content-Type"] = CONTENT_TYPE_LATEST
+        return response
+
+    app = web.Application(client_max_size=MAX_BODY_BYTES)
+    app.router.add_post(f"{prefix}/filter", timed("filter", filter_nodes))
+    app.router.add_post(f"{prefix}/prioritize", timed("prioritize", prioritize))
+    app.router.add_post(f"{prefix}/bind", timed("bind", bind))
+    app.router.add_get("/healthz", healthz)
+    app.router.add_get("/readyz", readyz)
+    app.router.add_get("/metrics", scrape)
+    return app

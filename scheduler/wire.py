@@ -1,0 +1,205 @@
+"""kube-scheduler's extender protocol as Go spells it (``k8s.io/kube-scheduler/extender/v1``).
+
+The Go types carry no ``json`` tags, so their fields travel under their Go names (``Pod``,
+``NodeNames``, ``FailedNodes``, ``Host``...) and every field is always present (a nil slice or
+map is ``null``). The objects inside them (``Pod``, ``NodeList``) are Kubernetes objects with the
+API's own camelCase names: a ``NodeList`` is ``{"metadata": ..., "items": [...]}``.
+
+Inputs are validated with pydantic: a malformed request is refused with a reason, never half-read.
+Only the fields the extender uses are modelled; the rest of a Pod is ignored. Outputs are built
+without validation (:meth:`pydantic.BaseModel.model_construct`, ``TypedDict``) and serialized in
+one pass, because a filter answer may name thousands of nodes.
+"""
+
+from typing import Annotated, Any, Final, TypeVar
+
+import pydantic
+from gpushare import errors
+from typing_extensions import TypedDict
+
+__all__ = [
+    "Container",
+    "ExtenderArgs",
+    "ExtenderBindingArgs",
+    "ExtenderBindingResult",
+    "ExtenderFilterResult",
+    "HostPriority",
+    "NodeList",
+    "ObjectMeta",
+    "Pod",
+    "PodSpec",
+    "encode",
+    "encode_priorities",
+    "parse",
+]
+
+MAX_NAME_LENGTH: Final = 253
+"""A DNS subdomain, the longest name Kubernetes allows for a Node or a Pod."""
+
+Name = Annotated[str, pydantic.StringConstraints(max_length=MAX_NAME_LENGTH)]
+
+
+class _Model(pydantic.BaseModel):
+    model_config = pydantic.ConfigDict(populate_by_name=True, extra="ignore", frozen=True)
+
+
+def _none_to_empty(value: object) -> object:
+    # Go's encoder writes a nil map or slice as null.
+    return {} if value is None else value
+
+
+def _none_to_list(value: object) -> object:
+    return [] if value is None else value
+
+
+Quantity = str | int | float
+StrMap = Annotated[dict[str, str], pydantic.BeforeValidator(_none_to_empty)]
+QuantityMap = Annotated[dict[str, Quantity], pydantic.BeforeValidator(_none_to_empty)]
+
+
+# --- Kubernetes objects (camelCase, as the API writes them) -------------------------------------
+
+
+class ObjectMeta(_Model):
+    name: Name = ""
+    namespace: Name = ""
+    uid: str = ""
+    annotations: StrMap = {}
+    deletion_timestamp: str | None = pydantic.Field(default=None, alias="deletionTimestamp")
+    resource_version: str = pydantic.Field(default="", alias="resourceVersion")
+
+
+class ResourceRequirements(_Model):
+    limits: QuantityMap = {}
+    requests: QuantityMap = {}
+
+
+class Container(_Model):
+    name: str
+    resources: Annotated[ResourceRequirements, pydantic.BeforeValidator(_none_to_empty)] = (
+        ResourceRequirements()
+    )
+
+
+Containers = Annotated[list[Container], pydantic.BeforeValidator(_none_to_list)]
+
+
+class PodSpec(_Model):
+    containers: Containers = []
+    init_containers: Containers = pydantic.Field(default=[], alias="initContainers")
+    node_name: str = pydantic.Field(default="", alias="nodeName")
+    scheduler_name: str = pydantic.Field(default="", alias="schedulerName")
+
+
+class PodStatus(_Model):
+    phase: str = ""
+
+
+class Pod(_Model):
+    """The parts of a ``v1.Pod`` the extender reads."""
+
+    metadata: ObjectMeta
+    spec: PodSpec = PodSpec()
+    status: Annotated[PodStatus, pydantic.BeforeValidator(_none_to_empty)] = PodStatus()
+
+
+class NodeList(_Model):
+    """A ``v1.NodeList``; nodes stay raw so that a filter answer returns them unchanged."""
+
+    items: Annotated[list[dict[str, Any]], pydantic.BeforeValidator(_none_to_list)] = []
+
+    def names(self) -> list[str]:
+        """Each node's ``metadata.name``; raises :class:`BadRequest` for a node without one."""
+        result = []
+        for position, item in enumerate(self.items):
+            meta = item.get("metadata")
+            name = meta.get("name") if isinstance(meta, dict) else None
+            if not isinstance(name, str) or not name:
+                raise errors.BadRequest(f"Nodes.items[{position}] has no metadata.name")
+            result.append(name)
+        return result
+
+
+# --- The extender protocol (Go field names) ------------------------------------------------------
+
+
+class ExtenderArgs(_Model):
+    """What kube-scheduler sends to ``filter`` and ``prioritize``."""
+
+    pod: Pod = pydantic.Field(alias="Pod")
+    nodes: NodeList | None = pydantic.Field(default=None, alias="Nodes")
+    """Set when the extender is not ``nodeCacheCapable``."""
+    node_names: list[Name] | None = pydantic.Field(default=None, alias="NodeNames")
+    """Set when the extender is ``nodeCacheCapable``."""
+
+    def candidates(self) -> list[str]:
+        """The candidate node names, from whichever form was sent."""
+        if self.node_names is not None:
+            return self.node_names
+        if self.nodes is not None:
+            return self.nodes.names()
+        raise errors.BadRequest("the request has neither NodeNames nor Nodes")
+
+
+class ExtenderFilterResult(_Model):
+    """The answer to ``filter``: the nodes that pass and, for the others, why not."""
+
+    nodes: dict[str, Any] | None = pydantic.Field(default=None, alias="Nodes")
+    node_names: list[str] | None = pydantic.Field(default=None, alias="NodeNames")
+    failed_nodes: dict[str, str] = pydantic.Field(default_factory=dict, alias="FailedNodes")
+    failed_and_unresolvable_nodes: dict[str, str] = pydantic.Field(
+        default_factory=dict, alias="FailedAndUnresolvableNodes"
+    )
+    """Nodes where preemption cannot help either."""
+    error: str = pydantic.Field(default="", alias="Error")
+
+
+class HostPriority(TypedDict):
+    """One node's score, 0 to 10 (``MaxExtenderPriority``)."""
+
+    Host: str
+    Score: int
+
+
+class ExtenderBindingArgs(_Model):
+    """What kube-scheduler sends to ``bind``."""
+
+    pod_name: Annotated[Name, pydantic.StringConstraints(min_length=1)] = pydantic.Field(
+        alias="PodName"
+    )
+    pod_namespace: Annotated[Name, pydantic.StringConstraints(min_length=1)] = pydantic.Field(
+        alias="PodNamespace"
+    )
+    pod_uid: str = pydantic.Field(default="", alias="PodUID")
+    node: Annotated[Name, pydantic.StringConstraints(min_length=1)] = pydantic.Field(alias="Node")
+
+
+class ExtenderBindingResult(_Model):
+    error: str = pydantic.Field(default="", alias="Error")
+
+
+_PRIORITIES: Final = pydantic.TypeAdapter(list[HostPriority])
+
+
+def encode_priorities(priorities: list[HostPriority]) -> bytes:
+    """A ``HostPriorityList`` as JSON."""
+    return _PRIORITIES.dump_json(priorities)
+
+
+def encode(result: pydantic.BaseModel) -> bytes:
+    """A result in Go's field names, every field present."""
+    return result.__pydantic_serializer__.to_json(result, by_alias=True)
+
+
+M = TypeVar("M", bound=pydantic.BaseModel)
+
+
+def parse(model: type[M], body: bytes) -> M:
+    """Validate a request body; raise :class:`BadRequest` naming the first bad field."""
+    try:
+        return model.model_validate_json(body)
+    except pydantic.ValidationError as exc:
+        first = exc.errors()[0]
+        where = ".".join(str(part) for part in first["loc"]) or "body"
+        more = f" (and {exc.error_count() - 1} more)" if exc.error_count() > 1 else ""
+        raise errors.BadRequest(f"{model.__name__}: {where}: {first['msg']}{more}") from exc

@@ -1,0 +1,605 @@
+"""The simulated cluster: the real parts as processes on loopback, driven as Kubernetes drives them.
+
+The in-process API server (:mod:`.apiserver`) stands in for kube-apiserver; the simulator plays
+kube-apiserver's admission (AdmissionReview over HTTPS to the real webhook), KServe (the predictor
+pod), kube-scheduler (filter, prioritize and bind over HTTP to the real extender) and kubelet (the
+device manager over gRPC to one real device plugin per node, then a simulated vLLM start against
+the node's fake NVML). The parts run as ``gpushare <part>`` processes with the command lines of a
+cluster, each reading the same configuration file and the API server's kubeconfig.
+"""
+
+import asyncio
+import contextlib
+import copy
+import logging
+import os
+import random
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Final
+
+import aiohttp
+import yaml
+from prometheus_client.parser import text_string_to_metric_families
+
+from gpushare import config, errors, names, nodereport, quantities
+from gpushare.deviceplugin import devices
+from gpushare.ids import CardUUID, PodKey, pod_key
+from gpushare.scheduler import ledger
+from gpushare.simulator import admission, apiserver, kserve, kubelet, mpsfake, scheduling
+from gpushare.simulator import vllm as vllm_sim
+from gpushare.simulator.fleet import Fleet
+from gpushare.simulator.gpus import NodeGpus
+from gpushare.simulator.outcome import CardState, Failure, Placement
+from gpushare.simulator.workload import Service
+from gpushare.webhook import certs, handlers
+
+logger = logging.getLogger(__name__)
+
+START_SECONDS: Final = 60.0
+"""How long the parts may take to come up (a cold Python start of each is ~1–2 s per core)."""
+STOP_SECONDS: Final = 5.0
+AGENT_POLL_SECONDS: Final = 0.2
+"""The agents poll the fake NVML fast: a start shows in the node report within a scheduling cycle."""
+AGENT_HEARTBEAT_SECONDS: Final = 10.0
+NODE_CAPACITY: Final = {"cpu": "192", "memory": "2Ti", "pods": "250"}
+"""Room for every pod the simulation places: only GPU memory is scarce."""
+ISVCS: Final = apiserver.resource("serving.kserve.io", "inferenceservices")
+PODS: Final = apiserver.resource("", "pods")
+NODES: Final = apiserver.resource("", "nodes")
+NAMESPACES: Final = apiserver.resource("", "namespaces")
+
+
+def free_port() -> int:
+    """A port nothing listens on now (the parts bind it a moment later)."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+@dataclass(slots=True)
+class _Process:
+    name: str
+    argv: list[str]
+    log: Path
+    env: dict[str, str]
+    popen: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> None:
+        with self.log.open("ab") as out:
+            self.popen = subprocess.Popen(  # noqa: S603 - our own CLI, argv built here
+                self.argv, env=self.env, stdout=out, stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+            )
+
+    def check(self) -> None:
+        if self.popen is not None and self.popen.poll() is not None:
+            raise errors.ConfigError(
+                f"{self.name} exited with status {self.popen.returncode}:\n{self.tail()}"
+            )
+
+    def tail(self, lines: int = 15) -> str:
+        try:
+            return "\n".join(self.log.read_text(errors="replace").splitlines()[-lines:])
+        except OSError:
+            return "(no log)"
+
+    def stop(self) -> None:
+        if self.popen is None or self.popen.poll() is not None:
+            return
+        self.popen.send_signal(signal.SIGTERM)
+        try:
+            self.popen.wait(STOP_SECONDS)
+        except subprocess.TimeoutExpired:
+            self.popen.kill()
+            self.popen.wait()
+
+
+@dataclass(slots=True)
+class _Running:
+    """A placed service: its pod, where it runs, and the simulated vLLM process."""
+
+    service: Service
+    pod: PodKey
+    node: str
+    card: CardUUID
+    pid: int | None
+    placement: Placement | None
+    pipe: Path | None
+
+
+@dataclass(slots=True)
+class Simulation:
+    """The cluster for one run. Use as ``async with Simulation(...) as sim``."""
+
+    fleet: Fleet
+    policy: str = "binpack"
+    isolation: str = "mps"
+    seed: int = 0
+    keep: Path | None = None
+    """Keep the work folder (logs, configuration) here instead of a temporary one."""
+    progress: Callable[[str], None] = lambda _: None
+    """Told each start-up step, for a progress display."""
+    workdir: Path = field(init=False)
+    settings: config.Settings = field(init=False)
+    api: apiserver.ApiServer = field(default_factory=apiserver.ApiServer)
+    kubelets: dict[str, kubelet.Kubelet] = field(default_factory=dict)
+    node_gpus: dict[str, NodeGpus] = field(default_factory=dict)
+    running: dict[str, _Running] = field(default_factory=dict)
+    """Placed or start-failed services by key; they hold devices."""
+    pending: dict[str, Service] = field(default_factory=dict)
+    """Services whose pod waits for a node."""
+    submitted: dict[str, Service] = field(default_factory=dict)
+    """Every service submitted, by key."""
+    _processes: list[_Process] = field(default_factory=list)
+    _extender_url: str = ""
+    _extender_base: str = ""
+    _webhook: admission.AdmissionClient | None = None
+    _scheduler: scheduling.SchedulerClient | None = None
+    _http: aiohttp.ClientSession | None = None
+
+    async def __aenter__(self) -> "Simulation":
+        try:
+            await self.start()
+        except BaseException:
+            await self.stop()
+            raise
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.stop()
+
+    # ----- bringing the cluster up ---------------------------------------------------------------
+
+    async def start(self) -> None:
+        """Start the API server, the kubelets and the parts, and wait until all are ready."""
+        progress = self.progress
+        self.workdir = self.keep or Path(tempfile.mkdtemp(prefix="gpushare-sim-"))
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        progress("API server")
+        await self.api.start()
+        kubeconfig = self.workdir / "kubeconfig"
+        kubeconfig.write_text(self.api.kubeconfig())
+        extender_port, webhook_port, probe_port = free_port(), free_port(), free_port()
+        raw = {
+            "policy": self.policy,
+            "isolation": self.isolation,
+            "scheduler": {"listen": f"127.0.0.1:{extender_port}"},
+            "webhook": {"listen": f"127.0.0.1:{webhook_port}"},
+            "agent": {
+                "poll_seconds": AGENT_POLL_SECONDS,
+                "heartbeat_seconds": AGENT_HEARTBEAT_SECONDS,
+            },
+        }
+        self.settings = config.validate(raw)
+        config_file = self.workdir / "config.yaml"
+        config_file.write_text(yaml.safe_dump(raw))
+        pair = certs.make(["127.0.0.1", "localhost"])
+        tls = certs.write(pair, self.workdir / "certs")
+        control = mpsfake.install(self.workdir / "bin")
+
+        await self.api.store.create(NAMESPACES, {"metadata": {"name": "default"}})
+        env = {
+            **os.environ,
+            "KUBECONFIG": str(kubeconfig),
+            names.ENV_CONFIG_FILE: str(config_file),
+            "PYTHONUNBUFFERED": "1",
+        }
+        cli = [sys.executable, "-m", "gpushare.cli", "--log-level", "WARNING"]
+        logs = self.workdir / "logs"
+        logs.mkdir(exist_ok=True)
+        self._processes.append(
+            _Process("gpushare scheduler", [*cli, "scheduler"], logs / "scheduler.log", env)
+        )
+        self._processes.append(
+            _Process(
+                "gpushare webhook",
+                [*cli, "webhook", "--tls-cert", str(tls[1]), "--tls-key", str(tls[2]),
+                 "--probe-listen", f"127.0.0.1:{probe_port}"],
+                logs / "webhook.log", env,
+            )
+        )
+        for node in self.fleet.nodes:
+            await self._register_node(node.name)
+            folder = self.workdir / node.name
+            folder.mkdir(exist_ok=True)
+            node_gpus = NodeGpus(node, folder / "nvml.json")
+            node_gpus.write()
+            self.node_gpus[node.name] = node_gpus
+            agent = kubelet.Kubelet(node.name, folder / "kubelet", names.RESOURCE_GPU_MEMORY)
+            await agent.start()
+            self.kubelets[node.name] = agent
+            self._processes.append(
+                _Process(
+                    f"gpushare device-plugin ({node.name})",
+                    [*cli, "device-plugin", "--kubelet-dir", str(agent.kubelet_dir),
+                     "--nvml", f"fake:{node_gpus.path}", "--metrics-listen",
+                     f"127.0.0.1:{free_port()}", "--node-name", node.name,
+                     "--mps-control", str(control)],
+                    logs / f"device-plugin-{node.name}.log",
+                    {**env, "GPUSHARE_AGENT__MPS_ROOT": str(folder / "mps")},
+                )
+            )
+        progress(f"{len(self._processes)} processes")
+        for process in self._processes:
+            process.start()
+
+        self._http = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=5))
+        self._extender_base = f"http://127.0.0.1:{extender_port}"
+        prefix = self.settings.scheduler.url_prefix.strip("/")
+        self._extender_url = self._extender_base + (f"/{prefix}" if prefix else "")
+        self._webhook = admission.AdmissionClient(
+            f"https://127.0.0.1:{webhook_port}", ca_pem=pair.ca_pem
+        )
+        self._scheduler = scheduling.SchedulerClient(
+            self._extender_url, rng=random.Random(self.seed)
+        )
+        progress("device plugins registering")
+        await self._until(self._plugins_listed, "every device plugin registers and lists its cards")
+        for name, agent in self.kubelets.items():
+            await self._set_allocatable(name, agent.allocatable)
+        progress("node reports")
+        await self._until(self._reports_in, "every node carries its agent's report")
+        progress("extender and webhook")
+        await self._until(
+            lambda: self._ready(f"{self._extender_base}/readyz"), "the extender is ready"
+        )
+        await self._until(
+            lambda: self._webhook_knows_nodes(f"http://127.0.0.1:{probe_port}"),
+            "the webhook is ready and knows the node reports",
+        )
+
+    async def _register_node(self, name: str) -> None:
+        node = {
+            "metadata": {
+                "name": name,
+                "labels": {
+                    names.LABEL_ENABLED: "true",
+                    "kubernetes.io/hostname": name,
+                    "kubernetes.io/os": "linux",
+                },
+            },
+            "spec": {},
+            "status": {
+                "capacity": dict(NODE_CAPACITY),
+                "allocatable": dict(NODE_CAPACITY),
+                "conditions": [{"type": "Ready", "status": "True", "reason": "KubeletReady"}],
+            },
+        }
+        await self.api.store.create(NODES, node)
+
+    async def _set_allocatable(self, name: str, count: int) -> None:
+        node = copy.deepcopy(self.api.store.get(NODES, "", name))
+        for key in ("capacity", "allocatable"):
+            node["status"][key][names.RESOURCE_GPU_MEMORY] = str(count)
+        await self.api.store.put(NODES, node, event="MODIFIED")
+
+    async def _until(self, check: Callable[[], Awaitable[bool]], what: str) -> None:
+        deadline = time.monotonic() + START_SECONDS
+        while True:
+            for process in self._processes:
+                process.check()
+            if await check():
+                return
+            if time.monotonic() > deadline:
+                tails = "\n".join(f"--- {p.name}\n{p.tail(5)}" for p in self._processes)
+                raise errors.ConfigError(
+                    f"the simulated cluster did not start: waited {START_SECONDS:.0f} s until"
+                    f" {what}\n{tails}"
+                )
+            await asyncio.sleep(0.05)
+
+    async def _plugins_listed(self) -> bool:
+        return all(agent.listed.is_set() and agent.devices for agent in self.kubelets.values())
+
+    async def _reports_in(self) -> bool:
+        for node in self.fleet.nodes:
+            annotations = self.api.store.get(NODES, "", node.name)["metadata"].get("annotations")
+            text = (annotations or {}).get(names.ANNOTATION_NODE_REPORT)
+            if text is None or len(nodereport.decode(text).cards) != len(node.cards):
+                return False
+        return True
+
+    async def _ready(self, url: str) -> bool:
+        assert self._http is not None
+        try:
+            async with self._http.get(url) as response:
+                return response.status == 200
+        except (aiohttp.ClientError, TimeoutError):
+            return False
+
+    async def _webhook_knows_nodes(self, probe: str) -> bool:
+        if not await self._ready(f"{probe}/readyz"):
+            return False
+        metrics = await self._scrape(f"{probe}/metrics")
+        return metrics.get("gpushare_webhook_reporting_nodes", 0) >= len(self.fleet.nodes)
+
+    async def _scrape(self, url: str) -> dict[str, float]:
+        """A Prometheus endpoint's samples, by name with labels (``name{a="b"}``)."""
+        assert self._http is not None
+        try:
+            async with self._http.get(url) as response:
+                text = await response.text()
+        except (aiohttp.ClientError, TimeoutError):
+            return {}
+        samples: dict[str, float] = {}
+        for family in text_string_to_metric_families(text):
+            for sample in family.samples:
+                labels = ",".join(f'{k}="{v}"' for k, v in sorted(sample.labels.items()))
+                samples[sample.name + (f"{{{labels}}}" if labels else "")] = sample.value
+        return samples
+
+    async def stop(self) -> None:
+        """Stop the parts, the kubelets and the API server; remove the work folder."""
+        for process in self._processes:
+            process.stop()
+        for session in (self._webhook, self._scheduler):
+            if session is not None:
+                await session.close()
+        if self._http is not None:
+            await self._http.close()
+        for agent in self.kubelets.values():
+            await agent.stop()
+        await self.api.stop()
+        if hasattr(self, "workdir"):
+            self._stop_daemons()
+            if self.keep is None:
+                shutil.rmtree(self.workdir, ignore_errors=True)
+
+    def _stop_daemons(self) -> None:
+        """End the MPS stand-ins the plugins started (each also ends on its own with us)."""
+        for pid_file in self.workdir.glob(f"*/mps/*/{mpsfake.PID_FILE}"):
+            pid = mpsfake.daemon_pid(pid_file.parent)
+            if pid is not None:
+                with contextlib.suppress(ProcessLookupError, PermissionError):
+                    os.kill(pid, signal.SIGTERM)
+
+    # ----- one InferenceService --------------------------------------------------------------
+
+    async def submit(self, service: Service) -> Placement | Failure:
+        """``kubectl apply`` of one InferenceService, and everything that follows."""
+        assert self._webhook is not None
+        self.submitted[service.key] = service
+        verdict = await self._webhook.review(
+            handlers.VALIDATE_INFERENCE_SERVICES, service.manifest, group="serving.kserve.io",
+            version="v1beta1", resource="inferenceservices", kind="InferenceService",
+        )
+        if not verdict.allowed:
+            return self._failure(service, "admission", verdict.message)
+        await self._ensure_namespace(service.namespace)
+        await self.api.store.create(ISVCS, service.manifest)
+        pod = kserve.predictor_pod(service)
+        verdict = await self._webhook.review(
+            handlers.MUTATE_PODS, pod, group="", version="v1", resource="pods", kind="Pod",
+        )
+        if not verdict.allowed:
+            await self.api.store.delete(ISVCS, service.namespace, service.name)
+            return self._failure(service, "mutation", verdict.message)
+        await self.api.store.create(PODS, verdict.obj)
+        return await self.schedule(service)
+
+    async def schedule(self, service: Service) -> Placement | Failure:
+        """One kube-scheduler cycle for the service's pod, then kubelet's start."""
+        assert self._scheduler is not None
+        key = _pod_key(service)
+        pod = self.api.store.get(PODS, service.namespace, key.split("/", 1)[1])
+        result = await self._scheduler.schedule(pod, [node.name for node in self.fleet.nodes])
+        if isinstance(result, scheduling.Unschedulable):
+            self.pending[service.key] = service
+            return self._failure(service, "scheduling", result.message)
+        if isinstance(result, scheduling.BindFailed):
+            self.pending[service.key] = service
+            return self._failure(service, "binding", result.message)
+        self.pending.pop(service.key, None)
+        return await self._start_pod(service, key, result.node)
+
+    async def _start_pod(self, service: Service, key: PodKey, node: str) -> Placement | Failure:
+        namespace, name = key.split("/", 1)
+        pod = self.api.store.get(PODS, namespace, name)
+        target = _gpu_container(pod)
+        if target is None:
+            return self._failure(service, "allocation", "no container requests GPU memory")
+        container, units = target
+        agent = self.kubelets[node]
+        try:
+            allocated = await agent.allocate(key, container["name"], units)
+        except (errors.NoFit, errors.Conflict) as exc:
+            await self._set_phase(namespace, name, "Failed", "UnexpectedAdmissionError", str(exc))
+            return self._failure(service, "allocation", str(exc))
+        card = CardUUID(devices.card_of(allocated.devices))
+        pipe_text = allocated.envs.get(names.ENV_MPS_PIPE_DIRECTORY)
+        pipe = Path(pipe_text) if pipe_text else None
+        running = _Running(service, key, node, card, None, None, pipe)
+        self.running[service.key] = running
+        env = vllm_sim.container_env(container, allocated.envs)
+        words = vllm_sim.argv(container, env)
+        visible = env.get(names.ENV_VISIBLE_DEVICES, "")
+        node_gpus = self.node_gpus[node]
+        if visible != card:
+            message = f"{names.ENV_VISIBLE_DEVICES}={visible!r}, but the IDs name {card}"
+            return self._failure(service, "start", message)
+        self._update_servers(node)  # the first client of a daemon starts its MPS server
+        outcome = vllm_sim.start(
+            words,
+            card_free_bytes=node_gpus.free_bytes(card),
+            cuda_total_bytes=node_gpus.card(card).model.cuda_total_bytes,
+            limit_bytes=self._limit(pipe, env, card),
+        )
+        if isinstance(outcome, vllm_sim.Refused):
+            await self._set_phase(namespace, name, "Running", "CrashLoopBackOff", outcome.message)
+            return self._failure(service, "start", outcome.message)
+        running.pid = node_gpus.start(card, outcome.used_bytes)
+        await self._set_phase(namespace, name, "Running", "", "")
+        card_index = node_gpus.card(card).index
+        running.placement = Placement(
+            service=service.key,
+            label=service.label,
+            pod=name,
+            node=node,
+            card_uuid=card,
+            card_index=card_index,
+            requested_bytes=service.requested_bytes or 0,
+            granted_bytes=len(allocated.devices) * self.settings.unit_bytes,
+            utilization=str(outcome.utilization),
+            used_bytes=outcome.used_bytes,
+        )
+        return running.placement
+
+    def _limit(self, pipe: Path | None, env: Mapping[str, str], card: str) -> int | None:
+        """The MPS limit the client runs under; none when no daemon serves its pipe directory."""
+        if pipe is None or not mpsfake.running(pipe):
+            return None
+        limits = [
+            limit
+            for limit in (mpsfake.default_limit_bytes(pipe), vllm_sim.mps_limit_bytes(env, card))
+            if limit is not None
+        ]
+        return min(limits, default=None)
+
+    def _update_servers(self, node: str) -> None:
+        """One MPS server per daemon with a client on each card (66 MiB each, measured)."""
+        per_card: dict[CardUUID, set[Path]] = {}
+        for running in self.running.values():
+            if running.node == node and running.pipe is not None and mpsfake.running(running.pipe):
+                per_card.setdefault(running.card, set()).add(running.pipe)
+        node_gpus = self.node_gpus[node]
+        for card in node_gpus.node.cards:
+            servers = len(per_card.get(card.uuid, ()))
+            node_gpus.set_servers(card.uuid, servers * self.settings.agent.mps_server_bytes)
+
+    async def _set_phase(self, namespace: str, name: str, phase: str, reason: str, message: str) -> None:
+        pod = copy.deepcopy(self.api.store.get(PODS, namespace, name))
+        status = pod.setdefault("status", {})
+        status["phase"] = phase
+        if reason:
+            status["reason"], status["message"] = reason, message
+        await self.api.store.put(PODS, pod, event="MODIFIED")
+
+    async def _ensure_namespace(self, namespace: str) -> None:
+        with contextlib.suppress(apiserver.ApiError):
+            await self.api.store.create(NAMESPACES, {"metadata": {"name": namespace}})
+
+    def _failure(self, service: Service, stage: Any, reason: str) -> Failure:
+        return Failure(service.key, service.label, service.requested_bytes, stage, reason)
+
+    async def remove(self, service: Service) -> None:
+        """``kubectl delete`` of the InferenceService: its pod goes, kubelet stops it."""
+        key = _pod_key(service)
+        namespace, name = key.split("/", 1)
+        with contextlib.suppress(apiserver.ApiError):
+            await self.api.store.delete(PODS, namespace, name)
+        with contextlib.suppress(apiserver.ApiError):
+            await self.api.store.delete(ISVCS, service.namespace, service.name)
+        self.pending.pop(service.key, None)
+        running = self.running.pop(service.key, None)
+        if running is None:
+            return
+        self.kubelets[running.node].release(running.pod)
+        if running.pid is not None:
+            self.node_gpus[running.node].stop(running.pid)
+        self._update_servers(running.node)
+
+    # ----- reading the state --------------------------------------------------------------------
+
+    @property
+    def overhead_bytes(self) -> int:
+        """Card memory each allocation takes beyond its grant (the extender's own rule)."""
+        return ledger.overhead_bytes(self.settings)
+
+    async def extender_calls(self) -> dict[str, int]:
+        """Calls the extender answered, by verb, from its own request-duration histogram."""
+        samples = await self.extender_samples()
+        return {
+            verb: int(samples.get(f'gpushare_scheduler_request_duration_seconds_count{{verb="{verb}"}}', 0))
+            for verb in ("filter", "prioritize", "bind")
+        }
+
+    async def extender_samples(self) -> dict[str, float]:
+        """The extender's own metrics, scraped as Prometheus does."""
+        return await self._scrape(f"{self._extender_base}/metrics")
+
+    async def cards(self) -> list[CardState]:
+        """Every card as the extender's ledger and the node's NVML see it."""
+        samples = await self.extender_samples()
+        overhead = ledger.overhead_bytes(self.settings)
+        holders: dict[CardUUID, list[str]] = {}
+        for running in self.running.values():
+            if running.placement is not None:
+                holders.setdefault(running.card, []).append(running.service.key)
+        states = []
+        for node in self.fleet.nodes:
+            node_gpus = self.node_gpus[node.name]
+            for card in node.cards:
+                label = f'card="{card.uuid}",index="{card.index}",node="{node.name}"'
+                granted = int(samples.get(f"gpushare_scheduler_card_granted_bytes{{{label}}}", 0))
+                holding = sum(1 for r in self.running.values() if r.card == card.uuid)
+                states.append(
+                    CardState(
+                        node=node.name,
+                        index=card.index,
+                        uuid=card.uuid,
+                        model=card.model.name,
+                        total_bytes=card.model.total_bytes,
+                        reserved_bytes=card.model.reserved_bytes,
+                        capacity_bytes=card.model.cuda_total_bytes,
+                        granted_bytes=granted,
+                        used_bytes=node_gpus.used_bytes(card.uuid),
+                        overhead_bytes=holding * overhead,
+                        services=tuple(sorted(holders.get(card.uuid, ()))),
+                    )
+                )
+        return states
+
+    def kubelet_grants(self) -> dict[CardUUID, int]:
+        """Bytes held on each card by the IDs kubelet handed out (the truth)."""
+        held: dict[CardUUID, int] = {}
+        for agent in self.kubelets.values():
+            for holdings in agent.holdings.values():
+                for holding in holdings:
+                    card = CardUUID(devices.card_of(holding.devices))
+                    held[card] = held.get(card, 0) + len(holding.devices) * self.settings.unit_bytes
+        return held
+
+    @property
+    def unit_bytes(self) -> int:
+        return self.settings.unit_bytes
+
+    def request_cost(self, service: Service) -> int | None:
+        """What the service's grant takes from a card: whole units plus the per-allocation overhead."""
+        requested = service.requested_bytes
+        if requested is None:
+            return None
+        units = quantities.to_units(requested, self.settings.unit_bytes)
+        return units * self.settings.unit_bytes + ledger.overhead_bytes(self.settings)
+
+    def api_requests(self) -> dict[str, int]:
+        return dict(self.api.store.requests)
+
+    def log_tails(self) -> str:
+        return "\n".join(f"--- {p.name}\n{p.tail()}" for p in self._processes)
+
+
+def _pod_key(service: Service) -> PodKey:
+    pod = kserve.predictor_pod(service)
+    return pod_key(pod["metadata"]["namespace"], pod["metadata"]["name"])
+
+
+def _gpu_container(pod: Mapping[str, Any]) -> tuple[dict[str, Any], int] | None:
+    """The container that requests GPU memory, and how many units."""
+    for container in pod.get("spec", {}).get("containers") or []:
+        resources = container.get("resources") or {}
+        amount = (resources.get("limits") or {}).get(names.RESOURCE_GPU_MEMORY) or (
+            resources.get("requests") or {}
+        ).get(names.RESOURCE_GPU_MEMORY)
+        if amount is not None:
+            return container, int(str(amount))
+    return None

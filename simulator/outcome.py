@@ -1,0 +1,209 @@
+"""What a simulation found: every card's occupants, the failures with their reasons, the figures.
+
+Figures: cards used (holding at least one running InferenceService) against the one-model-per-GPU
+baseline (one whole card per admitted InferenceService) and against the offline optimum; memory
+granted and in use; stranded memory, the free room on cards too small for the smallest request
+still waiting (or, when nothing waits, the smallest request of the trace).
+"""
+
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from typing import Any, Literal
+
+from gpushare.simulator.optimum import Packing
+
+Stage = Literal["admission", "mutation", "scheduling", "binding", "allocation", "start"]
+
+
+@dataclass(frozen=True, slots=True)
+class Placement:
+    """An InferenceService that runs, and where."""
+
+    service: str
+    """``namespace/name``."""
+    label: str
+    pod: str
+    node: str
+    card_uuid: str
+    card_index: int
+    requested_bytes: int
+    """The annotation."""
+    granted_bytes: int
+    """Whole units, as the device plugin granted them."""
+    utilization: str
+    """The ``--gpu-memory-utilization`` vLLM ran with."""
+    used_bytes: int
+    """What the running vLLM holds on the card (NVML)."""
+
+
+@dataclass(frozen=True, slots=True)
+class Failure:
+    """An InferenceService that does not run, the step that stopped it, and the reason given."""
+
+    service: str
+    label: str
+    requested_bytes: int | None
+    stage: Stage
+    reason: str
+
+
+@dataclass(frozen=True, slots=True)
+class CardState:
+    """One card at the end of the run."""
+
+    node: str
+    index: int
+    uuid: str
+    model: str
+    total_bytes: int
+    """NVML total."""
+    reserved_bytes: int
+    """The driver's reserved part."""
+    capacity_bytes: int
+    """CUDA-visible total: what grants may use."""
+    granted_bytes: int
+    """Sum of grants and per-allocation overheads (MPS servers) on this card."""
+    used_bytes: int
+    """NVML used (processes and MPS servers)."""
+    overhead_bytes: int
+    """Per-allocation overheads included in ``granted_bytes``."""
+    services: tuple[str, ...]
+
+    @property
+    def room_bytes(self) -> int:
+        return max(0, self.capacity_bytes - self.granted_bytes)
+
+
+@dataclass(frozen=True, slots=True)
+class Round:
+    """One round of churn: departures, arrivals, and the fleet after them."""
+
+    number: int
+    departed: int
+    arrived: int
+    placed: int
+    failed: int
+    running: int
+    cards_used: int
+    stranded_bytes: int
+
+
+@dataclass(slots=True)
+class Outcome:
+    """The whole run."""
+
+    fleet: str
+    fleet_description: str
+    policy: str
+    isolation: str
+    seed: int
+    services: int
+    """InferenceServices submitted, churn arrivals included."""
+    placements: list[Placement] = field(default_factory=list)
+    failures: list[Failure] = field(default_factory=list)
+    cards: list[CardState] = field(default_factory=list)
+    rounds: list[Round] = field(default_factory=list)
+    optimum: Packing | None = None
+    seconds: float = 0.0
+    api_requests: dict[str, int] = field(default_factory=dict)
+    """Requests each part made of the API server (``PATCH nodes``: 12)."""
+    extender_requests: dict[str, int] = field(default_factory=dict)
+    """Extender calls by verb, as its own metrics count them."""
+    overhead_bytes: int = 0
+    """Card memory each allocation takes beyond its grant (an MPS server)."""
+    reserve_bytes: int = 0
+    """Per-instance memory inside each grant but outside vLLM's budget (its CUDA context)."""
+
+    @property
+    def cards_used(self) -> int:
+        return sum(1 for card in self.cards if card.services)
+
+    @property
+    def baseline(self) -> int:
+        """One whole card per InferenceService that passed admission and now runs or waits."""
+        waiting = sum(1 for f in self.failures if f.stage not in ("admission", "mutation"))
+        return len(self.placements) + waiting
+
+    @property
+    def granted_bytes(self) -> int:
+        return sum(p.granted_bytes for p in self.placements)
+
+    @property
+    def used_bytes(self) -> int:
+        return sum(p.used_bytes for p in self.placements)
+
+    @property
+    def capacity_bytes(self) -> int:
+        return sum(card.capacity_bytes for card in self.cards)
+
+    @property
+    def smallest_waiting_bytes(self) -> int | None:
+        """The smallest request still waiting, else the smallest request of the run."""
+        waiting = [
+            f.requested_bytes
+            for f in self.failures
+            if f.requested_bytes and f.stage not in ("admission", "mutation")
+        ]
+        if waiting:
+            return min(waiting)
+        placed = [p.requested_bytes for p in self.placements]
+        return min(placed, default=None)
+
+    @property
+    def stranded_bytes(self) -> int:
+        smallest = self.smallest_waiting_bytes
+        return stranded(self.cards, None if smallest is None else smallest + self.overhead_bytes)
+
+    @property
+    def ratio(self) -> float | None:
+        """Cards used online over the optimum's, for the same requests."""
+        if self.optimum is None or not self.optimum.cards_used:
+            return None
+        return self.cards_used / self.optimum.cards_used
+
+    def to_json(self) -> dict[str, Any]:
+        """Everything, as plain JSON types."""
+        optimum = None
+        if self.optimum is not None:
+            optimum = {
+                "status": self.optimum.status,
+                "cards_used": self.optimum.cards_used,
+                "cards_lower_bound": self.optimum.cards_bound,
+                "placed": self.optimum.placed,
+                "seconds": round(self.optimum.seconds, 3),
+            }
+        return {
+            "fleet": self.fleet,
+            "policy": self.policy,
+            "isolation": self.isolation,
+            "seed": self.seed,
+            "seconds": round(self.seconds, 3),
+            "summary": {
+                "services": self.services,
+                "running": len(self.placements),
+                "failed": len(self.failures),
+                "cards": len(self.cards),
+                "cards_used": self.cards_used,
+                "baseline_cards": self.baseline,
+                "optimum": optimum,
+                "ratio_to_optimum": None if self.ratio is None else round(self.ratio, 4),
+                "capacity_bytes": self.capacity_bytes,
+                "granted_bytes": self.granted_bytes,
+                "used_bytes": self.used_bytes,
+                "stranded_bytes": self.stranded_bytes,
+                "smallest_waiting_bytes": self.smallest_waiting_bytes,
+            },
+            "cards": [asdict(card) for card in self.cards],
+            "placements": [asdict(p) for p in self.placements],
+            "failures": [asdict(f) for f in self.failures],
+            "rounds": [asdict(r) for r in self.rounds],
+            "api_requests": dict(sorted(self.api_requests.items())),
+            "extender_requests": dict(sorted(self.extender_requests.items())),
+        }
+
+
+def stranded(cards: Sequence[CardState], smallest: int | None) -> int:
+    """Free room on cards that cannot take an allocation of ``smallest`` bytes (overhead included)."""
+    if smallest is None:
+        return 0
+    return sum(card.room_bytes for card in cards if 0 < card.room_bytes < smallest)

@@ -1,0 +1,175 @@
+"""A run: submit the trace, optionally churn, then read the fleet and compute the offline optimum.
+
+Churn rounds model a cluster over time: a random tenth of the running services leave (at least
+one), pods that were waiting are tried again (kube-scheduler retries unschedulable pods when a pod
+is deleted), and as many new services arrive, drawn from the trace.
+"""
+
+import math
+import random
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Final
+
+from gpushare import errors
+from gpushare.quantities import format_bytes
+from gpushare.simulator import optimum
+from gpushare.simulator.cluster import Simulation
+from gpushare.simulator.fleet import Fleet, describe
+from gpushare.simulator.outcome import Failure, Outcome, Placement, Round, stranded
+from gpushare.simulator.workload import MAX_NAME_LENGTH, Service
+
+CHURN_SHARE: Final = 0.1
+"""Share of the running services that leave in each churn round."""
+
+
+@dataclass(frozen=True, slots=True)
+class Options:
+    """What ``gpushare simulate`` was asked."""
+
+    policy: str = "binpack"
+    isolation: str = "mps"
+    seed: int = 0
+    churn: int = 0
+    optimum_seconds: float = optimum.DEFAULT_TIME_LIMIT
+
+
+Step = Callable[[str], None]
+"""Told what happens, for a progress display: ``step("placing bloom")``."""
+
+
+def check_fleet(fleet: Fleet, services: Sequence[Service], *, unit_bytes: int, overhead: int) -> None:
+    """Refuse a fleet whose largest card cannot hold even the smallest request."""
+    sizes = [s.requested_bytes for s in services if s.requested_bytes is not None]
+    if not sizes:
+        return
+    smallest = min(sizes)
+    cost = -(-smallest // unit_bytes) * unit_bytes + overhead
+    largest = max(fleet.cards, key=lambda card: card.model.cuda_total_bytes)
+    if cost > largest.model.cuda_total_bytes:
+        raise errors.ConfigError(
+            f"the fleet cannot hold a single request: its largest card ({largest.model.name},"
+            f" {format_bytes(largest.model.cuda_total_bytes)} usable) is smaller than the"
+            f" smallest request of the trace ({format_bytes(smallest)} plus"
+            f" {format_bytes(cost - smallest)} of rounding and overhead); add larger GPUs to --nodes"
+        )
+
+
+async def run(
+    fleet: Fleet,
+    services: Sequence[Service],
+    options: Options,
+    *,
+    step: Step = lambda _: None,
+    advance: Callable[[int], None] = lambda _: None,
+) -> Outcome:
+    """Simulate ``services`` on ``fleet``; ``advance(n)`` counts submitted services."""
+    began = time.perf_counter()
+    rng = random.Random(options.seed)
+    async with Simulation(
+        fleet, policy=options.policy, isolation=options.isolation, seed=options.seed, progress=step
+    ) as sim:
+        outcome = Outcome(
+            fleet=fleet.spec,
+            fleet_description=describe(fleet),
+            policy=options.policy,
+            isolation=options.isolation,
+            seed=options.seed,
+            services=len(services),
+            overhead_bytes=sim.overhead_bytes,
+            reserve_bytes=sim.settings.reserve_bytes,
+        )
+        results: dict[str, Placement | Failure] = {}
+        for service in services:
+            step(f"placing {service.name}")
+            results[service.key] = await sim.submit(service)
+            advance(1)
+        for number in range(1, options.churn + 1):
+            step(f"churn round {number}")
+            results, arrived, departed = await _churn(sim, services, results, rng, number)
+            outcome.services += arrived
+            placed = [r for r in results.values() if isinstance(r, Placement)]
+            failed = [r for r in results.values() if isinstance(r, Failure)]
+            cards = await sim.cards()
+            outcome.rounds.append(
+                Round(
+                    number=number, departed=departed, arrived=arrived,
+                    placed=len(placed), failed=len(failed), running=len(placed),
+                    cards_used=sum(1 for c in cards if c.services),
+                    stranded_bytes=stranded(cards, _smallest(failed, placed, sim.overhead_bytes)),
+                )
+            )
+            advance(1)
+        outcome.placements = [r for r in results.values() if isinstance(r, Placement)]
+        outcome.failures = [r for r in results.values() if isinstance(r, Failure)]
+        outcome.cards = await sim.cards()
+        outcome.api_requests = sim.api_requests()
+        outcome.extender_requests = await sim.extender_calls()
+        _check_no_overcommit(sim, outcome)
+    step("offline optimum")
+    outcome.optimum = _optimum(fleet, outcome, sim, options.optimum_seconds)
+    outcome.seconds = time.perf_counter() - began
+    return outcome
+
+
+async def _churn(
+    sim: Simulation,
+    trace: Sequence[Service],
+    results: dict[str, Placement | Failure],
+    rng: random.Random,
+    number: int,
+) -> tuple[dict[str, Placement | Failure], int, int]:
+    running = sorted(key for key, r in results.items() if isinstance(r, Placement))
+    leaving = rng.sample(running, max(1, math.ceil(CHURN_SHARE * len(running)))) if running else []
+    by_key = {s.key: s for s in trace} | sim.submitted
+    for key in leaving:
+        await sim.remove(by_key[key])
+        del results[key]
+    for key, service in list(sim.pending.items()):
+        results[key] = await sim.schedule(service)
+    arrivals = [rng.choice(list(trace)) for _ in range(len(leaving))]
+    for i, template in enumerate(arrivals):
+        suffix = f"-c{number}-{i}"
+        service = template.renamed(template.name[: MAX_NAME_LENGTH - len(suffix)] + suffix)
+        results[service.key] = await sim.submit(service)
+    return results, len(arrivals), len(leaving)
+
+
+def _smallest(failed: Sequence[Failure], placed: Sequence[Placement], overhead: int) -> int | None:
+    waiting = [f.requested_bytes for f in failed
+               if f.requested_bytes and f.stage not in ("admission", "mutation")]
+    sizes = waiting or [p.requested_bytes for p in placed]
+    return min(sizes) + overhead if sizes else None
+
+
+def _check_no_overcommit(sim: Simulation, outcome: Outcome) -> None:
+    """A card granted more than it holds is a bug of the system under test: stop loudly."""
+    held = sim.kubelet_grants()
+    for card in outcome.cards:
+        total = held.get(card.uuid, 0) + card.overhead_bytes
+        if total > card.capacity_bytes or card.granted_bytes > card.capacity_bytes:
+            raise errors.Conflict(
+                f"card {card.node}/{card.index} is over-committed: kubelet's IDs hold"
+                f" {format_bytes(total)}, the ledger {format_bytes(card.granted_bytes)}, of"
+                f" {format_bytes(card.capacity_bytes)}"
+            )
+
+
+def _optimum(
+    fleet: Fleet, outcome: Outcome, sim: Simulation, seconds: float
+) -> optimum.Packing:
+    """The fewest cards for the services admitted (running or waiting), solved offline."""
+    items = []
+    for result in [*outcome.placements, *outcome.failures]:
+        if isinstance(result, Failure) and result.stage in ("admission", "mutation"):
+            continue
+        if result.requested_bytes is None:
+            continue
+        units = -(-result.requested_bytes // sim.unit_bytes)
+        items.append(optimum.Item(result.service, units * sim.unit_bytes + sim.overhead_bytes))
+    bins = [
+        optimum.Bin(f"{card.node}/{card.index}", card.model.name, card.model.cuda_total_bytes)
+        for card in fleet.cards
+    ]
+    return optimum.solve(items, bins, time_limit=seconds)

@@ -1,0 +1,248 @@
+"""Test objects: the shared InferenceService fixtures and the pods KServe would make of them.
+
+The ``kserve`` Python SDK is not used to build InferenceServices: it pins ``protobuf<7``,
+``grpcio-tools<1.82`` and ``pandas<3`` (and pulls fastapi, uvicorn and a dozen more), which would
+downgrade what the device plugin's generated gRPC stubs need. The objects are plain dicts instead,
+checked against the InferenceService CRD's own OpenAPI schema (``isvc_schema``) and by the real
+apiserver with the CRD installed.
+"""
+
+import copy
+import functools
+import os
+from pathlib import Path
+from typing import Any, Final
+
+import jsonpatch
+import jsonschema
+import kubernetes_validate
+import pytest
+import yaml
+
+from gpushare import names
+
+SHARED: Final = Path(__file__).resolve().parents[2].parent / "shared"
+KUBERNETES_VERSION: Final = "1.36"
+
+FIXTURES: Final = ("isvc-vllm-api-server.yaml", "isvc-vllm-openai.yaml")
+RUNTIME_IMAGES: Final = {
+    "vllmserver:replace": "docker.io/vllm/vllm-openai:v0.24.0",
+    "huggingfaceserver:replace": "docker.io/kserve/huggingfaceserver:v0.21.0-gpu",
+}
+"""KServe fills each runtime's placeholder image from its configuration; these are what it would."""
+
+
+def shared(*parts: str) -> Path:
+    """A path under the shared reference folder; skip (fail under CI) when it is missing."""
+    path = SHARED.joinpath(*parts)
+    if not path.exists():
+        message = f"{path} is missing (the shared KServe reference data)"
+        if os.environ.get("CI"):
+            pytest.fail(message, pytrace=False)
+        pytest.skip(message)
+    return path
+
+
+def load(*parts: str) -> dict[str, Any]:
+    """One YAML document from the shared folder."""
+    data: dict[str, Any] = yaml.safe_load(shared(*parts).read_text())
+    return data
+
+
+def isvc(fixture: str, *, memory: str | None = "20Gi", **annotations: str) -> dict[str, Any]:
+    """A shared InferenceService fixture with the gpushare annotation (and any others) added."""
+    body = load("fixtures", fixture)
+    values = dict(annotations)
+    if memory is not None:
+        values[names.ANNOTATION_GPU_MEMORY] = memory
+    if values:
+        body["metadata"].setdefault("annotations", {}).update(values)
+    return body
+
+
+def model_isvc(
+    name: str, *, model_format: str, args: list[str], memory: str = "20Gi", gpus: str = "1"
+) -> dict[str, Any]:
+    """An InferenceService in KServe's ``model`` form (the runtime is chosen by model format)."""
+    return {
+        "apiVersion": "serving.kserve.io/v1beta1",
+        "kind": "InferenceService",
+        "metadata": {
+            "name": name,
+            "namespace": "kserve-test",
+            "annotations": {names.ANNOTATION_GPU_MEMORY: memory},
+        },
+        "spec": {
+            "predictor": {
+                "model": {
+                    "modelFormat": {"name": model_format},
+                    "storageUri": "pvc://task-pv-claim/bloom-560m",
+                    "args": args,
+                    "resources": {
+                        "limits": {"cpu": "4", "memory": "16Gi", names.NVIDIA_GPU_RESOURCE: gpus},
+                        "requests": {"cpu": "4", "memory": "16Gi", names.NVIDIA_GPU_RESOURCE: gpus},
+                    },
+                }
+            }
+        },
+    }
+
+
+def predictor_pod(isvc: dict[str, Any], runtime: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The predictor pod KServe's controller (raw deployment mode) would create for ``isvc``.
+
+    As KServe does: ISVC annotations and the runtime's are unioned onto the pod; in the ``model``
+    form the runtime's ``kserve-container`` is merged with the model spec (args appended, env
+    merged, resources from the model), ``{{.Name}}`` is replaced and the placeholder image filled;
+    a ``storageUri`` brings the storage-initializer init container (KServe's own pod mutator).
+    """
+    metadata = isvc["metadata"]
+    predictor = copy.deepcopy(isvc["spec"]["predictor"])
+    annotations = dict(metadata.get("annotations") or {})
+    volumes: list[dict[str, Any]] = []
+    init: list[dict[str, Any]] = []
+    if "containers" in predictor:
+        containers = predictor["containers"]
+        storage = next(
+            (e["value"] for e in containers[0].get("env", []) if e["name"] == "STORAGE_URI"), None
+        )
+    else:
+        assert runtime is not None, "the model form needs its serving runtime"
+        model = predictor["model"]
+        base = copy.deepcopy(runtime["spec"]["containers"][0])
+        base["image"] = RUNTIME_IMAGES.get(base["image"], base["image"])
+        base["args"] = [
+            arg.replace("{{.Name}}", metadata["name"]) for arg in base.get("args", [])
+        ] + model.get("args", [])
+        base["env"] = base.get("env", []) + model.get("env", [])
+        base["resources"] = model.get("resources", base.get("resources"))
+        containers = [base]
+        volumes = copy.deepcopy(runtime["spec"].get("volumes", []))
+        annotations.update(runtime["spec"].get("annotations", {}))
+        storage = model.get("storageUri")
+    if storage:
+        init.append(
+            {
+                "name": "storage-initializer",
+                "image": "kserve/storage-initializer:v0.21.0",
+                "args": [storage, "/mnt/models"],
+                "resources": {"limits": {"cpu": "1", "memory": "1Gi"}},
+            }
+        )
+    pod: dict[str, Any] = {
+        "apiVersion": "v1",
+        "kind": "Pod",
+        "metadata": {
+            "generateName": f"{metadata['name']}-predictor-",
+            "namespace": metadata.get("namespace", "default"),
+            "labels": {
+                "serving.kserve.io/inferenceservice": metadata["name"],
+                "component": "predictor",
+                "app": f"isvc.{metadata['name']}-predictor",
+            },
+            "annotations": annotations,
+        },
+        "spec": {"containers": containers},
+    }
+    if init:
+        pod["spec"]["initContainers"] = init
+    if volumes:
+        pod["spec"]["volumes"] = volumes
+    return pod
+
+
+def job_pod(memory: str = "12Gi") -> dict[str, Any]:
+    """A fine-tuning Job's pod: one GPU container that does not run vLLM."""
+    return {
+        "apiVersion": "v1",
+        "kind": "Pod",
+        "metadata": {
+            "generateName": "finetune-",
+            "labels": {"job-name": "finetune"},
+            "annotations": {names.ANNOTATION_GPU_MEMORY: memory},
+        },
+        "spec": {
+            "restartPolicy": "Never",
+            "containers": [
+                {
+                    "name": "trainer",
+                    "image": "pytorch/pytorch:2.5.1-cuda12.4-cudnn9-runtime",
+                    "command": ["python", "train.py", "--epochs", "3"],
+                    "resources": {"limits": {names.NVIDIA_GPU_RESOURCE: "1"}},
+                }
+            ],
+        },
+    }
+
+
+def deployment(memory: str = "16Gi") -> dict[str, Any]:
+    """A plain Deployment that runs ``vllm serve`` with a user utilization of its own."""
+    template = {
+        "metadata": {
+            "labels": {"app": "chat"},
+            "annotations": {names.ANNOTATION_GPU_MEMORY: memory},
+        },
+        "spec": {
+            "containers": [
+                {
+                    "name": "server",
+                    "image": "vllm/vllm-openai:v0.24.0",
+                    "command": ["vllm", "serve"],
+                    "args": [
+                        "Qwen/Qwen2.5-0.5B-Instruct",
+                        "--gpu-memory-utilization",
+                        "0.9",
+                        "--port",
+                        "8000",
+                    ],
+                    "resources": {"limits": {names.NVIDIA_GPU_RESOURCE: "1"}},
+                },
+                {"name": "metrics-proxy", "image": "nginx:1.27"},
+            ]
+        },
+    }
+    return {
+        "apiVersion": "apps/v1",
+        "kind": "Deployment",
+        "metadata": {"name": "chat"},
+        "spec": {"replicas": 1, "selector": {"matchLabels": {"app": "chat"}}, "template": template},
+    }
+
+
+def pod_of(template_owner: dict[str, Any]) -> dict[str, Any]:
+    """The pod a controller would create from a Deployment's (or Job's) template."""
+    template = copy.deepcopy(template_owner["spec"]["template"])
+    name = template_owner["metadata"]["name"]
+    return {
+        "apiVersion": "v1",
+        "kind": "Pod",
+        "metadata": {**template["metadata"], "generateName": f"{name}-"},
+        "spec": template["spec"],
+    }
+
+
+def apply(body: dict[str, Any], ops: Any) -> dict[str, Any]:
+    """``body`` with a JSON patch applied (a copy)."""
+    patched: dict[str, Any] = jsonpatch.apply_patch(body, list(ops), in_place=False)
+    return patched
+
+
+def check_pod(pod: dict[str, Any]) -> None:
+    """Raise unless ``pod`` is a valid Pod for Kubernetes' published schema."""
+    named = copy.deepcopy(pod)
+    named["metadata"].setdefault("name", named["metadata"].get("generateName", "p") + "x")
+    kubernetes_validate.validate(named, KUBERNETES_VERSION, strict=True)
+
+
+@functools.cache
+def isvc_schema() -> dict[str, Any]:
+    """The v1beta1 OpenAPI schema of KServe's InferenceService CRD."""
+    crd = load("kserve", "serving.kserve.io_inferenceservices.yaml")
+    version = next(v for v in crd["spec"]["versions"] if v["name"] == "v1beta1")
+    schema: dict[str, Any] = version["schema"]["openAPIV3Schema"]
+    return schema
+
+
+def check_isvc(body: dict[str, Any]) -> None:
+    """Raise unless ``body`` satisfies the InferenceService CRD's schema."""
+    jsonschema.validate(body, isvc_schema())

@@ -1,0 +1,186 @@
+"""Validation of InferenceServices: what is refused, and the message that says what to write."""
+
+import copy
+from typing import Any
+
+import pytest
+
+from gpushare import config, names
+from gpushare.webhook import validation
+from tests.webhook import builders
+
+SETTINGS = config.Settings()
+H100 = 81_559 * 1024**2
+KEY = names.ANNOTATION_GPU_MEMORY
+
+
+def check(body: dict[str, Any], *, largest: int | None = H100, old: Any = None) -> validation.Verdict:
+    builders.check_isvc(body)  # every object here is one the CRD's schema admits
+    return validation.inference_service(
+        body, settings=SETTINGS, largest_card_bytes=largest, old=old
+    )
+
+
+@pytest.mark.parametrize("fixture", builders.FIXTURES)
+@pytest.mark.parametrize("memory", ["20Gi", "20480Mi", "1.5Gi", "21474836480", "79Gi"])
+def test_the_seed_fixtures_with_the_annotation_are_accepted(fixture: str, memory: str) -> None:
+    verdict = check(builders.isvc(fixture, memory=memory))
+    assert verdict.allowed, verdict.message
+    assert verdict.warnings == ()
+
+
+def test_model_form_inference_services_are_accepted() -> None:
+    body = builders.model_isvc("bloom", model_format="vLLM", args=["--max-model-len=2048"])
+    assert check(body).allowed
+
+
+def test_inference_services_without_gpushare_keys_are_not_our_business() -> None:
+    body = builders.isvc(builders.FIXTURES[0], memory=None)
+    body["spec"]["predictor"]["containers"][0]["resources"]["limits"]["nvidia.com/gpu"] = "4"
+    assert check(body) == validation.Verdict()
+
+
+def test_unknown_cards_allow_with_a_warning() -> None:
+    verdict = check(builders.isvc(builders.FIXTURES[1]), largest=None)
+    assert verdict.allowed
+    assert "no GPU node has reported its cards yet" in verdict.warnings[0]
+
+
+def test_a_predictor_without_a_gpu_is_warned_about() -> None:
+    body = builders.isvc(builders.FIXTURES[1])
+    for kind in ("limits", "requests"):
+        del body["spec"]["predictor"]["containers"][0]["resources"][kind]["nvidia.com/gpu"]
+    verdict = check(body)
+    assert verdict.allowed
+    assert any("KServe may run a CPU image" in w for w in verdict.warnings)
+
+
+ANNOTATION_REFUSALS = [
+    ("words", {KEY: "twenty gigs"}, 'is not a Kubernetes quantity; write a size such as "20Gi"'),
+    ("sub-byte suffix", {KEY: "500m"}, "sub-unit suffix 'm'"),
+    ("negative", {KEY: "-1Gi"}, "negative"),
+    ("zero", {KEY: "0"}, 'asks for no memory; write what the server needs, e.g. "20Gi"'),
+    ("zero with unit", {KEY: "0Gi"}, "asks for no memory"),
+    ("reserve", {KEY: "700Mi"}, "does not exceed the per-instance reserve of 716 MiB"),
+    ("reserve suggests", {KEY: "1Mi"}, "at least '1Gi'"),
+    ("larger than any card", {KEY: "100Gi"}, "more than the largest GPU the cluster reports"),
+    ("largest suggests", {KEY: "80Gi"}, "ask for at most '79Gi'"),
+    ("near miss key", {"gpushare.io/gpu_memory": "20Gi"}, "did you mean gpushare.io/gpu-memory?"),
+    ("short key", {"gpushare.io/gpu-mem": "20Gi"}, "did you mean gpushare.io/gpu-memory?"),
+    ("wrong domain", {"gpushare/gpu-memory": "20Gi"}, "did you mean gpushare.io/gpu-memory?"),
+    ("dot for slash", {"gpushare.io.gpu-memory": "20Gi"}, "did you mean gpushare.io/gpu-memory?"),
+    ("capitals", {"gpushare.io/GPU-Memory": "20Gi"}, "did you mean gpushare.io/gpu-memory?"),
+    ("policy typo", {"gpushare.io/polcy": "spread"}, "did you mean gpushare.io/policy?"),
+    ("far off", {"gpushare.io/zzz": "1"}, "gpushare reads only gpushare.io/gpu-memory and"),
+    ("extra key beside", {KEY: "20Gi", "gpushare.io/gpu-memroy": "2Gi"}, "did you mean"),
+    ("system key", {KEY: "20Gi", names.ANNOTATION_CARD_UUID: "GPU-1"}, "written by gpushare"),
+    ("bad policy", {KEY: "20Gi", names.ANNOTATION_POLICY: "packed"}, "binpack, spread"),
+]
+
+
+@pytest.mark.parametrize(
+    ("values", "says"),
+    [(v, s) for _, v, s in ANNOTATION_REFUSALS],
+    ids=[i for i, _, _ in ANNOTATION_REFUSALS],
+)
+def test_bad_annotations_are_refused_saying_what_to_write(values: dict[str, str], says: str) -> None:
+    body = builders.isvc(builders.FIXTURES[1], memory=None, **values)
+    verdict = check(body)
+    assert not verdict.allowed
+    assert says in verdict.message
+
+
+def _custom(edit: Any) -> dict[str, Any]:
+    body = builders.isvc(builders.FIXTURES[0])
+    edit(body["spec"]["predictor"]["containers"][0])
+    return body
+
+
+def _gpus(count: str) -> Any:
+    def edit(container: dict[str, Any]) -> None:
+        for kind in ("limits", "requests"):
+            container["resources"][kind]["nvidia.com/gpu"] = count
+
+    return edit
+
+
+SPEC_REFUSALS = [
+    ("two GPUs", _custom(_gpus("2")), "asks for 2 GPUs (nvidia.com/gpu: 2)"),
+    (
+        "tensor parallel",
+        _custom(lambda c: c["args"].extend(["--tensor-parallel-size", "2"])),
+        "--tensor-parallel-size 2, which needs 2 GPUs",
+    ),
+    (
+        "system env",
+        _custom(lambda c: c["env"].append({"name": "CUDA_MPS_PINNED_DEVICE_MEM_LIMIT", "value": "0=4G"})),
+        "sets CUDA_MPS_PINNED_DEVICE_MEM_LIMIT, which gpushare sets",
+    ),
+    (
+        "shell string",
+        _custom(lambda c: c.update(command=["sh", "-c", "vllm serve a; vllm serve b"], args=[])),
+        "starts more than one vLLM server",
+    ),
+    (
+        "model form, tensor parallel",
+        builders.model_isvc("m", model_format="vLLM", args=["-tp", "4"]),
+        "-tp 4",
+    ),
+    (
+        "model form, 2 GPUs",
+        builders.model_isvc("m", model_format="vLLM", args=[], gpus="2"),
+        "spec.predictor.model asks for 2 GPUs",
+    ),
+]
+
+
+@pytest.mark.parametrize(
+    ("body", "says"), [(b, s) for _, b, s in SPEC_REFUSALS], ids=[i for i, _, _ in SPEC_REFUSALS]
+)
+def test_specs_sharing_cannot_serve_are_refused(body: dict[str, Any], says: str) -> None:
+    verdict = check(body)
+    assert not verdict.allowed
+    assert says in verdict.message
+
+
+def test_multi_node_serving_is_refused() -> None:
+    body = builders.model_isvc("m", model_format="vLLM", args=[])
+    body["spec"]["predictor"]["workerSpec"] = {"tensorParallelSize": 1, "pipelineParallelSize": 2}
+    assert "workerSpec spreads one server over several nodes" in check(body).message
+
+
+def test_every_reason_is_given_at_once() -> None:
+    body = builders.isvc(builders.FIXTURES[0], memory="0", **{"gpushare.io/gpu_memory": "1"})
+    verdict = check(body)
+    assert {r.code for r in verdict.reasons} == {"unknown-annotation", "not-positive"}
+
+
+def test_an_update_is_refused_only_for_problems_it_introduces() -> None:
+    old = builders.isvc(builders.FIXTURES[1], memory="100Gi")  # admitted before a card shrank
+    new = copy.deepcopy(old)
+    new["metadata"]["labels"] = {"team": "a"}
+    assert check(new, old=old).allowed
+    new["metadata"]["annotations"][KEY] = "0"
+    assert "asks for no memory" in check(new, old=old).message
+
+
+def test_an_object_being_deleted_can_always_be_updated() -> None:
+    new = builders.isvc(builders.FIXTURES[1], memory="zero")
+    new["metadata"]["deletionTimestamp"] = "2026-01-01T00:00:00Z"
+    old = builders.isvc(builders.FIXTURES[1], memory="20Gi")
+    assert check(new, old=old).allowed
+
+
+@pytest.mark.parametrize(
+    ("key", "expected"),
+    [
+        ("gpushare.io/gpu_memory", KEY),
+        ("gpushare.io/memory", KEY),
+        ("gpushare.io/gpumemory", KEY),
+        ("gpushare.io/policies", names.ANNOTATION_POLICY),
+        ("gpushare.io/gpu", None),
+        ("gpushare.io/foo", None),
+    ],
+)
+def test_suggestions(key: str, expected: str | None) -> None:
+    assert validation.suggest(key) == expected

@@ -1,0 +1,101 @@
+"""kopf glue: the Node watch and the two admission handlers. The decisions live elsewhere.
+
+Handler ids are the URL paths the webhook configurations call (``/mutate-pods``,
+``/validate-inferenceservices``): kopf routes a request to the handler named by its path.
+"""
+
+import logging
+from collections.abc import Mapping
+from typing import Any, Final
+
+import jsonpatch
+import kopf
+from gpushare import config, names
+from gpushare.ids import NodeName
+from gpushare.webhook import inventory, mutation, validation
+from gpushare.webhook.metrics import WebhookMetrics
+
+logger = logging.getLogger(__name__)
+
+MUTATE_PODS: Final = "mutate-pods"
+VALIDATE_INFERENCE_SERVICES: Final = "validate-inferenceservices"
+
+DENIAL_CODE: Final = 403
+"""The status of a refusal: kubectl prints ``Error from server (Forbidden)``."""
+
+
+def register(
+    registry: kopf.OperatorRegistry,
+    *,
+    settings: config.Settings,
+    metrics: WebhookMetrics,
+    cards: inventory.Cards,
+) -> None:
+    """Register the Node watch and the admission handlers into ``registry``."""
+
+    @kopf.on.event("v1", "nodes", registry=registry)
+    async def watch_node(
+        type: str | None,
+        name: str,
+        annotations: Mapping[str, str],
+        **_: Any,
+    ) -> None:
+        if type == "DELETED":
+            cards.forget(NodeName(name))
+        else:
+            cards.update(NodeName(name), annotations.get(names.ANNOTATION_NODE_REPORT))
+
+    @kopf.on.validate(  # type: ignore[arg-type]  # kopf's protocol lacks old and operation
+        "serving.kserve.io",
+        "v1beta1",
+        "inferenceservices",
+        id=VALIDATE_INFERENCE_SERVICES,
+        operations=["CREATE", "UPDATE"],
+        registry=registry,
+    )
+    async def validate_inference_service(
+        body: kopf.Body,
+        old: kopf.Body | None,
+        operation: str,
+        warnings: list[str],
+        **_: Any,
+    ) -> None:
+        verdict = validation.inference_service(
+            body,
+            settings=settings,
+            largest_card_bytes=cards.largest(),
+            old=old if operation == "UPDATE" else None,
+        )
+        warnings.extend(verdict.warnings)
+        if not verdict.allowed:
+            _deny(VALIDATE_INFERENCE_SERVICES, body, verdict.reasons, metrics)
+
+    @kopf.on.mutate("v1", "pods", id=MUTATE_PODS, operations=["CREATE"], registry=registry)
+    async def mutate_pod(body: kopf.Body, patch: kopf.Patch, warnings: list[str], **_: Any) -> None:
+        result = mutation.pod(body, settings=settings, largest_card_bytes=cards.largest())
+        warnings.extend(result.warnings)
+        if not result.allowed:
+            _deny(MUTATE_PODS, body, result.reasons, metrics)
+        if result.patch:
+            ops = [dict(op) for op in result.patch]
+            patch.fns.append(lambda raw: jsonpatch.apply_patch(raw, ops, in_place=True))
+            logger.info("pod %s: %s", _describe(body), "; ".join(result.warnings))
+
+
+def _deny(
+    webhook: str,
+    body: Mapping[str, Any],
+    reasons: tuple[validation.Reason, ...],
+    metrics: WebhookMetrics,
+) -> None:
+    for reason in reasons:
+        metrics.denials.labels(webhook, reason.code).inc()
+    message = "; ".join(reason.message for reason in reasons)
+    logger.info("%s %s refused: %s", webhook, _describe(body), message)
+    raise kopf.AdmissionError(message, code=DENIAL_CODE)
+
+
+def _describe(body: Mapping[str, Any]) -> str:
+    metadata = body.get("metadata") or {}
+    name = metadata.get("name") or f"{metadata.get('generateName') or ''}*"
+    return f"{metadata.get('namespace') or '-'}/{name}"

@@ -1,0 +1,136 @@
+"""``gpushare webhook``: the admission webhook process (kopf).
+
+It serves admission over HTTPS on ``--listen`` with the pair from ``--tls-cert``/``--tls-key``
+(files, such as a mounted Secret; kopf reloads them when they change) and ``/healthz``, ``/readyz``
+and ``/metrics`` over HTTP on ``--probe-listen``. It watches Nodes (for the largest card the agents
+report) with the Kubernetes API from ``KUBECONFIG`` or the pod's service account. The webhook
+configurations are installed from ``manifests/webhook/``; kopf does not manage them.
+"""
+
+import argparse
+import asyncio
+import contextlib
+import logging
+import signal
+from pathlib import Path
+from typing import Any, Final
+
+import aiohttp.web
+import kopf
+from gpushare import config, errors
+from gpushare.webhook import handlers, inventory, server
+from gpushare.webhook.metrics import WebhookMetrics
+from prometheus_client import CollectorRegistry
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_PROBE_LISTEN: Final = "0.0.0.0:8080"
+
+ROUTES: Final[dict[str, server.Resource]] = {
+    handlers.MUTATE_PODS: ("", "v1", "pods"),
+    handlers.VALIDATE_INFERENCE_SERVICES: ("serving.kserve.io", "v1beta1", "inferenceservices"),
+}
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """The command line of ``gpushare webhook``."""
+    parser.add_argument(
+        "--listen", metavar="HOST:PORT", help="HTTPS admission address (default 0.0.0.0:9443)"
+    )
+    parser.add_argument("--tls-cert", metavar="FILE", type=Path, required=True)
+    parser.add_argument("--tls-key", metavar="FILE", type=Path, required=True)
+    parser.add_argument(
+        "--probe-listen",
+        metavar="HOST:PORT",
+        default=DEFAULT_PROBE_LISTEN,
+        help=f"HTTP address of /healthz, /readyz and /metrics (default {DEFAULT_PROBE_LISTEN})",
+    )
+
+
+def run(args: argparse.Namespace) -> int:
+    """Serve until SIGTERM or SIGINT."""
+    settings = config.load(overrides={"webhook.listen": args.listen})
+    for path in (args.tls_cert, args.tls_key):
+        if not path.is_file():
+            raise errors.ConfigError(f"{path} is not a readable file (make a pair: gpushare certs)")
+    # kopf logs every handler call at INFO; our handlers log each decision once themselves.
+    logging.getLogger("kopf").setLevel(max(logging.WARNING, logging.getLogger().level))
+    pair = {"tls_cert": args.tls_cert, "tls_key": args.tls_key}
+    asyncio.run(serve(settings, **pair, probe_listen=args.probe_listen))
+    return 0
+
+
+async def serve(
+    settings: config.Settings,
+    *,
+    tls_cert: Path,
+    tls_key: Path,
+    probe_listen: str,
+    stop: asyncio.Event | None = None,
+) -> None:
+    """Run the webhook until ``stop`` is set (or a signal arrives when ``stop`` is not given)."""
+    host, port = hostport(settings.webhook.listen)
+    probe_host, probe_port = hostport(probe_listen)
+    metrics = WebhookMetrics(CollectorRegistry())
+    cards = inventory.Cards()
+    metrics.largest_card.set_function(lambda: float(cards.largest() or 0))
+    metrics.reporting_nodes.set_function(lambda: float(cards.nodes()))
+
+    registry = kopf.OperatorRegistry()
+    kopf.on.login(registry=registry)(_login)
+    handlers.register(registry, settings=settings, metrics=metrics, cards=cards)
+    admission = server.AdmissionServer(
+        routes=ROUTES,
+        metrics=metrics,
+        addr=host,
+        port=port,
+        certfile=str(tls_cert),
+        pkeyfile=str(tls_key),
+    )
+    kopf_settings = kopf.OperatorSettings()
+    kopf_settings.admission.server = admission
+    kopf_settings.posting.enabled = False  # decisions go to the admission response and our log
+
+    if stop is None:
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(signum, stop.set)
+
+    runner = aiohttp.web.AppRunner(
+        server.probes(metrics=metrics, ready=admission.listening.is_set), handle_signals=False
+    )
+    await runner.setup()
+    try:
+        await aiohttp.web.TCPSite(runner, probe_host or None, probe_port).start()
+        logger.info(
+            "admission on https://%s:%d, probes and metrics on http://%s:%d",
+            host or "*",
+            port,
+            probe_host or "*",
+            probe_port,
+        )
+        with contextlib.suppress(asyncio.CancelledError):
+            await kopf.operator(
+                registry=registry,
+                settings=kopf_settings,
+                clusterwide=True,
+                standalone=True,
+                stop_flag=stop,
+            )
+    finally:
+        await runner.cleanup()
+
+
+def _login(**kwargs: Any) -> kopf.ConnectionInfo | None:
+    """Credentials from ``KUBECONFIG`` (or ``~/.kube/config``), else the pod's service account."""
+    info: kopf.ConnectionInfo | None = kopf.login_with_kubeconfig(**kwargs)
+    return info or kopf.login_with_service_account(**kwargs)
+
+
+def hostport(text: str) -> tuple[str, int]:
+    """Split ``HOST:PORT`` (``[::1]:9443``, ``:9443``); raise :class:`ConfigError` if malformed."""
+    host, sep, port = text.rpartition(":")
+    if not sep or not port.isdigit() or not 0 <= int(port) <= 65535:
+        raise errors.ConfigError(f"{text!r} is not HOST:PORT, e.g. 0.0.0.0:9443")
+    return host.removeprefix("[").removesuffix("]"), int(port)

@@ -1,0 +1,311 @@
+"""Admission checks: the gpushare annotations and InferenceServices. Pure: dicts in, reasons out.
+
+Each check returns :class:`Reason` values; a reason's ``code`` is stable (a metrics label) and its
+``message`` says what was wrong and what to write instead.
+"""
+
+import difflib
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
+from typing import Any, Final
+
+from gpushare import config, errors, names, quantities
+from gpushare.webhook import vllm
+
+USER_ANNOTATIONS: Final = (names.ANNOTATION_GPU_MEMORY, names.ANNOTATION_POLICY)
+"""The annotations a user writes."""
+
+SYSTEM_ANNOTATIONS: Final = frozenset(
+    {
+        names.ANNOTATION_MUTATED,
+        names.ANNOTATION_CARD_UUID,
+        names.ANNOTATION_CARD_INDEX,
+        names.ANNOTATION_CARD_TOTAL,
+        names.ANNOTATION_GRANTED_BYTES,
+        names.ANNOTATION_BIND_TIME,
+    }
+)
+"""Annotations gpushare writes on pods; on an InferenceService they would reach its pods."""
+
+POLICIES: Final = ("binpack", "spread")
+
+FRAMEWORKS: Final = (
+    "huggingface",
+    "lightgbm",
+    "onnx",
+    "paddle",
+    "pmml",
+    "pytorch",
+    "sklearn",
+    "tensorflow",
+    "triton",
+    "xgboost",
+)
+"""The predictor fields of KServe's built-in frameworks (``spec.predictor.<framework>``)."""
+
+_NAME_CUTOFF: Final = 0.6
+_KEY_CUTOFF: Final = 0.8
+"""difflib ratios: ``gpu-mem`` scores 0.82 against ``gpu-memory``, ``gpu`` only 0.46."""
+
+
+@dataclass(frozen=True)
+class Reason:
+    """Why an object is refused: a stable code and a message for the person who wrote it."""
+
+    code: str
+    message: str
+
+
+@dataclass(frozen=True)
+class Verdict:
+    """The outcome of a validation: refused when ``reasons`` is not empty."""
+
+    reasons: tuple[Reason, ...] = ()
+    warnings: tuple[str, ...] = ()
+
+    @property
+    def allowed(self) -> bool:
+        """Whether the object may pass."""
+        return not self.reasons
+
+    @property
+    def message(self) -> str:
+        """All reasons as one message."""
+        return "; ".join(reason.message for reason in self.reasons)
+
+
+def memory_bytes(
+    value: object, *, settings: config.Settings, largest_card_bytes: int | None
+) -> tuple[int | None, list[Reason], list[str]]:
+    """Check a ``gpushare.io/gpu-memory`` value: its bytes (``None`` if refused), why, warnings."""
+    key = names.ANNOTATION_GPU_MEMORY
+    if not isinstance(value, str):
+        return None, [Reason("unparseable-quantity", f'{key} must be a string such as "20Gi"')], []
+    try:
+        requested = quantities.parse_bytes(value)
+    except errors.QuantityError as exc:
+        return None, [Reason("unparseable-quantity", f"{key}: {exc}")], []
+    if requested == 0:
+        message = f'{key}: {value!r} asks for no memory; write what the server needs, e.g. "20Gi"'
+        return None, [Reason("not-positive", message)], []
+    reserve = settings.reserve_bytes
+    if requested <= reserve:
+        smallest = quantities.to_units(reserve + 1, settings.unit_bytes) * settings.unit_bytes
+        message = (
+            f"{key}: {value!r} ({quantities.format_bytes(requested)}) does not exceed the"
+            f" per-instance reserve of {quantities.format_bytes(reserve)} (the CUDA context,"
+            " outside vLLM's budget), so vLLM would get nothing: ask for more, at least"
+            f" {quantities.to_quantity(smallest)!r}"
+        )
+        return None, [Reason("below-reserve", message)], []
+    if largest_card_bytes is None:
+        warning = (
+            f"gpushare: no GPU node has reported its cards yet, so {key}: {value} was not checked"
+            " against a card size"
+        )
+        return requested, [], [warning]
+    units = quantities.to_units(requested, settings.unit_bytes)
+    fits = quantities.card_units(largest_card_bytes, settings.unit_bytes)
+    if units > fits:
+        most = quantities.to_quantity(fits * settings.unit_bytes)
+        message = (
+            f"{key}: {value!r} ({quantities.format_bytes(requested)}) is more than the largest GPU"
+            f" the cluster reports ({quantities.format_bytes(largest_card_bytes)}): ask for at"
+            f" most {most!r}, or remove the annotation to use whole cards"
+        )
+        return None, [Reason("above-largest-card", message)], []
+    return requested, [], []
+
+
+def policy(value: object) -> list[Reason]:
+    """Check the ``gpushare.io/policy`` value."""
+    if value in POLICIES:
+        return []
+    allowed = ", ".join(POLICIES)
+    message = f"{names.ANNOTATION_POLICY}: {value!r} is not a policy; write one of {allowed}"
+    return [Reason("bad-policy", message)]
+
+
+def annotation_keys(annotations: Mapping[str, Any]) -> list[Reason]:
+    """Refuse keys that look like gpushare's but are not one a user writes."""
+    reasons = []
+    for key in annotations:
+        if key in USER_ANNOTATIONS or "gpushare" not in key.lower():
+            continue
+        if key in SYSTEM_ANNOTATIONS:
+            message = f"{key} is written by gpushare itself, not by users: remove it"
+            reasons.append(Reason("system-annotation", message))
+            continue
+        suggestion = suggest(key)
+        hint = (
+            f"did you mean {suggestion}?"
+            if suggestion
+            else f"gpushare reads only {' and '.join(USER_ANNOTATIONS)}"
+        )
+        reasons.append(Reason("unknown-annotation", f"unknown annotation {key!r}: {hint}"))
+    return reasons
+
+
+def suggest(key: str) -> str | None:
+    """The user annotation ``key`` was probably meant to be, if any is close."""
+    normal = key.lower().replace("_", "-")
+    by_name = {known.rsplit("/", 1)[-1]: known for known in USER_ANNOTATIONS}
+    close = difflib.get_close_matches(normal.rsplit("/", 1)[-1], by_name, n=1, cutoff=_NAME_CUTOFF)
+    if close:
+        return by_name[close[0]]
+    close = difflib.get_close_matches(normal, USER_ANNOTATIONS, n=1, cutoff=_KEY_CUTOFF)
+    return close[0] if close else None
+
+
+def annotations(
+    values: Mapping[str, Any], *, settings: config.Settings, largest_card_bytes: int | None
+) -> Verdict:
+    """Check every gpushare annotation of an object (keys and values)."""
+    reasons = annotation_keys(values)
+    warnings: list[str] = []
+    if names.ANNOTATION_GPU_MEMORY in values:
+        _, more, warned = memory_bytes(
+            values[names.ANNOTATION_GPU_MEMORY],
+            settings=settings,
+            largest_card_bytes=largest_card_bytes,
+        )
+        reasons += more
+        warnings += warned
+    if names.ANNOTATION_POLICY in values:
+        reasons += policy(values[names.ANNOTATION_POLICY])
+    return Verdict(tuple(reasons), tuple(warnings))
+
+
+def inference_service(
+    isvc: Mapping[str, Any],
+    *,
+    settings: config.Settings,
+    largest_card_bytes: int | None,
+    old: Mapping[str, Any] | None = None,
+) -> Verdict:
+    """Validate an InferenceService on CREATE (``old`` is None) or UPDATE.
+
+    An UPDATE is refused only for problems it introduces: KServe's controller must still be able
+    to update (and remove its finalizer from) an object admitted before the webhook or a smaller
+    card changed the verdict.
+    """
+    metadata = _mapping(isvc.get("metadata"))
+    if old is not None and metadata.get("deletionTimestamp"):
+        return Verdict()
+    verdict = _inference_service(isvc, settings=settings, largest_card_bytes=largest_card_bytes)
+    if old is None or not verdict.reasons:
+        return verdict
+    before = _inference_service(old, settings=settings, largest_card_bytes=largest_card_bytes)
+    known = {reason.message for reason in before.reasons}
+    fresh = tuple(reason for reason in verdict.reasons if reason.message not in known)
+    return Verdict(fresh, verdict.warnings)
+
+
+def _inference_service(
+    isvc: Mapping[str, Any], *, settings: config.Settings, largest_card_bytes: int | None
+) -> Verdict:
+    values = _mapping(_mapping(isvc.get("metadata")).get("annotations"))
+    verdict = annotations(values, settings=settings, largest_card_bytes=largest_card_bytes)
+    if names.ANNOTATION_GPU_MEMORY not in values:
+        return verdict
+    reasons = list(verdict.reasons)
+    warnings = list(verdict.warnings)
+    predictor = _mapping(_mapping(isvc.get("spec")).get("predictor"))
+    wants_gpu = False
+    for where, container in predictor_containers(predictor):
+        count = gpu_count(container)
+        wants_gpu = wants_gpu or count > 0
+        reasons += container_reasons(where, container, gpus=count)
+    worker = _mapping(predictor.get("workerSpec"))
+    if worker:
+        message = (
+            "spec.predictor.workerSpec spreads one server over several nodes; gpushare gives a"
+            f" server a slice of one card: remove workerSpec or {names.ANNOTATION_GPU_MEMORY}"
+        )
+        reasons.append(Reason("multi-gpu", message))
+    if not wants_gpu:
+        warnings.append(
+            f"gpushare: no predictor container requests {names.NVIDIA_GPU_RESOURCE}; keep"
+            f" {names.NVIDIA_GPU_RESOURCE}: 1 (gpushare replaces it in the pod), or KServe may"
+            " run a CPU image"
+        )
+    return Verdict(tuple(reasons), tuple(warnings))
+
+
+def container_reasons(where: str, container: Mapping[str, Any], *, gpus: int) -> list[Reason]:
+    """Refusals for one container of an annotated object: GPU count, parallelism, env, shell."""
+    reasons = []
+    if gpus > 1:
+        message = (
+            f"{where} asks for {gpus} GPUs ({names.NVIDIA_GPU_RESOURCE}: {gpus}); sharing gives a"
+            f" server a slice of one card and several cards are not supported: use"
+            f" {names.NVIDIA_GPU_RESOURCE}: 1, or remove {names.ANNOTATION_GPU_MEMORY} to get"
+            f" {gpus} whole cards"
+        )
+        reasons.append(Reason("multi-gpu", message))
+    argv = _strings(container.get("command")) + _strings(container.get("args"))
+    for flag, value in vllm.parallel_sizes(argv).items():
+        if _integer(value) > 1:
+            message = (
+                f"{where} runs vLLM with {flag} {value}, which needs {value} GPUs; sharing gives a"
+                f" server a slice of one card and that is not supported: use {flag} 1 (or drop"
+                f" it), or remove {names.ANNOTATION_GPU_MEMORY} to use whole cards"
+            )
+            reasons.append(Reason("tensor-parallel", message))
+    for item in _list(container.get("env")):
+        name = _mapping(item).get("name")
+        if name in names.SYSTEM_ENV:
+            message = (
+                f"{where} sets {name}, which gpushare sets for the container (a value in the pod"
+                " spec would override the device plugin's): remove it"
+            )
+            reasons.append(Reason("system-env", message))
+    plan = vllm.plan(container)
+    if plan.problem is not None:
+        reasons.append(Reason("shell", f"{where}: {plan.problem}"))
+    return reasons
+
+
+def predictor_containers(predictor: Mapping[str, Any]) -> Iterator[tuple[str, Mapping[str, Any]]]:
+    """Every container-like spec of a predictor, with where it is written."""
+    for index, container in enumerate(_list(predictor.get("containers"))):
+        name = _mapping(container).get("name", index)
+        yield f"spec.predictor.containers[{name}]", _mapping(container)
+    for key in ("model", *FRAMEWORKS):
+        if isinstance(predictor.get(key), Mapping):
+            yield f"spec.predictor.{key}", predictor[key]
+    worker = _mapping(predictor.get("workerSpec"))
+    for index, container in enumerate(_list(worker.get("containers"))):
+        yield f"spec.predictor.workerSpec.containers[{index}]", _mapping(container)
+
+
+def gpu_count(container: Mapping[str, Any]) -> int:
+    """The ``nvidia.com/gpu`` a container asks for (the larger of limit and request)."""
+    resources = _mapping(container.get("resources"))
+    counts = [
+        _integer(_mapping(resources.get(kind)).get(names.NVIDIA_GPU_RESOURCE))
+        for kind in ("limits", "requests")
+    ]
+    return max(counts)
+
+
+def _integer(value: object) -> int:
+    if isinstance(value, bool):
+        return 0
+    if isinstance(value, int):
+        return value
+    if isinstance(value, str) and value.strip().isdigit():
+        return int(value.strip())
+    return 0
+
+
+def _mapping(value: object) -> Mapping[str, Any]:
+    return value if isinstance(value, Mapping) else {}
+
+
+def _list(value: object) -> list[Any]:
+    return value if isinstance(value, list) else []
+
+
+def _strings(value: object) -> list[str]:
+    return [item for item in _list(value) if isinstance(item, str)]
