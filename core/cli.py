@@ -14,7 +14,7 @@ from typing import Final, Protocol
 from gpushare import __version__, errors
 
 PARTS: Final = {
-    "scheduler": ("gpushare.scheduler.main", "the kube-scheduler extender (filter, prioritize, bind)"),
+    "scheduler": ("gpushare.scheduler.main", "the kube-scheduler extender"),
     "webhook": ("gpushare.webhook.main", "the admission webhook for InferenceServices and Pods"),
     "device-plugin": ("gpushare.deviceplugin.main", "the kubelet device plugin and GPU agent"),
     "certs": ("gpushare.webhook.certs", "make a self-signed CA and serving pair"),
@@ -59,7 +59,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     module_name, summary = PARTS[top.part]
     try:
-        part: PartMain = importlib.import_module(module_name)  # type: ignore[assignment]
+        part: PartMain = importlib.import_module(module_name)
     except ModuleNotFoundError as exc:
         if exc.name is None or not module_name.startswith(exc.name):
             raise

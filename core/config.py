@@ -140,7 +140,8 @@ def describe(exc: pydantic.ValidationError) -> str:
         elif error["type"] == "literal_error":
             lines.append(f"{key}: {error['input']!r} is not allowed; {error['msg'].lower()}")
         else:
-            lines.append(f"{key}: {error['msg'].removeprefix('Value error, ')} (got {error['input']!r})")
+            message = error["msg"].removeprefix("Value error, ")
+            lines.append(f"{key}: {message} (got {error['input']!r})")
     return "invalid configuration:\n  " + "\n  ".join(lines)
 
 

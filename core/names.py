@@ -8,21 +8,21 @@ from typing import Final
 
 DOMAIN: Final = "gpushare.io"
 
-# --- Extended resource -------------------------------------------------------------------------
+# --- Extended resource ----------------------------------------------------------------------------
 RESOURCE_GPU_MEMORY: Final = f"{DOMAIN}/gpu-memory"
 """Extended resource: a count of memory units on one card (the unit is cluster configuration)."""
 
 NVIDIA_GPU_RESOURCE: Final = "nvidia.com/gpu"
 """NVIDIA's whole-card resource, which the webhook replaces for shared pods."""
 
-# --- Annotations written by users ----------------------------------------------------------------
+# --- Annotations written by users -----------------------------------------------------------------
 ANNOTATION_GPU_MEMORY: Final = f"{DOMAIN}/gpu-memory"
 """The only line a user adds: a Kubernetes quantity (``20Gi``), rounded up to units."""
 
 ANNOTATION_POLICY: Final = f"{DOMAIN}/policy"
 """Per-pod override of the placement policy (``binpack`` or ``spread``)."""
 
-# --- Annotations written at bind time (on the Binding, so they land with the node) ---------------
+# --- Annotations written at bind time (on the Binding, so they land with the node) ----------------
 ANNOTATION_CARD_UUID: Final = f"{DOMAIN}/card-uuid"
 ANNOTATION_CARD_INDEX: Final = f"{DOMAIN}/card-index"
 ANNOTATION_CARD_TOTAL: Final = f"{DOMAIN}/card-total-bytes"
@@ -35,14 +35,14 @@ Each entry: ``{"container", "card-uuid", "card-index", "card-total-bytes", "gran
 The pod-level annotations above always describe the first such container.
 """
 
-# --- Annotations written by the webhook and the agent -------------------------------------------
+# --- Annotations written by the webhook and the agent ---------------------------------------------
 ANNOTATION_MUTATED: Final = f"{DOMAIN}/mutated"
 """Set by the webhook on pods it rewrote: the units granted (marks idempotent re-invocation)."""
 
 ANNOTATION_NODE_REPORT: Final = f"{DOMAIN}/node-report"
 """On Nodes: the agent's JSON report of every card (see :mod:`gpushare.nodereport`)."""
 
-# --- Labels --------------------------------------------------------------------------------------
+# --- Labels ---------------------------------------------------------------------------------------
 LABEL_ENABLED: Final = f"{DOMAIN}/enabled"
 """On Nodes that share GPUs (value ``true``): the device plugin runs there."""
 
@@ -51,9 +51,9 @@ LABEL_PART_OF: Final = "app.kubernetes.io/part-of"
 
 # --- Scheduler ------------------------------------------------------------------------------------
 SCHEDULER_NAME: Final = "gpushare-scheduler"
-"""Default ``schedulerName`` set by the webhook and profile name in the KubeSchedulerConfiguration."""
+"""Default ``schedulerName`` of mutated pods; the profile name in KubeSchedulerConfiguration."""
 
-# --- Environment handed to containers by the device plugin's Allocate -------------------------------
+# --- Environment handed to containers by the device plugin's Allocate -----------------------------
 ENV_VISIBLE_DEVICES: Final = "NVIDIA_VISIBLE_DEVICES"
 ENV_GRANTED_BYTES: Final = "GPUSHARE_GRANTED_BYTES"
 ENV_CARD_UUID: Final = "GPUSHARE_CARD_UUID"
@@ -76,21 +76,21 @@ SYSTEM_ENV: Final = frozenset(
 )
 """Variables the system sets: user environment must not declare them."""
 
-# --- Environment read by gpushare itself ---------------------------------------------------------
+# --- Environment read by gpushare itself ----------------------------------------------------------
 ENV_CONFIG_FILE: Final = "GPUSHARE_CONFIG"
 """Path of the shared configuration file (the mounted ConfigMap)."""
 
 ENV_PREFIX: Final = "GPUSHARE_"
 """Prefix of environment overrides of configuration keys (``GPUSHARE_UNIT_BYTES``...)."""
 
-# --- vLLM ------------------------------------------------------------------------------------------
+# --- vLLM -----------------------------------------------------------------------------------------
 VLLM_UTILIZATION_FLAG: Final = "--gpu-memory-utilization"
 VLLM_UTILIZATION_ARG: Final = f"{VLLM_UTILIZATION_FLAG}=$({ENV_VLLM_UTILIZATION})"
 """The argument the webhook injects; kubelet expands ``$(VAR)`` from Allocate's environment."""
 
-# --- CDI -------------------------------------------------------------------------------------------
+# --- CDI ------------------------------------------------------------------------------------------
 CDI_KIND: Final = "nvidia.com/gpu"
 
-# --- Kubernetes object names of an installation ------------------------------------------------------
+# --- Kubernetes object names of an installation ---------------------------------------------------
 NAMESPACE: Final = "gpushare-system"
 CONFIGMAP: Final = "gpushare-config"

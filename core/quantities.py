@@ -44,7 +44,7 @@ def parse_bytes(text: str | int) -> int:
         raise errors.QuantityError(f"{text!r} is not a memory quantity; write e.g. \"20Gi\"")
     if isinstance(text, int):
         if text < 0:
-            raise errors.QuantityError(f"{text} is negative; memory must be positive, e.g. \"20Gi\"")
+            raise errors.QuantityError(f"{text} is negative; memory must be positive: \"20Gi\"")
         return text
     if not isinstance(text, str):
         raise errors.QuantityError(f"{text!r} is not a memory quantity; write e.g. \"20Gi\"")
@@ -87,7 +87,9 @@ def format_bytes(n: int) -> str:
     for unit, size in (("TiB", KI**4), ("GiB", GI), ("MiB", MI), ("KiB", KI)):
         if abs(n) >= size:
             value = n / size
-            return f"{value:.1f} {unit}".replace(".0 ", " ") if value < 100 else f"{value:.0f} {unit}"
+            if value >= 100:
+                return f"{value:.0f} {unit}"
+            return f"{value:.1f} {unit}".replace(".0 ", " ")
     return f"{n} B"
 
 

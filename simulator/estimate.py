@@ -127,7 +127,7 @@ def estimate(
     act_bytes = models.DTYPE_BYTES[act_dtype]
     fmt = models.parse_quantization(quantization) if quantization else shape.quantization
     kv_element = _kv_element_bytes(kv_cache_dtype, act_bytes)
-    length = max_model_len or shape.max_position_embeddings
+    length = shape.max_position_embeddings if max_model_len is None else max_model_len
     if length is None:
         raise errors.BadRequest(
             f"{shape.name}: config.json has no max_position_embeddings: pass --max-model-len"
@@ -141,11 +141,7 @@ def estimate(
             raise errors.BadRequest(f"{flag} must be at least 1, got {value}")
 
     params = shape.parameters()
-    linear_bytes = fmt.bytes_for(params.linear) if fmt else params.linear * act_bytes
-    dense_bytes = (params.total - params.linear) * act_bytes
-    # vLLM keeps its rotary cos/sin table as a buffer: positions x head size, in the model dtype.
-    rotary_bytes = (shape.max_position_embeddings or length) * shape.head_dim * act_bytes
-    weights = linear_bytes + dense_bytes + rotary_bytes
+    weights = _weights_bytes(shape, params, fmt, act_bytes=act_bytes, length=length)
 
     per_token = shape.kv_bytes_per_token(kv_element)
     sequence_tokens = math.ceil(length / KV_BLOCK_TOKENS) * KV_BLOCK_TOKENS
@@ -158,14 +154,9 @@ def estimate(
     tokens = worst_case if kv_tokens is None else max(sequence_tokens, min(kv_tokens, worst_case))
     kv_cache = tokens * per_token
 
-    # Activations: the larger of one forward pass over the batched tokens (a layer's widest
-    # tensors: residual and hidden copies, q/k/v, the MLP's gate/up, its product and output)
-    # and the sampler's logits for every sequence, plus memory outside torch's allocator.
-    token_bytes = act_bytes * (
-        4 * shape.hidden_size
-        + (shape.num_heads + 2 * shape.num_kv_heads) * shape.head_dim
-        + 3 * shape.mlp_width
-    )
+    # Activations: the larger of one forward pass over the batched tokens and the sampler's
+    # logits for every sequence, plus memory outside torch's allocator.
+    token_bytes = _token_activation_bytes(shape, act_bytes)
     forward = max_num_batched_tokens * token_bytes
     sampler = max_num_seqs * shape.vocab_size * SAMPLER_BYTES_PER_LOGIT
     activation = max(forward, sampler) + NON_TORCH_BYTES
@@ -208,6 +199,31 @@ def estimate(
         minimum_bytes=minimum,
         annotation=f'{names.ANNOTATION_GPU_MEMORY}: "{quantities.to_quantity(request)}"',
         notes=notes,
+    )
+
+
+def _weights_bytes(
+    shape: ModelShape,
+    params: models.ParameterCount,
+    fmt: models.WeightFormat | None,
+    *,
+    act_bytes: int,
+    length: int,
+) -> int:
+    linear = fmt.bytes_for(params.linear) if fmt else params.linear * act_bytes
+    dense = (params.total - params.linear) * act_bytes
+    # vLLM keeps its rotary cos/sin table as a buffer: positions x head size, in the model dtype.
+    rotary = (shape.max_position_embeddings or length) * shape.head_dim * act_bytes
+    return linear + dense + rotary
+
+
+def _token_activation_bytes(shape: ModelShape, act_bytes: int) -> int:
+    """A layer's widest tensors per token: residual and hidden copies, q/k/v, the MLP's gate and
+    up projections, their product and output."""
+    return act_bytes * (
+        4 * shape.hidden_size
+        + (shape.num_heads + 2 * shape.num_kv_heads) * shape.head_dim
+        + 3 * shape.mlp_width
     )
 
 

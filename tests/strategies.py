@@ -65,6 +65,10 @@ def card_uuids() -> st.SearchStrategy[CardUUID]:
     return st.uuids().map(lambda u: CardUUID(f"GPU-{u}"))
 
 
+NODES = tuple(NodeName(f"gpu-node-{i}") for i in range(4))
+"""A few node names, so that generated cards share nodes."""
+
+
 def node_names() -> st.SearchStrategy[NodeName]:
     """DNS-1123 node names."""
     return st.from_regex(r"\A[a-z][a-z0-9-]{0,20}[a-z0-9]\Z").map(NodeName)
@@ -118,10 +122,12 @@ def cards(
     capacity = draw(st.sampled_from(CARD_SIZES) | st.integers(min_value=GI, max_value=256 * GI))
     granted = draw(st.integers(min_value=0, max_value=capacity))
     free = draw(st.none() | st.integers(min_value=0, max_value=capacity))
+    node = draw(st.sampled_from(NODES)) if node is None else node
+    index = draw(st.integers(min_value=0, max_value=15)) if index is None else index
     return placement.Card(
-        node=draw(node_names()) if node is None else node,
-        uuid=draw(card_uuids()),
-        index=draw(st.integers(min_value=0, max_value=15)) if index is None else index,
+        node=node,
+        uuid=CardUUID(f"GPU-{node}-{index}"),
+        index=index,
         capacity_bytes=capacity,
         granted_bytes=granted,
         free_bytes=free,
