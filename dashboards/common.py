@@ -32,7 +32,9 @@ def datasource_variable() -> dashboard.DatasourceVariable:
     return dashboard.DatasourceVariable(DATASOURCE_VARIABLE).label("Data source").type("prometheus")
 
 
-def label_variable(name: str, label: str, query: str, *, regex: str = "") -> dashboard.QueryVariable:
+def label_variable(
+    name: str, label: str, query: str, *, regex: str = ""
+) -> dashboard.QueryVariable:
     """A multi-value variable over a label's values (``label_values(...)``), "All" by default."""
     variable = (
         dashboard.QueryVariable(name)
@@ -123,7 +125,7 @@ class Board:
             )
         if minimum is not None:
             panel = panel.min(minimum)
-        return self._add(panel, title, description, targets, width, height)
+        return self._add(panel, title, description, targets, width=width, height=height)
 
     def stat(
         self,
@@ -142,7 +144,7 @@ class Board:
             .color_mode(common_models.BigValueColorMode.VALUE)
             .reduce_options(common_builders.ReduceDataOptions().calcs(["lastNotNull"]))
         )
-        return self._add(panel, title, description, targets, width, height)
+        return self._add(panel, title, description, targets, width=width, height=height)
 
     def table(
         self,
@@ -179,7 +181,7 @@ class Board:
             panel = panel.override_by_name(
                 column, [models.DynamicConfigValue(id_val="unit", value=column_unit)]
             )
-        return self._add(panel, title, description, targets, width, height)
+        return self._add(panel, title, description, targets, width=width, height=height)
 
     def build(self) -> models.Dashboard:
         return self._builder.build()
@@ -190,6 +192,7 @@ class Board:
         title: str,
         description: str,
         targets: tuple[prometheus.Dataquery, ...],
+        *,
         width: int,
         height: int,
     ) -> "Board":

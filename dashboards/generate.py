@@ -58,9 +58,7 @@ def rendered() -> dict[Path, str]:
 def stale() -> list[Path]:
     """Generated files that are missing or differ from what the code produces."""
     return [
-        path
-        for path, text in rendered().items()
-        if not path.exists() or path.read_text() != text
+        path for path, text in rendered().items() if not path.exists() or path.read_text() != text
     ]
 
 

@@ -43,7 +43,9 @@ def build() -> models.Dashboard:
     board.timeseries(
         "Used against granted",
         "Each serving pod's GPU memory in use (solid) and its grant.",
-        query(f"sum by (namespace, pod) (gpushare_container_used_bytes{{{POD}}})", f"{BY_POD} used"),
+        query(
+            f"sum by (namespace, pod) (gpushare_container_used_bytes{{{POD}}})", f"{BY_POD} used"
+        ),
         query(
             f"sum by (namespace, pod) (gpushare_container_granted_bytes{{{POD}}})",
             f"{BY_POD} granted",

@@ -17,16 +17,35 @@ def build() -> models.Dashboard:
     ).variable(label_variable("node", "Node", "label_values(gpushare_card_total_bytes, node)"))
 
     board.row("Fleet")
-    board.stat("Shared cards", "Cards reported by the device plugins.",
-               query(f"count(gpushare_card_total_bytes{{{NODE}}})"))
-    board.stat("Memory", "Total memory of the shared cards.",
-               query(f"sum(gpushare_card_total_bytes{{{NODE}}})"), unit="bytes")
-    board.stat("Granted", "Memory granted to containers (the scheduler's ledger, per card).",
-               query(f"sum(gpushare_card_granted_bytes{{{NODE}}})"), unit="bytes")
-    board.stat("Used", "Memory in use on the cards, as NVML reports it.",
-               query(f"sum(gpushare_card_used_bytes{{{NODE}}})"), unit="bytes")
-    board.stat("Free", "Memory free on the cards, as NVML reports it.",
-               query(f"sum(gpushare_card_free_bytes{{{NODE}}})"), unit="bytes")
+    board.stat(
+        "Shared cards",
+        "Cards reported by the device plugins.",
+        query(f"count(gpushare_card_total_bytes{{{NODE}}})"),
+    )
+    board.stat(
+        "Memory",
+        "Total memory of the shared cards.",
+        query(f"sum(gpushare_card_total_bytes{{{NODE}}})"),
+        unit="bytes",
+    )
+    board.stat(
+        "Granted",
+        "Memory granted to containers (the scheduler's ledger, per card).",
+        query(f"sum(gpushare_card_granted_bytes{{{NODE}}})"),
+        unit="bytes",
+    )
+    board.stat(
+        "Used",
+        "Memory in use on the cards, as NVML reports it.",
+        query(f"sum(gpushare_card_used_bytes{{{NODE}}})"),
+        unit="bytes",
+    )
+    board.stat(
+        "Free",
+        "Memory free on the cards, as NVML reports it.",
+        query(f"sum(gpushare_card_free_bytes{{{NODE}}})"),
+        unit="bytes",
+    )
     board.stat(
         "GPUs saved",
         "Serving containers minus the cards they occupy: the cards that one model per GPU would "
@@ -51,7 +70,8 @@ def build() -> models.Dashboard:
         "Granted and used share of capacity",
         "Granted over total, and used over total, across the shared cards.",
         query(
-            f"sum(gpushare_card_granted_bytes{{{NODE}}}) / sum(gpushare_card_total_bytes{{{NODE}}})",
+            f"sum(gpushare_card_granted_bytes{{{NODE}}})"
+            f" / sum(gpushare_card_total_bytes{{{NODE}}})",
             "granted",
         ),
         query(
@@ -83,10 +103,18 @@ def build() -> models.Dashboard:
     board.table(
         "Cards",
         "Every shared card now: total, granted, used and free memory.",
-        query(f"max by (node, gpu_index, model) (gpushare_card_total_bytes{{{NODE}}})", instant=True),
-        query(f"max by (node, gpu_index, model) (gpushare_card_granted_bytes{{{NODE}}})", instant=True),
-        query(f"max by (node, gpu_index, model) (gpushare_card_used_bytes{{{NODE}}})", instant=True),
-        query(f"max by (node, gpu_index, model) (gpushare_card_free_bytes{{{NODE}}})", instant=True),
+        query(
+            f"max by (node, gpu_index, model) (gpushare_card_total_bytes{{{NODE}}})", instant=True
+        ),
+        query(
+            f"max by (node, gpu_index, model) (gpushare_card_granted_bytes{{{NODE}}})", instant=True
+        ),
+        query(
+            f"max by (node, gpu_index, model) (gpushare_card_used_bytes{{{NODE}}})", instant=True
+        ),
+        query(
+            f"max by (node, gpu_index, model) (gpushare_card_free_bytes{{{NODE}}})", instant=True
+        ),
         columns=("total", "granted", "used", "free"),
         unit="bytes",
     )

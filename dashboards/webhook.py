@@ -11,7 +11,8 @@ def build() -> models.Dashboard:
     board = Board(
         UID,
         "gpushare / Webhook",
-        "Admission of InferenceServices (validating) and Pods (mutating): volume, denials, latency.",
+        "Admission of InferenceServices (validating) and Pods (mutating): volume, denials, "
+        "latency.",
     )
 
     board.row("Admissions")

@@ -5,14 +5,13 @@ container that goes away leaves no stale series behind. Counters count events si
 """
 
 import threading
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from typing import Final
 
 import prometheus_client
 from gpushare.deviceplugin.nvml import CardReading
 from gpushare.deviceplugin.watchdog import ContainerUsage
-from gpushare.ids import CardUUID
 from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
@@ -167,11 +166,3 @@ class _StateCollector(Collector):
         yield from families.values()
         yield used
         yield granted
-
-
-def granted_by_card(grants: Mapping[str, tuple[CardUUID, int]]) -> dict[CardUUID, int]:
-    """Sum grant bytes per card."""
-    total: dict[CardUUID, int] = {}
-    for card, size in grants.values():
-        total[card] = total.get(card, 0) + size
-    return total

@@ -308,9 +308,16 @@ class PerContainer:
         )
 
     def servers_for(self, grant: Grant) -> int:
-        """The card's servers, counting the grant's own daemon once."""
-        existing = self._daemons.get(grant.key)
-        return self.servers_on(grant.card) + (0 if existing is not None else 1)
+        """The card's servers once the grant's daemon runs (daemons it replaces not counted)."""
+        ids = set(grant.devices)
+        return 1 + sum(
+            1
+            for key, d in self._daemons.items()
+            if d.grant is not None
+            and d.grant.card == grant.card
+            and key != grant.key
+            and not ids & set(d.grant.devices)
+        )
 
     async def prepare(self, grant: Grant) -> Path:
         """Start the grant's daemon (or keep the live one) with the grant as its default limit."""

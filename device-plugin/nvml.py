@@ -304,7 +304,13 @@ def load_fake(path: Path) -> FakeState:
     try:
         return FakeState.model_validate(raw)
     except pydantic.ValidationError as exc:
-        raise errors.ConfigError(f"fake NVML file {path}: {config.describe(exc)}") from exc
+        problems = "; ".join(
+            f"{'.'.join(str(part) for part in e['loc']) or 'file'}: {e['msg']}".replace(
+                "Extra inputs are not permitted", "unknown key"
+            ).replace("Value error, ", "")
+            for e in exc.errors()
+        )
+        raise errors.ConfigError(f"fake NVML file {path}: {problems}") from exc
 
 
 class FakeNvml:

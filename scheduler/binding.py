@@ -106,7 +106,9 @@ class Binder:
         )
         pod = wire.Pod.model_validate(raw)
         if args.pod_uid and pod.metadata.uid != args.pod_uid:
-            raise errors.BadRequest(f"has UID {pod.metadata.uid}, not {args.pod_uid} (recreated)")
+            raise errors.BadRequest(
+                f"has UID {pod.metadata.uid}, not {args.pod_uid}: it was deleted and recreated"
+            )
         return demand.from_pod(pod, unit_bytes=self._settings.unit_bytes)
 
     async def _bound_already(
@@ -158,10 +160,14 @@ class Binder:
         body: dict[str, Any] = {
             "apiVersion": "events.k8s.io/v1",
             "kind": "Event",
-            "metadata": {"generateName": f"{request.name}.", "namespace": request.namespace},
-            "eventTime": moment.astimezone(UTC).isoformat(timespec="microseconds").replace(
-                "+00:00", "Z"
-            ),
+            # Named as client-go names events: the object's name and the time in hex.
+            "metadata": {
+                "name": f"{request.name[:200]}.{round(moment.timestamp() * 1e9):x}",
+                "namespace": request.namespace,
+            },
+            "eventTime": moment.astimezone(UTC)
+            .isoformat(timespec="microseconds")
+            .replace("+00:00", "Z"),
             "reportingController": REPORTING_CONTROLLER,
             "reportingInstance": self._instance,
             "action": "Binding",

@@ -101,7 +101,7 @@ def _quantity(container: wire.Container) -> wire.Quantity | None:
 def _units(container: str, value: wire.Quantity) -> int:
     wrong = errors.BadRequest(
         f"container {container!r}: {names.RESOURCE_GPU_MEMORY}={value!r} is not a whole number of"
-        " units: write a count such as \"20\""
+        ' units: write a count such as "20"'
     )
     if isinstance(value, float):
         if not value.is_integer():

@@ -41,13 +41,23 @@ def filter_nodes(
     if too_large is not None:
         return _unresolvable(args, names, too_large)
     passed, failed = book.split(names, request, policy=request.policy or settings.policy)
-    return _answer(args, passed, {name: f.message for name, f in failed.items()}, {},
-                   failures=Counter(f.reason for f in failed.values()))
+    return _answer(
+        args,
+        passed,
+        {name: f.message for name, f in failed.items()},
+        {},
+        failures=Counter(f.reason for f in failed.values()),
+    )
 
 
 def _unresolvable(args: wire.ExtenderArgs, names: list[str], failure: ledger.Failure) -> Outcome:
-    return _answer(args, [], {}, dict.fromkeys(names, failure.message),
-                   failures=Counter({failure.reason: len(names)}))
+    return _answer(
+        args,
+        [],
+        {},
+        dict.fromkeys(names, failure.message),
+        failures=Counter({failure.reason: len(names)}),
+    )
 
 
 def _answer(
@@ -60,15 +70,21 @@ def _answer(
 ) -> Outcome:
     if args.node_names is not None:
         result = wire.ExtenderFilterResult.model_construct(
-            nodes=None, node_names=passed, failed_nodes=failed,
-            failed_and_unresolvable_nodes=unresolvable, error="",
+            nodes=None,
+            node_names=passed,
+            failed_nodes=failed,
+            failed_and_unresolvable_nodes=unresolvable,
+            error="",
         )
     else:
         keep = set(passed)
         items = args.nodes.items if args.nodes is not None else []
         kept = [item for item in items if item["metadata"]["name"] in keep]
         result = wire.ExtenderFilterResult.model_construct(
-            nodes={"metadata": {}, "items": kept}, node_names=None, failed_nodes=failed,
-            failed_and_unresolvable_nodes=unresolvable, error="",
+            nodes={"metadata": {}, "items": kept},
+            node_names=None,
+            failed_nodes=failed,
+            failed_and_unresolvable_nodes=unresolvable,
+            error="",
         )
     return Outcome(result, failures or Counter())

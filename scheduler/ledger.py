@@ -108,8 +108,16 @@ _NO_ROOM: Final = -1
 class _Node:
     """One node: its agent's report, and its cards as placement sees them right now."""
 
-    __slots__ = ("best_room", "capacities", "failures", "fresh_until", "problem", "report",
-                 "scores", "views")
+    __slots__ = (
+        "best_room",
+        "capacities",
+        "failures",
+        "fresh_until",
+        "problem",
+        "report",
+        "scores",
+        "views",
+    )
 
     def __init__(self) -> None:
         self.report: NodeReport | None = None
@@ -161,9 +169,7 @@ class Ledger:
         if node.report is None and problem is None:
             node.problem = Failure(Reason.NO_REPORT, "node has no GPU agent report")
         if node.report is not None:
-            node.fresh_until = (
-                node.report.heartbeat.timestamp() + self.heartbeat_timeout_seconds
-            )
+            node.fresh_until = node.report.heartbeat.timestamp() + self.heartbeat_timeout_seconds
             node.capacities = tuple(card.cuda_total_bytes for card in node.report.cards)
         else:
             node.fresh_until = -math.inf
@@ -391,8 +397,10 @@ class Ledger:
 
     def card_usage(self) -> dict[tuple[NodeName, CardUUID], tuple[int, int]]:
         """``(granted, capacity)`` bytes of every known card."""
-        return {(card.node, card.uuid): (card.granted_bytes, card.capacity_bytes)
-                for card in self.cards()}
+        return {
+            (card.node, card.uuid): (card.granted_bytes, card.capacity_bytes)
+            for card in self.cards()
+        }
 
     def grant_count(self) -> int:
         return len(self._grants)
@@ -489,9 +497,7 @@ class Ledger:
             fits, misses = placement.split(views, demand.bytes, overhead_bytes=self.overhead_bytes)
             fit = placement.best(fits, policy)
             if fit is None:
-                raise errors.NoFit(
-                    placement.explain(misses, demand.bytes + self.overhead_bytes)
-                )
+                raise errors.NoFit(placement.explain(misses, demand.bytes + self.overhead_bytes))
             chosen[demand.container] = fit
             position = views.index(fit.card)
             views[position] = dataclasses.replace(

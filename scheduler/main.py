@@ -17,14 +17,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--listen", metavar="HOST:PORT", help="address to serve on (default 0.0.0.0:8888)"
     )
     parser.add_argument(
-        "--url-prefix", metavar="PATH",
+        "--url-prefix",
+        metavar="PATH",
         help="path before /filter, /prioritize and /bind (default /gpushare-scheduler)",
     )
     parser.add_argument(
         "--policy", choices=placement.POLICIES, help="cluster-wide placement (default binpack)"
     )
     parser.add_argument(
-        "--kubeconfig", type=Path, metavar="FILE",
+        "--kubeconfig",
+        type=Path,
+        metavar="FILE",
         help="kubeconfig to use (default: $KUBECONFIG, ~/.kube/config, else in-cluster)",
     )
 

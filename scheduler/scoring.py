@@ -24,5 +24,6 @@ def prioritize(
         return [{"Host": name, "Score": 0} for name in names]
     policy = request.policy or settings.policy
     score = book.score
-    return [{"Host": name, "Score": score(NodeName(name), request, policy=policy)}
-            for name in names]
+    return [
+        {"Host": name, "Score": score(NodeName(name), request, policy=policy)} for name in names
+    ]

@@ -65,7 +65,10 @@ def make_app(
         if not ready():
             args.candidates()
             result = wire.ExtenderFilterResult.model_construct(
-                nodes=None, node_names=None, failed_nodes={}, failed_and_unresolvable_nodes={},
+                nodes=None,
+                node_names=None,
+                failed_nodes={},
+                failed_and_unresolvable_nodes={},
                 error=NOT_SYNCED,
             )
             return web.Response(body=wire.encode(result), content_type=_JSON)

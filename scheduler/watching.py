@@ -78,8 +78,13 @@ class Watcher:
         self._warned: dict[str, str] = {}
         self._resources = (
             _Resource("nodes", "/api/v1/nodes", {}, self._replace_nodes, self._apply_node),
-            _Resource("pods", "/api/v1/pods", {"fieldSelector": _ACTIVE_PODS},
-                      self._replace_pods, self._apply_pod),
+            _Resource(
+                "pods",
+                "/api/v1/pods",
+                {"fieldSelector": _ACTIVE_PODS},
+                self._replace_pods,
+                self._apply_pod,
+            ),
         )
         self._synced = asyncio.Event()
 

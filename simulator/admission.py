@@ -17,6 +17,11 @@ import jsonpatch
 
 from gpushare import errors
 
+MUTATE_PODS: Final = "mutate-pods"
+VALIDATE_INFERENCE_SERVICES: Final = "validate-inferenceservices"
+"""The webhook's paths, as its configurations in ``manifests/`` call them. Written out rather than
+imported from the webhook's kopf glue, which would load kopf here; a test pins them to it."""
+
 CALL_SECONDS: Final = 10.0
 """The webhook configurations' ``timeoutSeconds`` (at most 10)."""
 
@@ -96,7 +101,9 @@ class AdmissionClient:
 def _verdict(answer: Any, uid: str, obj: dict[str, Any], path: str) -> Verdict:
     response = answer.get("response") if isinstance(answer, dict) else None
     if not isinstance(response, dict) or response.get("uid") != uid:
-        raise errors.Conflict(f"webhook /{path} answered without this request's uid: {answer!r:.300}")
+        raise errors.Conflict(
+            f"webhook /{path} answered without this request's uid: {answer!r:.300}"
+        )
     warnings = tuple(str(w) for w in response.get("warnings") or ())
     if not response.get("allowed"):
         status = response.get("status") or {}
@@ -109,5 +116,7 @@ def _verdict(answer: Any, uid: str, obj: dict[str, Any], path: str) -> Verdict:
         try:
             patched = jsonpatch.apply_patch(obj, ops)
         except (jsonpatch.JsonPatchException, jsonpatch.JsonPointerException) as exc:
-            raise errors.Conflict(f"webhook /{path} sent a patch that does not apply: {exc}") from exc
+            raise errors.Conflict(
+                f"webhook /{path} sent a patch that does not apply: {exc}"
+            ) from exc
     return Verdict(True, "", warnings, patched)

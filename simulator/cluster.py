@@ -17,8 +17,6 @@ import random
 import shutil
 import signal
 import socket
-import subprocess
-import sys
 import tempfile
 import time
 from collections.abc import Awaitable, Callable, Mapping
@@ -34,22 +32,34 @@ from gpushare import config, errors, names, nodereport, quantities
 from gpushare.deviceplugin import devices
 from gpushare.ids import CardUUID, PodKey, pod_key
 from gpushare.scheduler import ledger
-from gpushare.simulator import admission, apiserver, kserve, kubelet, mpsfake, scheduling
+from gpushare.simulator import (
+    admission,
+    apiserver,
+    kserve,
+    kubelet,
+    mpsfake,
+    processes,
+    scheduling,
+)
 from gpushare.simulator import vllm as vllm_sim
-from gpushare.simulator.fleet import Fleet
+from gpushare.simulator.fleet import Fleet, Node
 from gpushare.simulator.gpus import NodeGpus
 from gpushare.simulator.outcome import CardState, Failure, Placement
 from gpushare.simulator.workload import Service
-from gpushare.webhook import certs, handlers
+from gpushare.webhook import certs
 
 logger = logging.getLogger(__name__)
 
 START_SECONDS: Final = 60.0
-"""How long the parts may take to come up (a cold Python start of each is ~1–2 s per core)."""
-STOP_SECONDS: Final = 5.0
+"""How long the parts may take to come up (a cold Python start takes 1 to 2 s of a core)."""
+STOP_SECONDS: Final = 2.0
+"""The parts exit on SIGTERM within a second or two (kopf takes longest); then they are killed."""
 AGENT_POLL_SECONDS: Final = 0.2
-"""The agents poll the fake NVML fast: a start shows in the node report within a scheduling cycle."""
+"""The agents poll the fake NVML fast: a start shows in the node report within a cycle."""
 AGENT_HEARTBEAT_SECONDS: Final = 10.0
+SETTLE_SECONDS: Final = 10.0
+"""Longest wait for the extender to see a deletion and the freed memory (a watch event and a node
+report, both well under a second on loopback)."""
 NODE_CAPACITY: Final = {"cpu": "192", "memory": "2Ti", "pods": "250"}
 """Room for every pod the simulation places: only GPU memory is scarce."""
 ISVCS: Final = apiserver.resource("serving.kserve.io", "inferenceservices")
@@ -64,44 +74,6 @@ def free_port() -> int:
         sock.bind(("127.0.0.1", 0))
         port: int = sock.getsockname()[1]
         return port
-
-
-@dataclass(slots=True)
-class _Process:
-    name: str
-    argv: list[str]
-    log: Path
-    env: dict[str, str]
-    popen: subprocess.Popen[bytes] | None = None
-
-    def start(self) -> None:
-        with self.log.open("ab") as out:
-            self.popen = subprocess.Popen(  # noqa: S603 - our own CLI, argv built here
-                self.argv, env=self.env, stdout=out, stderr=subprocess.STDOUT,
-                stdin=subprocess.DEVNULL,
-            )
-
-    def check(self) -> None:
-        if self.popen is not None and self.popen.poll() is not None:
-            raise errors.ConfigError(
-                f"{self.name} exited with status {self.popen.returncode}:\n{self.tail()}"
-            )
-
-    def tail(self, lines: int = 15) -> str:
-        try:
-            return "\n".join(self.log.read_text(errors="replace").splitlines()[-lines:])
-        except OSError:
-            return "(no log)"
-
-    def stop(self) -> None:
-        if self.popen is None or self.popen.poll() is not None:
-            return
-        self.popen.send_signal(signal.SIGTERM)
-        try:
-            self.popen.wait(STOP_SECONDS)
-        except subprocess.TimeoutExpired:
-            self.popen.kill()
-            self.popen.wait()
 
 
 @dataclass(slots=True)
@@ -122,8 +94,8 @@ class Simulation:
     """The cluster for one run. Use as ``async with Simulation(...) as sim``."""
 
     fleet: Fleet
-    policy: str = "binpack"
-    isolation: str = "mps"
+    base: config.Settings = field(default_factory=config.Settings)
+    """The cluster's configuration: unit, reserve, policy, isolation, MPS server size."""
     seed: int = 0
     keep: Path | None = None
     """Keep the work folder (logs, configuration) here instead of a temporary one."""
@@ -140,7 +112,7 @@ class Simulation:
     """Services whose pod waits for a node."""
     submitted: dict[str, Service] = field(default_factory=dict)
     """Every service submitted, by key."""
-    _processes: list[_Process] = field(default_factory=list)
+    _processes: list[processes.Part] = field(default_factory=list)
     _extender_url: str = ""
     _extender_base: str = ""
     _webhook: admission.AdmissionClient | None = None
@@ -162,76 +134,39 @@ class Simulation:
 
     async def start(self) -> None:
         """Start the API server, the kubelets and the parts, and wait until all are ready."""
-        progress = self.progress
         self.workdir = self.keep or Path(tempfile.mkdtemp(prefix="gpushare-sim-"))
         self.workdir.mkdir(parents=True, exist_ok=True)
-        progress("API server")
+        self.progress("API server")
         await self.api.start()
-        kubeconfig = self.workdir / "kubeconfig"
-        kubeconfig.write_text(self.api.kubeconfig())
+        await self.api.store.create(NAMESPACES, {"metadata": {"name": "default"}})
         extender_port, webhook_port, probe_port = free_port(), free_port(), free_port()
-        raw = {
-            "policy": self.policy,
-            "isolation": self.isolation,
-            "scheduler": {"listen": f"127.0.0.1:{extender_port}"},
-            "webhook": {"listen": f"127.0.0.1:{webhook_port}"},
-            "agent": {
-                "poll_seconds": AGENT_POLL_SECONDS,
-                "heartbeat_seconds": AGENT_HEARTBEAT_SECONDS,
-            },
-        }
-        self.settings = config.validate(raw)
-        config_file = self.workdir / "config.yaml"
-        config_file.write_text(yaml.safe_dump(raw))
+        env = self._configure(extender_port, webhook_port)
         pair = certs.make(["127.0.0.1", "localhost"])
         tls = certs.write(pair, self.workdir / "certs")
-        control = mpsfake.install(self.workdir / "bin")
-
-        await self.api.store.create(NAMESPACES, {"metadata": {"name": "default"}})
-        env = {
-            **os.environ,
-            "KUBECONFIG": str(kubeconfig),
-            names.ENV_CONFIG_FILE: str(config_file),
-            "PYTHONUNBUFFERED": "1",
-        }
-        cli = [sys.executable, "-m", "gpushare.cli", "--log-level", "WARNING"]
+        cli = ["--log-level", "WARNING"]
         logs = self.workdir / "logs"
         logs.mkdir(exist_ok=True)
         self._processes.append(
-            _Process("gpushare scheduler", [*cli, "scheduler"], logs / "scheduler.log", env)
+            processes.Part(
+                "gpushare scheduler", [*cli, "scheduler", "--kubeconfig", env["KUBECONFIG"]],
+                env=env, log=logs / "scheduler.log",
+            )
         )
         self._processes.append(
-            _Process(
+            processes.Part(
                 "gpushare webhook",
                 [*cli, "webhook", "--tls-cert", str(tls[1]), "--tls-key", str(tls[2]),
                  "--probe-listen", f"127.0.0.1:{probe_port}"],
-                logs / "webhook.log", env,
+                env=env, log=logs / "webhook.log",
             )
         )
+        control = mpsfake.install(self.workdir / "bin")
         for node in self.fleet.nodes:
-            await self._register_node(node.name)
-            folder = self.workdir / node.name
-            folder.mkdir(exist_ok=True)
-            node_gpus = NodeGpus(node, folder / "nvml.json")
-            node_gpus.write()
-            self.node_gpus[node.name] = node_gpus
-            agent = kubelet.Kubelet(node.name, folder / "kubelet", names.RESOURCE_GPU_MEMORY)
-            await agent.start()
-            self.kubelets[node.name] = agent
-            self._processes.append(
-                _Process(
-                    f"gpushare device-plugin ({node.name})",
-                    [*cli, "device-plugin", "--kubelet-dir", str(agent.kubelet_dir),
-                     "--nvml", f"fake:{node_gpus.path}", "--metrics-listen",
-                     f"127.0.0.1:{free_port()}", "--node-name", node.name,
-                     "--mps-control", str(control)],
-                    logs / f"device-plugin-{node.name}.log",
-                    {**env, "GPUSHARE_AGENT__MPS_ROOT": str(folder / "mps")},
-                )
-            )
-        progress(f"{len(self._processes)} processes")
+            await self._add_node(node, cli=cli, env=env, control=control, logs=logs)
+        self.progress(f"starting {len(self._processes)} processes")
+        # The first start waits for the fork server's imports: keep serving the API meanwhile.
         for process in self._processes:
-            process.start()
+            await asyncio.to_thread(process.start)
 
         self._http = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=5))
         self._extender_base = f"http://127.0.0.1:{extender_port}"
@@ -243,18 +178,65 @@ class Simulation:
         self._scheduler = scheduling.SchedulerClient(
             self._extender_url, rng=random.Random(self.seed)
         )
-        progress("device plugins registering")
+        await self._wait_ready(f"http://127.0.0.1:{probe_port}")
+
+    def _configure(self, extender_port: int, webhook_port: int) -> dict[str, str]:
+        """Write the kubeconfig and the shared configuration; the parts' environment."""
+        kubeconfig = self.workdir / "kubeconfig"
+        kubeconfig.write_text(self.api.kubeconfig())
+        raw = self.base.model_dump(mode="json")
+        raw["scheduler"]["listen"] = f"127.0.0.1:{extender_port}"
+        raw["webhook"]["listen"] = f"127.0.0.1:{webhook_port}"
+        raw["agent"]["poll_seconds"] = AGENT_POLL_SECONDS
+        raw["agent"]["heartbeat_seconds"] = AGENT_HEARTBEAT_SECONDS
+        self.settings = config.validate(raw)
+        config_file = self.workdir / "config.yaml"
+        config_file.write_text(yaml.safe_dump(raw))
+        return {
+            **os.environ,
+            "KUBECONFIG": str(kubeconfig),
+            names.ENV_CONFIG_FILE: str(config_file),
+            "PYTHONUNBUFFERED": "1",
+        }
+
+    async def _add_node(
+        self, node: Node, *, cli: list[str], env: dict[str, str], control: Path, logs: Path
+    ) -> None:
+        """The Node object, its fake NVML file, its kubelet and its device-plugin process."""
+        await self._register_node(node.name)
+        folder = self.workdir / node.name
+        folder.mkdir(exist_ok=True)
+        node_gpus = NodeGpus(node, folder / "nvml.json")
+        node_gpus.write()
+        self.node_gpus[node.name] = node_gpus
+        agent = kubelet.Kubelet(node.name, folder / "kubelet", names.RESOURCE_GPU_MEMORY)
+        await agent.start()
+        self.kubelets[node.name] = agent
+        self._processes.append(
+            processes.Part(
+                f"gpushare device-plugin ({node.name})",
+                [*cli, "device-plugin", "--kubelet-dir", str(agent.kubelet_dir),
+                 "--nvml", f"fake:{node_gpus.path}", "--metrics-listen",
+                 f"127.0.0.1:{free_port()}", "--node-name", node.name,
+                 "--mps-control", str(control), "--kubeconfig", env["KUBECONFIG"]],
+                env={**env, "GPUSHARE_AGENT__MPS_ROOT": str(folder / "mps")},
+                log=logs / f"device-plugin-{node.name}.log",
+            )
+        )
+
+    async def _wait_ready(self, webhook_probe: str) -> None:
+        self.progress("device plugins registering")
         await self._until(self._plugins_listed, "every device plugin registers and lists its cards")
         for name, agent in self.kubelets.items():
             await self._set_allocatable(name, agent.allocatable)
-        progress("node reports")
+        self.progress("node reports")
         await self._until(self._reports_in, "every node carries its agent's report")
-        progress("extender and webhook")
+        self.progress("extender and webhook")
         await self._until(
             lambda: self._ready(f"{self._extender_base}/readyz"), "the extender is ready"
         )
         await self._until(
-            lambda: self._webhook_knows_nodes(f"http://127.0.0.1:{probe_port}"),
+            lambda: self._webhook_knows_nodes(webhook_probe),
             "the webhook is ready and knows the node reports",
         )
 
@@ -287,7 +269,10 @@ class Simulation:
         deadline = time.monotonic() + START_SECONDS
         while True:
             for process in self._processes:
-                process.check()
+                if process.exitcode is not None:
+                    raise errors.ConfigError(
+                        f"{process.name} exited with status {process.exitcode}:\n{process.tail()}"
+                    )
             if await check():
                 return
             if time.monotonic() > deadline:
@@ -340,15 +325,18 @@ class Simulation:
 
     async def stop(self) -> None:
         """Stop the parts, the kubelets and the API server; remove the work folder."""
+        for agent in self.kubelets.values():
+            await agent.stop()
         for process in self._processes:
-            process.stop()
+            process.terminate()
+        deadline = time.monotonic() + STOP_SECONDS
+        for process in self._processes:
+            process.reap(deadline - time.monotonic())
         for session in (self._webhook, self._scheduler):
             if session is not None:
                 await session.close()
         if self._http is not None:
             await self._http.close()
-        for agent in self.kubelets.values():
-            await agent.stop()
         await self.api.stop()
         if hasattr(self, "workdir"):
             self._stop_daemons()
@@ -370,7 +358,7 @@ class Simulation:
         assert self._webhook is not None
         self.submitted[service.key] = service
         verdict = await self._webhook.review(
-            handlers.VALIDATE_INFERENCE_SERVICES, service.manifest, group="serving.kserve.io",
+            admission.VALIDATE_INFERENCE_SERVICES, service.manifest, group="serving.kserve.io",
             version="v1beta1", resource="inferenceservices", kind="InferenceService",
         )
         if not verdict.allowed:
@@ -379,7 +367,7 @@ class Simulation:
         await self.api.store.create(ISVCS, service.manifest)
         pod = kserve.predictor_pod(service)
         verdict = await self._webhook.review(
-            handlers.MUTATE_PODS, pod, group="", version="v1", resource="pods", kind="Pod",
+            admission.MUTATE_PODS, pod, group="", version="v1", resource="pods", kind="Pod",
         )
         if not verdict.allowed:
             await self.api.store.delete(ISVCS, service.namespace, service.name)
@@ -476,7 +464,9 @@ class Simulation:
             servers = len(per_card.get(card.uuid, ()))
             node_gpus.set_servers(card.uuid, servers * self.settings.agent.mps_server_bytes)
 
-    async def _set_phase(self, namespace: str, name: str, phase: str, reason: str, message: str) -> None:
+    async def _set_phase(
+        self, namespace: str, name: str, phase: str, reason: str, message: str
+    ) -> None:
         pod = copy.deepcopy(self.api.store.get(PODS, namespace, name))
         status = pod.setdefault("status", {})
         status["phase"] = phase
@@ -508,6 +498,34 @@ class Simulation:
             self.node_gpus[running.node].stop(running.pid)
         self._update_servers(running.node)
 
+    async def settle(self, timeout: float = SETTLE_SECONDS) -> bool:
+        """Wait until the extender's ledger shows every card as kubelet's IDs and NVML leave it.
+
+        A deletion reaches the extender through its watch, and freed memory through the next node
+        report: kube-scheduler retries waiting pods on such events, so the simulation waits for
+        them before it does. Returns whether the ledger caught up within ``timeout`` seconds.
+        """
+        deadline = time.monotonic() + timeout
+        while True:
+            samples = await self.extender_samples()
+            held = self.kubelet_grants()
+            holders: dict[CardUUID, int] = {}
+            for running in self.running.values():
+                holders[running.card] = holders.get(running.card, 0) + 1
+            behind = False
+            for card in self.fleet.cards:
+                label = f'card="{card.uuid}",index="{card.index}",node="{card.node}"'
+                room = samples.get(f"gpushare_scheduler_card_room_bytes{{{label}}}")
+                granted = held.get(card.uuid, 0) + holders.get(card.uuid, 0) * self.overhead_bytes
+                if room is not None and room not in (0, card.model.cuda_total_bytes - granted):
+                    behind = True
+                    break
+            if not behind:
+                return True
+            if time.monotonic() > deadline:
+                return False
+            await asyncio.sleep(AGENT_POLL_SECONDS / 2)
+
     # ----- reading the state --------------------------------------------------------------------
 
     @property
@@ -518,8 +536,9 @@ class Simulation:
     async def extender_calls(self) -> dict[str, int]:
         """Calls the extender answered, by verb, from its own request-duration histogram."""
         samples = await self.extender_samples()
+        name = "gpushare_scheduler_request_duration_seconds_count"
         return {
-            verb: int(samples.get(f'gpushare_scheduler_request_duration_seconds_count{{verb="{verb}"}}', 0))
+            verb: int(samples.get(f'{name}{{verb="{verb}"}}', 0))
             for verb in ("filter", "prioritize", "bind")
         }
 
@@ -574,7 +593,7 @@ class Simulation:
         return self.settings.unit_bytes
 
     def request_cost(self, service: Service) -> int | None:
-        """What the service's grant takes from a card: whole units plus the per-allocation overhead."""
+        """What the service's grant takes from a card: whole units plus the overhead."""
         requested = service.requested_bytes
         if requested is None:
             return None

@@ -1,4 +1,4 @@
-"""The simulated GPUs of one node: the fake NVML file its device plugin reads, kept by the simulator.
+"""The simulated GPUs of one node: the fake NVML file its device plugin reads.
 
 The file lists the cards (NVML total and the driver's reserved part), the processes that hold
 memory (each simulated vLLM), and per card the memory of MPS servers (``used`` beside the
@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from gpushare.ids import CardUUID
-from gpushare.simulator.fleet import Node
+from gpushare.simulator.fleet import Card, Node
 
 _PIDS = itertools.count(10_000)
 
@@ -29,7 +29,7 @@ class NodeGpus:
     servers: dict[CardUUID, int] = field(default_factory=dict)
     """Bytes held by MPS servers on each card."""
 
-    def card(self, uuid: str) -> Any:
+    def card(self, uuid: str) -> Card:
         for card in self.node.cards:
             if card.uuid == uuid:
                 return card

@@ -32,7 +32,10 @@ VLLM_RUNTIME: Final[Manifest] = {
     "command": ["python", "-m", "vllm.entrypoints.openai.api_server"],
     "args": ["--port=8080", "--served-model-name={{.Name}}", "--model=/mnt/models"],
     "env": [{"name": "HF_HOME", "value": "/tmp"}, {"name": "VLLM_CONFIG_ROOT", "value": "/tmp"}],
-    "resources": {"requests": {"cpu": "1", "memory": "2Gi"}, "limits": {"cpu": "1", "memory": "2Gi"}},
+    "resources": {
+        "requests": {"cpu": "1", "memory": "2Gi"},
+        "limits": {"cpu": "1", "memory": "2Gi"},
+    },
 }
 """The container of KServe's ``kserve-vllmserver`` ClusterServingRuntime."""
 
@@ -40,7 +43,10 @@ STORAGE_INITIALIZER: Final[Manifest] = {
     "name": "storage-initializer",
     "image": "kserve/storage-initializer:latest",
     "args": [],
-    "resources": {"requests": {"cpu": "100m", "memory": "100Mi"}, "limits": {"cpu": "1", "memory": "1Gi"}},
+    "resources": {
+        "requests": {"cpu": "100m", "memory": "100Mi"},
+        "limits": {"cpu": "1", "memory": "1Gi"},
+    },
 }
 
 

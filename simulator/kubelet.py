@@ -24,7 +24,7 @@ from gpushare import errors
 from gpushare.deviceplugin.api.deviceplugin.v1beta1 import api_pb2, api_pb2_grpc
 from gpushare.deviceplugin.api.podresources.v1 import api_pb2 as pr_pb2
 from gpushare.deviceplugin.api.podresources.v1 import api_pb2_grpc as pr_grpc
-from gpushare.ids import PodKey
+from gpushare.ids import PodKey, pod_key
 
 logger = logging.getLogger(__name__)
 
@@ -65,9 +65,10 @@ class Kubelet:
     listed: asyncio.Event = field(default_factory=asyncio.Event)
     """Set once the first ``ListAndWatch`` answer arrived."""
     options: api_pb2.DevicePluginOptions | None = None
+    stopping: bool = False
     _servers: list[grpc.aio.Server] = field(default_factory=list)
     _channel: grpc.aio.Channel | None = None
-    _stub: api_pb2_grpc.DevicePluginStub | None = None
+    _stub: "api_pb2_grpc.DevicePluginAsyncStub | None" = None
     _watch: asyncio.Task[None] | None = None
 
     @property
@@ -89,6 +90,7 @@ class Kubelet:
             self._servers.append(server)
 
     async def stop(self) -> None:
+        self.stopping = True
         if self._watch is not None:
             self._watch.cancel()
             with contextlib.suppress(asyncio.CancelledError, grpc.aio.AioRpcError):
@@ -108,17 +110,21 @@ class Kubelet:
             await self._channel.close()
         self._channel = grpc.aio.insecure_channel(f"unix://{self.plugin_folder / endpoint}")
         self._stub = api_pb2_grpc.DevicePluginStub(self._channel)
-        self.options = await self._stub.GetDevicePluginOptions(api_pb2.Empty(), timeout=CALL_SECONDS)
-        self._watch = asyncio.create_task(self._follow(self._stub), name=f"{self.node} ListAndWatch")
+        self.options = await self._stub.GetDevicePluginOptions(
+            api_pb2.Empty(), timeout=CALL_SECONDS
+        )
+        self._watch = asyncio.create_task(
+            self._follow(self._stub), name=f"{self.node} ListAndWatch"
+        )
         self.registered.set()
 
-    async def _follow(self, stub: api_pb2_grpc.DevicePluginStub) -> None:
+    async def _follow(self, stub: "api_pb2_grpc.DevicePluginAsyncStub") -> None:
         try:
             async for answer in stub.ListAndWatch(api_pb2.Empty()):
                 self.devices = {d.ID: d.health == HEALTHY for d in answer.devices}
                 self.listed.set()
         except grpc.aio.AioRpcError as exc:
-            if exc.code() != grpc.StatusCode.CANCELLED:
+            if not self.stopping and exc.code() != grpc.StatusCode.CANCELLED:
                 logger.warning("node %s: ListAndWatch ended: %s", self.node, exc.details())
 
     @property
@@ -133,7 +139,9 @@ class Kubelet:
     async def allocate(self, pod: PodKey, container: str, size: int) -> Allocated:
         """kubelet's device allocation for one container; NoFit when the node lacks IDs."""
         if self._stub is None:
-            raise errors.Conflict(f"node {self.node}: no device plugin registered for {self.resource}")
+            raise errors.Conflict(
+                f"node {self.node}: no device plugin registered for {self.resource}"
+            )
         available = self.free_devices()
         if len(available) < size:
             raise errors.NoFit(
@@ -142,7 +150,7 @@ class Kubelet:
             )
         chosen: list[str] = []
         if self.options is not None and self.options.get_preferred_allocation_available:
-            answer = await self._stub.GetPreferredAllocation(
+            preferred = await self._stub.GetPreferredAllocation(
                 api_pb2.PreferredAllocationRequest(
                     container_requests=[
                         api_pb2.ContainerPreferredAllocationRequest(
@@ -154,8 +162,8 @@ class Kubelet:
                 timeout=CALL_SECONDS,
             )
             offered = set(available)
-            for response in answer.container_responses:
-                chosen = [d for d in response.deviceIDs if d in offered][:size]
+            for offer in preferred.container_responses:
+                chosen = [d for d in offer.deviceIDs if d in offered][:size]
         rest = [d for d in available if d not in set(chosen)]
         chosen += rest[: size - len(chosen)]
         try:
@@ -175,7 +183,8 @@ class Kubelet:
             ) from exc
         response = answer.container_responses[0]
         namespace, _, name = pod.partition("/")
-        self.holdings.setdefault(pod, []).append(_Holding(namespace, name, container, tuple(chosen)))
+        holding = _Holding(namespace, name, container, tuple(chosen))
+        self.holdings.setdefault(pod, []).append(holding)
         return Allocated(
             devices=tuple(chosen),
             envs=dict(response.envs),
@@ -193,7 +202,7 @@ class _Registration(api_pb2_grpc.RegistrationServicer):
         self._kubelet = kubelet
 
     async def Register(  # noqa: N802 - the gRPC method's name
-        self, request: api_pb2.RegisterRequest, context: grpc.aio.ServicerContext
+        self, request: api_pb2.RegisterRequest, context: "Context"
     ) -> api_pb2.Empty:
         if request.version != API_VERSION:
             await context.abort(
@@ -208,39 +217,50 @@ class _Registration(api_pb2_grpc.RegistrationServicer):
         return api_pb2.Empty()
 
 
+Context = grpc.aio.ServicerContext[object, object]
+
+
 class _PodResources(pr_grpc.PodResourcesListerServicer):
     def __init__(self, kubelet: Kubelet) -> None:
         self._kubelet = kubelet
 
-    async def List(  # noqa: N802 - the gRPC method's name
-        self, request: pr_pb2.ListPodResourcesRequest, context: grpc.aio.ServicerContext
-    ) -> pr_pb2.ListPodResourcesResponse:
-        pods = []
-        for holdings in self._kubelet.holdings.values():
-            pods.append(
-                pr_pb2.PodResources(
-                    name=holdings[0].name,
-                    namespace=holdings[0].namespace,
-                    containers=[
-                        pr_pb2.ContainerResources(
-                            name=h.container,
-                            devices=[
-                                pr_pb2.ContainerDevices(
-                                    resource_name=self._kubelet.resource, device_ids=h.devices
-                                )
-                            ],
+    def _pod(self, holdings: list[_Holding]) -> pr_pb2.PodResources:
+        return pr_pb2.PodResources(
+            name=holdings[0].name,
+            namespace=holdings[0].namespace,
+            containers=[
+                pr_pb2.ContainerResources(
+                    name=h.container,
+                    devices=[
+                        pr_pb2.ContainerDevices(
+                            resource_name=self._kubelet.resource, device_ids=h.devices
                         )
-                        for h in holdings
                     ],
                 )
-            )
+                for h in holdings
+            ],
+        )
+
+    async def List(  # noqa: N802 - the gRPC method's name
+        self, request: pr_pb2.ListPodResourcesRequest, context: Context
+    ) -> pr_pb2.ListPodResourcesResponse:
+        pods = [self._pod(holdings) for holdings in self._kubelet.holdings.values()]
         return pr_pb2.ListPodResourcesResponse(pod_resources=pods)
 
+    async def Get(  # noqa: N802
+        self, request: pr_pb2.GetPodResourcesRequest, context: Context
+    ) -> pr_pb2.GetPodResourcesResponse:
+        holdings = self._kubelet.holdings.get(pod_key(request.pod_namespace, request.pod_name))
+        if not holdings:
+            await context.abort(grpc.StatusCode.NOT_FOUND, f"pod {request.pod_name} not found")
+        return pr_pb2.GetPodResourcesResponse(pod_resources=self._pod(holdings or []))
+
     async def GetAllocatableResources(  # noqa: N802
-        self, request: pr_pb2.AllocatableResourcesRequest, context: grpc.aio.ServicerContext
+        self, request: pr_pb2.AllocatableResourcesRequest, context: Context
     ) -> pr_pb2.AllocatableResourcesResponse:
         healthy = [d for d, ok in self._kubelet.devices.items() if ok]
         return pr_pb2.AllocatableResourcesResponse(
-            devices=[pr_pb2.ContainerDevices(resource_name=self._kubelet.resource,
-                                             device_ids=healthy)]
+            devices=[
+                pr_pb2.ContainerDevices(resource_name=self._kubelet.resource, device_ids=healthy)
+            ]
         )

@@ -12,8 +12,6 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Final, Literal
 
-from ortools.sat.python import cp_model
-
 Status = Literal["optimal", "feasible", "unknown", "infeasible"]
 
 DEFAULT_TIME_LIMIT: Final = 10.0
@@ -67,6 +65,8 @@ def solve(
     workers: int = 2,
 ) -> Packing:
     """Pack ``items`` into ``bins``: most requests placed, then fewest cards."""
+    from ortools.sat.python import cp_model  # noqa: PLC0415 - OR-tools takes a second to load
+
     if not items:
         return Packing("optimal", 0, 0, 0, {}, 0.0)
     scale = math.gcd(*(item.cost_bytes for item in items), *(b.capacity_bytes for b in bins))

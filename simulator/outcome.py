@@ -8,9 +8,12 @@ still waiting (or, when nothing waits, the smallest request of the trace).
 
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
-from gpushare.simulator.optimum import Packing
+from gpushare.ids import CardUUID
+
+if TYPE_CHECKING:
+    from gpushare.simulator.optimum import Packing
 
 Stage = Literal["admission", "mutation", "scheduling", "binding", "allocation", "start"]
 
@@ -53,7 +56,7 @@ class CardState:
 
     node: str
     index: int
-    uuid: str
+    uuid: CardUUID
     model: str
     total_bytes: int
     """NVML total."""
@@ -103,7 +106,7 @@ class Outcome:
     failures: list[Failure] = field(default_factory=list)
     cards: list[CardState] = field(default_factory=list)
     rounds: list[Round] = field(default_factory=list)
-    optimum: Packing | None = None
+    optimum: "Packing | None" = None
     seconds: float = 0.0
     api_requests: dict[str, int] = field(default_factory=dict)
     """Requests each part made of the API server (``PATCH nodes``: 12)."""
@@ -203,7 +206,7 @@ class Outcome:
 
 
 def stranded(cards: Sequence[CardState], smallest: int | None) -> int:
-    """Free room on cards that cannot take an allocation of ``smallest`` bytes (overhead included)."""
+    """Free room on cards that cannot take an allocation of ``smallest`` bytes (with overhead)."""
     if smallest is None:
         return 0
     return sum(card.room_bytes for card in cards if 0 < card.room_bytes < smallest)

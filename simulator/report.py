@@ -5,7 +5,7 @@ from rich.console import Console, Group, RenderableType
 from rich.table import Table
 from rich.text import Text
 
-from gpushare.quantities import format_bytes
+from gpushare.quantities import GI, format_bytes
 from gpushare.simulator.outcome import CardState, Outcome
 
 BAR_WIDTH = 12
@@ -54,14 +54,12 @@ def _bar(card: CardState) -> Text:
 
 def _cards(outcome: Outcome) -> Table:
     table = Table(title="Cards", box=box.SIMPLE_HEAD, title_justify="left", pad_edge=False)
-    table.add_column("node")
-    table.add_column("GPU", justify="right")
-    table.add_column("model")
-    table.add_column("InferenceServices")
-    table.add_column("granted / usable", justify="right")
+    table.add_column("card", no_wrap=True)
+    table.add_column("InferenceServices", ratio=1)
+    table.add_column("granted / usable", justify="right", no_wrap=True)
     table.add_column("", no_wrap=True)
-    table.add_column("in use", justify="right")
-    table.add_column("free", justify="right")
+    table.add_column("in use", justify="right", no_wrap=True)
+    table.add_column("free", justify="right", no_wrap=True)
     idle = [card for card in outcome.cards if not card.services]
     for card in outcome.cards:
         if not card.services:
@@ -71,21 +69,20 @@ def _cards(outcome: Outcome) -> Table:
             f" (+{len(names) - MAX_NAMES})" if len(names) > MAX_NAMES else ""
         )
         table.add_row(
-            card.node,
-            str(card.index),
-            card.model,
+            f"{card.node} #{card.index}",
             shown,
-            f"{format_bytes(card.granted_bytes)} / {format_bytes(card.capacity_bytes)}",
+            f"{_gib(card.granted_bytes)} / {_gib(card.capacity_bytes)} GiB",
             _bar(card),
             format_bytes(card.used_bytes),
             format_bytes(card.room_bytes),
         )
     if idle:
-        table.add_row(
-            f"{len(idle)} idle card{'s' if len(idle) > 1 else ''}", "", "", "", "", "", "", "",
-            style="dim",
-        )
+        table.add_row(f"{len(idle)} idle card{'s' if len(idle) > 1 else ''}", style="dim")
     return table
+
+
+def _gib(n: int) -> str:
+    return f"{n / GI:.1f}"
 
 
 def _summary(outcome: Outcome) -> Table:
@@ -129,11 +126,12 @@ def _summary(outcome: Outcome) -> Table:
         for card in outcome.cards
         if smallest and 0 < card.room_bytes < smallest + outcome.overhead_bytes
     )
+    waiting = any(f.stage not in ("admission", "mutation") for f in outcome.failures)
+    what = "the smallest waiting request" if waiting else "the smallest request"
     table.add_row(
         "stranded memory",
         f"{format_bytes(outcome.stranded_bytes)} on {stranded_cards} cards"
-        + (f" (free room under the smallest waiting request, {format_bytes(smallest)})"
-           if smallest else ""),
+        + (f" (free room under {what}, {format_bytes(smallest)})" if smallest else ""),
     )
     return table
 

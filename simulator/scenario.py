@@ -5,6 +5,7 @@ one), pods that were waiting are tried again (kube-scheduler retries unschedulab
 is deleted), and as many new services arrive, drawn from the trace.
 """
 
+import asyncio
 import math
 import random
 import time
@@ -12,7 +13,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Final
 
-from gpushare import errors
+from gpushare import config, errors
 from gpushare.quantities import format_bytes
 from gpushare.simulator import optimum
 from gpushare.simulator.cluster import Simulation
@@ -28,8 +29,6 @@ CHURN_SHARE: Final = 0.1
 class Options:
     """What ``gpushare simulate`` was asked."""
 
-    policy: str = "binpack"
-    isolation: str = "mps"
     seed: int = 0
     churn: int = 0
     optimum_seconds: float = optimum.DEFAULT_TIME_LIMIT
@@ -39,7 +38,9 @@ Step = Callable[[str], None]
 """Told what happens, for a progress display: ``step("placing bloom")``."""
 
 
-def check_fleet(fleet: Fleet, services: Sequence[Service], *, unit_bytes: int, overhead: int) -> None:
+def check_fleet(
+    fleet: Fleet, services: Sequence[Service], *, unit_bytes: int, overhead: int
+) -> None:
     """Refuse a fleet whose largest card cannot hold even the smallest request."""
     sizes = [s.requested_bytes for s in services if s.requested_bytes is not None]
     if not sizes:
@@ -52,7 +53,8 @@ def check_fleet(fleet: Fleet, services: Sequence[Service], *, unit_bytes: int, o
             f"the fleet cannot hold a single request: its largest card ({largest.model.name},"
             f" {format_bytes(largest.model.cuda_total_bytes)} usable) is smaller than the"
             f" smallest request of the trace ({format_bytes(smallest)} plus"
-            f" {format_bytes(cost - smallest)} of rounding and overhead); add larger GPUs to --nodes"
+            f" {format_bytes(cost - smallest)} of rounding and overhead);"
+            " add larger GPUs to --nodes"
         )
 
 
@@ -61,20 +63,19 @@ async def run(
     services: Sequence[Service],
     options: Options,
     *,
+    settings: config.Settings,
     step: Step = lambda _: None,
     advance: Callable[[int], None] = lambda _: None,
 ) -> Outcome:
     """Simulate ``services`` on ``fleet``; ``advance(n)`` counts submitted services."""
     began = time.perf_counter()
     rng = random.Random(options.seed)
-    async with Simulation(
-        fleet, policy=options.policy, isolation=options.isolation, seed=options.seed, progress=step
-    ) as sim:
+    async with Simulation(fleet, base=settings, seed=options.seed, progress=step) as sim:
         outcome = Outcome(
             fleet=fleet.spec,
             fleet_description=describe(fleet),
-            policy=options.policy,
-            isolation=options.isolation,
+            policy=settings.policy,
+            isolation=settings.isolation,
             seed=options.seed,
             services=len(services),
             overhead_bytes=sim.overhead_bytes,
@@ -107,8 +108,12 @@ async def run(
         outcome.api_requests = sim.api_requests()
         outcome.extender_requests = await sim.extender_calls()
         _check_no_overcommit(sim, outcome)
-    step("offline optimum")
-    outcome.optimum = _optimum(fleet, outcome, sim, options.optimum_seconds)
+        step("offline optimum")
+        # The solver runs in a thread while the parts shut down.
+        solving = asyncio.create_task(
+            asyncio.to_thread(_optimum, fleet, outcome, sim, options.optimum_seconds)
+        )
+    outcome.optimum = await solving
     outcome.seconds = time.perf_counter() - began
     return outcome
 
@@ -126,6 +131,7 @@ async def _churn(
     for key in leaving:
         await sim.remove(by_key[key])
         del results[key]
+    await sim.settle()
     for key, service in list(sim.pending.items()):
         results[key] = await sim.schedule(service)
     arrivals = [rng.choice(list(trace)) for _ in range(len(leaving))]
@@ -161,7 +167,8 @@ def _optimum(
 ) -> optimum.Packing:
     """The fewest cards for the services admitted (running or waiting), solved offline."""
     items = []
-    for result in [*outcome.placements, *outcome.failures]:
+    results: list[Placement | Failure] = [*outcome.placements, *outcome.failures]
+    for result in results:
         if isinstance(result, Failure) and result.stage in ("admission", "mutation"):
             continue
         if result.requested_bytes is None:

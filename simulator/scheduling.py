@@ -91,7 +91,9 @@ class SchedulerClient:
             async with self._session.post(f"{self._url}/{verb}", json=body) as response:
                 text = await response.text()
                 if response.status != 200:
-                    raise errors.Conflict(f"extender {verb} answered HTTP {response.status}: {text}")
+                    raise errors.Conflict(
+                        f"extender {verb} answered HTTP {response.status}: {text}"
+                    )
                 return await response.json(content_type=None)
         except (aiohttp.ClientError, TimeoutError) as exc:
             raise errors.Conflict(f"extender {verb} failed: {exc!r}") from exc

@@ -3,7 +3,7 @@
 kubelet expands ``$(VAR)`` in ``command`` and ``args`` from the container's environment (the device
 plugin's Allocate envs included); ``$$`` escapes. vLLM then reads ``--gpu-memory-utilization``
 (``--flag v``, ``--flag=v``, ``--flag_name v``; the last one wins; 0.92 by default) and refuses to
-start when the free memory it sees is under ``utilization × total``, where total is CUDA's (NVML
+start when the free memory it sees is under ``utilization * total``, where total is CUDA's (NVML
 total minus the driver's reserved part). Under an MPS limit L a client sees ``L - context`` free.
 Once started, the process holds its budget plus a little outside it.
 """
@@ -22,7 +22,7 @@ CONTEXT_AT_CHECK_BYTES: Final = 512 * MI
 """What a client's CUDA context has taken when vLLM checks: under an MPS limit of 2G a client saw
 ~1.5 GiB free, and under 8G vLLM reported 7.5 GiB free (H100, driver 580)."""
 RUNNING_EXTRA_BYTES: Final = 200 * MI
-"""NVML's per-process figure of a running vLLM exceeded utilization × total by ~0.2 GiB."""
+"""NVML's per-process figure of a running vLLM exceeded utilization * total by ~0.2 GiB."""
 
 _VARIABLE: Final = re.compile(r"\$\$|\$\(([A-Za-z_][A-Za-z0-9_.-]*)\)")
 _FLAGS: Final = ("--gpu-memory-utilization", "--gpu_memory_utilization")
@@ -39,7 +39,9 @@ def expand(text: str, env: Mapping[str, str]) -> str:
     return _VARIABLE.sub(replace, text)
 
 
-def container_env(container: Mapping[str, object], allocate_envs: Mapping[str, str]) -> dict[str, str]:
+def container_env(
+    container: Mapping[str, object], allocate_envs: Mapping[str, str]
+) -> dict[str, str]:
     """The environment kubelet gives the container: Allocate's envs, then the spec's (which win)."""
     env = dict(allocate_envs)
     for item in container.get("env") or []:  # type: ignore[attr-defined]
@@ -78,7 +80,7 @@ def utilization(words: Sequence[str]) -> Decimal:
 
 
 def mps_limit_bytes(env: Mapping[str, str], card: str) -> int | None:
-    """The client's MPS limit on ``card`` from ``CUDA_MPS_PINNED_DEVICE_MEM_LIMIT`` (``uuid=20480M``)."""
+    """The client's MPS limit on ``card``: ``CUDA_MPS_PINNED_DEVICE_MEM_LIMIT=<uuid>=20480M``."""
     text = env.get(names.ENV_MPS_MEM_LIMIT)
     if not text:
         return None

@@ -35,6 +35,8 @@ class Service:
     """Where it came from (``trace.yaml#3`` or ``built-in``), for messages."""
     label: str = ""
     """What it runs, for people (``Llama-3.1-8B bf16, 8k ctx, 64 seqs``)."""
+    minimum_bytes: int | None = None
+    """The smallest grant vLLM starts in (one full-length sequence of KV cache), where known."""
 
     @property
     def name(self) -> str:
@@ -68,7 +70,7 @@ class Service:
     def renamed(self, name: str) -> "Service":
         """A copy under another name (churn arrivals reuse the trace's services)."""
         manifest = {**self.manifest, "metadata": {**self.manifest["metadata"], "name": name}}
-        return Service(manifest, self.source, self.label)
+        return Service(manifest, self.source, self.label, self.minimum_bytes)
 
 
 def load(path: Path) -> list[Service]:
@@ -112,7 +114,9 @@ def _load_file(file: Path) -> Iterable[Service]:
 def parse(document: object, *, source: str) -> Service:
     """Check one document is an InferenceService worth simulating."""
     if not isinstance(document, Mapping):
-        raise errors.BadRequest(f"{source}: expected an InferenceService mapping, got {document!r:.60}")
+        raise errors.BadRequest(
+            f"{source}: expected an InferenceService mapping, got {document!r:.60}"
+        )
     kind, api_version = document.get("kind"), document.get("apiVersion")
     if kind != ISVC_KIND or not str(api_version).startswith("serving.kserve.io/"):
         raise errors.BadRequest(

@@ -10,6 +10,7 @@ from typing import Any, Final
 
 import jsonpatch
 import kopf
+
 from gpushare import config, names
 from gpushare.ids import NodeName
 from gpushare.webhook import inventory, mutation, validation

@@ -17,10 +17,11 @@ from typing import Any, Final
 
 import aiohttp.web
 import kopf
+from prometheus_client import CollectorRegistry
+
 from gpushare import config, errors
 from gpushare.webhook import handlers, inventory, server
 from gpushare.webhook.metrics import WebhookMetrics
-from prometheus_client import CollectorRegistry
 
 logger = logging.getLogger(__name__)
 

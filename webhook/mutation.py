@@ -73,9 +73,7 @@ def pod(
         )
     container, plan = containers[target], plans[target]
     where = f"container {container['name']}"
-    reasons = validation.container_reasons(
-        where, container, gpus=validation.gpu_count(container)
-    )
+    reasons = validation.container_reasons(where, container, gpus=validation.gpu_count(container))
     if reasons:
         return Mutation(reasons=tuple(reasons))
     units = quantities.to_units(requested, settings.unit_bytes)

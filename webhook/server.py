@@ -15,6 +15,7 @@ from typing import Any, Final
 import aiohttp.web
 import kopf
 import prometheus_client
+
 from gpushare.webhook.metrics import WebhookMetrics
 
 API_VERSIONS: Final = ("admission.k8s.io/v1", "admission.k8s.io/v1beta1")
@@ -42,9 +43,7 @@ class AdmissionServer(kopf.WebhookServer):
         """Serve ``fn`` behind the guard; yield kopf's client configs while listening."""
         return self._serve_guarded(fn)
 
-    async def _serve_guarded(
-        self, fn: kopf.WebhookFn
-    ) -> AsyncIterator[kopf.WebhookClientConfig]:
+    async def _serve_guarded(self, fn: kopf.WebhookFn) -> AsyncIterator[kopf.WebhookClientConfig]:
         try:
             async for client_config in super().__call__(self._guard(fn)):
                 self.listening.set()
@@ -53,9 +52,7 @@ class AdmissionServer(kopf.WebhookServer):
             self.listening.clear()
 
     @staticmethod
-    async def _serve(
-        fn: kopf.WebhookFn, request: aiohttp.web.Request
-    ) -> aiohttp.web.Response:
+    async def _serve(fn: kopf.WebhookFn, request: aiohttp.web.Request) -> aiohttp.web.Response:
         """kopf's request handling, with bodies it cannot decode answered 400 rather than 500."""
         try:
             response: aiohttp.web.Response = await kopf.WebhookServer._serve(fn, request)

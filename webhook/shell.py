@@ -17,7 +17,7 @@ _REDIRECT_CHARS: Final = "<>"
 _GLOB_CHARS: Final = "*?["
 
 
-class Unsupported(ValueError):  # noqa: N818 - reads as "the script is unsupported"
+class Unsupported(ValueError):
     """The script uses a construct that cannot be edited exactly."""
 
 

@@ -45,7 +45,9 @@ def service_names(service: str, namespace: str) -> list[str]:
     return [f"{service}.{namespace}.svc", f"{service}.{namespace}.svc.cluster.local"]
 
 
-def usable(data: dict[str, str] | None, names: Sequence[str], *, renew_before: datetime.timedelta) -> bool:
+def usable(
+    data: dict[str, str] | None, names: Sequence[str], *, renew_before: datetime.timedelta
+) -> bool:
     """Whether a Secret's data holds a pair for ``names`` valid for longer than ``renew_before``."""
     if not data or not all(data.get(key) for key in ("ca.crt", "tls.crt", "tls.key")):
         return False
@@ -68,20 +70,25 @@ def usable(data: dict[str, str] | None, names: Sequence[str], *, renew_before: d
     return True
 
 
-def secret_body(name: str, pair: certs.Pair) -> dict[str, Any]:
+def secret_body(name: str, pair: certs.Pair) -> client.V1Secret:
     """A ``kubernetes.io/tls`` Secret with the CA beside the pair."""
     encode = {"ca.crt": pair.ca_pem, "tls.crt": pair.cert_pem, "tls.key": pair.key_pem}
-    return {
-        "apiVersion": "v1",
-        "kind": "Secret",
-        "metadata": {"name": name, "labels": {"app.kubernetes.io/part-of": "gpushare"}},
-        "type": "kubernetes.io/tls",
-        "data": {key: base64.b64encode(value).decode() for key, value in encode.items()},
-    }
+    return client.V1Secret(
+        api_version="v1",
+        kind="Secret",
+        metadata=client.V1ObjectMeta(name=name, labels={"app.kubernetes.io/part-of": "gpushare"}),
+        type="kubernetes.io/tls",
+        data={key: base64.b64encode(value).decode() for key, value in encode.items()},
+    )
 
 
 async def ensure_secret(
-    core: client.CoreV1Api, *, namespace: str, name: str, names: Sequence[str], renew_before: datetime.timedelta
+    core: client.CoreV1Api,
+    *,
+    namespace: str,
+    name: str,
+    names: Sequence[str],
+    renew_before: datetime.timedelta,
 ) -> tuple[str, str | None]:
     """Keep or (re)write the Secret; return its CA and the CA it replaced (base64 PEM)."""
     try:
@@ -99,12 +106,12 @@ async def ensure_secret(
     if secret is None:
         await core.create_namespaced_secret(namespace, body)
         logger.info("Secret %s/%s created", namespace, name)
-        return body["data"]["ca.crt"], None
-    body["metadata"]["resourceVersion"] = secret.metadata.resource_version
+        return body.data["ca.crt"], None
+    body.metadata.resource_version = secret.metadata.resource_version
     await core.replace_namespaced_secret(name, namespace, body)
     logger.info("Secret %s/%s renewed", namespace, name)
     old = (data or {}).get("ca.crt")
-    return body["data"]["ca.crt"], old if old and _still_valid(old) else None
+    return body.data["ca.crt"], old if old and _still_valid(old) else None
 
 
 def _still_valid(ca_b64: str) -> bool:
@@ -146,7 +153,9 @@ async def _patch_configuration(
     if all(webhook.client_config.ca_bundle == ca_bundle for webhook in webhooks):
         logger.info("%s %s trusts the CA already", kind, name)
         return
-    body = {"webhooks": [{"name": w.name, "clientConfig": {"caBundle": ca_bundle}} for w in webhooks]}
+    body = {
+        "webhooks": [{"name": w.name, "clientConfig": {"caBundle": ca_bundle}} for w in webhooks]
+    }
     await patch(name, body)
     logger.info("%s %s: caBundle set on %d webhook(s)", kind, name, len(webhooks))
 
@@ -164,7 +173,7 @@ async def install(
     if os.environ.get("KUBECONFIG"):
         await config.load_kube_config()
     else:
-        config.load_incluster_config()
+        config.load_incluster_config()  # type: ignore[no-untyped-call]
     async with client.ApiClient() as api:
         core = client.CoreV1Api(api)
         admission = client.AdmissionregistrationV1Api(api)

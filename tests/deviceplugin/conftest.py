@@ -15,7 +15,6 @@ from typing import Any
 import prometheus_client
 import pytest
 import yaml
-
 from gpushare import config, quantities
 from gpushare.config import Settings
 from gpushare.deviceplugin import kube, mps
@@ -26,6 +25,7 @@ from gpushare.deviceplugin.nvml import FakeNvml
 from gpushare.deviceplugin.podresources import PodResourcesClient
 from gpushare.deviceplugin.pods import PodInfo
 from gpushare.deviceplugin.watchdog import ProcessLocator
+
 from tests.deviceplugin.kubelet import TestKubelet
 
 MI = quantities.MI
@@ -169,6 +169,7 @@ def make_agent(short_tmp: Path, nvml_file: Path, mps_control: FakeControl) -> Ag
         node: str = "gpu-node",
         settings: Settings | None = None,
         clock: Callable[[], float] = time.monotonic,
+        registry: prometheus_client.CollectorRegistry | None = None,
         **agent_settings: Any,
     ) -> Agent:
         settings = settings or make_settings(short_tmp, isolation=isolation, **agent_settings)
@@ -177,12 +178,17 @@ def make_agent(short_tmp: Path, nvml_file: Path, mps_control: FakeControl) -> Ag
             node=node,
             nvml=FakeNvml(path=nvml_file),
             mode=mps.make(
-                settings.isolation, settings.agent.mps_root, control=str(mps_control.path), clock=clock
+                settings.isolation,
+                settings.agent.mps_root,
+                control=str(mps_control.path),
+                clock=clock,
             ),
-            metrics=Metrics(prometheus_client.CollectorRegistry(), node=node),
+            metrics=Metrics(registry or prometheus_client.CollectorRegistry(), node=node),
             api=api,
             pods=pods,
-            podresources=PodResourcesClient(settings.agent.kubelet_dir / "pod-resources" / "kubelet.sock"),
+            podresources=PodResourcesClient(
+                settings.agent.kubelet_dir / "pod-resources" / "kubelet.sock"
+            ),
             locator=locator,
             clock=clock,
         )

@@ -17,7 +17,6 @@ from pathlib import Path
 
 import grpc
 import grpc.aio
-
 from gpushare.deviceplugin.api.deviceplugin.v1beta1 import api_pb2 as dp
 from gpushare.deviceplugin.api.deviceplugin.v1beta1 import api_pb2_grpc as dp_grpc
 from gpushare.deviceplugin.api.podresources.v1 import api_pb2 as pr
@@ -41,7 +40,9 @@ class _PodResources(pr_grpc.PodResourcesListerServicer):
     def __init__(self, kubelet: "TestKubelet") -> None:
         self._kubelet = kubelet
 
-    async def List(self, request: pr.ListPodResourcesRequest, context: object) -> pr.ListPodResourcesResponse:  # noqa: N802
+    async def List(  # noqa: N802
+        self, request: pr.ListPodResourcesRequest, context: object
+    ) -> pr.ListPodResourcesResponse:
         pods = []
         for (namespace, name), containers in self._kubelet.assigned.items():
             pods.append(
@@ -58,6 +59,18 @@ class _PodResources(pr_grpc.PodResourcesListerServicer):
                 )
             )
         return pr.ListPodResourcesResponse(pod_resources=pods)
+
+    async def GetAllocatableResources(  # noqa: N802
+        self,
+        request: pr.AllocatableResourcesRequest,
+        context: grpc.aio.ServicerContext[object, object],
+    ) -> pr.AllocatableResourcesResponse:
+        await context.abort(grpc.StatusCode.UNIMPLEMENTED, "not in the test kubelet")
+
+    async def Get(  # noqa: N802
+        self, request: pr.GetPodResourcesRequest, context: grpc.aio.ServicerContext[object, object]
+    ) -> pr.GetPodResourcesResponse:
+        await context.abort(grpc.StatusCode.UNIMPLEMENTED, "not in the test kubelet")
 
 
 class TestKubelet:
@@ -97,8 +110,12 @@ class TestKubelet:
         await self._server.start()
         if self._pod_resources is None:
             self._pod_resources = grpc.aio.server()
-            pr_grpc.add_PodResourcesListerServicer_to_server(_PodResources(self), self._pod_resources)
-            self._pod_resources.add_insecure_port(f"unix://{self.root / 'pod-resources' / 'kubelet.sock'}")
+            pr_grpc.add_PodResourcesListerServicer_to_server(
+                _PodResources(self), self._pod_resources
+            )
+            self._pod_resources.add_insecure_port(
+                f"unix://{self.root / 'pod-resources' / 'kubelet.sock'}"
+            )
             await self._pod_resources.start()
 
     async def stop(self) -> None:
@@ -131,9 +148,9 @@ class TestKubelet:
     async def _follow(self, endpoint: str) -> None:
         if self._channel is not None:
             await self._channel.close()
-        self._channel = grpc.aio.insecure_channel(f"unix://{self.plugins_dir / endpoint}")
-        self.stub = dp_grpc.DevicePluginStub(self._channel)  # type: ignore[assignment]
-        assert self.stub is not None
+        channel = grpc.aio.insecure_channel(f"unix://{self.plugins_dir / endpoint}")
+        self._channel = channel
+        self.stub = dp_grpc.DevicePluginStub(channel)
         self.options = await self.stub.GetDevicePluginOptions(dp.Empty())
         with contextlib.suppress(grpc.aio.AioRpcError):
             async for message in self.stub.ListAndWatch(dp.Empty()):
@@ -154,7 +171,7 @@ class TestKubelet:
         self.stub = None
 
     async def wait_for(self, predicate: Callable[[], bool], timeout: float = 10.0) -> None:
-        """Wait until ``predicate`` holds (checked on every ListAndWatch message and registration)."""
+        """Wait until ``predicate`` holds (checked on each ListAndWatch message and every 50 ms)."""
 
         async def waiting() -> None:
             while not predicate():
@@ -170,7 +187,13 @@ class TestKubelet:
         return [d for d, health in self.devices.items() if health == "Healthy" and d not in held]
 
     async def admit(
-        self, namespace: str, pod: str, container: str, units: int, *, resource: str = "gpushare.io/gpu-memory"
+        self,
+        namespace: str,
+        pod: str,
+        container: str,
+        units: int,
+        *,
+        resource: str = "gpushare.io/gpu-memory",
     ) -> dp.ContainerAllocateResponse:
         """Admit one container as kubelet: prefer, allocate, pre-start, record."""
         assert self.stub is not None, "no plugin registered"
@@ -179,7 +202,9 @@ class TestKubelet:
             dp.PreferredAllocationRequest(
                 container_requests=[
                     dp.ContainerPreferredAllocationRequest(
-                        available_deviceIDs=available, must_include_deviceIDs=[], allocation_size=units
+                        available_deviceIDs=available,
+                        must_include_deviceIDs=[],
+                        allocation_size=units,
                     )
                 ]
             )

@@ -2,14 +2,16 @@
 health changes, preferences, Allocate's environment, and a kubelet restart."""
 
 import time
+from pathlib import Path
 
 import grpc
 import grpc.aio
 import pytest
-
 from gpushare import names
 from gpushare.deviceplugin import devices, mps
+from gpushare.deviceplugin.api.deviceplugin.v1beta1 import api_pb2 as dp
 from gpushare.deviceplugin.pods import PodInfo
+
 from tests.deviceplugin.conftest import (
     CARD_A,
     CARD_B,
@@ -27,7 +29,9 @@ from tests.deviceplugin.kubelet import TestKubelet
 UNITS_PER_H100 = H100_CUDA_TOTAL // GI  # 79
 
 
-async def test_registers_the_resource_with_its_options(make_agent: AgentFactory, kubelet: TestKubelet) -> None:
+async def test_registers_the_resource_with_its_options(
+    make_agent: AgentFactory, kubelet: TestKubelet
+) -> None:
     async with running(make_agent(isolation="none"), kubelet):
         (request,) = kubelet.registrations
         assert request.version == "v1beta1"
@@ -38,7 +42,9 @@ async def test_registers_the_resource_with_its_options(make_agent: AgentFactory,
         assert kubelet.options is not None and kubelet.options.get_preferred_allocation_available
 
 
-async def test_lists_one_id_per_unit_of_each_card(make_agent: AgentFactory, kubelet: TestKubelet) -> None:
+async def test_lists_one_id_per_unit_of_each_card(
+    make_agent: AgentFactory, kubelet: TestKubelet
+) -> None:
     async with running(make_agent(isolation="none"), kubelet):
         ids = sorted(kubelet.devices, key=devices.sort_key)
         assert len(ids) == 2 * UNITS_PER_H100
@@ -47,7 +53,9 @@ async def test_lists_one_id_per_unit_of_each_card(make_agent: AgentFactory, kube
         assert set(kubelet.devices.values()) == {"Healthy"}
 
 
-async def test_keeps_room_for_the_next_mps_server(make_agent: AgentFactory, kubelet: TestKubelet) -> None:
+async def test_keeps_room_for_the_next_mps_server(
+    make_agent: AgentFactory, kubelet: TestKubelet
+) -> None:
     # 79.18 GiB: 79 units leave 184 MiB, room for two 66 MiB servers; the third daemon's server
     # would not fit, so after two allocations on card A its last free unit is withheld.
     async with running(make_agent(isolation="mps"), kubelet) as agent:
@@ -61,12 +69,14 @@ async def test_keeps_room_for_the_next_mps_server(make_agent: AgentFactory, kube
 
 
 async def test_a_card_fault_is_resent_and_so_is_its_recovery(
-    make_agent: AgentFactory, kubelet: TestKubelet, nvml_file
+    make_agent: AgentFactory, kubelet: TestKubelet, nvml_file: Path
 ) -> None:
     async with running(make_agent(isolation="none"), kubelet):
         write_fake(nvml_file, [card(CARD_A, 0), card(CARD_B, 1, error="GPU is lost")])
         await kubelet.wait_for(
-            lambda: all(h == "Unhealthy" for d, h in kubelet.devices.items() if d.startswith(CARD_B))
+            lambda: all(
+                h == "Unhealthy" for d, h in kubelet.devices.items() if d.startswith(CARD_B)
+            )
         )
         assert all(h == "Healthy" for d, h in kubelet.devices.items() if d.startswith(CARD_A))
         write_fake(nvml_file, [card(CARD_A, 0), card(CARD_B, 1)])
@@ -74,7 +84,7 @@ async def test_a_card_fault_is_resent_and_so_is_its_recovery(
 
 
 async def test_a_critical_xid_makes_the_card_unhealthy(
-    make_agent: AgentFactory, kubelet: TestKubelet, nvml_file
+    make_agent: AgentFactory, kubelet: TestKubelet, nvml_file: Path
 ) -> None:
     async with running(make_agent(isolation="none"), kubelet):
         write_fake(
@@ -83,7 +93,9 @@ async def test_a_critical_xid_makes_the_card_unhealthy(
             xid=[{"card": CARD_A, "xid": 13}, {"card": CARD_A, "xid": 48}],
         )
         await kubelet.wait_for(
-            lambda: all(h == "Unhealthy" for d, h in kubelet.devices.items() if d.startswith(CARD_A))
+            lambda: all(
+                h == "Unhealthy" for d, h in kubelet.devices.items() if d.startswith(CARD_A)
+            )
         )
         assert all(h == "Healthy" for d, h in kubelet.devices.items() if d.startswith(CARD_B))
 
@@ -144,15 +156,17 @@ async def test_allocate_returns_the_contract_environment_under_mps(
     assert f"{pipe} set_default_device_pinned_mem_limit 0 20480M" in mps_control.lines()
 
 
-async def test_allocate_refuses_ids_that_span_cards(make_agent: AgentFactory, kubelet: TestKubelet) -> None:
-    from gpushare.deviceplugin.api.deviceplugin.v1beta1 import api_pb2 as dp
-
+async def test_allocate_refuses_ids_that_span_cards(
+    make_agent: AgentFactory, kubelet: TestKubelet
+) -> None:
     async with running(make_agent(isolation="none"), kubelet):
         assert kubelet.stub is not None
         with pytest.raises(grpc.aio.AioRpcError) as caught:
             await kubelet.stub.Allocate(
                 dp.AllocateRequest(
-                    container_requests=[dp.ContainerAllocateRequest(devices_ids=[f"{CARD_A}-0", f"{CARD_B}-0"])]
+                    container_requests=[
+                        dp.ContainerAllocateRequest(devices_ids=[f"{CARD_A}-0", f"{CARD_B}-0"])
+                    ]
                 )
             )
         assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
@@ -185,12 +199,15 @@ async def test_registers_again_within_five_seconds_of_a_kubelet_restart(
         before = len(kubelet.registrations)
         await kubelet.restart()
         started = time.monotonic()
-        await kubelet.wait_for(lambda: len(kubelet.registrations) > before and bool(kubelet.devices), 5.0)
+        await kubelet.wait_for(
+            lambda: len(kubelet.registrations) > before and bool(kubelet.devices), 5.0
+        )
         assert time.monotonic() - started < 5.0
         assert len(kubelet.devices) == 2 * UNITS_PER_H100
         response = await kubelet.admit("ns", "after-restart", "c", 2)
         assert response.envs[names.ENV_GRANTED_BYTES] == str(2 * GI)
-        assert agent.metrics.registrations._value.get() == 2  # type: ignore[attr-defined]
+        registrations = "gpushare_device_plugin_registrations_total"
+        assert agent.metrics.registry.get_sample_value(registrations, {"node": "gpu-node"}) == 2
 
 
 async def test_stops_an_mps_daemon_once_its_pod_is_gone(

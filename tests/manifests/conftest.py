@@ -30,3 +30,15 @@ def base() -> Objects:
 def overlay(request: pytest.FixtureRequest) -> Objects:
     """Each overlay under ``manifests/overlays/``, rendered."""
     return _render(render.MANIFESTS / "overlays" / request.param)
+
+
+@pytest.fixture(scope="session")
+def prometheus_operator() -> Objects:
+    """``manifests/overlays/prometheus-operator``, rendered."""
+    return _render(render.MANIFESTS / "overlays" / "prometheus-operator")
+
+
+@pytest.fixture(scope="session")
+def cert_manager() -> Objects:
+    """``manifests/overlays/cert-manager``, rendered."""
+    return _render(render.MANIFESTS / "overlays" / "cert-manager")

@@ -172,9 +172,7 @@ def privileges(objects: Sequence[Obj]) -> list[str]:
             continue
         seen.add(key)
         pod = container.pod
-        allowed = any(
-            (kind, workload) == key for kind, workload, _ in HOST_PARTS
-        )
+        allowed = any((kind, workload) == key for kind, workload, _ in HOST_PARTS)
         if allowed:
             continue
         for flag in ("hostPID", "hostIPC", "hostNetwork"):

@@ -24,7 +24,7 @@ def kubectl() -> Path:
     """The control plane's kubectl (built from the pinned Kubernetes), else one on PATH."""
     try:
         return cluster.find_binaries() / "kubectl"
-    except cluster.BinariesMissing as exc:
+    except cluster.BinariesMissingError as exc:
         found = shutil.which("kubectl")
         if found:
             return Path(found)
@@ -34,7 +34,7 @@ def kubectl() -> Path:
 @functools.cache
 def render(path: Path = MANIFESTS) -> tuple[dict[str, Any], ...]:
     """The objects ``kubectl kustomize PATH`` produces, in its order."""
-    result = subprocess.run(  # noqa: S603 - our own arguments
+    result = subprocess.run(
         [str(kubectl()), "kustomize", str(path)],
         capture_output=True,
         text=True,

@@ -30,7 +30,9 @@ def test_the_overlays_follow_the_rule(overlay: Objects, rule: str) -> None:
 
 def test_only_the_device_plugin_is_privileged(base: Objects) -> None:
     privileged = [
-        c.where for c in policy.containers(base) if (c.spec.get("securityContext") or {}).get("privileged")
+        c.where
+        for c in policy.containers(base)
+        if (c.spec.get("securityContext") or {}).get("privileged")
     ]
     assert privileged == ["DaemonSet gpushare-device-plugin, container device-plugin"]
 
@@ -54,7 +56,9 @@ PARTS = ("gpushare-scheduler", "gpushare-webhook", "gpushare-device-plugin")
 # --- The rules catch what they should ------------------------------------------------------------
 
 
-def _container(objects: list[dict[str, Any]], kind: str, workload: str, name: str) -> dict[str, Any]:
+def _container(
+    objects: list[dict[str, Any]], kind: str, workload: str, name: str
+) -> dict[str, Any]:
     pod = policy.pod_spec(find(tuple(objects), kind, workload))
     assert pod is not None
     for container in pod["containers"]:
@@ -73,9 +77,11 @@ def _webhook(objects: list[dict[str, Any]]) -> dict[str, Any]:
 
 
 def _webhook_pod(objects: list[dict[str, Any]]) -> dict[str, Any]:
-    pod = policy.pod_spec(find(tuple(objects), "Deployment", "gpushare-webhook"))
+    pod: dict[str, Any] | None = policy.pod_spec(
+        find(tuple(objects), "Deployment", "gpushare-webhook")
+    )  # type: ignore[assignment]
     assert pod is not None
-    return dict(pod)
+    return pod
 
 
 def _role(objects: list[dict[str, Any]]) -> dict[str, Any]:
@@ -96,7 +102,11 @@ def _wildcard_group(objects: list[dict[str, Any]]) -> None:
 
 def _escalate(objects: list[dict[str, Any]]) -> None:
     _role(objects)["rules"].append(
-        {"apiGroups": ["rbac.authorization.k8s.io"], "resources": ["clusterroles"], "verbs": ["escalate"]}
+        {
+            "apiGroups": ["rbac.authorization.k8s.io"],
+            "resources": ["clusterroles"],
+            "verbs": ["escalate"],
+        }
     )
 
 
@@ -105,7 +115,9 @@ def _cluster_secrets(objects: list[dict[str, Any]]) -> None:
 
 
 def _cluster_admin(objects: list[dict[str, Any]]) -> None:
-    find(tuple(objects), "ClusterRoleBinding", "gpushare-device-plugin")["roleRef"]["name"] = "cluster-admin"
+    find(tuple(objects), "ClusterRoleBinding", "gpushare-device-plugin")["roleRef"]["name"] = (
+        "cluster-admin"
+    )
 
 
 def _no_memory_limit(objects: list[dict[str, Any]]) -> None:

@@ -25,7 +25,7 @@ def card(
     healthy: bool = True,
     node: str = "n",
 ) -> nodereport.CardReport:
-    """A card whose UUID says where it is (``GPU-<node>-<index>``); free = total - reserved - used."""
+    """A card whose UUID says where it is (``GPU-<node>-<index>``); free is what is not used."""
     return nodereport.CardReport(
         uuid=CardUUID(f"GPU-{node}-{index}"),
         index=index,
@@ -54,7 +54,9 @@ def new_ledger(*, overhead: int = OVERHEAD, timeout: float = 300.0) -> ledger.Le
     )
 
 
-def request(units: int, *, uid: str | None = None, name: str = "p", **more: int) -> demand.PodRequest:
+def request(
+    units: int, *, uid: str | None = None, name: str = "p", **more: int
+) -> demand.PodRequest:
     """A pod request: one container of ``units`` GiB, plus containers named in ``more``."""
     demands = [demand.Demand("main", units, units * GI)]
     demands += [demand.Demand(c, n, n * GI) for c, n in more.items()]
@@ -109,8 +111,11 @@ def node(name: str, rep: nodereport.NodeReport | str | None) -> dict[str, Any]:
     return {
         "apiVersion": "v1",
         "kind": "Node",
-        "metadata": {"name": name, "labels": {names.LABEL_ENABLED: "true"},
-                     "annotations": annotations},
+        "metadata": {
+            "name": name,
+            "labels": {names.LABEL_ENABLED: "true"},
+            "annotations": annotations,
+        },
     }
 
 

@@ -19,7 +19,7 @@ from gpushare.scheduler.watching import Watcher
 from prometheus_client import CollectorRegistry
 
 from tests.scheduler.conftest import kube_at
-from tests.scheduler.objects import GI, OVERHEAD, SETTINGS, node, pod, report
+from tests.scheduler.objects import GI, OVERHEAD, SETTINGS, node, pod, report, request
 
 PODS = kmock.resource("v1/pods")
 NODES = kmock.resource("v1/nodes")
@@ -27,21 +27,27 @@ BINDING = "post /api/v1/namespaces/ns/pods/p1/binding"
 
 
 def _bound(name: str, uid: str, card: str, node_name: str, units: int) -> dict[str, Any]:
-    return pod(name, units, uid=uid, node=node_name, annotations={
-        names.ANNOTATION_CARD_UUID: card,
-        names.ANNOTATION_CARD_INDEX: card.rsplit("-", 1)[1],
-        names.ANNOTATION_CARD_TOTAL: str(80 * GI),
-        names.ANNOTATION_GRANTED_BYTES: str(units * GI),
-        names.ANNOTATION_BIND_TIME: "2026-01-01T12:00:00.000Z",
-    })
+    return pod(
+        name,
+        units,
+        uid=uid,
+        node=node_name,
+        annotations={
+            names.ANNOTATION_CARD_UUID: card,
+            names.ANNOTATION_CARD_INDEX: card.rsplit("-", 1)[1],
+            names.ANNOTATION_CARD_TOTAL: str(80 * GI),
+            names.ANNOTATION_GRANTED_BYTES: str(units * GI),
+            names.ANNOTATION_BIND_TIME: "2026-01-01T12:00:00.000Z",
+        },
+    )
 
 
 @pytest.fixture
 async def api() -> AsyncIterator[kmock.KubernetesEmulator]:
     """kmock's Kubernetes emulator with two GPU nodes, one bound pod and one pending."""
     async with kmock.KubernetesEmulator() as emulator, kmock.Server(emulator):
-        emulator.resources["v1/pods"] = {}
-        emulator.resources["v1/nodes"] = {}
+        emulator.resources["v1/pods"] = kmock.ResourceInfo(namespaced=True, kind="Pod")
+        emulator.resources["v1/nodes"] = kmock.ResourceInfo(namespaced=False, kind="Node")
         fresh = datetime.now(UTC)
         for name in ("n1", "n2"):
             emulator.objects[NODES, None, name] = node(name, report(name, 2, heartbeat=fresh))
@@ -55,13 +61,19 @@ class _Watching:
         self.kube = kube_at(str(api.url))
         self.book = ledger.Ledger(overhead_bytes=OVERHEAD, heartbeat_timeout_seconds=300)
         self.metrics = Metrics(CollectorRegistry(), self.book)
-        self.watcher = Watcher(kube=self.kube, book=self.book, settings=SETTINGS,
-                               metrics=self.metrics, backoff=(0.01, 0.05))
+        self.watcher = Watcher(
+            kube=self.kube,
+            book=self.book,
+            settings=SETTINGS,
+            metrics=self.metrics,
+            backoff=(0.01, 0.05),
+        )
         self.task = asyncio.get_running_loop().create_task(self.watcher.run())
 
     def restarts(self, resource: str, cause: str) -> float:
         value = self.metrics.registry.get_sample_value(
-            "gpushare_scheduler_watch_restarts_total", {"resource": resource, "cause": cause})
+            "gpushare_scheduler_watch_restarts_total", {"resource": resource, "cause": cause}
+        )
         return value or 0.0
 
     async def close(self) -> None:
@@ -86,8 +98,10 @@ async def _until(condition: Any, timeout: float = 10.0) -> None:
 async def test_the_ledger_is_rebuilt_from_pod_annotations(watching: _Watching) -> None:
     await asyncio.wait_for(watching.watcher.wait_synced(), 10)
     assert watching.book.holdings() == {
-        "u-bound": (NodeName("n1"), (ledger.Allocation(
-            "kserve-container", CardUUID("GPU-n1-0"), 0, 80 * GI, 30 * GI),))
+        "u-bound": (
+            NodeName("n1"),
+            (ledger.Allocation("kserve-container", CardUUID("GPU-n1-0"), 0, 80 * GI, 30 * GI),),
+        )
     }
     assert watching.book.request("u-p1") is not None  # pending: kept for its bind
     assert sorted(watching.book.node_names()) == ["n1", "n2"]
@@ -110,13 +124,25 @@ async def test_gone_lists_again_and_forgets_what_vanished_meanwhile(
     api: kmock.KubernetesEmulator,
 ) -> None:
     # The first watch of pods only says 410 Gone: whatever changed since the list is unknown.
-    api["watch", PODS][:1] << ({"type": "ERROR", "object": {
-        "kind": "Status", "apiVersion": "v1", "code": 410, "reason": "Expired",
-        "message": "too old resource version"}},)
-    api["list", PODS][:1] << {"metadata": {"resourceVersion": "1"}, "items": [
-        _bound("bound", "u-bound", "GPU-n1-0", "n1", 30),
-        _bound("gone", "u-gone", "GPU-n2-1", "n2", 50),  # deleted while the watch was down
-    ]}
+    api["watch", PODS][:1] << (
+        {
+            "type": "ERROR",
+            "object": {
+                "kind": "Status",
+                "apiVersion": "v1",
+                "code": 410,
+                "reason": "Expired",
+                "message": "too old resource version",
+            },
+        },
+    )
+    api["list", PODS][:1] << {
+        "metadata": {"resourceVersion": "1"},
+        "items": [
+            _bound("bound", "u-bound", "GPU-n1-0", "n1", 30),
+            _bound("gone", "u-gone", "GPU-n2-1", "n2", 50),  # deleted while the watch was down
+        ],
+    }
     state = _Watching(api)
     try:
         await _until(lambda: state.restarts("pods", "expired") == 1 and len(api["list", PODS]) == 2)
@@ -151,8 +177,9 @@ async def test_a_dropped_watch_is_resumed_and_sees_later_changes(
         await state.close()
 
 
-async def test_a_pod_that_finishes_gives_its_memory_back(watching: _Watching,
-                                                          api: kmock.KubernetesEmulator) -> None:
+async def test_a_pod_that_finishes_gives_its_memory_back(
+    watching: _Watching, api: kmock.KubernetesEmulator
+) -> None:
     await asyncio.wait_for(watching.watcher.wait_synced(), 10)
     async with aiohttp.ClientSession() as http:
         patch = {"status": {"phase": "Succeeded"}}
@@ -166,18 +193,16 @@ async def test_a_garbled_node_report_fails_the_node_with_the_reason(
 ) -> None:
     api.objects[NODES, None, "junk"] = node("junk", "{not json")
     api.objects[NODES, None, "future"] = node(
-        "future", json.dumps({"version": 99, "heartbeat": "2026-01-01T00:00:00Z", "cards": []}))
+        "future", json.dumps({"version": 99, "heartbeat": "2026-01-01T00:00:00Z", "cards": []})
+    )
     await asyncio.wait_for(watching.watcher.wait_synced(), 10)
-    one = ledger.Failure  # noqa: F841
-    from tests.scheduler.objects import request
-
     junk = watching.book.check(NodeName("junk"), request(1), policy="binpack")
     future = watching.book.check(NodeName("future"), request(1), policy="binpack")
     assert junk is not None and junk.message.startswith("node report is not JSON")
     assert future is not None and "newer than this reader understands" in future.message
 
 
-# --- bind ------------------------------------------------------------------------------------------
+# --- bind -----------------------------------------------------------------------------------------
 
 
 @pytest.fixture
@@ -202,15 +227,19 @@ async def _bind(ext: Extender, node_name: str = "n2", uid: str = "u-p1") -> str:
 
 def _binds(ext: Extender, result: str) -> float:
     value = ext.metrics.registry.get_sample_value(
-        "gpushare_scheduler_binds_total", {"result": result})
+        "gpushare_scheduler_binds_total", {"result": result}
+    )
     return value or 0.0
 
 
 async def test_a_refused_binding_gives_the_card_back_and_says_why(
     api: kmock.KubernetesEmulator, extender: Extender
 ) -> None:
-    api[BINDING][:1] << 500 << {"kind": "Status", "code": 500, "reason": "InternalError",
-                                "message": "etcd is on fire"}
+    (
+        api[BINDING][:1]
+        << 500
+        << {"kind": "Status", "code": 500, "reason": "InternalError", "message": "etcd is on fire"}
+    )
     error = await _bind(extender)
     assert error == "binding pod ns/p1 to node n2 failed: 500 InternalError: etcd is on fire"
     assert extender.book.grant("u-p1") is None
@@ -222,7 +251,7 @@ async def test_a_binding_carries_the_card_and_an_event_says_which(
 ) -> None:
     api[BINDING] << 201 << {"kind": "Status", "status": "Success"}
     assert await _bind(extender) == ""
-    posted = api[BINDING][0].data
+    posted = next(iter(api[BINDING])).data
     grant = extender.book.grant("u-p1")
     assert grant is not None and grant.state == "bound"
     card = grant.allocations[0]
@@ -251,8 +280,16 @@ async def test_a_retried_bind_that_already_landed_succeeds(
 ) -> None:
     # The first attempt's Binding landed, but its answer was lost: the pod sits on n2.
     api.objects[PODS, "ns", "p1"] = _bound("p1", "u-p1", "GPU-n2-1", "n2", 10)
-    api[BINDING] << 409 << {"kind": "Status", "code": 409, "reason": "Conflict",
-                            "message": 'pod p1 is already assigned to node "n2"'}
+    (
+        api[BINDING]
+        << 409
+        << {
+            "kind": "Status",
+            "code": 409,
+            "reason": "Conflict",
+            "message": 'pod p1 is already assigned to node "n2"',
+        }
+    )
     assert await _bind(extender) == ""
     grant = extender.book.grant("u-p1")
     assert grant is not None
@@ -264,32 +301,36 @@ async def test_a_pod_bound_elsewhere_meanwhile_is_refused(
     api: kmock.KubernetesEmulator, extender: Extender
 ) -> None:
     api.objects[PODS, "ns", "p1"] = _bound("p1", "u-p1", "GPU-n1-1", "n1", 10)
-    api[BINDING] << 409 << {"kind": "Status", "code": 409, "reason": "Conflict",
-                            "message": 'pod p1 is already assigned to node "n1"'}
+    await _until(lambda: extender.book.grant("u-p1") is not None)
     error = await _bind(extender)
-    assert "409 Conflict" in error
+    assert error == "pod ns/p1 already holds GPU memory on node n1"
+    assert len(api[BINDING]) == 0
     assert _binds(extender, "conflict") == 1
 
 
-async def test_a_bind_for_a_pod_never_seen_reads_it_first(
-    api: kmock.KubernetesEmulator, extender: Extender
-) -> None:
+async def test_a_bind_for_a_pod_never_seen_reads_it_first(api: kmock.KubernetesEmulator) -> None:
     api[BINDING] << 201 << {"kind": "Status", "status": "Success"}
-    extender.book.forget("u-p1")
-    assert await _bind(extender) == ""
-    assert len(api["get /api/v1/namespaces/ns/pods/p1"]) == 1
-    assert await _bind(extender, uid="someone-else") != ""
+    kube = kube_at(str(api.url))
+    async with Extender(SETTINGS, kube, watch=False) as ext:  # a ledger that saw no pod
+        await ext.start()
+        ext.book.set_node(NodeName("n2"), report("n2", 2, heartbeat=datetime.now(UTC)))
+        error = await _bind(ext, uid="recreated")
+        assert error == "pod ns/p1: has UID u-p1, not recreated: it was deleted and recreated"
+        assert await _bind(ext) == ""
+        assert len(api["get /api/v1/namespaces/ns/pods/p1"]) == 2
+        assert ext.book.grant("u-p1") is not None
+    await kube.close()
 
 
 async def test_a_bind_that_does_not_fit_is_refused_and_counts_nothing(
     api: kmock.KubernetesEmulator, extender: Extender
 ) -> None:
-    api.objects[PODS, "ns", "p1"] = pod("p1", 79, uid="u-p1")
+    api.objects[PODS, "ns", "p1"] = pod("p1", 80, uid="u-p1")
     extender.book.forget("u-p1")
     error = await _bind(extender, node_name="n2")
-    assert error == ("node n2 cannot take pod ns/p1: no card with 79.1 GiB free:"
-                     " best is GPU 0 with 79.9 GiB" if False else error)
-    assert error.startswith("node n2 cannot take pod ns/p1: no card with 79.1 GiB free")
+    assert error == (
+        "node n2 cannot take pod ns/p1: no card with 80.1 GiB free: best is GPU 0 with 80 GiB"
+    )
     assert extender.book.grant("u-p1") is None
     assert len(api[BINDING]) == 0
     assert _binds(extender, "no-fit") == 1

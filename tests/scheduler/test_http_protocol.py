@@ -54,8 +54,11 @@ async def test_filter_by_whole_nodes_returns_them_unchanged(
     _fill(extender)
     small, big = node("small", report("small", 4)), node("big", report("big", 8))
     big["status"] = {"allocatable": {names.RESOURCE_GPU_MEMORY: "640"}}
-    args = {"Pod": pod("a", 40), "Nodes": {"metadata": {}, "items": [small, big]},
-            "NodeNames": None}
+    args = {
+        "Pod": pod("a", 40),
+        "Nodes": {"metadata": {}, "items": [small, big]},
+        "NodeNames": None,
+    }
     status, answer = await _post(http, f"{extender.url}/filter", args)
     assert status == 200
     assert answer["Nodes"] == {"metadata": {}, "items": [big]}
@@ -83,8 +86,10 @@ async def test_a_pod_larger_than_any_card_is_unresolvable_everywhere(
     ("bad_pod", "reason"),
     [
         (pod("a", "lots"), "'lots' is not a whole number of units"),
-        (pod("a", 8, annotations={names.ANNOTATION_POLICY: "random"}),
-         "is not a policy: write binpack or spread"),
+        (
+            pod("a", 8, annotations={names.ANNOTATION_POLICY: "random"}),
+            "is not a policy: write binpack or spread",
+        ),
     ],
     ids=["garbage-quantity", "unknown-policy"],
 )
@@ -111,8 +116,9 @@ async def test_prioritize_scores_binpack_and_a_pods_own_policy(
     # binpack: 20 GiB fills a 24 GiB card to 84% (score 8), an 80 GiB card to 25% (score 3).
     assert answer == [{"Host": "small", "Score": 8}, {"Host": "big", "Score": 3}]
     spread = pod("a", 20, annotations={names.ANNOTATION_POLICY: "spread"})
-    _, answer = await _post(http, f"{extender.url}/prioritize",
-                            {"Pod": spread, "NodeNames": ["small", "big"]})
+    _, answer = await _post(
+        http, f"{extender.url}/prioritize", {"Pod": spread, "NodeNames": ["small", "big"]}
+    )
     assert answer == [{"Host": "small", "Score": 2}, {"Host": "big", "Score": 7}]
 
 
@@ -123,16 +129,29 @@ async def test_prioritize_scores_binpack_and_a_pods_own_policy(
         ("filter", {"NodeNames": ["big"]}, "ExtenderArgs: Pod: Field required"),
         ("filter", {"Pod": None, "NodeNames": ["big"]}, "ExtenderArgs: Pod: Input should be"),
         ("filter", {"Pod": pod("a", 1)}, "the request has neither NodeNames nor Nodes"),
-        ("filter", {"Pod": pod("a", 1), "Nodes": {"items": [{"spec": {}}]}},
-         "Nodes.items[0] has no metadata.name"),
+        (
+            "filter",
+            {"Pod": pod("a", 1), "Nodes": {"items": [{"spec": {}}]}},
+            "Nodes.items[0] has no metadata.name",
+        ),
         ("prioritize", [1, 2], "ExtenderArgs: body: Input should be an object"),
         ("prioritize", {"Pod": {"spec": {}}, "NodeNames": []}, "Pod.metadata: Field required"),
         ("bind", {"PodName": "a", "PodNamespace": "ns"}, "ExtenderBindingArgs: Node: Field"),
         ("bind", {"PodName": "", "PodNamespace": "ns", "Node": "n"}, "PodName: String should"),
         ("bind", b"", "ExtenderBindingArgs: body: Invalid JSON"),
     ],
-    ids=["not-json", "no-pod", "null-pod", "no-candidates", "nameless-node", "not-an-object",
-         "pod-without-metadata", "bind-without-node", "bind-empty-name", "bind-empty-body"],
+    ids=[
+        "not-json",
+        "no-pod",
+        "null-pod",
+        "no-candidates",
+        "nameless-node",
+        "not-an-object",
+        "pod-without-metadata",
+        "bind-without-node",
+        "bind-empty-name",
+        "bind-empty-body",
+    ],
 )
 async def test_bad_input_gets_400_with_the_reason(
     extender: Extender, http: aiohttp.ClientSession, verb: str, body: Any, reason: str
@@ -154,10 +173,8 @@ async def test_probes_and_metrics(extender: Extender, http: aiohttp.ClientSessio
     async with http.get(f"{base}/metrics") as resp:
         text = await resp.text()
     assert 'gpushare_scheduler_filter_failures_total{reason="no-room"} 1.0' in text
-    assert (
-        'gpushare_scheduler_card_capacity_bytes{card="GPU-big-7",index="7",node="big"} 8.589934592e+10'
-        in text
-    )
+    capacity = 'gpushare_scheduler_card_capacity_bytes{card="GPU-big-7",index="7",node="big"}'
+    assert f"{capacity} 8.589934592e+10" in text
     assert 'gpushare_scheduler_nodes{state="ready"} 2.0' in text
     assert 'gpushare_scheduler_request_duration_seconds_count{verb="filter"} 1.0' in text
 
@@ -172,11 +189,15 @@ async def test_an_extender_that_has_not_listed_the_cluster_refuses_to_decide(
         base = f"http://127.0.0.1:{ext.port}"
         async with http.get(f"{base}/readyz") as resp:
             assert resp.status == 503
-        _, answer = await _post(http, f"{ext.url}/filter", {"Pod": pod("a", 1), "NodeNames": ["big"]})
+        _, answer = await _post(
+            http, f"{ext.url}/filter", {"Pod": pod("a", 1), "NodeNames": ["big"]}
+        )
         assert answer["Error"].startswith("gpushare extender is starting")
         assert answer["NodeNames"] is None
         _, answer = await _post(
-            http, f"{ext.url}/bind", {"PodName": "a", "PodNamespace": PODS, "PodUID": "u", "Node": "big"}
+            http,
+            f"{ext.url}/bind",
+            {"PodName": "a", "PodNamespace": PODS, "PodUID": "u", "Node": "big"},
         )
         assert set(answer) == {"Error"}
         assert answer["Error"].startswith("gpushare extender is starting")

@@ -3,8 +3,9 @@
 from datetime import timedelta
 
 import pytest
-from gpushare import errors, nodereport
+from gpushare import config, errors, nodereport
 from gpushare.ids import CardUUID, NodeName
+from gpushare.scheduler import ledger
 
 from tests.scheduler.objects import GI, MI, NOW, OVERHEAD, card, new_ledger, report, request
 
@@ -28,9 +29,6 @@ def test_a_reservation_takes_the_grant_plus_the_mps_overhead() -> None:
     ids=["mps-daemon-per-allocation", "shared-daemon", "no-isolation"],
 )
 def test_the_overhead_follows_the_isolation_mode(isolation: str, overhead: int) -> None:
-    from gpushare import config
-    from gpushare.scheduler import ledger
-
     assert ledger.overhead_bytes(config.validate({"isolation": isolation})) == overhead
 
 
@@ -72,8 +70,12 @@ def test_filter_splits_nodes_and_gives_each_failure_a_reason() -> None:
     book.set_node(N1, report("n1", 1, total=24 * GI))
     book.set_node(N2, report("n2", 1))
     book.set_node(NodeName("silent"), report("silent", 1, heartbeat=NOW - timedelta(hours=1)))
-    book.set_node(NodeName("sick"), nodereport.NodeReport(
-        heartbeat=NOW, cards=(card(0, healthy=False), card(1, healthy=False))))
+    book.set_node(
+        NodeName("sick"),
+        nodereport.NodeReport(
+            heartbeat=NOW, cards=(card(0, healthy=False), card(1, healthy=False))
+        ),
+    )
     book.set_node(NodeName("bare"), None)
     passed, failed = book.split(
         ["n1", "n2", "silent", "sick", "bare", "ghost"], request(30), policy="binpack"
@@ -166,20 +168,23 @@ def test_resync_keeps_binds_in_flight_and_drops_what_the_listing_lacks() -> None
 
 
 def test_a_request_too_large_for_any_card_is_unresolvable() -> None:
-    from gpushare.scheduler import ledger
-
     book = new_ledger()
     book.set_node(N1, report("n1", 1, total=24 * GI))
     book.set_node(N2, report("n2", 1, total=80 * GI))
-    big = ledger.too_large(request(80), largest_card_bytes=book.largest_card_bytes(),
-                           overhead=book.overhead_bytes)
+    big = ledger.too_large(
+        request(80), largest_card_bytes=book.largest_card_bytes(), overhead=book.overhead_bytes
+    )
     assert big is not None
     assert big.message == (
         "container 'main' asks for 80 GiB plus 66 MiB for its MPS server but the largest GPU in"
         " the cluster holds 80 GiB"
     )
-    assert ledger.too_large(request(79), largest_card_bytes=book.largest_card_bytes(),
-                            overhead=book.overhead_bytes) is None
+    assert (
+        ledger.too_large(
+            request(79), largest_card_bytes=book.largest_card_bytes(), overhead=book.overhead_bytes
+        )
+        is None
+    )
 
 
 @pytest.mark.parametrize(

@@ -4,11 +4,14 @@ import asyncio
 import json
 from collections.abc import AsyncIterator
 from pathlib import Path
+from typing import Any
 
+import aiohttp
 import pytest
-from gpushare.simulator import apiserver
 from kubernetes_asyncio import client, config, watch
 from kubernetes_asyncio.client.exceptions import ApiException
+
+from gpushare.simulator import apiserver
 
 
 @pytest.fixture
@@ -28,7 +31,7 @@ async def core(server: apiserver.ApiServer, tmp_path: Path) -> AsyncIterator[cli
         yield client.CoreV1Api(api_client)
 
 
-def _pod(name: str, node: str | None = None, **labels: str) -> dict[str, object]:
+def _pod(name: str, node: str | None = None, **labels: str) -> Any:
     spec: dict[str, object] = {"containers": [{"name": "main", "image": "vllm"}]}
     if node:
         spec["nodeName"] = node
@@ -51,7 +54,7 @@ async def test_a_second_create_conflicts_and_a_missing_pod_is_404(core: client.C
     with pytest.raises(ApiException) as missing:
         await core.read_namespaced_pod("b", "ns")
     assert missing.value.status == 404
-    assert json.loads(missing.value.body)["reason"] == "NotFound"
+    assert json.loads(missing.value.body or b"{}")["reason"] == "NotFound"
 
 
 async def test_selectors_filter_lists(core: client.CoreV1Api) -> None:
@@ -124,9 +127,7 @@ async def test_watch_from_a_compacted_version_is_gone(
     assert gone.value.status == 410
 
 
-async def _post(url: str, body: object) -> tuple[int, dict[str, object]]:
-    import aiohttp
-
+async def _post(url: str, body: object) -> tuple[int, dict[str, Any]]:
     async with aiohttp.ClientSession() as session, session.post(url, json=body) as response:
         return response.status, await response.json()
 

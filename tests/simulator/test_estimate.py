@@ -7,11 +7,12 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
 from gpushare import cli, errors
 from gpushare.quantities import GI, MI
 from gpushare.simulator import estimate, models
-from hypothesis import given
-from hypothesis import strategies as st
 
 RESERVE = 716 * MI  # the configuration's default per-instance reserve: 750,780,416 bytes
 

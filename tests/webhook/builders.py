@@ -21,6 +21,8 @@ import yaml
 
 from gpushare import names
 
+_Loader: Final = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
+
 SHARED: Final = Path(__file__).resolve().parents[2].parent / "shared"
 KUBERNETES_VERSION: Final = "1.36"
 
@@ -235,14 +237,15 @@ def check_pod(pod: dict[str, Any]) -> None:
 
 
 @functools.cache
-def isvc_schema() -> dict[str, Any]:
-    """The v1beta1 OpenAPI schema of KServe's InferenceService CRD."""
-    crd = load("kserve", "serving.kserve.io_inferenceservices.yaml")
+def isvc_validator() -> jsonschema.Draft7Validator:
+    """A validator for the v1beta1 OpenAPI schema of KServe's InferenceService CRD."""
+    crd = yaml.load(
+        shared("kserve", "serving.kserve.io_inferenceservices.yaml").read_text(), Loader=_Loader
+    )
     version = next(v for v in crd["spec"]["versions"] if v["name"] == "v1beta1")
-    schema: dict[str, Any] = version["schema"]["openAPIV3Schema"]
-    return schema
+    return jsonschema.Draft7Validator(version["schema"]["openAPIV3Schema"])
 
 
 def check_isvc(body: dict[str, Any]) -> None:
     """Raise unless ``body`` satisfies the InferenceService CRD's schema."""
-    jsonschema.validate(body, isvc_schema())
+    isvc_validator().validate(body)

@@ -14,7 +14,9 @@ H100 = 81_559 * 1024**2
 KEY = names.ANNOTATION_GPU_MEMORY
 
 
-def check(body: dict[str, Any], *, largest: int | None = H100, old: Any = None) -> validation.Verdict:
+def check(
+    body: dict[str, Any], *, largest: int | None = H100, old: Any = None
+) -> validation.Verdict:
     builders.check_isvc(body)  # every object here is one the CRD's schema admits
     return validation.inference_service(
         body, settings=SETTINGS, largest_card_bytes=largest, old=old
@@ -83,7 +85,9 @@ ANNOTATION_REFUSALS = [
     [(v, s) for _, v, s in ANNOTATION_REFUSALS],
     ids=[i for i, _, _ in ANNOTATION_REFUSALS],
 )
-def test_bad_annotations_are_refused_saying_what_to_write(values: dict[str, str], says: str) -> None:
+def test_bad_annotations_are_refused_saying_what_to_write(
+    values: dict[str, str], says: str
+) -> None:
     body = builders.isvc(builders.FIXTURES[1], memory=None, **values)
     verdict = check(body)
     assert not verdict.allowed
@@ -113,7 +117,9 @@ SPEC_REFUSALS = [
     ),
     (
         "system env",
-        _custom(lambda c: c["env"].append({"name": "CUDA_MPS_PINNED_DEVICE_MEM_LIMIT", "value": "0=4G"})),
+        _custom(
+            lambda c: c["env"].append({"name": "CUDA_MPS_PINNED_DEVICE_MEM_LIMIT", "value": "0=4G"})
+        ),
         "sets CUDA_MPS_PINNED_DEVICE_MEM_LIMIT, which gpushare sets",
     ),
     (
@@ -124,7 +130,7 @@ SPEC_REFUSALS = [
     (
         "model form, tensor parallel",
         builders.model_isvc("m", model_format="vLLM", args=["-tp", "4"]),
-        "-tp 4",
+        "--tensor-parallel-size 4, which needs 4 GPUs",
     ),
     (
         "model form, 2 GPUs",
@@ -178,7 +184,7 @@ def test_an_object_being_deleted_can_always_be_updated() -> None:
         ("gpushare.io/memory", KEY),
         ("gpushare.io/gpumemory", KEY),
         ("gpushare.io/policies", names.ANNOTATION_POLICY),
-        ("gpushare.io/gpu", None),
+        ("gpushare.io/gpu", KEY),
         ("gpushare.io/foo", None),
     ],
 )

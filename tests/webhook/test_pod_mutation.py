@@ -55,10 +55,13 @@ def kserve_pods() -> list[tuple[str, dict[str, Any]]]:
 
 @pytest.fixture(params=range(4), ids=["api_server", "vllm-openai", "vllmserver", "hf-vllm"])
 def kserve_pod(request: pytest.FixtureRequest) -> dict[str, Any]:
-    return kserve_pods()[request.param][1]
+    pod: dict[str, Any] = kserve_pods()[request.param][1]
+    return pod
 
 
-def test_kserve_pods_get_the_grant_the_argument_and_the_scheduler(kserve_pod: dict[str, Any]) -> None:
+def test_kserve_pods_get_the_grant_the_argument_and_the_scheduler(
+    kserve_pod: dict[str, Any],
+) -> None:
     after = mutated(kserve_pod)
     server = after["spec"]["containers"][0]
     assert server["name"] == "kserve-container"
@@ -70,9 +73,9 @@ def test_kserve_pods_get_the_grant_the_argument_and_the_scheduler(kserve_pod: di
     assert not any(a.startswith("--gpu-memory-utilization=0") for a in argv)
     assert after["spec"]["schedulerName"] == names.SCHEDULER_NAME
     assert after["metadata"]["annotations"][names.ANNOTATION_MUTATED] == "20"
-    assert not any(
-        env["name"] == names.ENV_VLLM_UTILIZATION for env in server.get("env", [])
-    ), "the variable must come from the device plugin, never the pod spec"
+    assert not any(env["name"] == names.ENV_VLLM_UTILIZATION for env in server.get("env", [])), (
+        "the variable must come from the device plugin, never the pod spec"
+    )
 
 
 def test_other_resources_and_fields_are_kept(kserve_pod: dict[str, Any]) -> None:

@@ -18,16 +18,25 @@ def container(**fields: Any) -> dict[str, Any]:
 RECOGNISED = [
     ("openai module", container(command=["python", "-m", "vllm.entrypoints.openai.api_server"])),
     ("legacy module", container(command=["python3", "-m", "vllm.entrypoints.api_server"])),
-    ("python options", container(command=["/usr/bin/python3", "-u", "-m", "vllm.entrypoints.api_server"])),
+    (
+        "python options",
+        container(command=["/usr/bin/python3", "-u", "-m", "vllm.entrypoints.api_server"]),
+    ),
     ("vllm serve", container(command=["vllm", "serve"], args=["m"])),
     ("vllm serve by path", container(command=["/opt/venv/bin/vllm", "serve", "m"])),
     ("cli module", container(command=["python", "-m", "vllm.entrypoints.cli.main", "serve", "m"])),
     ("args only start it", container(args=["vllm", "serve", "m"])),
-    ("vllm-openai entrypoint", container(image="docker.io/vllm/vllm-openai:latest", args=["--model", "m"])),
+    (
+        "vllm-openai entrypoint",
+        container(image="docker.io/vllm/vllm-openai:latest", args=["--model", "m"]),
+    ),
     ("vllm-openai by digest", container(image="vllm/vllm-openai@sha256:abc", args=[])),
     ("vllm-openai-cpu", container(image="vllm/vllm-openai-cpu:v0.24.0")),
     ("kserve-container", container(name="kserve-container", image="kserve/vllmserver:latest")),
-    ("huggingfaceserver", container(image="kserve/huggingfaceserver:v0.21.0-gpu", args=["--backend=vllm"])),
+    (
+        "huggingfaceserver",
+        container(image="kserve/huggingfaceserver:v0.21.0-gpu", args=["--backend=vllm"]),
+    ),
     ("huggingfaceserver auto", container(image="kserve/huggingfaceserver:v0.21.0", args=[])),
     ("under tini", container(command=["tini", "--", "vllm", "serve", "m"])),
     ("sh -c", container(command=["sh", "-c", "exec vllm serve m"])),
@@ -37,8 +46,14 @@ RECOGNISED = [
 NOT_VLLM = [
     ("trainer", container(command=["python", "train.py"])),
     ("nginx", container(image="nginx:1.27")),
-    ("other kserve runtime", container(name="kserve-container", image="kserve/sklearnserver:v0.21.0")),
-    ("hf with the transformers backend", container(image="kserve/huggingfaceserver:v0.21.0", args=["--backend", "huggingface"])),
+    (
+        "other kserve runtime",
+        container(name="kserve-container", image="kserve/sklearnserver:v0.21.0"),
+    ),
+    (
+        "hf with the transformers backend",
+        container(image="kserve/huggingfaceserver:v0.21.0", args=["--backend", "huggingface"]),
+    ),
     ("vllm bench", container(command=["vllm", "bench", "serve"])),
     ("shell without vllm", container(command=["sh", "-c", "python train.py && echo done"])),
     ("shell script file", container(command=["sh", "/start.sh"])),
@@ -79,7 +94,9 @@ def test_every_spelling_of_the_flag_is_replaced_by_ours(flags: list[str]) -> Non
 
 
 def test_a_flag_in_the_command_is_removed_there() -> None:
-    spec = container(command=["vllm", "serve", "m", "--gpu-memory-utilization=0.3"], args=["--port", "1"])
+    spec = container(
+        command=["vllm", "serve", "m", "--gpu-memory-utilization=0.3"], args=["--port", "1"]
+    )
     plan = vllm.plan(spec)
     assert plan.command == ["vllm", "serve", "m"]
     assert plan.args == ["--port", "1", OURS]
@@ -180,7 +197,9 @@ SHELL_REFUSALS = [
 @pytest.mark.parametrize(
     ("script", "why"), [(s, w) for _, s, w in SHELL_REFUSALS], ids=[i for i, _, _ in SHELL_REFUSALS]
 )
-def test_a_shell_string_that_cannot_be_rewritten_exactly_is_a_problem(script: str, why: str) -> None:
+def test_a_shell_string_that_cannot_be_rewritten_exactly_is_a_problem(
+    script: str, why: str
+) -> None:
     plan = vllm.plan(container(command=["sh", "-c", script]))
     assert plan.runs_vllm
     assert plan.problem is not None and why in plan.problem
@@ -192,5 +211,13 @@ def test_rewritten_shell_strings_keep_every_other_word() -> None:
     plan = vllm.plan(container(command=["sh", "-c", script]))
     assert plan.command is not None
     assert shlex.split(plan.command[2]) == [
-        "A=1", "exec", "vllm", "serve", "my model", "--port=8000", "-tp", "1", OURS
+        "A=1",
+        "exec",
+        "vllm",
+        "serve",
+        "my model",
+        "--port=8000",
+        "-tp",
+        "1",
+        OURS,
     ]

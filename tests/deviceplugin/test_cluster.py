@@ -1,0 +1,305 @@
+"""Against the real API server: node reports, annotation corrections, Events, evictions, and the
+pods the preference reads, written by the real agent through kubernetes_asyncio and read back."""
+
+import asyncio
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from gpushare import names, nodereport
+from gpushare.deviceplugin import kube, reconcile, watchdog
+from gpushare.deviceplugin.watchdog import CgroupLocator
+
+from tests import cluster
+from tests.deviceplugin.conftest import (
+    CARD_A,
+    CARD_B,
+    GI,
+    H100_RESERVED,
+    H100_TOTAL,
+    MI,
+    AgentFactory,
+    card,
+    running,
+    write_fake,
+)
+from tests.deviceplugin.kubelet import TestKubelet
+from tests.deviceplugin.test_watchdog import CID, write_proc
+
+
+@pytest.fixture
+async def api(control_plane: cluster.ControlPlane) -> AsyncIterator[kube.KubeApi]:
+    client = await kube.KubeApi.connect(control_plane.kubeconfig)
+    yield client
+    await client.close()
+
+
+@pytest.fixture
+def node(control_plane: cluster.ControlPlane, namespace: str) -> str:
+    name = cluster.unique_name("gpu-node", max_len=30)
+    cluster.register_gpu_node(control_plane, name, [cluster.gpu_card(0)], owner=namespace)
+    return name
+
+
+def read_report(cp: cluster.ControlPlane, node: str) -> nodereport.NodeReport:
+    annotations = cp.rest().get(f"/api/v1/nodes/{node}")["metadata"]["annotations"]
+    return nodereport.decode(annotations[names.ANNOTATION_NODE_REPORT])
+
+
+def create_pod(
+    cp: cluster.ControlPlane, namespace: str, name: str, node: str, units: int, **annotations: str
+) -> dict[str, Any]:
+    body = {
+        "apiVersion": "v1",
+        "kind": "Pod",
+        "metadata": {"name": name, "annotations": annotations},
+        "spec": {
+            "nodeName": node,
+            "containers": [
+                {
+                    "name": "kserve-container",
+                    "image": "vllm/vllm-openai:latest",
+                    "resources": {"limits": {names.RESOURCE_GPU_MEMORY: str(units)}},
+                }
+            ],
+        },
+    }
+    return cp.rest().create(f"/api/v1/namespaces/{namespace}/pods", body)
+
+
+def events(cp: cluster.ControlPlane, namespace: str, reason: str) -> list[dict[str, Any]]:
+    items = cp.rest().get(f"/api/v1/namespaces/{namespace}/events")["items"]
+    return [e for e in items if e["reason"] == reason]
+
+
+async def test_the_node_report_is_written_on_change_and_heartbeat(
+    control_plane: cluster.ControlPlane,
+    api: kube.KubeApi,
+    node: str,
+    make_agent: AgentFactory,
+    nvml_file: Path,
+) -> None:
+    now = [0.0]
+    agent = make_agent(isolation="none", api=api, node=node, clock=lambda: now[0])
+    await agent.poll()
+    report = read_report(control_plane, node)
+    assert [
+        (c.uuid, c.index, c.total_bytes, c.reserved_bytes, c.healthy) for c in report.cards
+    ] == [
+        (CARD_A, 0, H100_TOTAL, H100_RESERVED, True),
+        (CARD_B, 1, H100_TOTAL, H100_RESERVED, True),
+    ]
+    assert report.cards[0].cuda_total_bytes == H100_TOTAL - H100_RESERVED
+    first = report.heartbeat
+
+    # Under report_change_bytes (256 MiB): nothing is written.
+    write_fake(nvml_file, [card(CARD_A, 0, used=100 * MI), card(CARD_B, 1)])
+    await agent.poll()
+    assert read_report(control_plane, node).heartbeat == first
+
+    # A real change goes out at once.
+    write_fake(nvml_file, [card(CARD_A, 0, used=3 * GI), card(CARD_B, 1)])
+    await agent.poll()
+    changed = read_report(control_plane, node)
+    assert changed.cards[0].used_bytes == 3 * GI and changed.heartbeat > first
+
+    # So does a health change.
+    write_fake(nvml_file, [card(CARD_A, 0, used=3 * GI), card(CARD_B, 1, error="GPU is lost")])
+    await agent.poll()
+    broken = read_report(control_plane, node)
+    assert not broken.cards[1].healthy and broken.cards[1].free_bytes == 0
+
+    # And nothing changing still sends a heartbeat.
+    await agent.poll()
+    assert read_report(control_plane, node).heartbeat == broken.heartbeat
+    now[0] += agent.settings.agent.heartbeat_seconds
+    await agent.poll()
+    assert read_report(control_plane, node).heartbeat > broken.heartbeat
+    assert (
+        agent.metrics.registry.get_sample_value("gpushare_node_reports_total", {"node": node}) == 4
+    )
+
+
+async def test_annotations_that_disagree_with_kubelet_are_corrected(
+    control_plane: cluster.ControlPlane,
+    api: kube.KubeApi,
+    namespace: str,
+    node: str,
+    make_agent: AgentFactory,
+    kubelet: TestKubelet,
+) -> None:
+    create_pod(
+        control_plane,
+        namespace,
+        "bloom",
+        node,
+        6,
+        **{
+            names.ANNOTATION_CARD_UUID: CARD_A,
+            names.ANNOTATION_CARD_INDEX: "0",
+            names.ANNOTATION_GRANTED_BYTES: str(6 * GI),
+        },
+    )
+    pods = kube.PodCache(api, node)
+    await pods.refresh()
+    kubelet.assigned[(namespace, "bloom")] = {
+        "kserve-container": (names.RESOURCE_GPU_MEMORY, [f"{CARD_B}-{u}" for u in range(6)])
+    }
+    agent = make_agent(isolation="none", api=api, pods=pods, node=node)
+    await agent.poll()
+    await agent.reconcile()
+    pod = control_plane.rest().get(f"/api/v1/namespaces/{namespace}/pods/bloom")
+    annotations = pod["metadata"]["annotations"]
+    assert annotations[names.ANNOTATION_CARD_UUID] == CARD_B
+    assert annotations[names.ANNOTATION_CARD_INDEX] == "1"
+    assert annotations[names.ANNOTATION_CARD_TOTAL] == str(H100_TOTAL)
+    assert annotations[names.ANNOTATION_GRANTED_BYTES] == str(6 * GI)
+    (event,) = events(control_plane, namespace, reconcile.REASON)
+    assert event["involvedObject"]["name"] == "bloom" and event["type"] == "Normal"
+    assert CARD_B in event["message"]
+    # Once right, nothing more is written.
+    await pods.refresh()
+    await agent.reconcile()
+    assert len(events(control_plane, namespace, reconcile.REASON)) == 1
+
+
+async def test_the_preference_reads_bound_pods_from_the_api(
+    control_plane: cluster.ControlPlane,
+    api: kube.KubeApi,
+    namespace: str,
+    node: str,
+    make_agent: AgentFactory,
+    kubelet: TestKubelet,
+) -> None:
+    for name, card_uuid, bind in (
+        ("second", CARD_A, "2030-01-01T00:00:02Z"),
+        ("first", CARD_B, "2030-01-01T00:00:01Z"),
+    ):
+        create_pod(
+            control_plane,
+            namespace,
+            name,
+            node,
+            8,
+            **{
+                names.ANNOTATION_CARD_UUID: card_uuid,
+                names.ANNOTATION_BIND_TIME: bind,
+                names.ANNOTATION_GRANTED_BYTES: str(8 * GI),
+            },
+        )
+    pods = kube.PodCache(api, node)
+    watch = asyncio.get_running_loop().create_task(pods.run())
+    try:
+        await asyncio.wait_for(pods.synced.wait(), 10)
+        async with running(make_agent(isolation="none", api=api, pods=pods, node=node), kubelet):
+            first = await kubelet.admit(namespace, "first", "kserve-container", 8)
+            second = await kubelet.admit(namespace, "second", "kserve-container", 8)
+    finally:
+        watch.cancel()
+    assert first.envs[names.ENV_VISIBLE_DEVICES] == CARD_B
+    assert second.envs[names.ENV_VISIBLE_DEVICES] == CARD_A
+
+
+async def test_the_pod_cache_follows_the_watch(
+    control_plane: cluster.ControlPlane, api: kube.KubeApi, namespace: str, node: str
+) -> None:
+    pods = kube.PodCache(api, node)
+    watch = asyncio.get_running_loop().create_task(pods.run())
+    try:
+        await asyncio.wait_for(pods.synced.wait(), 10)
+        await asyncio.to_thread(create_pod, control_plane, namespace, "late", node, 1)
+        await asyncio.to_thread(create_pod, control_plane, namespace, "elsewhere", "other-node", 1)
+        for _ in range(200):
+            if any(p.name == "late" for p in pods.pods()):
+                break
+            await asyncio.sleep(0.05)
+        assert {p.name for p in pods.pods()} == {"late"}
+        await asyncio.to_thread(
+            control_plane.rest().delete,
+            f"/api/v1/namespaces/{namespace}/pods/late",
+            gracePeriodSeconds=0,
+        )
+        for _ in range(200):
+            if not pods.pods():
+                break
+            await asyncio.sleep(0.05)
+        assert pods.pods() == []
+    finally:
+        watch.cancel()
+
+
+@pytest.mark.parametrize("action", ["event", "evict"])
+async def test_a_container_over_its_grant_gets_an_event_or_an_eviction(
+    control_plane: cluster.ControlPlane,
+    api: kube.KubeApi,
+    namespace: str,
+    node: str,
+    make_agent: AgentFactory,
+    kubelet: TestKubelet,
+    nvml_file: Path,
+    short_tmp: Path,
+    action: str,
+) -> None:
+    pod = create_pod(
+        control_plane, namespace, "greedy", node, 4, **{names.ANNOTATION_CARD_UUID: CARD_A}
+    )
+    uid = pod["metadata"]["uid"]
+    control_plane.rest().patch(
+        f"/api/v1/namespaces/{namespace}/pods/greedy/status",
+        {
+            "status": {
+                "phase": "Running",
+                "containerStatuses": [
+                    {
+                        "name": "kserve-container",
+                        "containerID": f"containerd://{CID}",
+                        "image": "vllm",
+                        "imageID": "",
+                        "ready": True,
+                        "restartCount": 0,
+                        "state": {"running": {}},
+                    },
+                ],
+            }
+        },
+        "strategic",
+    )
+    kubelet.assigned[(namespace, "greedy")] = {
+        "kserve-container": (names.RESOURCE_GPU_MEMORY, [f"{CARD_A}-{u}" for u in range(4)])
+    }
+    write_proc(short_tmp / "proc", 777, uid, CID)
+    write_fake(
+        nvml_file,
+        [card(CARD_A, 0), card(CARD_B, 1)],
+        processes=[{"pid": 777, "card": CARD_A, "used": "6Gi"}],
+    )
+    pods = kube.PodCache(api, node)
+    await pods.refresh()
+    agent = make_agent(
+        isolation="none",
+        api=api,
+        pods=pods,
+        node=node,
+        locator=CgroupLocator(short_tmp / "proc"),
+        overuse_grace_seconds=0,
+        overuse_action=action,
+    )
+    await agent.reconcile()
+    await agent.poll()
+    reason = watchdog.REASON if action == "event" else watchdog.EVICT_REASON
+    (event,) = events(control_plane, namespace, reason)
+    assert (
+        event["type"] == "Warning" and "6 GiB" in event["message"] and "4 GiB" in event["message"]
+    )
+    assert event["involvedObject"]["uid"] == uid
+    assert event["source"]["component"] == kube.COMPONENT
+    after = control_plane.rest().get(f"/api/v1/namespaces/{namespace}/pods/greedy")
+    assert ("deletionTimestamp" in after["metadata"]) == (action == "evict")
+    labels = {
+        "node": node,
+        "namespace": namespace,
+        "pod": "greedy",
+        "container": "kserve-container",
+    }
+    assert agent.metrics.registry.get_sample_value("gpushare_grant_violations_total", labels) == 1

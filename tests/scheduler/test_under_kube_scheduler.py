@@ -1,0 +1,313 @@
+"""The extender under the real kube-scheduler and apiserver, loaded from our manifest.
+
+The extender runs as ``gpushare scheduler`` in its own process; kube-scheduler runs the
+KubeSchedulerConfiguration of ``manifests/scheduler`` with its URL pointed at it. GPU nodes are
+Node objects with an agent report; pods look as the webhook leaves them.
+"""
+
+import asyncio
+import contextlib
+import sys
+import urllib.request
+from collections import Counter
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import pytest
+import yaml
+from gpushare import names, nodereport
+
+from tests import cluster
+from tests.scheduler.objects import GI, OVERHEAD, pod
+
+ROOT = Path(__file__).resolve().parents[2]
+MANIFEST = ROOT / "manifests" / "scheduler" / "kube-scheduler-config.yaml"
+CARD_80 = 80 * GI
+CARD_24 = 24 * GI
+SIZES = (20, 8, 12, 4, 40, 16, 24, 10, 6, 30)
+"""GiB asked by successive pods: 170 GiB per ten, from a quarter of an L4 to half an H100."""
+
+
+class ExtenderProcess:
+    """``gpushare scheduler`` on a fixed loopback port, which can be killed and started again."""
+
+    def __init__(self, control_plane: cluster.ControlPlane, folder: Path) -> None:
+        self.control_plane = control_plane
+        self.folder = folder
+        self.port = cluster.free_port()
+        self.process: cluster.Process | None = None
+        self.starts = 0
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}/gpushare-scheduler"
+
+    def start(self) -> None:
+        self.starts += 1
+        self.process = cluster.Process(
+            f"extender-{self.starts}",
+            [
+                sys.executable,
+                "-m",
+                "gpushare.cli",
+                "scheduler",
+                f"--listen=127.0.0.1:{self.port}",
+                f"--kubeconfig={self.control_plane.kubeconfig}",
+            ],
+            self.folder / f"extender-{self.starts}.log",
+        )
+        process = self.process
+
+        def ready() -> bool:
+            process.check_alive()
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{self.port}/readyz", timeout=1) as r:
+                    return bool(r.status == 200)
+            except OSError:
+                return False
+
+        cluster.wait_for(ready, timeout=60, what="the extender's /readyz")
+
+    def kill(self) -> None:
+        assert self.process is not None
+        self.process.popen.kill()
+        self.process.stop()
+
+    def metrics(self) -> str:
+        with urllib.request.urlopen(f"http://127.0.0.1:{self.port}/metrics", timeout=5) as r:
+            return str(r.read().decode())
+
+    def log(self) -> str:
+        return cluster.tail(self.process.log_path, 80) if self.process else ""
+
+    def stop(self) -> None:
+        if self.process is not None:
+            self.process.stop()
+
+
+@pytest.fixture
+def extender(control_plane: cluster.ControlPlane, tmp_path: Path) -> Iterator[ExtenderProcess]:
+    ext = ExtenderProcess(control_plane, tmp_path)
+    ext.start()
+    try:
+        yield ext
+    except BaseException:
+        print(ext.log())
+        raise
+    finally:
+        ext.stop()
+
+
+def scheduler_config(url: str) -> dict[str, Any]:
+    """Our manifest, its extender URL pointed at the test's extender."""
+    config: dict[str, Any] = yaml.safe_load(MANIFEST.read_text())
+    config["extenders"][0]["urlPrefix"] = url
+    return config
+
+
+@contextlib.contextmanager
+def kube_scheduler(
+    control_plane: cluster.ControlPlane, extender: ExtenderProcess
+) -> Iterator[cluster.Scheduler]:
+    with control_plane.start_scheduler(scheduler_config(extender.url)) as scheduler:
+        try:
+            yield scheduler
+        except BaseException:
+            print(scheduler.log(80))
+            print(extender.log())
+            raise
+
+
+def gpu_nodes(
+    control_plane: cluster.ControlPlane, namespace: str, layout: dict[str, tuple[int, int]]
+) -> dict[str, nodereport.NodeReport]:
+    """Register ``{suffix: (cards, bytes per card)}`` as nodes owned by the test's namespace."""
+    reports = {}
+    for suffix, (count, size) in layout.items():
+        name = f"{namespace}-{suffix}"
+        model = "NVIDIA H100 80GB HBM3" if size == CARD_80 else "NVIDIA L4"
+        cards = [cluster.gpu_card(i, total=size, model=model) for i in range(count)]
+        report = cluster.node_report(cards)
+        cluster.register_gpu_node(control_plane, name, cards, report=report, owner=namespace)
+        reports[name] = report
+    return reports
+
+
+def create_pods(rest: cluster.Rest, namespace: str, sizes: list[int], prefix: str = "p") -> None:
+    for i, units in enumerate(sizes):
+        rest.create(
+            f"/api/v1/namespaces/{namespace}/pods", pod(f"{prefix}{i}", units, namespace=namespace)
+        )
+
+
+def list_pods(rest: cluster.Rest, namespace: str) -> list[dict[str, Any]]:
+    return list(rest.get(f"/api/v1/namespaces/{namespace}/pods")["items"])
+
+
+def wait_bound(
+    rest: cluster.Rest, namespace: str, count: int, timeout: float = 180
+) -> list[dict[str, Any]]:
+    def bound() -> list[dict[str, Any]] | None:
+        pods = list_pods(rest, namespace)
+        done = [p for p in pods if p["spec"].get("nodeName")]
+        return pods if len(done) == count and len(pods) == count else None
+
+    return cluster.wait_for(bound, timeout=timeout, interval=0.5, what=f"{count} pods bound")
+
+
+def check_grants(
+    pods: list[dict[str, Any]], reports: dict[str, nodereport.NodeReport]
+) -> Counter[str]:
+    """Each bound pod's annotations name a card of its node; no card holds more than it has."""
+    capacity = {str(c.uuid): (node, c) for node, rep in reports.items() for c in rep.cards}
+    granted: Counter[str] = Counter()
+    for p in pods:
+        notes = p["metadata"]["annotations"]
+        units = int(p["spec"]["containers"][0]["resources"]["limits"][names.RESOURCE_GPU_MEMORY])
+        node, card = capacity[notes[names.ANNOTATION_CARD_UUID]]
+        assert node == p["spec"]["nodeName"]
+        assert notes[names.ANNOTATION_CARD_INDEX] == str(card.index)
+        assert notes[names.ANNOTATION_CARD_TOTAL] == str(card.cuda_total_bytes)
+        assert notes[names.ANNOTATION_GRANTED_BYTES] == str(units * GI)
+        assert notes[names.ANNOTATION_BIND_TIME].endswith("Z")
+        granted[card.uuid] += units * GI + OVERHEAD
+    for uuid, used in granted.items():
+        assert used <= capacity[uuid][1].cuda_total_bytes, f"card {uuid} over-committed"
+    return granted
+
+
+def events(rest: cluster.Rest, namespace: str, reason: str) -> list[dict[str, Any]]:
+    items = rest.get(f"/apis/events.k8s.io/v1/namespaces/{namespace}/events")["items"]
+    return [e for e in items if e.get("reason") == reason]
+
+
+def metric_sum(text: str, name: str) -> float:
+    return sum(
+        float(line.rsplit(" ", 1)[1])
+        for line in text.splitlines()
+        if line.startswith((name + "{", name + " "))
+    )
+
+
+MIXED = {**{f"h{i}": (8, CARD_80) for i in range(4)}, **{f"l{i}": (4, CARD_24) for i in range(4)}}
+
+
+def test_a_hundred_pods_are_bound_with_their_cards(
+    control_plane: cluster.ControlPlane, namespace: str, extender: ExtenderProcess
+) -> None:
+    rest = control_plane.rest()
+    reports = gpu_nodes(control_plane, namespace, MIXED)
+    with kube_scheduler(control_plane, extender):
+        create_pods(rest, namespace, [SIZES[i % len(SIZES)] for i in range(100)])
+        pods = wait_bound(rest, namespace, 100)
+    granted = check_grants(pods, reports)
+    # The extender's ledger agrees with the API, card by card.
+    text = extender.metrics()
+    assert metric_sum(text, "gpushare_scheduler_card_granted_bytes") == sum(granted.values())
+    # binpack: the 24 GiB cards take what fits them before the big ones open new cards.
+    assert sum(1 for p in pods if p["spec"]["nodeName"].endswith(("-l0", "-l1", "-l2", "-l3"))) > 0
+    cluster.wait_for(
+        lambda: len(events(rest, namespace, "GPUMemoryGranted")) >= 100,
+        timeout=30,
+        what="an Event per pod",
+    )
+    note = events(rest, namespace, "GPUMemoryGranted")[0]["note"]
+    assert note.startswith("granted ") and "binpack chose the fullest card that fits" in note
+
+
+def test_a_pod_larger_than_any_card_stays_pending_with_the_reason(
+    control_plane: cluster.ControlPlane, namespace: str, extender: ExtenderProcess
+) -> None:
+    rest = control_plane.rest()
+    gpu_nodes(control_plane, namespace, {"h0": (2, CARD_80), "l0": (4, CARD_24)})
+    with kube_scheduler(control_plane, extender):
+        rest.create(f"/api/v1/namespaces/{namespace}/pods", pod("huge", 100, namespace=namespace))
+
+        def failed() -> list[dict[str, Any]] | None:
+            return events(rest, namespace, "FailedScheduling") or None
+
+        event = cluster.wait_for(failed, timeout=60, what="FailedScheduling")[0]
+        reason = (
+            "asks for 100 GiB plus 66 MiB for its MPS server but the largest GPU in the cluster"
+        )
+        assert reason in event["note"]
+        assert rest.get(f"/api/v1/namespaces/{namespace}/pods/huge")["spec"].get("nodeName") is None
+
+
+def test_deleting_pods_frees_their_memory_for_new_ones(
+    control_plane: cluster.ControlPlane, namespace: str, extender: ExtenderProcess
+) -> None:
+    rest = control_plane.rest()
+    reports = gpu_nodes(control_plane, namespace, {"l0": (1, CARD_24)})
+    with kube_scheduler(control_plane, extender):
+        create_pods(rest, namespace, [20], prefix="first")
+        wait_bound(rest, namespace, 1)
+        create_pods(rest, namespace, [20], prefix="second")
+        event = cluster.wait_for(
+            lambda: events(rest, namespace, "FailedScheduling") or None,
+            timeout=60,
+            what="FailedScheduling",
+        )[0]
+        assert "no card with 20.1 GiB free: best is GPU 0 with 3.9 GiB" in event["note"]
+        rest.delete(f"/api/v1/namespaces/{namespace}/pods/first0", gracePeriodSeconds=0)
+        pods = wait_bound(rest, namespace, 1)
+    assert pods[0]["metadata"]["name"] == "second0"
+    check_grants(pods, reports)
+
+
+def test_an_extender_restart_mid_burst_loses_and_doubles_nothing(
+    control_plane: cluster.ControlPlane, namespace: str, extender: ExtenderProcess
+) -> None:
+    rest = control_plane.rest()
+    reports = gpu_nodes(control_plane, namespace, MIXED)
+    sizes = [SIZES[i % len(SIZES)] for i in range(80)]
+    with kube_scheduler(control_plane, extender), ThreadPoolExecutor(1) as creator:
+        # Pods keep arriving while the extender dies and comes back.
+        created = creator.submit(create_pods, control_plane.rest(), namespace, sizes)
+
+        def bound() -> int:
+            return sum(1 for p in list_pods(rest, namespace) if p["spec"].get("nodeName"))
+
+        cluster.wait_for(lambda: bound() >= 10, timeout=60, what="10 pods bound")
+        extender.kill()
+        assert bound() < 80  # the burst was still going
+        extender.start()
+        created.result()
+        pods = wait_bound(rest, namespace, 80)
+    granted = check_grants(pods, reports)
+    text = extender.metrics()
+    assert metric_sum(text, "gpushare_scheduler_card_granted_bytes") == sum(granted.values())
+    assert metric_sum(text, "gpushare_scheduler_pods_granted") == 80
+
+
+async def test_concurrent_binds_never_overcommit_a_card(
+    control_plane: cluster.ControlPlane, namespace: str, extender: ExtenderProcess
+) -> None:
+    rest = control_plane.rest()
+    node = f"{namespace}-l0"
+    gpu_nodes(control_plane, namespace, {"l0": (1, CARD_24)})
+    uids = {}
+    for i in range(10):
+        created = rest.create(
+            f"/api/v1/namespaces/{namespace}/pods",
+            pod(f"c{i}", 8, namespace=namespace, scheduler="nobody"),
+        )
+        uids[f"c{i}"] = created["metadata"]["uid"]
+
+    async def bind(http: aiohttp.ClientSession, name: str) -> str:
+        args = {"PodName": name, "PodNamespace": namespace, "PodUID": uids[name], "Node": node}
+        async with http.post(f"{extender.url}/bind", json=args) as resp:
+            assert resp.status == 200
+            return str((await resp.json())["Error"])
+
+    async with aiohttp.ClientSession() as http:
+        answers = await asyncio.gather(*(bind(http, name) for name in uids))
+    # 8 GiB plus 66 MiB twice fits 24 GiB; three times does not.
+    assert sum(1 for a in answers if a == "") == 2
+    refusals = [a for a in answers if a]
+    assert all("no card with 8.1 GiB free: best is GPU 0 with 7.9 GiB" in a for a in refusals)
+    bound = [p for p in list_pods(rest, namespace) if p["spec"].get("nodeName")]
+    assert len(bound) == 2

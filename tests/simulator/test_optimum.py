@@ -1,0 +1,51 @@
+"""The offline optimum packs exactly: fewest cards, most requests placed, optimality reported."""
+
+from gpushare.quantities import GI
+from gpushare.simulator import optimum
+
+
+def _items(*sizes: int) -> list[optimum.Item]:
+    return [optimum.Item(f"s{i}", size * GI) for i, size in enumerate(sizes)]
+
+
+def _bins(count: int, size: int, group: str = "H100") -> list[optimum.Bin]:
+    return [optimum.Bin(f"{group}/{i}", group, size * GI) for i in range(count)]
+
+
+def test_a_perfect_packing_is_found_and_proven() -> None:
+    packing = optimum.solve(_items(60, 40, 30, 30, 20, 20), _bins(4, 100))
+    assert packing.status == "optimal"
+    assert packing.cards_used == 2
+    assert packing.cards_bound == 2
+    assert packing.placed == 6
+
+
+def test_first_fit_decreasing_is_beaten_where_it_loses() -> None:
+    # FFD puts 50+40 together, then 30+30+30 and 20+... : 3 cards; the optimum is 50+30+20 twice.
+    packing = optimum.solve(_items(50, 50, 30, 30, 20, 20), _bins(4, 100))
+    assert packing.cards_used == 2
+
+
+def test_no_card_holds_more_than_its_capacity() -> None:
+    items = _items(33, 33, 33, 34, 50, 17, 66, 12, 70, 8)
+    bins = _bins(3, 100) + _bins(3, 24, group="L4")
+    packing = optimum.solve(items, bins)
+    load: dict[str, int] = {}
+    sizes = {item.name: item.cost_bytes for item in items}
+    for item, card in packing.assignment.items():
+        load[card] = load.get(card, 0) + sizes[item]
+    capacity = {b.name: b.capacity_bytes for b in bins}
+    assert all(load[card] <= capacity[card] for card in load)
+    assert packing.placed == len(packing.assignment) >= 9
+
+
+def test_requests_that_fit_nowhere_are_left_out_not_failed() -> None:
+    packing = optimum.solve(_items(90, 10, 10), _bins(2, 80))
+    assert packing.status == "optimal"
+    assert packing.placed == 2
+    assert packing.cards_used == 1
+    assert "s0" not in packing.assignment
+
+
+def test_nothing_to_place_uses_no_cards() -> None:
+    assert optimum.solve([], _bins(2, 80)).cards_used == 0

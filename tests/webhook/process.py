@@ -1,0 +1,117 @@
+"""``gpushare webhook`` as a real process on loopback, for tests and benchmarks."""
+
+import base64
+import copy
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import requests
+import yaml
+from prometheus_client.parser import text_string_to_metric_families
+
+from tests import cluster
+
+MANIFESTS = Path(__file__).resolve().parents[2] / "manifests" / "webhook"
+
+
+class Webhook:
+    """``gpushare webhook`` in a subprocess, talking to the test apiserver."""
+
+    def __init__(self, kubeconfig: Path, pair: Path, log: Path) -> None:
+        self.kubeconfig = kubeconfig
+        self.pair = pair
+        self.log_path = log
+        self.port = cluster.free_port()
+        self.probe_port = cluster.free_port()
+        self.process: subprocess.Popen[bytes] | None = None
+        self.session = requests.Session()
+
+    @property
+    def url(self) -> str:
+        return f"https://127.0.0.1:{self.port}"
+
+    @property
+    def probes(self) -> str:
+        return f"http://127.0.0.1:{self.probe_port}"
+
+    def start(self) -> None:
+        env = {k: v for k, v in os.environ.items() if not k.startswith("GPUSHARE_")}
+        env["KUBECONFIG"] = str(self.kubeconfig)
+        argv = [
+            sys.executable, "-m", "gpushare.cli", "webhook",
+            "--listen", f"127.0.0.1:{self.port}",
+            "--tls-cert", str(self.pair / "tls.crt"),
+            "--tls-key", str(self.pair / "tls.key"),
+            "--probe-listen", f"127.0.0.1:{self.probe_port}",
+        ]  # fmt: skip
+        with self.log_path.open("ab") as log:
+            self.process = subprocess.Popen(argv, env=env, stdout=log, stderr=subprocess.STDOUT)
+        try:
+            cluster.wait_for(self._ready, timeout=60, interval=0.2, what="webhook /readyz")
+        except TimeoutError as exc:
+            raise AssertionError(f"{exc}\n{cluster.tail(self.log_path)}") from exc
+
+    def _ready(self) -> bool:
+        assert self.process is not None
+        if self.process.poll() is not None:
+            raise AssertionError(f"webhook exited\n{cluster.tail(self.log_path)}")
+        try:
+            return requests.get(f"{self.probes}/readyz", timeout=1).status_code == 200
+        except requests.ConnectionError:
+            return False
+
+    def stop(self) -> None:
+        if self.process is not None and self.process.poll() is None:
+            self.process.terminate()
+            try:
+                self.process.wait(15)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+        self.process = None
+
+    def post(self, path: str, **kwargs: Any) -> requests.Response:
+        """POST to ``/path`` over HTTPS, trusting only the pair's CA.
+
+        ``verify`` is given on each call: a session's own would lose to ``REQUESTS_CA_BUNDLE``.
+        """
+        return self.session.post(
+            f"{self.url}/{path}", verify=str(self.pair / "ca.crt"), timeout=10, **kwargs
+        )
+
+    def review(self, path: str, body: Any) -> requests.Response:
+        """POST one AdmissionReview (or anything) to ``/path``."""
+        return self.post(path, json=body)
+
+    def metrics(self) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+        """Every sample of /metrics, keyed by name and sorted labels."""
+        text = requests.get(f"{self.probes}/metrics", timeout=5).text
+        return {
+            (sample.name, tuple(sorted(sample.labels.items()))): sample.value
+            for family in text_string_to_metric_families(text)
+            for sample in family.samples
+        }
+
+    def requests_total(self, webhook: str) -> float:
+        """Requests answered on one path, whatever their outcome."""
+        return sum(
+            value
+            for (name, labels), value in self.metrics().items()
+            if name == "gpushare_webhook_requests_total" and ("webhook", webhook) in labels
+        )
+
+
+def configurations(webhook: Webhook) -> list[dict[str, Any]]:
+    """The manifests' webhook configurations, pointed at the test webhook (URL and CA bundle)."""
+    bundle = base64.b64encode((webhook.pair / "ca.crt").read_bytes()).decode()
+    out = []
+    for path in sorted(MANIFESTS.glob("*-webhook-configuration.yaml")):
+        body = copy.deepcopy(yaml.safe_load(path.read_text()))
+        for hook in body["webhooks"]:
+            service = hook["clientConfig"].pop("service")
+            hook["clientConfig"] = {"url": webhook.url + service["path"], "caBundle": bundle}
+        out.append(body)
+    return out
