@@ -24,6 +24,7 @@ import asyncio
 import json
 import os
 import random
+import socket
 import subprocess
 import sys
 import tempfile
@@ -58,54 +59,86 @@ def card_uuid(node: int, card: int) -> str:
 def node_object(i: int, heartbeat: str) -> dict[str, Any]:
     cards = [
         {
-            "uuid": card_uuid(i, c), "index": c, "model": "NVIDIA H100 80GB HBM3",
-            "total_bytes": CARD_BYTES, "reserved_bytes": 0, "used_bytes": 0,
-            "free_bytes": CARD_BYTES, "healthy": True,
+            "uuid": card_uuid(i, c),
+            "index": c,
+            "model": "NVIDIA H100 80GB HBM3",
+            "total_bytes": CARD_BYTES,
+            "reserved_bytes": 0,
+            "used_bytes": 0,
+            "free_bytes": CARD_BYTES,
+            "healthy": True,
         }
         for c in range(CARDS)
     ]
     report = json.dumps({"version": 1, "heartbeat": heartbeat, "cards": cards})
     return {
-        "apiVersion": "v1", "kind": "Node",
+        "apiVersion": "v1",
+        "kind": "Node",
         "metadata": {
-            "name": node_name(i), "resourceVersion": "1",
+            "name": node_name(i),
+            "resourceVersion": "1",
             "labels": {"gpushare.io/enabled": "true", "kubernetes.io/hostname": node_name(i)},
             "annotations": {"gpushare.io/node-report": report},
         },
-        "status": {"allocatable": {"cpu": "64", "memory": "512Gi", "pods": "110",
-                                   "gpushare.io/gpu-memory": str(CARDS * 80)}},
+        "status": {
+            "allocatable": {
+                "cpu": "64",
+                "memory": "512Gi",
+                "pods": "110",
+                "gpushare.io/gpu-memory": str(CARDS * 80),
+            }
+        },
     }
 
 
 def pod_object(name: str, units: int, *, node: int | None = None, card: int = 0) -> dict[str, Any]:
-    """A pod as the webhook leaves it; bound to ``node``'s ``card`` with its annotations if given."""
+    """A pod as the webhook leaves it; bound to ``node``'s ``card``, annotated, if given."""
     annotations = {"gpushare.io/gpu-memory": f"{units}Gi", "gpushare.io/mutated": str(units)}
     spec: dict[str, Any] = {
         "schedulerName": "gpushare-scheduler",
-        "containers": [{
-            "name": "kserve-container",
-            "image": "vllm/vllm-openai:latest",
-            "args": ["--port", "8080", "--model", "/mnt/models",
-                     "--gpu-memory-utilization=$(GPUSHARE_VLLM_GPU_MEMORY_UTILIZATION)"],
-            "resources": {"limits": {"gpushare.io/gpu-memory": str(units), "cpu": "4",
-                                     "memory": "32Gi"},
-                          "requests": {"gpushare.io/gpu-memory": str(units), "cpu": "4",
-                                       "memory": "32Gi"}},
-        }],
+        "containers": [
+            {
+                "name": "kserve-container",
+                "image": "vllm/vllm-openai:latest",
+                "args": [
+                    "--port",
+                    "8080",
+                    "--model",
+                    "/mnt/models",
+                    "--gpu-memory-utilization=$(GPUSHARE_VLLM_GPU_MEMORY_UTILIZATION)",
+                ],
+                "resources": {
+                    "limits": {"gpushare.io/gpu-memory": str(units), "cpu": "4", "memory": "32Gi"},
+                    "requests": {
+                        "gpushare.io/gpu-memory": str(units),
+                        "cpu": "4",
+                        "memory": "32Gi",
+                    },
+                },
+            }
+        ],
     }
     if node is not None:
         spec["nodeName"] = node_name(node)
-        annotations.update({
-            "gpushare.io/card-uuid": card_uuid(node, card),
-            "gpushare.io/card-index": str(card),
-            "gpushare.io/card-total-bytes": str(CARD_BYTES),
-            "gpushare.io/granted-bytes": str(units * GI),
-            "gpushare.io/bind-time": "2026-01-01T00:00:00.000Z",
-        })
+        annotations.update(
+            {
+                "gpushare.io/card-uuid": card_uuid(node, card),
+                "gpushare.io/card-index": str(card),
+                "gpushare.io/card-total-bytes": str(CARD_BYTES),
+                "gpushare.io/granted-bytes": str(units * GI),
+                "gpushare.io/bind-time": "2026-01-01T00:00:00.000Z",
+            }
+        )
     return {
-        "apiVersion": "v1", "kind": "Pod",
-        "metadata": {"name": name, "namespace": "bench", "uid": f"uid-{name}",
-                     "resourceVersion": "1", "annotations": annotations},
+        "apiVersion": "v1",
+        "kind": "Pod",
+        "metadata": {
+            "name": name,
+            "namespace": "bench",
+            "uid": f"uid-{name}",
+            "resourceVersion": "1",
+            "annotations": annotations,
+        },
         "spec": spec,
         "status": {"phase": "Pending"},
     }
@@ -123,7 +156,8 @@ def cluster(nodes: int, pending: int) -> tuple[list[dict[str, Any]], list[dict[s
     others = [i for i in range(nodes) if i % 20]
     for k in range(4 * nodes - len(pods)):
         i = others[k % len(others)]
-        pods.append(pod_object(f"placed-{k}", rng.choice(SIZES), node=i, card=(k // len(others)) % CARDS))
+        card = (k // len(others)) % CARDS
+        pods.append(pod_object(f"placed-{k}", rng.choice(SIZES), node=i, card=card))
     pods += [pod_object(f"pending-{k}", SIZES[k % len(SIZES)]) for k in range(pending)]
     return node_list, pods
 
@@ -134,10 +168,12 @@ def cluster(nodes: int, pending: int) -> tuple[list[dict[str, Any]], list[dict[s
 def serve_stub(port: int, nodes: int, pending: int) -> None:
     node_list, pods = cluster(nodes, pending)
     bodies = {
-        "/api/v1/nodes": json.dumps({"kind": "NodeList", "metadata": {"resourceVersion": "1"},
-                                     "items": node_list}).encode(),
-        "/api/v1/pods": json.dumps({"kind": "PodList", "metadata": {"resourceVersion": "1"},
-                                    "items": pods}).encode(),
+        "/api/v1/nodes": json.dumps(
+            {"kind": "NodeList", "metadata": {"resourceVersion": "1"}, "items": node_list}
+        ).encode(),
+        "/api/v1/pods": json.dumps(
+            {"kind": "PodList", "metadata": {"resourceVersion": "1"}, "items": pods}
+        ).encode(),
     }
     counts = {"binds": 0, "events": 0}
 
@@ -153,8 +189,9 @@ def serve_stub(port: int, nodes: int, pending: int) -> None:
     async def binding(request: web.Request) -> web.Response:
         await request.read()
         counts["binds"] += 1
-        return web.json_response({"kind": "Status", "apiVersion": "v1", "status": "Success"},
-                                 status=201)
+        return web.json_response(
+            {"kind": "Status", "apiVersion": "v1", "status": "Success"}, status=201
+        )
 
     async def event(request: web.Request) -> web.Response:
         counts["events"] += 1
@@ -176,8 +213,6 @@ def serve_stub(port: int, nodes: int, pending: int) -> None:
 
 
 def free_port() -> int:
-    import socket
-
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return int(sock.getsockname()[1])
@@ -227,14 +262,32 @@ async def measure(nodes: int, calls: int, pods: int) -> dict[str, float]:
     stub_port, ext_port = free_port(), free_port()
     folder = Path(tempfile.mkdtemp(prefix="gpushare-bench-"))
     kubeconfig = folder / "kubeconfig"
-    kubeconfig.write_text(json.dumps({
-        "apiVersion": "v1", "kind": "Config", "current-context": "stub",
-        "clusters": [{"name": "stub", "cluster": {"server": f"http://127.0.0.1:{stub_port}"}}],
-        "users": [{"name": "stub", "user": {"token": "stub"}}],
-        "contexts": [{"name": "stub", "context": {"cluster": "stub", "user": "stub"}}],
-    }))
-    stub = subprocess.Popen([sys.executable, __file__, "--serve-stub", str(stub_port),
-                             "--nodes", str(nodes), "--pods", str(pods)])
+    kubeconfig.write_text(
+        json.dumps(
+            {
+                "apiVersion": "v1",
+                "kind": "Config",
+                "current-context": "stub",
+                "clusters": [
+                    {"name": "stub", "cluster": {"server": f"http://127.0.0.1:{stub_port}"}}
+                ],
+                "users": [{"name": "stub", "user": {"token": "stub"}}],
+                "contexts": [{"name": "stub", "context": {"cluster": "stub", "user": "stub"}}],
+            }
+        )
+    )
+    stub = subprocess.Popen(
+        [
+            sys.executable,
+            __file__,
+            "--serve-stub",
+            str(stub_port),
+            "--nodes",
+            str(nodes),
+            "--pods",
+            str(pods),
+        ]
+    )
     env = {**os.environ, "GPUSHARE_SCHEDULER__HEARTBEAT_TIMEOUT_SECONDS": "86400"}
     extender = None
     base = f"http://127.0.0.1:{ext_port}"
@@ -243,9 +296,17 @@ async def measure(nodes: int, calls: int, pods: int) -> dict[str, float]:
             await wait_ready(http, f"http://127.0.0.1:{stub_port}/stats", 120)
             started = time.perf_counter()
             extender = subprocess.Popen(
-                [sys.executable, "-m", "gpushare.cli", "--log-level=WARNING", "scheduler",
-                 f"--listen=127.0.0.1:{ext_port}", f"--kubeconfig={kubeconfig}"],
-                env=env, cwd=ROOT,
+                [
+                    sys.executable,
+                    "-m",
+                    "gpushare.cli",
+                    "--log-level=WARNING",
+                    "scheduler",
+                    f"--listen=127.0.0.1:{ext_port}",
+                    f"--kubeconfig={kubeconfig}",
+                ],
+                env=env,
+                cwd=ROOT,
             )
             await wait_ready(http, f"{base}/readyz", 300)
             sync = time.perf_counter() - started
@@ -254,15 +315,17 @@ async def measure(nodes: int, calls: int, pods: int) -> dict[str, float]:
             args = json.dumps({"Pod": probe, "Nodes": None, "NodeNames": names}).encode()
 
             cpu = cpu_seconds(extender.pid)
-            filter_times, answer = await timed(lambda: post(http, base + PREFIX + "/filter", args),
-                                               calls)
+            filter_times, answer = await timed(
+                lambda: post(http, base + PREFIX + "/filter", args), calls
+            )
             filter_cpu = (cpu_seconds(extender.pid) - cpu) / calls
             assert len(answer["NodeNames"]) + len(answer["FailedNodes"]) == nodes, answer["Error"]
             failed = len(answer["FailedNodes"])
             passed_args = json.dumps({"Pod": probe, "NodeNames": answer["NodeNames"]}).encode()
             cpu = cpu_seconds(extender.pid)
             prio_times, _ = await timed(
-                lambda: post(http, base + PREFIX + "/prioritize", passed_args), calls)
+                lambda: post(http, base + PREFIX + "/prioritize", passed_args), calls
+            )
             prio_cpu = (cpu_seconds(extender.pid) - cpu) / calls
 
             pending = [pod_object(f"pending-{k}", SIZES[k % len(SIZES)]) for k in range(pods)]
@@ -272,12 +335,19 @@ async def measure(nodes: int, calls: int, pods: int) -> dict[str, float]:
             async def schedule(pod: dict[str, Any]) -> Awaitable[None]:
                 body = json.dumps({"Pod": pod, "Nodes": None, "NodeNames": names}).encode()
                 found = await post(http, base + PREFIX + "/filter", body)
-                body = json.dumps({"Pod": pod, "Nodes": None,
-                                   "NodeNames": found["NodeNames"]}).encode()
+                body = json.dumps(
+                    {"Pod": pod, "Nodes": None, "NodeNames": found["NodeNames"]}
+                ).encode()
                 scores = await post(http, base + PREFIX + "/prioritize", body)
                 best = max(scores, key=lambda s: s["Score"])["Host"]
-                bind = json.dumps({"PodName": pod["metadata"]["name"], "PodNamespace": "bench",
-                                   "PodUID": pod["metadata"]["uid"], "Node": best}).encode()
+                bind = json.dumps(
+                    {
+                        "PodName": pod["metadata"]["name"],
+                        "PodNamespace": "bench",
+                        "PodUID": pod["metadata"]["uid"],
+                        "Node": best,
+                    }
+                ).encode()
 
                 async def do_bind() -> None:
                     start = time.perf_counter()
@@ -312,22 +382,29 @@ async def measure(nodes: int, calls: int, pods: int) -> dict[str, float]:
                 process.wait()
     ms = 1000
     return {
-        "nodes": nodes, "placed": 4 * nodes, "failed": failed, "sync_s": sync,
+        "nodes": nodes,
+        "placed": 4 * nodes,
+        "failed": failed,
+        "sync_s": sync,
         "filter_p50": percentile(filter_times, 0.5) * ms,
         "filter_p99": percentile(filter_times, 0.99) * ms,
         "filter_cpu": filter_cpu * ms,
-        "prio_p50": percentile(prio_times, 0.5) * ms, "prio_p99": percentile(prio_times, 0.99) * ms,
+        "prio_p50": percentile(prio_times, 0.5) * ms,
+        "prio_p99": percentile(prio_times, 0.99) * ms,
         "prio_cpu": prio_cpu * ms,
-        "bind_p50": percentile(bind_times, 0.5) * ms, "bind_p99": percentile(bind_times, 0.99) * ms,
+        "bind_p50": percentile(bind_times, 0.5) * ms,
+        "bind_p99": percentile(bind_times, 0.99) * ms,
         "cycle_cpu": cycle_cpu * ms,
-        "sequential": sequential, "pipelined": pipelined,
+        "sequential": sequential,
+        "pipelined": pipelined,
     }
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--nodes", default="500,1000,2000,5000",
-                        help="cluster sizes, comma-separated")
+    parser.add_argument(
+        "--nodes", default="500,1000,2000,5000", help="cluster sizes, comma-separated"
+    )
     parser.add_argument("--calls", type=int, default=300, help="filter and prioritize calls timed")
     parser.add_argument("--pods", type=int, default=600, help="pending pods scheduled end to end")
     parser.add_argument("--serve-stub", type=int, metavar="PORT", help=argparse.SUPPRESS)
@@ -353,14 +430,18 @@ def main() -> int:
     if len(rows) > 1:
         first, last = rows[0], rows[-1]
         scale = last["nodes"] / first["nodes"]
-        print(f"growth x{scale:g} nodes: filter p50 x{last['filter_p50'] / first['filter_p50']:.1f},"
-              f" filter cpu x{last['filter_cpu'] / first['filter_cpu']:.1f},"
-              f" pods/s x{last['pipelined'] / first['pipelined']:.2f}")
+        print(
+            f"growth x{scale:g} nodes: filter p50 x{last['filter_p50'] / first['filter_p50']:.1f},"
+            f" filter cpu x{last['filter_cpu'] / first['filter_cpu']:.1f},"
+            f" pods/s x{last['pipelined'] / first['pipelined']:.2f}"
+        )
     last = rows[-1]
-    print(f"targets at {last['nodes']} nodes: filter p99 {last['filter_p99']:.2f} ms (<= 10):"
-          f" {'met' if last['filter_p99'] <= 10 else 'MISSED'};"
-          f" {last['pipelined']:.0f} pods/s (>= 300):"
-          f" {'met' if last['pipelined'] >= 300 else 'MISSED'}")
+    print(
+        f"targets at {last['nodes']} nodes: filter p99 {last['filter_p99']:.2f} ms (<= 10):"
+        f" {'met' if last['filter_p99'] <= 10 else 'MISSED'};"
+        f" {last['pipelined']:.0f} pods/s (>= 300):"
+        f" {'met' if last['pipelined'] >= 300 else 'MISSED'}"
+    )
     return 0
 
 

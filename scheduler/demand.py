@@ -103,6 +103,8 @@ def _units(container: str, value: wire.Quantity) -> int:
         f"container {container!r}: {names.RESOURCE_GPU_MEMORY}={value!r} is not a whole number of"
         ' units: write a count such as "20"'
     )
+    if isinstance(value, str) and value.isascii() and value.isdigit():
+        return int(value)  # the apiserver's canonical form; skips the general parser
     if isinstance(value, float):
         if not value.is_integer():
             raise wrong

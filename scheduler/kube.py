@@ -14,9 +14,10 @@ from pathlib import Path
 from typing import Any, Final
 
 import aiohttp
-from gpushare import errors
 from kubernetes_asyncio import client, config
 from kubernetes_asyncio.config import kube_config
+
+from gpushare import errors
 
 __all__ = ["ApiError", "Kube"]
 

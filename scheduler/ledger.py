@@ -11,9 +11,11 @@ restart). Each card's granted memory is the sum of its grants plus one per-alloc
 (:func:`overhead_bytes`).
 
 Filtering thousands of nodes must cost little per node, so each node keeps its placement view of
-its cards and its best room (the most any healthy card can still take) up to date on every
-change; a single-container request then passes or fails a node with one comparison. Failure
-reasons and scores are cached per node and request size until the node next changes.
+its cards and its best room (the most any healthy card can still take), and one flat map holds
+the best room of every node that may take pods now: a single-container request passes or fails a
+node with one lookup and one comparison. Failure reasons and scores are cached per request size
+until their node next changes; nodes whose heartbeat runs out are swept from the map when the
+earliest deadline passes, not checked on every call.
 """
 
 import dataclasses
@@ -103,10 +105,12 @@ class Grant:
 
 
 _NO_ROOM: Final = -1
+_MAX_SCORE_KEYS: Final = 256
+"""Score caches kept, one per policy and request size; more than this and they start over."""
 
 
 class _Node:
-    """One node: its agent's report, and its cards as placement sees them right now."""
+    """One node: its agent's report, and its cards as placement sees them after the last change."""
 
     __slots__ = (
         "best_room",
@@ -114,8 +118,8 @@ class _Node:
         "failures",
         "fresh_until",
         "problem",
+        "ranked",
         "report",
-        "scores",
         "views",
     )
 
@@ -124,14 +128,19 @@ class _Node:
         self.problem: Failure | None = None
         self.fresh_until = -math.inf
         self.views: tuple[placement.Card, ...] = ()
+        self.ranked: tuple[tuple[int, int, int, placement.Card], ...] = ()
+        """Healthy cards as ``(room, -capacity, index, card)``, emptiest last."""
         self.best_room = _NO_ROOM
         self.capacities: tuple[int, ...] = ()
         self.failures: dict[int, Failure] = {}
-        self.scores: dict[tuple[placement.Policy, int], int] = {}
 
 
 class Ledger:
-    """Nodes, cards and grants, keyed by node name and pod UID."""
+    """Nodes, cards and grants, keyed by node name and pod UID.
+
+    Changes mark their node dirty; every question first brings dirty nodes up to date, so that a
+    relist of 20,000 pods recomputes each node once, not once per pod.
+    """
 
     def __init__(
         self,
@@ -149,6 +158,12 @@ class Ledger:
         self._by_node: dict[NodeName, dict[str, Grant]] = {}
         self._requests: dict[str, tuple[PodRequest, float]] = {}
         self._capacities: Counter[int] = Counter()
+        self._dirty: set[NodeName] = set()
+        self._room: dict[str, int] = {}
+        """Best room of every node that may take pods now; -1 for the others."""
+        self._next_sweep = math.inf
+        """When the next node's heartbeat runs out (or earlier)."""
+        self._scores: dict[tuple[placement.Policy, int], dict[str, int]] = {}
         self._stale_failure = Failure(
             Reason.STALE,
             f"GPU agent silent: its last report is older than {heartbeat_timeout_seconds:g} s",
@@ -175,13 +190,17 @@ class Ledger:
             node.fresh_until = -math.inf
             node.capacities = ()
         self._capacities.update(node.capacities)
-        self._refresh(name)
+        self._dirty.add(name)
 
     def remove_node(self, name: NodeName) -> None:
         """Forget a deleted node (its pods' grants stay until the pods go)."""
         node = self._nodes.pop(name, None)
         if node is not None:
             self._capacities.subtract(node.capacities)
+        self._dirty.discard(name)
+        self._room.pop(name, None)
+        for cache in self._scores.values():
+            cache.pop(name, None)
 
     def __contains__(self, name: object) -> bool:
         return name in self._nodes
@@ -195,6 +214,7 @@ class Ledger:
 
     def cards(self) -> Iterator[placement.Card]:
         """Every card of every node as placement sees it now."""
+        self._settle(self.clock())
         for node in self._nodes.values():
             yield from node.views
 
@@ -223,21 +243,24 @@ class Ledger:
     ) -> tuple[list[str], dict[str, Failure]]:
         """The nodes that can take the pod, and for the others why not."""
         moment = self.clock() if now is None else now
-        passed: list[str] = []
-        failed: dict[str, Failure] = {}
-        nodes = self._nodes
+        self._settle(moment)
+        candidates = list(names)
         if len(request.demands) == 1:
             cost = request.demands[0].bytes + self.overhead_bytes
-            append = passed.append
-            for name in names:
-                node = nodes.get(name)  # type: ignore[call-overload]
-                if node is not None and node.best_room >= cost and node.fresh_until >= moment:
-                    append(name)
-                else:
-                    failed[name] = self._single_failure(node, cost, moment)
+            room = self._room.get
+            passed = [name for name in candidates if room(name, _NO_ROOM) >= cost]
+            if len(passed) == len(candidates):
+                return passed, {}
+            nodes = self._nodes
+            failed = {
+                name: self._single_failure(nodes.get(name), cost, moment)  # type: ignore[call-overload]
+                for name in set(candidates).difference(passed)
+            }
             return passed, failed
-        for name in names:
-            failure = self.check(NodeName(name), request, policy=policy, now=moment)
+        passed = []
+        failed = {}
+        for name in candidates:
+            failure = self._multi_failure(NodeName(name), request, policy, moment)
             if failure is None:
                 passed.append(name)
             else:
@@ -253,45 +276,36 @@ class Ledger:
         now: float | None = None,
     ) -> Failure | None:
         """Why the node cannot take the pod, or ``None`` when it can."""
-        moment = self.clock() if now is None else now
-        node = self._nodes.get(name)
-        if len(request.demands) == 1:
-            cost = request.demands[0].bytes + self.overhead_bytes
-            if node is not None and node.best_room >= cost and node.fresh_until >= moment:
-                return None
-            return self._single_failure(node, cost, moment)
-        failure = self._node_failure(node, moment)
-        if failure is not None or node is None:
-            return failure
-        try:
-            self._place(node, request.demands, policy)
-        except errors.NoFit as exc:
-            return Failure(Reason.NO_ROOM, str(exc))
-        return None
+        _, failed = self.split([name], request, policy=policy, now=now)
+        return failed.get(name)
+
+    def scores(
+        self, names: Sequence[str], request: PodRequest, *, policy: placement.Policy
+    ) -> list[int]:
+        """0 to 10 per node: how much ``policy`` likes the card it would give (0: none fits)."""
+        self._settle(self.clock())
+        if not request.demands:
+            return [0] * len(names)
+        if len(request.demands) > 1:
+            return [self._multi_score(NodeName(name), request, policy) for name in names]
+        cost = request.demands[0].bytes + self.overhead_bytes
+        key = (policy, cost)
+        cache = self._scores.get(key)
+        if cache is None:
+            if len(self._scores) >= _MAX_SCORE_KEYS:
+                self._scores.clear()
+            cache = self._scores[key] = {}
+        known = cache.get
+        result = [known(name, -1) for name in names]
+        if -1 in result:
+            for position, name in enumerate(names):
+                if result[position] < 0:
+                    result[position] = self._single_score(NodeName(name), cost, policy, cache)
+        return result
 
     def score(self, name: NodeName, request: PodRequest, *, policy: placement.Policy) -> int:
-        """0 to 10: how much ``policy`` likes the card this node would give (0: none fits)."""
-        node = self._nodes.get(name)
-        if node is None or node.best_room < 0 or not request.demands:
-            return 0
-        if len(request.demands) == 1:
-            cost = request.demands[0].bytes + self.overhead_bytes
-            key = (policy, cost)
-            cached = node.scores.get(key)
-            if cached is None:
-                fits = [
-                    placement.Fit(card, cost)
-                    for card in node.views
-                    if card.healthy and card.room_bytes >= cost
-                ]
-                best = placement.best(fits, policy)
-                cached = node.scores[key] = 0 if best is None else placement.score(best, policy)
-            return cached
-        try:
-            placed = self._place(node, request.demands, policy)
-        except errors.NoFit:
-            return 0
-        return round(sum(placement.score(fit, policy) for _, fit in placed) / len(placed))
+        """One node's score (see :meth:`scores`)."""
+        return self.scores([name], request, policy=policy)[0]
 
     # --- grants -----------------------------------------------------------------------------------
 
@@ -317,6 +331,7 @@ class Ledger:
                 f"pod {request.key} already holds GPU memory on node {existing.node}"
             )
         moment = self.clock() if now is None else now
+        self._settle(moment)
         node = self._nodes.get(name)
         failure = self._node_failure(node, moment)
         if failure is not None or node is None:
@@ -350,7 +365,7 @@ class Ledger:
         grant = self._grants.pop(uid, None)
         if grant is not None:
             self._by_node[grant.node].pop(uid, None)
-            self._refresh(grant.node)
+            self._dirty.add(grant.node)
         return grant
 
     def observe(
@@ -405,7 +420,7 @@ class Ledger:
     def grant_count(self) -> int:
         return len(self._grants)
 
-    # --- requests of pods not yet bound ---------------------------------------------------------
+    # --- requests of pods not yet bound -----------------------------------------------------------
 
     def remember(self, request: PodRequest) -> None:
         """Keep a pending pod's request for its bind (which names the pod only)."""
@@ -431,17 +446,34 @@ class Ledger:
     def _add(self, grant: Grant) -> None:
         self._grants[grant.uid] = grant
         self._by_node.setdefault(grant.node, {})[grant.uid] = grant
-        self._refresh(grant.node)
+        self._dirty.add(grant.node)
 
-    def _refresh(self, name: NodeName) -> None:
+    def _settle(self, now: float) -> None:
+        """Bring dirty nodes up to date and retire the nodes whose heartbeat ran out."""
+        if self._dirty:
+            for name in self._dirty:
+                self._refresh(name, now)
+            self._dirty.clear()
+        if now >= self._next_sweep:
+            self._next_sweep = math.inf
+            for name, node in self._nodes.items():
+                if node.fresh_until < now:
+                    self._room[name] = _NO_ROOM
+                elif node.problem is None:
+                    self._next_sweep = min(self._next_sweep, node.fresh_until)
+
+    def _refresh(self, name: NodeName, now: float) -> None:
         node = self._nodes.get(name)
         if node is None:
             return
         node.failures.clear()
-        node.scores.clear()
+        for cache in self._scores.values():
+            cache.pop(name, None)
         if node.report is None:
             node.views = ()
+            node.ranked = ()
             node.best_room = _NO_ROOM
+            self._room[name] = _NO_ROOM
             return
         granted: Counter[CardUUID] = Counter()
         for grant in self._by_node.get(name, {}).values():
@@ -459,9 +491,21 @@ class Ledger:
             )
             for card in node.report.cards
         )
-        node.best_room = max(
-            (card.room_bytes for card in node.views if card.healthy), default=_NO_ROOM
+        node.ranked = tuple(
+            sorted(
+                (
+                    (card.room_bytes, -card.capacity_bytes, card.index, card)
+                    for card in node.views
+                    if card.healthy
+                ),
+                key=lambda entry: entry[:3],
+            )
         )
+        node.best_room = node.ranked[-1][0] if node.ranked else _NO_ROOM
+        fresh = node.fresh_until >= now
+        self._room[name] = node.best_room if fresh else _NO_ROOM
+        if fresh:
+            self._next_sweep = min(self._next_sweep, node.fresh_until)
 
     def _node_failure(self, node: _Node | None, now: float) -> Failure | None:
         if node is None:
@@ -487,6 +531,41 @@ class Ledger:
             cached = node.failures[cost] = Failure(reason, placement.explain(misses, cost))
         return cached
 
+    def _multi_failure(
+        self, name: NodeName, request: PodRequest, policy: placement.Policy, now: float
+    ) -> Failure | None:
+        node = self._nodes.get(name)
+        failure = self._node_failure(node, now)
+        if failure is not None or node is None:
+            return failure
+        try:
+            self._place(node, request.demands, policy)
+        except errors.NoFit as exc:
+            return Failure(Reason.NO_ROOM, str(exc))
+        return None
+
+    def _single_score(
+        self, name: NodeName, cost: int, policy: placement.Policy, cache: dict[str, int]
+    ) -> int:
+        node = self._nodes.get(name)
+        if node is None:
+            return 0
+        card = _best_card(node.ranked, cost, policy)
+        score = cache[name] = (
+            0 if card is None else placement.score(placement.Fit(card, cost), policy)
+        )
+        return score
+
+    def _multi_score(self, name: NodeName, request: PodRequest, policy: placement.Policy) -> int:
+        node = self._nodes.get(name)
+        if node is None:
+            return 0
+        try:
+            placed = self._place(node, request.demands, policy)
+        except errors.NoFit:
+            return 0
+        return round(sum(placement.score(fit, policy) for _, fit in placed) / len(placed))
+
     def _place(
         self, node: _Node, demands: Sequence[Demand], policy: placement.Policy
     ) -> list[tuple[Demand, placement.Fit]]:
@@ -504,6 +583,31 @@ class Ledger:
                 fit.card, granted_bytes=fit.card.granted_bytes + fit.cost_bytes
             )
         return [(demand, chosen[demand.container]) for demand in demands]
+
+
+def _best_card(
+    ranked: tuple[tuple[int, int, int, placement.Card], ...], cost: int, policy: placement.Policy
+) -> placement.Card | None:
+    """The card :func:`placement.best` would choose, read off a node's ranked rooms.
+
+    The same orderings without building a fit per card, since scoring thousands of nodes asks
+    this once per node: binpack takes the least room that holds the cost (then the larger card,
+    then the lower index); spread the largest share of its card left after (then the lower index).
+    """
+    if policy == "binpack":
+        for room, _, _, card in ranked:
+            if room >= cost:
+                return card
+        return None
+    best: placement.Card | None = None
+    best_share = -math.inf
+    for room, negative_capacity, index, card in ranked:
+        if room < cost:
+            continue
+        share = (room - cost) / -negative_capacity
+        if share > best_share or (share == best_share and best is not None and index < best.index):
+            best, best_share = card, share
+    return best
 
 
 _UNKNOWN: Final = Failure(

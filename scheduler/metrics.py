@@ -8,10 +8,11 @@ nodes by state.
 from collections.abc import Iterator
 from typing import Final
 
-from gpushare.scheduler import ledger
 from prometheus_client import CollectorRegistry, Counter, Histogram
 from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
+
+from gpushare.scheduler import ledger
 
 __all__ = ["BIND_RESULTS", "Metrics"]
 

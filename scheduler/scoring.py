@@ -7,23 +7,20 @@ the pod score 0.
 """
 
 from gpushare import config, errors
-from gpushare.ids import NodeName
 from gpushare.scheduler import demand, ledger, wire
 
 __all__ = ["prioritize"]
 
 
-def prioritize(
-    book: ledger.Ledger, args: wire.ExtenderArgs, *, settings: config.Settings
-) -> list[wire.HostPriority]:
-    """Answer one prioritize call; raises :class:`BadRequest` when it names no candidates."""
+def prioritize(book: ledger.Ledger, args: wire.ExtenderArgs, *, settings: config.Settings) -> bytes:
+    """Answer one prioritize call (a ``HostPriorityList``, in the candidates' order).
+
+    Raises :class:`BadRequest` when the call names no candidates.
+    """
     names = args.candidates()
     try:
         request = demand.from_pod(args.pod, unit_bytes=settings.unit_bytes)
     except errors.BadRequest:
-        return [{"Host": name, "Score": 0} for name in names]
-    policy = request.policy or settings.policy
-    score = book.score
-    return [
-        {"Host": name, "Score": score(NodeName(name), request, policy=policy)} for name in names
-    ]
+        return wire.encode_priorities(names, [0] * len(names))
+    scores = book.scores(names, request, policy=request.policy or settings.policy)
+    return wire.encode_priorities(names, scores)

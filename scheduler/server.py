@@ -12,11 +12,12 @@ from collections.abc import Awaitable, Callable
 from typing import Final
 
 from aiohttp import web
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
 from gpushare import config, errors
 from gpushare.scheduler import filtering, ledger, scoring, wire
 from gpushare.scheduler.binding import Binder
 from gpushare.scheduler.metrics import Metrics
-from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 __all__ = ["MAX_BODY_BYTES", "make_app"]
 
@@ -79,8 +80,9 @@ def make_app(
 
     async def prioritize(request: web.Request) -> web.Response:
         args = wire.parse(wire.ExtenderArgs, await request.read())
-        priorities = scoring.prioritize(book, args, settings=settings)
-        return web.Response(body=wire.encode_priorities(priorities), content_type=_JSON)
+        return web.Response(
+            body=scoring.prioritize(book, args, settings=settings), content_type=_JSON
+        )
 
     async def bind(request: web.Request) -> web.Response:
         args = wire.parse(wire.ExtenderBindingArgs, await request.read())

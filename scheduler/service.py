@@ -9,13 +9,14 @@ import logging
 from typing import Final
 
 from aiohttp import web
+from prometheus_client import CollectorRegistry
+
 from gpushare import config, errors
 from gpushare.scheduler import ledger, server
 from gpushare.scheduler.binding import Binder
 from gpushare.scheduler.kube import Kube
 from gpushare.scheduler.metrics import Metrics
 from gpushare.scheduler.watching import Watcher
-from prometheus_client import CollectorRegistry
 
 __all__ = ["Extender", "parse_listen"]
 

@@ -5,7 +5,11 @@ kube-apiserver's admission (AdmissionReview over HTTPS to the real webhook), KSe
 pod), kube-scheduler (filter, prioritize and bind over HTTP to the real extender) and kubelet (the
 device manager over gRPC to one real device plugin per node, then a simulated vLLM start against
 the node's fake NVML). The parts run as ``gpushare <part>`` processes with the command lines of a
-cluster, each reading the same configuration file and the API server's kubeconfig.
+cluster (forked from a warm server, see :mod:`.processes`), each reading the same configuration
+file and the API server's kubeconfig; MPS daemons are the stand-in of :mod:`.mpsfake`.
+
+A program that runs a :class:`Simulation` must guard its top level with
+``if __name__ == "__main__"``, as ``multiprocessing`` requires of its start methods.
 """
 
 import asyncio
@@ -192,8 +196,11 @@ class Simulation:
         self.settings = config.validate(raw)
         config_file = self.workdir / "config.yaml"
         config_file.write_text(yaml.safe_dump(raw))
+        # The file carries the whole configuration (this process read the environment into
+        # ``base``): variables that would override it in the parts are left out.
+        inherited = {k: v for k, v in os.environ.items() if not k.startswith(names.ENV_PREFIX)}
         return {
-            **os.environ,
+            **inherited,
             "KUBECONFIG": str(kubeconfig),
             names.ENV_CONFIG_FILE: str(config_file),
             "PYTHONUNBUFFERED": "1",
@@ -439,6 +446,9 @@ class Simulation:
             granted_bytes=len(allocated.devices) * self.settings.unit_bytes,
             utilization=str(outcome.utilization),
             used_bytes=outcome.used_bytes,
+            chosen_card=str((pod["metadata"].get("annotations") or {}).get(
+                names.ANNOTATION_CARD_UUID, ""
+            )),
         )
         return running.placement
 

@@ -22,7 +22,7 @@ _SCRIPT: Final = """#!/bin/sh
 pipe="${{CUDA_MPS_PIPE_DIRECTORY:-/tmp/nvidia-mps}}"
 if [ "$1" = "-d" ]; then
     mkdir -p "$pipe"
-    (while kill -0 {owner} 2>/dev/null && [ -d "$pipe" ]; do sleep 2; done) >/dev/null 2>&1 &
+    (while kill -0 {owner} 2>/dev/null && [ -d "$pipe" ]; do sleep 5; done) >/dev/null 2>&1 &
     echo $! > "$pipe/{pid_file}"
     exit 0
 fi

@@ -37,6 +37,13 @@ class Placement:
     """The ``--gpu-memory-utilization`` vLLM ran with."""
     used_bytes: int
     """What the running vLLM holds on the card (NVML)."""
+    chosen_card: str = ""
+    """The card the extender's Binding named; the device IDs (``card_uuid``) are the truth."""
+
+    @property
+    def steered(self) -> bool:
+        """Whether the device plugin steered kubelet's IDs onto the extender's card."""
+        return self.chosen_card == self.card_uuid
 
 
 @dataclass(frozen=True, slots=True)
@@ -85,7 +92,9 @@ class Round:
     departed: int
     arrived: int
     placed: int
+    """Arrivals and waiting pods placed in this round."""
     failed: int
+    """Services not running after the round (waiting, refused or crashed)."""
     running: int
     cards_used: int
     stranded_bytes: int
@@ -194,6 +203,7 @@ class Outcome:
                 "granted_bytes": self.granted_bytes,
                 "used_bytes": self.used_bytes,
                 "stranded_bytes": self.stranded_bytes,
+                "on_extenders_card": sum(p.steered for p in self.placements),
                 "smallest_waiting_bytes": self.smallest_waiting_bytes,
             },
             "cards": [asdict(card) for card in self.cards],

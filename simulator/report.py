@@ -12,6 +12,8 @@ BAR_WIDTH = 12
 """Characters of the per-card fill bar."""
 MAX_NAMES = 4
 """Service names shown per card before ``(+N)``."""
+MAX_REASON = 240
+"""A failure reason lists every node's; a large fleet's would fill the screen."""
 
 
 def render(outcome: Outcome) -> RenderableType:
@@ -120,6 +122,10 @@ def _summary(outcome: Outcome) -> Table:
         f"{format_bytes(outcome.granted_bytes)} of {format_bytes(outcome.capacity_bytes)} usable",
     )
     table.add_row("memory in use (vLLM)", format_bytes(outcome.used_bytes))
+    steered = sum(p.steered for p in outcome.placements)
+    table.add_row(
+        "on the extender's card", f"{steered} of {len(outcome.placements)} (device IDs as steered)"
+    )
     smallest = outcome.smallest_waiting_bytes
     stranded_cards = sum(
         1
@@ -130,7 +136,8 @@ def _summary(outcome: Outcome) -> Table:
     what = "the smallest waiting request" if waiting else "the smallest request"
     table.add_row(
         "stranded memory",
-        f"{format_bytes(outcome.stranded_bytes)} on {stranded_cards} cards"
+        f"{format_bytes(outcome.stranded_bytes)} on {stranded_cards}"
+        f" card{'' if stranded_cards == 1 else 's'}"
         + (f" (free room under {what}, {format_bytes(smallest)})" if smallest else ""),
     )
     return table
@@ -138,7 +145,7 @@ def _summary(outcome: Outcome) -> Table:
 
 def _rounds(outcome: Outcome) -> Table:
     table = Table(title="Churn", box=box.SIMPLE_HEAD, title_justify="left", pad_edge=False)
-    for column in ("round", "departed", "arrived", "placed", "not placed", "running", "GPUs used",
+    for column in ("round", "departed", "arrived", "placed", "not running", "running", "GPUs used",
                    "stranded"):
         table.add_column(column, justify="right")
     for r in outcome.rounds:
@@ -160,6 +167,14 @@ def _failures(outcome: Outcome) -> Table:
             failure.service.split("/", 1)[-1],
             format_bytes(failure.requested_bytes) if failure.requested_bytes else "?",
             failure.stage,
-            failure.reason,
+            _short(failure.reason),
         )
     return table
+
+
+def _short(reason: str) -> str:
+    """A reason cut to :data:`MAX_REASON` characters at a clause (``--json`` keeps it whole)."""
+    if len(reason) <= MAX_REASON:
+        return reason
+    cut = reason.rfind(", ", 0, MAX_REASON)
+    return reason[: cut if cut > 0 else MAX_REASON] + ", …"

@@ -69,7 +69,6 @@ async def run(
 ) -> Outcome:
     """Simulate ``services`` on ``fleet``; ``advance(n)`` counts submitted services."""
     began = time.perf_counter()
-    rng = random.Random(options.seed)
     async with Simulation(fleet, base=settings, seed=options.seed, progress=step) as sim:
         outcome = Outcome(
             fleet=fleet.spec,
@@ -81,27 +80,10 @@ async def run(
             overhead_bytes=sim.overhead_bytes,
             reserve_bytes=sim.settings.reserve_bytes,
         )
-        results: dict[str, Placement | Failure] = {}
-        for service in services:
-            step(f"placing {service.name}")
-            results[service.key] = await sim.submit(service)
-            advance(1)
-        for number in range(1, options.churn + 1):
-            step(f"churn round {number}")
-            results, arrived, departed = await _churn(sim, services, results, rng, number)
-            outcome.services += arrived
-            placed = [r for r in results.values() if isinstance(r, Placement)]
-            failed = [r for r in results.values() if isinstance(r, Failure)]
-            cards = await sim.cards()
-            outcome.rounds.append(
-                Round(
-                    number=number, departed=departed, arrived=arrived,
-                    placed=len(placed), failed=len(failed), running=len(placed),
-                    cards_used=sum(1 for c in cards if c.services),
-                    stranded_bytes=stranded(cards, _smallest(failed, placed, sim.overhead_bytes)),
-                )
-            )
-            advance(1)
+        try:
+            results = await _drive(sim, services, options, outcome, step=step, advance=advance)
+        except errors.Conflict as exc:
+            raise errors.Conflict(f"{exc}\nthe parts' last log lines:\n{sim.log_tails()}") from exc
         outcome.placements = [r for r in results.values() if isinstance(r, Placement)]
         outcome.failures = [r for r in results.values() if isinstance(r, Failure)]
         outcome.cards = await sim.cards()
@@ -118,13 +100,49 @@ async def run(
     return outcome
 
 
+async def _drive(
+    sim: Simulation,
+    services: Sequence[Service],
+    options: Options,
+    outcome: Outcome,
+    *,
+    step: Step,
+    advance: Callable[[int], None],
+) -> dict[str, Placement | Failure]:
+    """Submit the trace, then run the churn rounds; the last result of every service."""
+    rng = random.Random(options.seed)
+    results: dict[str, Placement | Failure] = {}
+    for service in services:
+        step(f"placing {service.name}")
+        results[service.key] = await sim.submit(service)
+        advance(1)
+    for number in range(1, options.churn + 1):
+        step(f"churn round {number}")
+        results, arrived, departed, placed_now = await _churn(sim, services, results, rng, number)
+        outcome.services += arrived
+        placed = [r for r in results.values() if isinstance(r, Placement)]
+        failed = [r for r in results.values() if isinstance(r, Failure)]
+        cards = await sim.cards()
+        outcome.rounds.append(
+            Round(
+                number=number, departed=departed, arrived=arrived, placed=placed_now,
+                failed=len(failed), running=len(placed),
+                cards_used=sum(1 for c in cards if c.services),
+                stranded_bytes=stranded(cards, _smallest(failed, placed, sim.overhead_bytes)),
+            )
+        )
+        advance(1)
+    return results
+
+
 async def _churn(
     sim: Simulation,
     trace: Sequence[Service],
     results: dict[str, Placement | Failure],
     rng: random.Random,
     number: int,
-) -> tuple[dict[str, Placement | Failure], int, int]:
+) -> tuple[dict[str, Placement | Failure], int, int, int]:
+    """Departures, retries of waiting pods, arrivals; returns how many of each, and placed."""
     running = sorted(key for key, r in results.items() if isinstance(r, Placement))
     leaving = rng.sample(running, max(1, math.ceil(CHURN_SHARE * len(running)))) if running else []
     by_key = {s.key: s for s in trace} | sim.submitted
@@ -132,14 +150,17 @@ async def _churn(
         await sim.remove(by_key[key])
         del results[key]
     await sim.settle()
+    placed = 0
     for key, service in list(sim.pending.items()):
         results[key] = await sim.schedule(service)
+        placed += isinstance(results[key], Placement)
     arrivals = [rng.choice(list(trace)) for _ in range(len(leaving))]
     for i, template in enumerate(arrivals):
         suffix = f"-c{number}-{i}"
         service = template.renamed(template.name[: MAX_NAME_LENGTH - len(suffix)] + suffix)
         results[service.key] = await sim.submit(service)
-    return results, len(arrivals), len(leaving)
+        placed += isinstance(results[service.key], Placement)
+    return results, len(arrivals), len(leaving), placed
 
 
 def _smallest(failed: Sequence[Failure], placed: Sequence[Placement], overhead: int) -> int | None:

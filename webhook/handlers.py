@@ -13,7 +13,7 @@ import kopf
 
 from gpushare import config, names
 from gpushare.ids import NodeName
-from gpushare.webhook import inventory, mutation, validation
+from gpushare.webhook import inventory, mutation, server, validation
 from gpushare.webhook.metrics import WebhookMetrics
 
 logger = logging.getLogger(__name__)
@@ -79,7 +79,8 @@ def register(
             _deny(MUTATE_PODS, body, result.reasons, metrics)
         if result.patch:
             ops = [dict(op) for op in result.patch]
-            patch.fns.append(lambda raw: jsonpatch.apply_patch(raw, ops, in_place=True))
+            if not server.offer_patch(ops):  # kopf's own server: it diffs the patched copy
+                patch.fns.append(lambda raw: jsonpatch.apply_patch(raw, ops, in_place=True))
             logger.info("pod %s: %s", _describe(body), "; ".join(result.warnings))
 
 

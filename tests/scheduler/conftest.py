@@ -4,10 +4,10 @@ from collections.abc import AsyncIterator
 
 import aiohttp
 import pytest
-from gpushare.scheduler.kube import Kube
-from gpushare.scheduler.service import Extender
 from kubernetes_asyncio import client
 
+from gpushare.scheduler.kube import Kube
+from gpushare.scheduler.service import Extender
 from tests.scheduler.objects import SETTINGS
 
 UNREACHABLE = "http://127.0.0.1:9"

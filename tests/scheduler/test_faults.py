@@ -10,14 +10,14 @@ from typing import Any
 import aiohttp
 import kmock
 import pytest
+from prometheus_client import CollectorRegistry
+
 from gpushare import names
 from gpushare.ids import CardUUID, NodeName
 from gpushare.scheduler import ledger
 from gpushare.scheduler.metrics import Metrics
 from gpushare.scheduler.service import Extender
 from gpushare.scheduler.watching import Watcher
-from prometheus_client import CollectorRegistry
-
 from tests.scheduler.conftest import kube_at
 from tests.scheduler.objects import GI, OVERHEAD, SETTINGS, node, pod, report, request
 

@@ -6,10 +6,10 @@ from typing import Any
 
 import aiohttp
 import pytest
+
 from gpushare import names
 from gpushare.ids import NodeName
 from gpushare.scheduler.service import Extender
-
 from tests.scheduler.conftest import UNREACHABLE, kube_at
 from tests.scheduler.objects import GI, SETTINGS, node, pod, report
 

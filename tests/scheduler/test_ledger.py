@@ -1,12 +1,16 @@
 """The ledger: what fits where, reservations, releases, and the API's truth after a restart."""
 
+import contextlib
 from datetime import timedelta
 
 import pytest
-from gpushare import config, errors, nodereport
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from gpushare import config, errors, nodereport, placement
 from gpushare.ids import CardUUID, NodeName
 from gpushare.scheduler import ledger
-
+from tests import strategies
 from tests.scheduler.objects import GI, MI, NOW, OVERHEAD, card, new_ledger, report, request
 
 N1 = NodeName("n1")
@@ -199,3 +203,27 @@ def test_scores_run_from_0_to_10(policy: str, used: int, score: int) -> None:
         book.reserve(request(used, uid="x"), N1, policy="binpack")
     assert book.score(N1, request(8), policy=policy) == score  # type: ignore[arg-type]
     assert book.score(NodeName("ghost"), request(8), policy="binpack") == 0
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    report=strategies.node_reports(),
+    held=st.lists(st.integers(1, 60), max_size=6),
+    units=st.integers(1, 90),
+    policy=st.sampled_from(placement.POLICIES),
+)
+def test_scores_agree_with_the_placement_policy(
+    report: nodereport.NodeReport, held: list[int], units: int, policy: placement.Policy
+) -> None:
+    book = ledger.Ledger(
+        overhead_bytes=OVERHEAD, heartbeat_timeout_seconds=1e12, clock=report.heartbeat.timestamp
+    )
+    book.set_node(N1, report)
+    for position, size in enumerate(held):
+        with contextlib.suppress(errors.NoFit):
+            book.reserve(request(size, uid=f"held-{position}"), N1, policy="binpack")
+    fits, _ = placement.split(book.cards(), units * GI, overhead_bytes=OVERHEAD)
+    best = placement.best(fits, policy)
+    expected = 0 if best is None else placement.score(best, policy)
+    assert book.score(N1, request(units), policy=policy) == expected
+    assert (book.check(N1, request(units), policy=policy) is None) == (best is not None)

@@ -6,13 +6,13 @@ from collections.abc import Callable
 from datetime import UTC, datetime
 from typing import Any
 
-from gpushare import errors
-from gpushare.ids import CardUUID, NodeName, PodKey
-from gpushare.scheduler import annotations, demand, ledger, wire
 from hypothesis import settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
 
+from gpushare import errors
+from gpushare.ids import CardUUID, NodeName, PodKey
+from gpushare.scheduler import annotations, demand, ledger, wire
 from tests.scheduler.objects import GI, NOW, OVERHEAD, SETTINGS, pod, report
 
 NODES = {

@@ -18,8 +18,8 @@ from typing import Any
 import aiohttp
 import pytest
 import yaml
-from gpushare import names, nodereport
 
+from gpushare import names, nodereport
 from tests import cluster
 from tests.scheduler.objects import GI, OVERHEAD, pod
 

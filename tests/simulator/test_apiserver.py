@@ -148,3 +148,43 @@ async def test_watch_sees_changes_made_while_it_waits(core: client.CoreV1Api) ->
     await asyncio.sleep(0.05)
     await core.create_namespaced_pod("ns", _pod("late"))
     assert await asyncio.wait_for(task, 5) == "late"
+
+
+@pytest.mark.parametrize(
+    ("selector", "matches"),
+    [
+        ("", True),
+        ("app=x", True),
+        ("app==x,tier", True),
+        ("app!=x", False),
+        ("!tier", False),
+        ("app in (y, x)", True),
+        ("app notin (x)", False),
+        ("missing", False),
+    ],
+)
+def test_label_selectors_follow_kubernetes_grammar(selector: str, matches: bool) -> None:
+    assert apiserver.label_matcher(selector)({"app": "x", "tier": "gpu"}) is matches
+
+
+def test_field_selectors_read_nested_fields() -> None:
+    pod = {"spec": {"nodeName": "n1"}, "status": {"phase": "Running"}}
+    assert apiserver.field_matcher("spec.nodeName=n1,status.phase!=Failed")(pod)
+    assert not apiserver.field_matcher("spec.nodeName=n2")(pod)
+
+
+def test_a_strategic_merge_patch_merges_containers_by_name() -> None:
+    pod = {"spec": {"containers": [{"name": "a", "image": "1"}, {"name": "b", "image": "2"}]}}
+    patch = {"spec": {"containers": [{"name": "b", "image": "3"}]}}
+    merged = apiserver.apply_patch(pod, "application/strategic-merge-patch+json", patch)
+    assert merged["spec"]["containers"] == [
+        {"name": "a", "image": "1"}, {"name": "b", "image": "3"}
+    ]
+    plain = apiserver.apply_patch(pod, "application/merge-patch+json", patch)
+    assert plain["spec"]["containers"] == [{"name": "b", "image": "3"}]
+
+
+def test_an_unknown_patch_type_is_415() -> None:
+    with pytest.raises(apiserver.ApiError) as refused:
+        apiserver.apply_patch({}, "application/apply-patch+yaml", {})
+    assert refused.value.code == 415

@@ -1,5 +1,8 @@
 """The offline optimum packs exactly: fewest cards, most requests placed, optimality reported."""
 
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
 from gpushare.quantities import GI
 from gpushare.simulator import optimum
 
@@ -49,3 +52,35 @@ def test_requests_that_fit_nowhere_are_left_out_not_failed() -> None:
 
 def test_nothing_to_place_uses_no_cards() -> None:
     assert optimum.solve([], _bins(2, 80)).cards_used == 0
+
+
+@settings(max_examples=30, deadline=None)
+@given(
+    sizes=st.lists(st.integers(min_value=1, max_value=90), min_size=1, max_size=12),
+    big=st.integers(min_value=0, max_value=3),
+    small=st.integers(min_value=0, max_value=3),
+)
+def test_packings_never_overfill_a_card_and_place_what_greedy_places(
+    sizes: list[int], big: int, small: int
+) -> None:
+    items = _items(*sizes)
+    bins = _bins(big, 80) + _bins(small, 24, group="L4")
+    packing = optimum.solve(items, bins, time_limit=5.0)
+    load: dict[str, int] = {}
+    for item in items:
+        card = packing.assignment.get(item.name)
+        if card is not None:
+            load[card] = load.get(card, 0) + item.cost_bytes
+    capacity = {b.name: b.capacity_bytes for b in bins}
+    assert all(load[card] <= capacity[card] for card in load)
+    assert packing.cards_used == len(load)
+    # First fit decreasing is a lower bound on what can be placed.
+    room = sorted(capacity.values())
+    greedy = 0
+    for item in sorted(items, key=lambda i: -i.cost_bytes):
+        for position, free in enumerate(room):
+            if item.cost_bytes <= free:
+                room[position] -= item.cost_bytes
+                greedy += 1
+                break
+    assert packing.placed >= greedy
