@@ -32,7 +32,7 @@ import aiohttp
 import yaml
 from prometheus_client.parser import text_string_to_metric_families
 
-from gpushare import config, errors, names, nodereport, quantities
+from gpushare import config, errors, names, nodereport
 from gpushare.deviceplugin import devices
 from gpushare.ids import CardUUID, PodKey, pod_key
 from gpushare.scheduler import ledger
@@ -428,6 +428,7 @@ class Simulation:
             card_free_bytes=node_gpus.free_bytes(card),
             cuda_total_bytes=node_gpus.card(card).model.cuda_total_bytes,
             limit_bytes=self._limit(pipe, env, card),
+            minimum_budget_bytes=service.minimum_budget_bytes,
         )
         if isinstance(outcome, vllm_sim.Refused):
             await self._set_phase(namespace, name, "Running", "CrashLoopBackOff", outcome.message)
@@ -601,14 +602,6 @@ class Simulation:
     @property
     def unit_bytes(self) -> int:
         return self.settings.unit_bytes
-
-    def request_cost(self, service: Service) -> int | None:
-        """What the service's grant takes from a card: whole units plus the overhead."""
-        requested = service.requested_bytes
-        if requested is None:
-            return None
-        units = quantities.to_units(requested, self.settings.unit_bytes)
-        return units * self.settings.unit_bytes + ledger.overhead_bytes(self.settings)
 
     def api_requests(self) -> dict[str, int]:
         return dict(self.api.store.requests)

@@ -61,7 +61,6 @@ class Kubelet:
     devices: dict[str, bool] = field(default_factory=dict)
     """Every ID the plugin lists, and whether it is healthy."""
     holdings: dict[PodKey, list[_Holding]] = field(default_factory=dict)
-    registered: asyncio.Event = field(default_factory=asyncio.Event)
     listed: asyncio.Event = field(default_factory=asyncio.Event)
     """Set once the first ``ListAndWatch`` answer arrived."""
     options: api_pb2.DevicePluginOptions | None = None
@@ -116,7 +115,6 @@ class Kubelet:
         self._watch = asyncio.create_task(
             self._follow(self._stub), name=f"{self.node} ListAndWatch"
         )
-        self.registered.set()
 
     async def _follow(self, stub: "api_pb2_grpc.DevicePluginAsyncStub") -> None:
         try:

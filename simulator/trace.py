@@ -87,10 +87,17 @@ def builtin(*, reserve_bytes: int, unit_bytes: int, seed: int = 0) -> list[Servi
             )
             manifest = _manifest(kind, name, TEAMS[n % len(TEAMS)], sized.quantity, n)
             services.append(
-                Service(manifest, "built-in", label, minimum_bytes=sized.minimum_bytes)
+                Service(manifest, "built-in", label, minimum_budget_bytes=_least_budget(sized))
             )
     random.Random(seed).shuffle(services)
     return services
+
+
+def _least_budget(sized: estimate.Estimate) -> int:
+    """What vLLM needs in its budget to start: all but the KV cache, plus one full sequence."""
+    blocks = -(-sized.max_model_len // estimate.KV_BLOCK_TOKENS)
+    one_sequence = blocks * estimate.KV_BLOCK_TOKENS * sized.kv_bytes_per_token
+    return sized.weights_bytes + sized.activation_bytes + sized.cuda_graph_bytes + one_sequence
 
 
 def _name(kind: Kind, copy: int) -> str:

@@ -114,8 +114,14 @@ def start(
     card_free_bytes: int,
     cuda_total_bytes: int,
     limit_bytes: int | None,
+    minimum_budget_bytes: int | None = None,
 ) -> Started | Refused:
-    """vLLM's start-up check against the memory its process sees."""
+    """vLLM's start-up checks: the memory its process sees, then room for one full sequence.
+
+    ``minimum_budget_bytes`` is what the model needs inside the budget with the KV cache of one
+    sequence of ``--max-model-len`` tokens, where known: vLLM refuses a budget whose KV cache
+    cannot hold one such sequence.
+    """
     try:
         value = utilization(words)
     except ValueError as exc:
@@ -130,6 +136,13 @@ def start(
             f" GiB) on startup is less than desired GPU memory utilization ({value},"
             f" {wanted / GI:.2f} GiB). Decrease GPU memory utilization or reduce GPU memory used"
             " by other processes."
+        )
+    if minimum_budget_bytes is not None and wanted < minimum_budget_bytes:
+        return Refused(
+            f"ValueError: the budget of {wanted / GI:.2f} GiB (utilization {value}) leaves less"
+            f" KV cache than one sequence of the model's max seq len needs (a budget of"
+            f" {minimum_budget_bytes / GI:.2f} GiB). Try increasing `gpu_memory_utilization` or"
+            " decreasing `max_model_len` when initializing the engine."
         )
     used = wanted + RUNNING_EXTRA_BYTES
     if limit_bytes is not None:

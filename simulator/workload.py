@@ -35,8 +35,9 @@ class Service:
     """Where it came from (``trace.yaml#3`` or ``built-in``), for messages."""
     label: str = ""
     """What it runs, for people (``Llama-3.1-8B bf16, 8k ctx, 64 seqs``)."""
-    minimum_bytes: int | None = None
-    """The smallest grant vLLM starts in (one full-length sequence of KV cache), where known."""
+    minimum_budget_bytes: int | None = None
+    """What vLLM needs inside its budget to start, where known: weights, activations, CUDA
+    graphs and the KV cache of one sequence of ``--max-model-len`` tokens."""
 
     @property
     def name(self) -> str:
@@ -70,7 +71,7 @@ class Service:
     def renamed(self, name: str) -> "Service":
         """A copy under another name (churn arrivals reuse the trace's services)."""
         manifest = {**self.manifest, "metadata": {**self.manifest["metadata"], "name": name}}
-        return Service(manifest, self.source, self.label, self.minimum_bytes)
+        return Service(manifest, self.source, self.label, self.minimum_budget_bytes)
 
 
 def load(path: Path) -> list[Service]:

@@ -1,1 +1,1 @@
-"""gpushare."""
+"""The admission webhook: InferenceService validation and Pod mutation (``gpushare webhook``)."""

@@ -38,8 +38,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--listen", metavar="HOST:PORT", help="HTTPS admission address (default 0.0.0.0:9443)"
     )
-    parser.add_argument("--tls-cert", metavar="FILE", type=Path, required=True)
-    parser.add_argument("--tls-key", metavar="FILE", type=Path, required=True)
+    parser.add_argument(
+        "--tls-cert", metavar="FILE", type=Path, required=True, help="serving certificate (PEM)"
+    )
+    parser.add_argument(
+        "--tls-key", metavar="FILE", type=Path, required=True, help="its private key (PEM)"
+    )
     parser.add_argument(
         "--probe-listen",
         metavar="HOST:PORT",

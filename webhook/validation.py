@@ -127,10 +127,15 @@ def policy(value: object) -> list[Reason]:
 
 
 def annotation_keys(annotations: Mapping[str, Any]) -> list[Reason]:
-    """Refuse keys that look like gpushare's but are not one a user writes."""
+    """Refuse keys that look like gpushare's but are not one a user writes.
+
+    A key looks like gpushare's when its prefix (before ``/``; all of it without one) says
+    ``gpushare``: ``gpushare.io/gpu_memory``, ``gpushare/gpu-memory``, ``gpushare.io.gpu-memory``;
+    ``example.com/gpushare-enabled`` is someone else's.
+    """
     reasons = []
     for key in annotations:
-        if key in USER_ANNOTATIONS or "gpushare" not in key.lower():
+        if key in USER_ANNOTATIONS or "gpushare" not in key.split("/", 1)[0].lower():
             continue
         if key in SYSTEM_ANNOTATIONS:
             message = f"{key} is written by gpushare itself, not by users: remove it"

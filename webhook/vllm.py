@@ -146,13 +146,13 @@ def _plan_argv(command: list[str], args: list[str], *, start: int, how: str) -> 
 def _plan_shell(command: list[str], args: list[str], *, image: str) -> Plan:
     argv = command + args
     where = _script_index(argv)
-    if where is None:
-        return _unseen(image, argv)
+    if where is None:  # ``sh FILE``: the script is not in the pod spec
+        return _unseen(image, argv) if _is_vllm_image(image) else NOT_VLLM
     script = argv[where]
-    mentions = any(word in script.lower() for word in ("vllm", _HF_MODULE))
     try:
         commands = shell.commands(script)
     except shell.Unsupported as exc:
+        mentions = any(word in script.lower() for word in ("vllm", _HF_MODULE))
         return _unseen(image, argv, reason=str(exc)) if mentions else NOT_VLLM
     found = [
         (cmd, hit)
@@ -160,7 +160,10 @@ def _plan_shell(command: list[str], args: list[str], *, image: str) -> Plan:
         if (hit := _find_server([w or "" for w in cmd.literals()])) is not None
     ]
     if not found:
-        return _unseen(image, argv) if mentions or _is_vllm_image(image) else NOT_VLLM
+        words = [w.literal or w.prefix for cmd in commands for w in cmd.words]
+        if _is_vllm_image(image) or any(_names_server(word) for word in words):
+            return _unseen(image, argv)
+        return NOT_VLLM
     how = f"{_basename(argv[0])} -c script: {found[0][1][1]}"
     if len(found) > 1:
         return _shell_problem(how, "the script starts more than one vLLM server")
@@ -269,12 +272,17 @@ def _script_index(argv: list[str]) -> int | None:
     return index if reads_string and index < len(argv) else None
 
 
+def _names_server(word: str) -> bool:
+    """Whether a script's word names a vLLM server (``vllm``, ``vllm serve ...``, a module)."""
+    return (
+        _basename(word) in ("vllm", _HF_MODULE)
+        or word in SERVER_MODULES
+        or any(mark in word for mark in ("vllm serve", "vllm.entrypoints", f"-m {_HF_MODULE}"))
+    )
+
+
 def _unseen(image: str, argv: list[str], *, reason: str = "") -> Plan:
     detail = f" ({reason})" if reason else ""
-    if not _is_vllm_image(image) and not any(
-        word in " ".join(argv).lower() for word in ("vllm", _HF_MODULE)
-    ):
-        return NOT_VLLM
     return _shell_problem(
         f"{_basename(argv[0])} -c script",
         f"gpushare cannot find exactly where the script starts vLLM{detail}",

@@ -300,7 +300,11 @@ async def test_a_retried_bind_that_already_landed_succeeds(
 async def test_a_pod_bound_elsewhere_meanwhile_is_refused(
     api: kmock.KubernetesEmulator, extender: Extender
 ) -> None:
-    api.objects[PODS, "ns", "p1"] = _bound("p1", "u-p1", "GPU-n1-1", "n1", 10)
+    # Another scheduler bound it to n1; the watch tells the ledger before kube-scheduler's bind.
+    async with aiohttp.ClientSession() as http:
+        bound = _bound("p1", "u-p1", "GPU-n1-1", "n1", 10)
+        async with http.patch(f"{api.url}/api/v1/namespaces/ns/pods/p1", json=bound) as resp:
+            assert resp.status == 200
     await _until(lambda: extender.book.grant("u-p1") is not None)
     error = await _bind(extender)
     assert error == "pod ns/p1 already holds GPU memory on node n1"

@@ -88,3 +88,15 @@ def test_without_a_limit_the_card_free_memory_decides() -> None:
 def test_mps_limits_are_read_per_card(text: str, limit: int | None) -> None:
     env = {names.ENV_MPS_MEM_LIMIT: text} if text else {}
     assert vllm.mps_limit_bytes(env, "GPU-1") == limit
+
+
+def test_a_budget_without_room_for_one_full_sequence_is_refused() -> None:
+    words = ["--gpu-memory-utilization=0.1"]
+    budget = int(Decimal("0.1") * H100)
+    short = vllm.start(words, card_free_bytes=H100, cuda_total_bytes=H100, limit_bytes=None,
+                       minimum_budget_bytes=budget + GI)
+    assert isinstance(short, vllm.Refused)
+    assert "max_model_len" in short.message
+    enough = vllm.start(words, card_free_bytes=H100, cuda_total_bytes=H100, limit_bytes=None,
+                        minimum_budget_bytes=budget)
+    assert isinstance(enough, vllm.Started)

@@ -42,6 +42,11 @@ def test_inference_services_without_gpushare_keys_are_not_our_business() -> None
     assert check(body) == validation.Verdict()
 
 
+def test_other_owners_keys_that_mention_gpushare_are_left_alone() -> None:
+    body = builders.isvc(builders.FIXTURES[1], **{"example.com/gpushare-enabled": "yes"})
+    assert check(body).allowed
+
+
 def test_unknown_cards_allow_with_a_warning() -> None:
     verdict = check(builders.isvc(builders.FIXTURES[1]), largest=None)
     assert verdict.allowed

@@ -186,7 +186,7 @@ def test_positional_parameters_of_the_shell_lose_the_flag_too() -> None:
 
 SHELL_REFUSALS = [
     ("two servers", "vllm serve a & vllm serve b", "more than one"),
-    ("server in a variable", "$SERVER --port 8000  # runs vllm", "cannot find"),
+    ("server in a function", 'run() { vllm "$@"; }; run serve m', "cannot find"),
     ("flag built from a variable", "vllm serve m --gpu-memory-$KIND=0.9", "expansion"),
     ("here-document", "cat <<EOF > /tmp/x\nhi\nEOF\nvllm serve m", "here-documents"),
     ("unterminated quote", "vllm serve 'm", "not closed"),
@@ -204,6 +204,24 @@ def test_a_shell_string_that_cannot_be_rewritten_exactly_is_a_problem(
     assert plan.runs_vllm
     assert plan.problem is not None and why in plan.problem
     assert "vllm serve" in plan.problem  # it says what to write instead
+
+
+def test_a_vllm_image_whose_script_hides_the_server_is_a_problem() -> None:
+    spec = container(image="vllm/vllm-openai:v0.24.0", command=["sh", "-c", "exec $SERVER"])
+    plan = vllm.plan(spec)
+    assert plan.problem is not None and "cannot find" in plan.problem
+
+
+@pytest.mark.parametrize(
+    "script",
+    [
+        "python finetune.py --out /models/vllm-ready",
+        "echo 'vllm is not used here' && python train.py",
+        "$SERVER --port 8000  # runs vllm",
+    ],
+)
+def test_scripts_that_only_mention_vllm_are_not_taken_for_it(script: str) -> None:
+    assert vllm.plan(container(command=["sh", "-c", script])) == vllm.NOT_VLLM
 
 
 def test_rewritten_shell_strings_keep_every_other_word() -> None:

@@ -1,0 +1,69 @@
+"""``gpushare certs`` and the command line of ``gpushare webhook``."""
+
+import ipaddress
+import stat
+from pathlib import Path
+
+import pytest
+from cryptography import x509
+from cryptography.x509.oid import ExtendedKeyUsageOID
+
+from gpushare import cli, errors
+from gpushare.webhook import main
+
+
+def test_certs_writes_a_ca_and_a_serving_pair_for_every_name(tmp_path: Path) -> None:
+    out = tmp_path / "pair"
+    argv = ["certs", "--out", str(out), "--dns", "gpushare-webhook.gpushare-system.svc"]
+    assert cli.main([*argv, "--dns", "127.0.0.1"]) == 0
+    ca = x509.load_pem_x509_certificate((out / "ca.crt").read_bytes())
+    cert = x509.load_pem_x509_certificate((out / "tls.crt").read_bytes())
+    cert.verify_directly_issued_by(ca)
+    sans = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    assert sans.get_values_for_type(x509.DNSName) == ["gpushare-webhook.gpushare-system.svc"]
+    assert sans.get_values_for_type(x509.IPAddress) == [ipaddress.ip_address("127.0.0.1")]
+    usage = cert.extensions.get_extension_for_class(x509.ExtendedKeyUsage).value
+    assert list(usage) == [ExtendedKeyUsageOID.SERVER_AUTH]
+    assert ca.extensions.get_extension_for_class(x509.BasicConstraints).value.ca
+    assert stat.S_IMODE((out / "tls.key").stat().st_mode) == 0o600
+
+
+def test_certs_needs_a_name(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
+    with pytest.raises(SystemExit):
+        cli.main(["certs", "--out", str(tmp_path)])
+    assert "--dns" in capsys.readouterr().err
+
+
+def test_certs_refuses_a_validity_under_a_day(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    assert cli.main(["certs", "--out", str(tmp_path), "--dns", "x", "--days", "0"]) == 2
+    assert "--days must be at least 1" in capsys.readouterr().err
+
+
+def test_webhook_refuses_missing_certificate_files(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    argv = [
+        "webhook",
+        "--tls-cert",
+        str(tmp_path / "no.crt"),
+        "--tls-key",
+        str(tmp_path / "no.key"),
+    ]
+    assert cli.main(argv) == 2
+    assert "is not a readable file (make a pair: gpushare certs)" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [("0.0.0.0:9443", ("0.0.0.0", 9443)), ("[::1]:8443", ("::1", 8443)), (":9443", ("", 9443))],
+)
+def test_listen_addresses(text: str, expected: tuple[str, int]) -> None:
+    assert main.hostport(text) == expected
+
+
+@pytest.mark.parametrize("text", ["9443", "host:", "host:port", "host:70000"])
+def test_bad_listen_addresses_are_named(text: str) -> None:
+    with pytest.raises(errors.ConfigError, match="is not HOST:PORT"):
+        main.hostport(text)
