@@ -10,6 +10,7 @@ configurations are installed from ``manifests/webhook/``; kopf does not manage t
 import argparse
 import asyncio
 import contextlib
+import gc
 import logging
 import signal
 from pathlib import Path
@@ -117,6 +118,9 @@ async def serve(
             probe_host or "*",
             probe_port,
         )
+        # Everything loaded so far lives as long as the process: keep it out of the collector's
+        # full passes, which would otherwise scan it in the middle of an admission request.
+        gc.freeze()
         with contextlib.suppress(asyncio.CancelledError):
             await kopf.operator(
                 registry=registry,

@@ -160,8 +160,8 @@ def _plan_shell(command: list[str], args: list[str], *, image: str) -> Plan:
         if (hit := _find_server([w or "" for w in cmd.literals()])) is not None
     ]
     if not found:
-        words = [w.literal or w.prefix for cmd in commands for w in cmd.words]
-        if _is_vllm_image(image) or any(_names_server(word) for word in words):
+        texts = [w.literal or w.prefix for cmd in commands for w in cmd.words]
+        if _is_vllm_image(image) or any(_names_server(text) for text in texts):
             return _unseen(image, argv)
         return NOT_VLLM
     how = f"{_basename(argv[0])} -c script: {found[0][1][1]}"
