@@ -1,6 +1,6 @@
 """The extender alone, at cluster scale: filter, prioritize and bind over HTTP on loopback.
 
-    .venv/bin/python benchmarks/extender_load.py [--nodes 500,1000,2000,5000] [--calls 300]
+    python -m benchmarks.extender_load [--nodes 500,1000,2000,5000] [--calls 300] [--pods 600]
 
 For each cluster size N: N nodes of 8 x 80 GiB cards and 4 x N pods already placed (20,000 at
 5,000 nodes; one node in twenty nearly full, so that filter answers carry failure reasons). Three

@@ -1,9 +1,9 @@
 """Proof on a real GPU: gpushare itself packs four vLLM servers onto one card.
 
-    python benchmarks/gpu_proof.py --out DIR --model /tmp/model          # on a GPU machine, as root
-    python benchmarks/gpu_proof.py --out DIR --dry-run                    # CPU: stand-ins throughout
-    python benchmarks/gpu_proof.py --out DIR --merge A.json B.json        # join runs' phases
-    python benchmarks/gpu_proof.py --out DIR --plot DIR/gpu-proof.json    # redraw the picture
+    python benchmarks/gpu_proof.py --out DIR --model /tmp/model        # a GPU machine, as root
+    python benchmarks/gpu_proof.py --out DIR --dry-run                  # CPU: stand-ins throughout
+    python benchmarks/gpu_proof.py --out DIR --merge A.json B.json      # join runs' phases
+    python benchmarks/gpu_proof.py --out DIR --plot DIR/gpu-proof.json  # redraw the picture
 
 Four annotated InferenceServices (10, 16, 20 and 24 GiB) go through the real parts, in one process:
 the webhook's validation and mutation (its pure core; the patch applied as kube-apiserver applies
@@ -11,12 +11,12 @@ it) turn each into a pod; the extender (its HTTP server, ledger and binder, watc
 API server) places the pod on a ledger fed by the device-plugin agent's node report of this card
 (real NVML); kube-scheduler's filter, prioritize and bind calls come from the simulator's client;
 kubelet's device manager (the simulator's, over the real gRPC sockets) asks the agent for a
-preference and an allocation (the agent runs its real MPS isolation: a control daemon per container
-in ``mps``, one per node in ``mps-shared``); each vLLM server starts as kubelet starts the container:
-its command and args with ``$(VAR)`` expanded from Allocate's environment by kubelet's rules, that
-environment set (``NVIDIA_VISIBLE_DEVICES`` applied as the container toolkit does, by
-``CUDA_VISIBLE_DEVICES``), the MPS pipe directory shared. Every server runs on this host, so each
-pod's args name its own port.
+preference and an allocation (the agent runs its real MPS isolation: a control daemon per
+container in ``mps``, one per node in ``mps-shared``); each vLLM server starts as kubelet starts
+its container: its command and args with ``$(VAR)`` expanded from Allocate's environment by
+kubelet's rules, that environment set (``NVIDIA_VISIBLE_DEVICES`` applied as the container
+toolkit does, by ``CUDA_VISIBLE_DEVICES``), the MPS pipe directory shared. Every server runs on
+this host, so each pod's args name its own port.
 
 Phases (``--phases``): ``alone`` (one server, isolation ``none``: the whole card, no MPS), ``mps``
 (the four, refusals, watchdog, exporter, latency beside idle and busy neighbours) and
@@ -61,6 +61,7 @@ from gpushare.deviceplugin.main import serve
 from gpushare.deviceplugin.metrics import Metrics
 from gpushare.deviceplugin.podresources import PodResourcesClient
 from gpushare.deviceplugin.watchdog import Location
+from gpushare.ids import pod_key
 from gpushare.scheduler.kube import Kube
 from gpushare.scheduler.service import Extender
 from gpushare.simulator import apiserver, kserve, kubelet, mpsfake, scheduling
@@ -372,10 +373,9 @@ class Stack:
             podresources=PodResourcesClient(self.work / "kubelet/pod-resources/kubelet.sock"),
             locator=self.locator,
         )
-        self._tasks.append(
-            asyncio.create_task(serve(self.agent, kubelet_dir=self.work / "kubelet", pods=self.pods))
-        )
-        await _until(lambda: self.kubelet.listed.is_set(), 60, "the device plugin lists its IDs")
+        plugin = serve(self.agent, kubelet_dir=self.work / "kubelet", pods=self.pods)
+        self._tasks.append(asyncio.create_task(plugin))
+        await _until(self.kubelet.listed.is_set, 60, "the device plugin lists its IDs")
         node = copy.deepcopy(store.get(apiserver.resource("", "nodes"), "", NODE))
         for key in ("capacity", "allocatable"):
             node["status"][key][names.RESOURCE_GPU_MEMORY] = str(self.kubelet.allocatable)
@@ -417,7 +417,7 @@ class Stack:
         largest = self.extender.book.largest_card_bytes()
         manifest = isvc(name, gib, port, self.opts.model, eager=self.opts.eager)
         verdict = validation.inference_service(
-            manifest, settings=self.settings, largest_card_bytes=largest
+            manifest, settings=self.settings, largest_cuda_total_bytes=largest
         )
         if not verdict.allowed:
             record["refused_by"] = "webhook validation"
@@ -426,7 +426,7 @@ class Stack:
         await self.api.store.create(apiserver.resource("serving.kserve.io", "inferenceservices"),
                                     manifest)
         pod = kserve.predictor_pod(Service(manifest, "gpu-proof"))
-        mutated = mutation.pod(pod, settings=self.settings, largest_card_bytes=largest)
+        mutated = mutation.pod(pod, settings=self.settings, largest_cuda_total_bytes=largest)
         if not mutated.allowed:
             record["refused_by"] = "webhook mutation"
             record["reason"] = mutated.message
@@ -446,7 +446,7 @@ class Stack:
         }
         container = bound["spec"]["containers"][0]
         units = int(container["resources"]["limits"][names.RESOURCE_GPU_MEMORY])
-        key = f"{NAMESPACE}/{meta['name']}"
+        key = pod_key(NAMESPACE, meta["name"])
         await _until(
             lambda: any(p.key == key for p in self.pods.pods()), 30, "the agent sees the pod"
         )
@@ -553,7 +553,7 @@ class Stack:
     async def release(self, instance: Instance) -> None:
         """The pod is deleted: kubelet stops it and frees its IDs."""
         await stop_server(instance)
-        self.kubelet.release(f"{NAMESPACE}/{instance.pod}")
+        self.kubelet.release(pod_key(NAMESPACE, instance.pod))
         with contextlib.suppress(apiserver.ApiError):
             await self.api.store.delete(apiserver.resource("", "pods"), NAMESPACE, instance.pod)
         self.instances.pop(instance.name, None)
@@ -581,7 +581,8 @@ def quit_daemons(root: Path, control: str) -> None:
         env = {**os.environ, "CUDA_MPS_PIPE_DIRECTORY": str(pipe)}
         with contextlib.suppress(OSError, subprocess.TimeoutExpired):
             subprocess.run(
-                [control], input="quit\n", text=True, env=env, capture_output=True, timeout=15
+                [control], input="quit\n", text=True, env=env, capture_output=True, timeout=15,
+                check=False,
             )
 
 
@@ -883,14 +884,15 @@ async def watchdog_and_exporter(stack: Stack) -> Json:
     samples = exporter_samples(stack)
     snap = await snapshot(stack)
     used, _ = per_instance_use(stack, snap)
-    view = smi() if not stack.opts.dry_run else {"error": "dry run: no nvidia-smi"}
+    view: Json = smi() if not stack.opts.dry_run else {"error": "dry run: no nvidia-smi"}
+    per_pid: dict[int, float] = view.get("processes_mib", {})
     rows = []
     for inst in stack.instances.values():
         exported = samples.get(f"gpushare_container_used_bytes/{inst.pod}")
         granted = samples.get(f"gpushare_container_granted_bytes/{inst.pod}")
-        pids = [p.pid for p in snap.processes if stack.locator.root_of(p.pid) == inst.proc.pid] \
-            if inst.proc is not None else []
-        smi_mib = sum(view.get("processes_mib", {}).get(pid, 0.0) for pid in pids)
+        root = inst.proc.pid if inst.proc is not None else None
+        pids = [p.pid for p in snap.processes if stack.locator.root_of(p.pid) == root]
+        smi_mib = sum(per_pid.get(pid, 0.0) for pid in pids)
         row: Json = {
             "name": inst.name,
             "pod": inst.pod,
@@ -908,10 +910,11 @@ async def watchdog_and_exporter(stack: Stack) -> Json:
     result: Json = {"containers": rows, "exporter": samples, "nvidia_smi": view}
     if "used_mib" in view:
         card_used = samples.get("gpushare_card_used_bytes", 0.0) / MI
+        smi_used, smi_total = float(view["used_mib"]), float(view["total_mib"])
         result["card_used_exporter_mib"] = round(card_used, 1)
-        result["card_used_smi_mib"] = view["used_mib"]
+        result["card_used_smi_mib"] = smi_used
         result["card_used_diff_percent_of_total"] = round(
-            100 * (card_used - view["used_mib"]) / view["total_mib"], 3
+            100 * (card_used - smi_used) / smi_total, 3
         )
     return result
 
@@ -947,8 +950,9 @@ async def start_all(stack: Stack, results: Results, entry: Json, wanted: Sequenc
     for instance, watcher in zip(started, watchers, strict=True):
         ok = await watcher
         results.note(
-            f"{instance.name}: {'ready' if ok else 'NOT ready'} after"
-            f" {time.monotonic() - instance.spawned:.1f} s"
+            f"{instance.name}: ready {instance.ready_seconds:.1f} s after its start"
+            if ok
+            else f"{instance.name}: NOT ready"
         )
         if not ok:
             entry.setdefault("failed", {})[instance.name] = instance.log_tail(40)
@@ -1090,7 +1094,9 @@ def summarize(data: Json) -> Json:
         if measured:
             summary["latency"][label] = {
                 "ttft_p50_ms": measured["ttft"].get("p50_ms"),
+                "ttft_p90_ms": measured["ttft"].get("p90_ms"),
                 "per_token_p50_ms": measured["per_token"].get("p50_ms"),
+                "per_token_p90_ms": measured["per_token"].get("p90_ms"),
             }
     outside = []
     for phase in ("mps", "mps-shared", "alone"):
@@ -1164,9 +1170,9 @@ def plot(data: Json, path: Path) -> None:
     ax.axhline(card["sum_grants_gib"], color="#3182bd", ls="--", lw=1)
     ax.annotate(f"CUDA total {card['cuda_total_gib']:.2f} GiB", (0.5, card["cuda_total_gib"]),
                 xycoords=("axes fraction", "data"), ha="center", va="bottom", fontsize=7)
-    ax.annotate(f"sum of grants {card['sum_grants_gib']:.2f}", (0.5, card["sum_grants_gib"]),
-                xycoords=("axes fraction", "data"), ha="center", va="top", fontsize=7,
-                color="#3182bd")
+    ax.annotate(f"sum of grants {card['sum_grants_gib']:.2f} GiB",
+                (0.5, card["sum_grants_gib"] + 1.5), xycoords=("axes fraction", "data"),
+                ha="center", va="bottom", fontsize=7, color="#08519c")
     ax.set_xticks([])
     ax.set_title(f"The card: {card['model']}")
     ax.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.02))
@@ -1175,16 +1181,26 @@ def plot(data: Json, path: Path) -> None:
     labels = list(summary)
     ttft = [summary[k]["ttft_p50_ms"] or 0 for k in labels]
     tpot = [summary[k]["per_token_p50_ms"] or 0 for k in labels]
+    def whisker(key: str) -> list[float]:
+        return [
+            max((summary[k][f"{key}_p90_ms"] or 0) - (summary[k][f"{key}_p50_ms"] or 0), 0)
+            for k in labels
+        ]
+
+    ttft_up, tpot_up = whisker("ttft"), whisker("per_token")
     ys = range(len(labels))
-    ax.barh([y - 0.2 for y in ys], ttft, 0.4, label="time to first token (p50)", color="#756bb1")
-    ax.barh([y + 0.2 for y in ys], tpot, 0.4, label="per output token (p50)", color="#31a354")
+    ax.barh([y - 0.2 for y in ys], ttft, 0.4, xerr=[[0] * len(ttft), ttft_up], capsize=2,
+            label="time to first token (p50, whisker p90)", color="#756bb1")
+    ax.barh([y + 0.2 for y in ys], tpot, 0.4, xerr=[[0] * len(tpot), tpot_up], capsize=2,
+            label="per output token (p50, whisker p90)", color="#31a354")
     for y, (a, b) in enumerate(zip(ttft, tpot, strict=True)):
         ax.annotate(f"{a:.1f}", (a, y - 0.2), va="center", fontsize=7)
         ax.annotate(f"{b:.1f}", (b, y + 0.2), va="center", fontsize=7)
     ax.set_yticks(list(ys), labels, fontsize=8)
     ax.invert_yaxis()
     ax.set_xlabel("ms")
-    ax.set_title(f"Latency of {TARGET}")
+    ax.set_title(f"Latency of {TARGET}: {data.get('options', {}).get('requests', '?')} streamed"
+                 f" requests x {data.get('options', {}).get('output_tokens', '?')} tokens")
     ax.legend(fontsize=8, loc="lower right")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
@@ -1207,7 +1223,9 @@ def machine(opts: Options) -> Json:
     if not opts.fake_server:
         probe = subprocess.run(
             [opts.python, "-c", "import vllm, torch; print(vllm.__version__, torch.__version__)"],
-            capture_output=True, text=True, env={**os.environ, "PYTHONPATH": opts.server_pythonpath},
+            capture_output=True,
+            text=True,
+            env={**os.environ, "PYTHONPATH": opts.server_pythonpath},
             check=False,
         )
         info["vllm_torch"] = probe.stdout.strip() or probe.stderr.strip()[-300:]
@@ -1275,12 +1293,27 @@ def keep_logs(work: Path, out: Path) -> None:
 
 
 def merge(files: Sequence[Path], out: Path) -> Json:
+    """Join runs: a later run's phase replaces an earlier one's, which is kept under ``repeats``."""
     data: Json = {}
+    runs: list[Json] = []
+    repeats: list[Json] = []
+    origin: dict[str, Json] = {}
     for path in files:
         part = json.loads(path.read_text())
+        card = (part.get("machine", {}).get("cards") or [{}])[0].get("uuid")
+        run = {"file": path.name, "started": part.get("started"), "card": card,
+               "phases": list(part.get("phases", {}))}
+        runs.append(run)
+        for name, phase in data.get("phases", {}).items():
+            if name in part.get("phases", {}):
+                repeats.append({"phase": name, "card": origin[name]["card"],
+                                "started": origin[name]["started"], "data": phase})
+        origin.update(dict.fromkeys(part.get("phases", {}), run))
         phases = {**data.get("phases", {}), **part.get("phases", {})}
         steps = data.get("steps", []) + [f"[{path.name}] {s}" for s in part.get("steps", [])]
         data = {**data, **part, "phases": phases, "steps": steps}
+    data["runs"] = runs
+    data["repeats"] = repeats
     data["summary"] = summarize(data)
     out.mkdir(parents=True, exist_ok=True)
     (out / "gpu-proof.json").write_text(json.dumps(data, indent=1) + "\n")

@@ -11,6 +11,7 @@ without validation (:meth:`pydantic.BaseModel.model_construct`, ``TypedDict``) a
 one pass, because a filter answer may name thousands of nodes.
 """
 
+import json
 import re
 from collections.abc import Sequence
 from typing import Annotated, Any, Final, TypeVar
@@ -38,7 +39,7 @@ MAX_NAME_LENGTH: Final = 253
 """A DNS subdomain, the longest name Kubernetes allows for a Node or a Pod."""
 
 NODE_NAME: Final = r"^[a-z0-9]([-a-z0-9.]*[a-z0-9])?$"
-"""A Node's name is a DNS subdomain (the apiserver refuses others); so it needs no JSON escaping."""
+"""A Node's name is a DNS subdomain: the apiserver refuses others."""
 
 Name = Annotated[str, pydantic.StringConstraints(max_length=MAX_NAME_LENGTH)]
 NodeName = Annotated[str, pydantic.StringConstraints(max_length=MAX_NAME_LENGTH, pattern=NODE_NAME)]
@@ -137,7 +138,7 @@ class ExtenderArgs(_Model):
     pod: Pod = pydantic.Field(alias="Pod")
     nodes: NodeList | None = pydantic.Field(default=None, alias="Nodes")
     """Set when the extender is not ``nodeCacheCapable``."""
-    node_names: list[NodeName] | None = pydantic.Field(default=None, alias="NodeNames")
+    node_names: list[Name] | None = pydantic.Field(default=None, alias="NodeNames")
     """Set when the extender is ``nodeCacheCapable``."""
 
     def candidates(self) -> list[str]:
@@ -185,11 +186,16 @@ _SCORE_TAILS: Final = tuple(f'","Score":{score}}}' for score in range(11))
 def encode_priorities(names: Sequence[str], scores: Sequence[int]) -> bytes:
     """A ``HostPriorityList`` (``[{"Host": ..., "Score": ...}]``) as JSON.
 
-    Written by hand: node names passed :data:`NODE_NAME`, so they need no escaping, and this is
-    three times faster than a general encoder over thousands of entries.
+    Written by hand, three times faster than a general encoder over thousands of entries. Node
+    names are DNS subdomains and need no escaping; one pass of the C encoder over all the names
+    proves it (a name that needs escaping comes out longer), else each name is escaped.
     """
+    if len(json.dumps(names)) == len("".join(names)) + 4 * len(names):
+        quoted = names
+    else:
+        quoted = [json.dumps(name)[1:-1] for name in names]
     tails = _SCORE_TAILS
-    items = ['{"Host":"' + name + tails[score] for name, score in zip(names, scores, strict=True)]
+    items = ['{"Host":"' + name + tails[score] for name, score in zip(quoted, scores, strict=True)]
     return ("[" + ",".join(items) + "]").encode()
 
 

@@ -17,11 +17,6 @@ import jsonpatch
 
 from gpushare import errors
 
-MUTATE_PODS: Final = "mutate-pods"
-VALIDATE_INFERENCE_SERVICES: Final = "validate-inferenceservices"
-"""The webhook's paths, as its configurations in ``manifests/`` call them. Written out rather than
-imported from the webhook's kopf glue, which would load kopf here; a test pins them to it."""
-
 CALL_SECONDS: Final = 10.0
 """The webhook configurations' ``timeoutSeconds`` (at most 10)."""
 

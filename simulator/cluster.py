@@ -50,7 +50,7 @@ from gpushare.simulator.fleet import Fleet, Node
 from gpushare.simulator.gpus import NodeGpus
 from gpushare.simulator.outcome import CardState, Failure, Placement
 from gpushare.simulator.workload import Service
-from gpushare.webhook import certs
+from gpushare.webhook import certs, paths
 
 logger = logging.getLogger(__name__)
 
@@ -365,7 +365,7 @@ class Simulation:
         assert self._webhook is not None
         self.submitted[service.key] = service
         verdict = await self._webhook.review(
-            admission.VALIDATE_INFERENCE_SERVICES, service.manifest, group="serving.kserve.io",
+            paths.VALIDATE_INFERENCE_SERVICES, service.manifest, group="serving.kserve.io",
             version="v1beta1", resource="inferenceservices", kind="InferenceService",
         )
         if not verdict.allowed:
@@ -374,7 +374,7 @@ class Simulation:
         await self.api.store.create(ISVCS, service.manifest)
         pod = kserve.predictor_pod(service)
         verdict = await self._webhook.review(
-            admission.MUTATE_PODS, pod, group="", version="v1", resource="pods", kind="Pod",
+            paths.MUTATE_PODS, pod, group="", version="v1", resource="pods", kind="Pod",
         )
         if not verdict.allowed:
             await self.api.store.delete(ISVCS, service.namespace, service.name)

@@ -1,7 +1,7 @@
 """kopf glue: the Node watch and the two admission handlers. The decisions live elsewhere.
 
-Handler ids are the URL paths the webhook configurations call (``/mutate-pods``,
-``/validate-inferenceservices``): kopf routes a request to the handler named by its path.
+Handler ids are the URL paths the webhook configurations call (:mod:`.paths`): kopf routes a
+request to the handler named by its path.
 """
 
 import logging
@@ -13,13 +13,10 @@ import kopf
 
 from gpushare import config, names
 from gpushare.ids import NodeName
-from gpushare.webhook import inventory, mutation, server, validation
+from gpushare.webhook import inventory, mutation, paths, server, validation
 from gpushare.webhook.metrics import WebhookMetrics
 
 logger = logging.getLogger(__name__)
-
-MUTATE_PODS: Final = "mutate-pods"
-VALIDATE_INFERENCE_SERVICES: Final = "validate-inferenceservices"
 
 DENIAL_CODE: Final = 403
 """The status of a refusal: kubectl prints ``Error from server (Forbidden)``."""
@@ -50,7 +47,7 @@ def register(
         "serving.kserve.io",
         "v1beta1",
         "inferenceservices",
-        id=VALIDATE_INFERENCE_SERVICES,
+        id=paths.VALIDATE_INFERENCE_SERVICES,
         operations=["CREATE", "UPDATE"],
         registry=registry,
     )
@@ -64,19 +61,19 @@ def register(
         verdict = validation.inference_service(
             body,
             settings=settings,
-            largest_card_bytes=cards.largest(),
+            largest_cuda_total_bytes=cards.largest(),
             old=old if operation == "UPDATE" else None,
         )
         warnings.extend(verdict.warnings)
         if not verdict.allowed:
-            _deny(VALIDATE_INFERENCE_SERVICES, body, verdict.reasons, metrics)
+            _deny(paths.VALIDATE_INFERENCE_SERVICES, body, verdict.reasons, metrics)
 
-    @kopf.on.mutate("v1", "pods", id=MUTATE_PODS, operations=["CREATE"], registry=registry)
+    @kopf.on.mutate("v1", "pods", id=paths.MUTATE_PODS, operations=["CREATE"], registry=registry)
     async def mutate_pod(body: kopf.Body, patch: kopf.Patch, warnings: list[str], **_: Any) -> None:
-        result = mutation.pod(body, settings=settings, largest_card_bytes=cards.largest())
+        result = mutation.pod(body, settings=settings, largest_cuda_total_bytes=cards.largest())
         warnings.extend(result.warnings)
         if not result.allowed:
-            _deny(MUTATE_PODS, body, result.reasons, metrics)
+            _deny(paths.MUTATE_PODS, body, result.reasons, metrics)
         if result.patch:
             ops = [dict(op) for op in result.patch]
             if not server.offer_patch(ops):  # kopf's own server: it diffs the patched copy

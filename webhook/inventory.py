@@ -1,4 +1,8 @@
-"""What the webhook knows of the cluster's cards: the largest card each node's agent reports."""
+"""What the webhook knows of the cluster's cards: the largest card each node's agent reports.
+
+A card's size here is its CUDA total (NVML's total less the driver's reserved part): what grants
+and vLLM can use, 79.18 GiB of an H100's 79.65 GiB.
+"""
 
 import logging
 
@@ -9,7 +13,7 @@ logger = logging.getLogger(__name__)
 
 
 class Cards:
-    """The largest card per reporting node, fed by the Node watch."""
+    """The largest CUDA total per reporting node, fed by the Node watch."""
 
     def __init__(self) -> None:
         self._largest: dict[NodeName, int] = {}
@@ -26,7 +30,7 @@ class Cards:
             self._largest.pop(node, None)
             return
         if decoded.cards:
-            self._largest[node] = max(card.total_bytes for card in decoded.cards)
+            self._largest[node] = max(card.cuda_total_bytes for card in decoded.cards)
         else:
             self._largest.pop(node, None)
 
@@ -35,7 +39,7 @@ class Cards:
         self._largest.pop(node, None)
 
     def largest(self) -> int | None:
-        """The largest card any node reports, or ``None`` while no node reports one."""
+        """The largest CUDA total any node reports, or ``None`` while no node reports a card."""
         return max(self._largest.values(), default=None)
 
     def nodes(self) -> int:

@@ -3,8 +3,8 @@
 It serves admission over HTTPS on ``--listen`` with the pair from ``--tls-cert``/``--tls-key``
 (files, such as a mounted Secret; kopf reloads them when they change) and ``/healthz``, ``/readyz``
 and ``/metrics`` over HTTP on ``--probe-listen``. It watches Nodes (for the largest card the agents
-report) with the Kubernetes API from ``KUBECONFIG`` or the pod's service account. The webhook
-configurations are installed from ``manifests/webhook/``; kopf does not manage them.
+report) with the Kubernetes API from ``--kubeconfig``, ``KUBECONFIG`` or the pod's service account.
+The webhook configurations are installed from ``manifests/webhook/``; kopf does not manage them.
 """
 
 import argparse
@@ -12,16 +12,15 @@ import asyncio
 import contextlib
 import gc
 import logging
-import signal
 from pathlib import Path
-from typing import Any, Final
+from typing import Final
 
 import aiohttp.web
 import kopf
 from prometheus_client import CollectorRegistry
 
 from gpushare import config, errors
-from gpushare.webhook import handlers, inventory, server
+from gpushare.webhook import handlers, inventory, login, paths, server
 from gpushare.webhook.metrics import WebhookMetrics
 
 logger = logging.getLogger(__name__)
@@ -29,8 +28,8 @@ logger = logging.getLogger(__name__)
 DEFAULT_PROBE_LISTEN: Final = "0.0.0.0:8080"
 
 ROUTES: Final[dict[str, server.Resource]] = {
-    handlers.MUTATE_PODS: ("", "v1", "pods"),
-    handlers.VALIDATE_INFERENCE_SERVICES: ("serving.kserve.io", "v1beta1", "inferenceservices"),
+    paths.MUTATE_PODS: ("", "v1", "pods"),
+    paths.VALIDATE_INFERENCE_SERVICES: ("serving.kserve.io", "v1beta1", "inferenceservices"),
 }
 
 
@@ -51,6 +50,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default=DEFAULT_PROBE_LISTEN,
         help=f"HTTP address of /healthz, /readyz and /metrics (default {DEFAULT_PROBE_LISTEN})",
     )
+    parser.add_argument(
+        "--kubeconfig",
+        metavar="FILE",
+        type=Path,
+        help="kubeconfig to use (default: $KUBECONFIG, ~/.kube/config, else in-cluster)",
+    )
 
 
 def run(args: argparse.Namespace) -> int:
@@ -64,7 +69,7 @@ def run(args: argparse.Namespace) -> int:
     for name in ("kopf", "aiohttp.access"):
         logging.getLogger(name).setLevel(max(logging.WARNING, logging.getLogger().level))
     pair = {"tls_cert": args.tls_cert, "tls_key": args.tls_key}
-    asyncio.run(serve(settings, **pair, probe_listen=args.probe_listen))
+    asyncio.run(serve(settings, **pair, probe_listen=args.probe_listen, kubeconfig=args.kubeconfig))
     return 0
 
 
@@ -74,18 +79,25 @@ async def serve(
     tls_cert: Path,
     tls_key: Path,
     probe_listen: str,
-    stop: asyncio.Event | None = None,
+    kubeconfig: Path | None = None,
 ) -> None:
-    """Run the webhook until ``stop`` is set (or a signal arrives when ``stop`` is not given)."""
+    """Run the webhook until SIGTERM or SIGINT.
+
+    kopf takes both signals over (in the main thread, where the command runs it) and stops at
+    once. It gets no stop flag: kopf would leave its waiter for a flag that no signal sets pending,
+    and give such leftover tasks 5 s before returning.
+    """
     host, port = hostport(settings.webhook.listen)
     probe_host, probe_port = hostport(probe_listen)
+    if kubeconfig is not None:
+        await login.from_kubeconfig(kubeconfig)  # an unusable file stops us here, not in a loop
     metrics = WebhookMetrics(CollectorRegistry())
     cards = inventory.Cards()
     metrics.largest_card.set_function(lambda: float(cards.largest() or 0))
     metrics.reporting_nodes.set_function(lambda: float(cards.nodes()))
 
     registry = kopf.OperatorRegistry()
-    kopf.on.login(registry=registry)(_login)
+    kopf.on.login(registry=registry)(login.handler(kubeconfig))
     handlers.register(registry, settings=settings, metrics=metrics, cards=cards)
     admission = server.AdmissionServer(
         routes=ROUTES,
@@ -98,12 +110,6 @@ async def serve(
     kopf_settings = kopf.OperatorSettings()
     kopf_settings.admission.server = admission
     kopf_settings.posting.enabled = False  # decisions go to the admission response and our log
-
-    if stop is None:
-        stop = asyncio.Event()
-        loop = asyncio.get_running_loop()
-        for signum in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(signum, stop.set)
 
     runner = aiohttp.web.AppRunner(
         server.probes(metrics=metrics, ready=admission.listening.is_set), handle_signals=False
@@ -123,20 +129,11 @@ async def serve(
         gc.freeze()
         with contextlib.suppress(asyncio.CancelledError):
             await kopf.operator(
-                registry=registry,
-                settings=kopf_settings,
-                clusterwide=True,
-                standalone=True,
-                stop_flag=stop,
+                registry=registry, settings=kopf_settings, clusterwide=True, standalone=True
             )
+        logger.info("admission stopped; exiting")
     finally:
         await runner.cleanup()
-
-
-def _login(**kwargs: Any) -> kopf.ConnectionInfo | None:
-    """Credentials from ``KUBECONFIG`` (or ``~/.kube/config``), else the pod's service account."""
-    info: kopf.ConnectionInfo | None = kopf.login_with_kubeconfig(**kwargs)
-    return info or kopf.login_with_service_account(**kwargs)
 
 
 def hostport(text: str) -> tuple[str, int]:

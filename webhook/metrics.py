@@ -36,7 +36,8 @@ class WebhookMetrics:
         )
         self.largest_card = Gauge(
             "gpushare_webhook_largest_card_bytes",
-            "The largest GPU any node reports (0 while none does): the ceiling of a request.",
+            "The largest CUDA total (NVML total less the driver's reserve) of any node's GPU"
+            " (0 while none reports one): what bounds a request.",
             registry=registry,
         )
         self.reporting_nodes = Gauge(

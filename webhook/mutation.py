@@ -39,7 +39,7 @@ class Mutation:
 
 
 def pod(
-    body: Mapping[str, Any], *, settings: config.Settings, largest_card_bytes: int | None
+    body: Mapping[str, Any], *, settings: config.Settings, largest_cuda_total_bytes: int | None
 ) -> Mutation:
     """Mutate one pod on CREATE."""
     shape = _malformed(body)
@@ -52,7 +52,7 @@ def pod(
     requested, reasons, warnings = validation.memory_bytes(
         annotations[names.ANNOTATION_GPU_MEMORY],
         settings=settings,
-        largest_card_bytes=largest_card_bytes,
+        largest_cuda_total_bytes=largest_cuda_total_bytes,
     )
     if names.ANNOTATION_POLICY in annotations:
         reasons += validation.policy(annotations[names.ANNOTATION_POLICY])

@@ -74,10 +74,29 @@ class Verdict:
         return "; ".join(reason.message for reason in self.reasons)
 
 
+def overhead_bytes(settings: config.Settings) -> int:
+    """Card memory an allocation takes beyond its grant: its own MPS server in ``mps`` isolation."""
+    return settings.agent.mps_server_bytes if settings.isolation == "mps" else 0
+
+
+def largest_grant_bytes(cuda_total_bytes: int, *, settings: config.Settings) -> int:
+    """The largest grant a card holds: whole units of its CUDA total less one allocation's overhead.
+
+    This is what the device plugin offers of an idle card (in ``mps`` it keeps room for the
+    container's own MPS server); a larger request would wait forever for a card.
+    """
+    room = max(cuda_total_bytes - overhead_bytes(settings), 0)
+    return quantities.card_units(room, settings.unit_bytes) * settings.unit_bytes
+
+
 def memory_bytes(
-    value: object, *, settings: config.Settings, largest_card_bytes: int | None
+    value: object, *, settings: config.Settings, largest_cuda_total_bytes: int | None
 ) -> tuple[int | None, list[Reason], list[str]]:
-    """Check a ``gpushare.io/gpu-memory`` value: its bytes (``None`` if refused), why, warnings."""
+    """Check a ``gpushare.io/gpu-memory`` value: its bytes (``None`` if refused), why, warnings.
+
+    ``largest_cuda_total_bytes`` is the largest CUDA total (NVML total less the driver's reserved
+    part) any node reports, ``None`` while none does.
+    """
     key = names.ANNOTATION_GPU_MEMORY
     if not isinstance(value, str):
         return None, [Reason("unparseable-quantity", f'{key} must be a string such as "20Gi"')], []
@@ -98,23 +117,44 @@ def memory_bytes(
             f" {quantities.to_quantity(smallest)!r}"
         )
         return None, [Reason("below-reserve", message)], []
-    if largest_card_bytes is None:
+    if largest_cuda_total_bytes is None:
         warning = (
             f"gpushare: no GPU node has reported its cards yet, so {key}: {value} was not checked"
             " against a card size"
         )
         return requested, [], [warning]
-    units = quantities.to_units(requested, settings.unit_bytes)
-    fits = quantities.card_units(largest_card_bytes, settings.unit_bytes)
-    if units > fits:
-        most = quantities.to_quantity(fits * settings.unit_bytes)
-        message = (
-            f"{key}: {value!r} ({quantities.format_bytes(requested)}) is more than the largest GPU"
-            f" the cluster reports ({quantities.format_bytes(largest_card_bytes)}): ask for at"
-            f" most {most!r}, or remove the annotation to use whole cards"
+    granted = quantities.to_units(requested, settings.unit_bytes) * settings.unit_bytes
+    most = largest_grant_bytes(largest_cuda_total_bytes, settings=settings)
+    if granted > most:
+        reason = _above_largest_grant(
+            value,
+            requested,
+            most=most,
+            cuda_total_bytes=largest_cuda_total_bytes,
+            settings=settings,
         )
-        return None, [Reason("above-largest-card", message)], []
+        return None, [reason], []
     return requested, [], []
+
+
+def _above_largest_grant(
+    value: str, requested: int, *, most: int, cuda_total_bytes: int, settings: config.Settings
+) -> Reason:
+    overhead = overhead_bytes(settings)
+    server = f", less {quantities.format_bytes(overhead)} for its MPS server" if overhead else ""
+    advice = (
+        f"ask for at most {quantities.to_quantity(most)!r}, or remove the annotation to use whole"
+        " cards"
+        if most
+        else "remove the annotation to use whole cards"
+    )
+    message = (
+        f"{names.ANNOTATION_GPU_MEMORY}: {value!r} ({quantities.format_bytes(requested)}) is more"
+        f" than the largest grant possible, {quantities.format_bytes(most)}: the largest GPU the"
+        f" cluster reports has {quantities.format_bytes(cuda_total_bytes)} for CUDA{server}, in"
+        f" whole units of {quantities.format_bytes(settings.unit_bytes)}; {advice}"
+    )
+    return Reason("above-largest-card", message)
 
 
 def policy(value: object) -> list[Reason]:
@@ -163,7 +203,7 @@ def suggest(key: str) -> str | None:
 
 
 def annotations(
-    values: Mapping[str, Any], *, settings: config.Settings, largest_card_bytes: int | None
+    values: Mapping[str, Any], *, settings: config.Settings, largest_cuda_total_bytes: int | None
 ) -> Verdict:
     """Check every gpushare annotation of an object (keys and values)."""
     reasons = annotation_keys(values)
@@ -172,7 +212,7 @@ def annotations(
         _, more, warned = memory_bytes(
             values[names.ANNOTATION_GPU_MEMORY],
             settings=settings,
-            largest_card_bytes=largest_card_bytes,
+            largest_cuda_total_bytes=largest_cuda_total_bytes,
         )
         reasons += more
         warnings += warned
@@ -185,7 +225,7 @@ def inference_service(
     isvc: Mapping[str, Any],
     *,
     settings: config.Settings,
-    largest_card_bytes: int | None,
+    largest_cuda_total_bytes: int | None,
     old: Mapping[str, Any] | None = None,
 ) -> Verdict:
     """Validate an InferenceService on CREATE (``old`` is None) or UPDATE.
@@ -197,20 +237,26 @@ def inference_service(
     metadata = _mapping(isvc.get("metadata"))
     if old is not None and metadata.get("deletionTimestamp"):
         return Verdict()
-    verdict = _inference_service(isvc, settings=settings, largest_card_bytes=largest_card_bytes)
+    verdict = _inference_service(
+        isvc, settings=settings, largest_cuda_total_bytes=largest_cuda_total_bytes
+    )
     if old is None or not verdict.reasons:
         return verdict
-    before = _inference_service(old, settings=settings, largest_card_bytes=largest_card_bytes)
+    before = _inference_service(
+        old, settings=settings, largest_cuda_total_bytes=largest_cuda_total_bytes
+    )
     known = {reason.message for reason in before.reasons}
     fresh = tuple(reason for reason in verdict.reasons if reason.message not in known)
     return Verdict(fresh, verdict.warnings)
 
 
 def _inference_service(
-    isvc: Mapping[str, Any], *, settings: config.Settings, largest_card_bytes: int | None
+    isvc: Mapping[str, Any], *, settings: config.Settings, largest_cuda_total_bytes: int | None
 ) -> Verdict:
     values = _mapping(_mapping(isvc.get("metadata")).get("annotations"))
-    verdict = annotations(values, settings=settings, largest_card_bytes=largest_card_bytes)
+    verdict = annotations(
+        values, settings=settings, largest_cuda_total_bytes=largest_cuda_total_bytes
+    )
     if names.ANNOTATION_GPU_MEMORY not in values:
         return verdict
     reasons = list(verdict.reasons)

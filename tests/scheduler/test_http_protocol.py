@@ -122,6 +122,21 @@ async def test_prioritize_scores_binpack_and_a_pods_own_policy(
     assert answer == [{"Host": "small", "Score": 2}, {"Host": "big", "Score": 7}]
 
 
+async def test_prioritize_escapes_names_that_are_no_node_names(
+    extender: Extender, http: aiohttp.ClientSession
+) -> None:
+    _fill(extender)
+    names = ["big", 'we"ird\\', "ünicode"]
+    _, answer = await _post(
+        http, f"{extender.url}/prioritize", {"Pod": pod("a", 20), "NodeNames": names}
+    )
+    assert answer == [
+        {"Host": "big", "Score": 3},
+        {"Host": names[1], "Score": 0},
+        {"Host": names[2], "Score": 0},
+    ]
+
+
 @pytest.mark.parametrize(
     ("verb", "body", "reason"),
     [

@@ -20,10 +20,13 @@ MANIFESTS = Path(__file__).resolve().parents[2] / "manifests" / "webhook"
 class Webhook:
     """``gpushare webhook`` in a subprocess, talking to the test apiserver."""
 
-    def __init__(self, kubeconfig: Path, pair: Path, log: Path) -> None:
+    def __init__(self, kubeconfig: Path, pair: Path, log: Path, *, flag: bool = False) -> None:
+        """``flag``: name the kubeconfig with ``--kubeconfig`` (with no ``KUBECONFIG``, and a
+        ``HOME`` without ``.kube/config``) rather than in ``KUBECONFIG``."""
         self.kubeconfig = kubeconfig
         self.pair = pair
         self.log_path = log
+        self.flag = flag
         self.port = cluster.free_port()
         self.probe_port = cluster.free_port()
         self.process: subprocess.Popen[bytes] | None = None
@@ -39,7 +42,6 @@ class Webhook:
 
     def start(self) -> None:
         env = {k: v for k, v in os.environ.items() if not k.startswith("GPUSHARE_")}
-        env["KUBECONFIG"] = str(self.kubeconfig)
         argv = [
             sys.executable, "-m", "gpushare.cli", "webhook",
             "--listen", f"127.0.0.1:{self.port}",
@@ -47,6 +49,12 @@ class Webhook:
             "--tls-key", str(self.pair / "tls.key"),
             "--probe-listen", f"127.0.0.1:{self.probe_port}",
         ]  # fmt: skip
+        if self.flag:
+            env.pop("KUBECONFIG", None)
+            env["HOME"] = str(self.log_path.parent)
+            argv += ["--kubeconfig", str(self.kubeconfig)]
+        else:
+            env["KUBECONFIG"] = str(self.kubeconfig)
         with self.log_path.open("ab") as log:
             self.process = subprocess.Popen(argv, env=env, stdout=log, stderr=subprocess.STDOUT)
         try:

@@ -8,7 +8,7 @@ import requests
 from hypothesis import HealthCheck, given, settings
 
 from gpushare import names
-from gpushare.webhook import handlers
+from gpushare.webhook import paths
 from tests.webhook import builders, strategies
 from tests.webhook.process import Webhook
 
@@ -49,7 +49,7 @@ def test_probes_and_metrics_answer(webhook: Webhook) -> None:
 def test_a_kserve_pod_is_mutated_and_a_mutated_one_is_not(webhook: Webhook) -> None:
     pod = builders.predictor_pod(builders.isvc("isvc-vllm-openai.yaml"))
     request = strategies.review(pod)
-    payload = answer(webhook.review(handlers.MUTATE_PODS, request), request)
+    payload = answer(webhook.review(paths.MUTATE_PODS, request), request)
     assert payload["allowed"] is True
     after = patched(pod, payload)
     builders.check_pod(after)
@@ -58,12 +58,12 @@ def test_a_kserve_pod_is_mutated_and_a_mutated_one_is_not(webhook: Webhook) -> N
     assert server["resources"]["limits"][names.RESOURCE_GPU_MEMORY] == "20"
     assert any("nvidia.com/gpu replaced" in w for w in payload["warnings"])
     again = strategies.review(after)
-    assert "patch" not in answer(webhook.review(handlers.MUTATE_PODS, again), again)
+    assert "patch" not in answer(webhook.review(paths.MUTATE_PODS, again), again)
 
 
 def test_a_refusal_carries_the_reason_and_a_4xx_code(webhook: Webhook) -> None:
     request = strategies.review(builders.isvc("isvc-vllm-openai.yaml", memory="0"), resource=ISVC)
-    payload = answer(webhook.review(handlers.VALIDATE_INFERENCE_SERVICES, request), request)
+    payload = answer(webhook.review(paths.VALIDATE_INFERENCE_SERVICES, request), request)
     assert payload["allowed"] is False
     assert payload["status"]["code"] == 403
     assert "asks for no memory" in payload["status"]["message"]
@@ -72,14 +72,14 @@ def test_a_refusal_carries_the_reason_and_a_4xx_code(webhook: Webhook) -> None:
 def test_an_unknown_path_is_404_and_a_wrong_resource_400(webhook: Webhook) -> None:
     request = strategies.review(builders.job_pod())
     assert webhook.review("mutate-everything", request).status_code == 404
-    response = webhook.review(handlers.VALIDATE_INFERENCE_SERVICES, request)
+    response = webhook.review(paths.VALIDATE_INFERENCE_SERVICES, request)
     assert response.status_code == 400
     assert "admits inferenceservices" in response.text
 
 
 def test_bodies_that_are_not_json_are_400(webhook: Webhook) -> None:
     for data in (b"{", b"\xff\xfe", b"[" * 100_000 + b"]" * 100_000):
-        response = webhook.post(handlers.MUTATE_PODS, data=data)
+        response = webhook.post(paths.MUTATE_PODS, data=data)
         assert response.status_code == 400, (data[:10], response.status_code)
 
 
@@ -89,7 +89,7 @@ def test_any_valid_pod_gets_an_answer_and_a_valid_patch(
     webhook: Webhook, pod: dict[str, Any]
 ) -> None:
     request = strategies.review(pod)
-    payload = answer(webhook.review(handlers.MUTATE_PODS, request), request)
+    payload = answer(webhook.review(paths.MUTATE_PODS, request), request)
     if not payload["allowed"]:
         assert payload["status"]["code"] == 403 and payload["status"]["message"]
         assert "patch" not in payload
@@ -97,13 +97,13 @@ def test_any_valid_pod_gets_an_answer_and_a_valid_patch(
     after = patched(pod, payload)
     builders.check_pod(after)
     again = strategies.review(after)
-    assert "patch" not in answer(webhook.review(handlers.MUTATE_PODS, again), again)
+    assert "patch" not in answer(webhook.review(paths.MUTATE_PODS, again), again)
 
 
 @FUZZ
 @given(strategies.envelopes())
 def test_any_envelope_gets_an_admission_review_or_a_400(webhook: Webhook, envelope: Any) -> None:
-    response = webhook.review(handlers.MUTATE_PODS, envelope)
+    response = webhook.review(paths.MUTATE_PODS, envelope)
     assert response.status_code in (200, 400), response.text
     if response.status_code == 400:
         assert response.text  # the reason
@@ -122,7 +122,7 @@ def test_any_annotation_on_an_inference_service_gets_a_verdict(
 ) -> None:
     body = builders.isvc("isvc-vllm-api-server.yaml", memory=None, **{key: value})
     request = strategies.review(body, resource=ISVC)
-    payload = answer(webhook.review(handlers.VALIDATE_INFERENCE_SERVICES, request), request)
+    payload = answer(webhook.review(paths.VALIDATE_INFERENCE_SERVICES, request), request)
     assert "patch" not in payload
     if not payload["allowed"]:
         assert payload["status"]["code"] == 403 and payload["status"]["message"]

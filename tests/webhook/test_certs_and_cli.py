@@ -67,3 +67,15 @@ def test_listen_addresses(text: str, expected: tuple[str, int]) -> None:
 def test_bad_listen_addresses_are_named(text: str) -> None:
     with pytest.raises(errors.ConfigError, match="is not HOST:PORT"):
         main.hostport(text)
+
+
+@pytest.mark.parametrize("content", [None, "not: [a kubeconfig", "apiVersion: v1\nkind: Config\n"])
+def test_webhook_refuses_an_unusable_kubeconfig(
+    capsys: pytest.CaptureFixture[str], pair: Path, tmp_path: Path, content: str | None
+) -> None:
+    kubeconfig = tmp_path / "kubeconfig"
+    if content is not None:
+        kubeconfig.write_text(content)
+    argv = ["webhook", "--tls-cert", str(pair / "tls.crt"), "--tls-key", str(pair / "tls.key")]
+    assert cli.main([*argv, "--kubeconfig", str(kubeconfig), "--listen", "127.0.0.1:0"]) == 2
+    assert f"cannot use kubeconfig {kubeconfig}" in capsys.readouterr().err

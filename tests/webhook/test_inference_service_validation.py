@@ -1,16 +1,20 @@
 """Validation of InferenceServices: what is refused, and the message that says what to write."""
 
 import copy
+from datetime import UTC, datetime
 from typing import Any
 
 import pytest
 
-from gpushare import config, names
-from gpushare.webhook import validation
+from gpushare import config, names, nodereport
+from gpushare.ids import CardUUID, NodeName
+from gpushare.quantities import GI, MI
+from gpushare.webhook import inventory, validation
 from tests.webhook import builders
 
 SETTINGS = config.Settings()
-H100 = 81_559 * 1024**2
+H100 = (81_559 - 479) * 1024**2
+"""An H100 80GB's CUDA total (NVML's 81,559 MiB less the 479 MiB the driver reserves)."""
 KEY = names.ANNOTATION_GPU_MEMORY
 
 
@@ -19,7 +23,7 @@ def check(
 ) -> validation.Verdict:
     builders.check_isvc(body)  # every object here is one the CRD's schema admits
     return validation.inference_service(
-        body, settings=SETTINGS, largest_card_bytes=largest, old=old
+        body, settings=SETTINGS, largest_cuda_total_bytes=largest, old=old
     )
 
 
@@ -70,7 +74,7 @@ ANNOTATION_REFUSALS = [
     ("zero with unit", {KEY: "0Gi"}, "asks for no memory"),
     ("reserve", {KEY: "700Mi"}, "does not exceed the per-instance reserve of 716 MiB"),
     ("reserve suggests", {KEY: "1Mi"}, "at least '1Gi'"),
-    ("larger than any card", {KEY: "100Gi"}, "more than the largest GPU the cluster reports"),
+    ("larger than any card", {KEY: "100Gi"}, "more than the largest grant possible"),
     ("largest suggests", {KEY: "80Gi"}, "ask for at most '79Gi'"),
     ("near miss key", {"gpushare.io/gpu_memory": "20Gi"}, "did you mean gpushare.io/gpu-memory?"),
     ("short key", {"gpushare.io/gpu-mem": "20Gi"}, "did you mean gpushare.io/gpu-memory?"),
@@ -111,6 +115,64 @@ def _gpus(count: str) -> Any:
             container["resources"][kind]["nvidia.com/gpu"] = count
 
     return edit
+
+
+def _reported(total: int, reserved: int) -> inventory.Cards:
+    """The webhook's inventory after one node reported one idle card."""
+    card = nodereport.CardReport(
+        uuid=CardUUID("GPU-00000000-0000-4000-8000-000000000000"),
+        index=0,
+        model="NVIDIA H100 80GB HBM3",
+        total_bytes=total,
+        reserved_bytes=reserved,
+        used_bytes=0,
+        free_bytes=total,
+    )
+    cards = inventory.Cards()
+    report = nodereport.NodeReport(heartbeat=datetime.now(UTC), cards=(card,))
+    cards.update(NodeName("gpu-0"), report.encode())
+    return cards
+
+
+H100_NVML = (81_559 * MI, 479 * MI)
+"""An H100 80GB as NVML reports it: total and the driver's reserved part (CUDA sees 79.18 GiB)."""
+ROUND_80 = (80 * GI + 480 * MI, 480 * MI)
+"""A card whose CUDA total is exactly 80 GiB."""
+
+CEILINGS = [
+    # id, card (total, reserved), isolation, unit, request, the largest grant possible (None: fits)
+    ("H100 in 512Mi units", H100_NVML, "mps", "512Mi", "79.5Gi", "79Gi"),
+    ("H100 in 256Mi units", H100_NVML, "none", "256Mi", "79.5Gi", "79Gi"),
+    ("H100 in 1Gi units", H100_NVML, "mps", "1Gi", "79.5Gi", "79Gi"),
+    ("H100 at its largest grant", H100_NVML, "mps", "512Mi", "79Gi", None),
+    ("the MPS server takes the last unit", ROUND_80, "mps", "1Gi", "80Gi", "79Gi"),
+    ("without MPS the whole card", ROUND_80, "none", "1Gi", "80Gi", None),
+    ("a shared daemon is the node's", ROUND_80, "mps-shared", "1Gi", "80Gi", None),
+]
+
+
+@pytest.mark.parametrize(
+    ("card", "isolation", "unit", "memory", "most"),
+    [row[1:] for row in CEILINGS],
+    ids=[row[0] for row in CEILINGS],
+)
+def test_a_request_is_bounded_by_the_largest_grant_a_reported_card_can_hold(
+    card: tuple[int, int], isolation: str, unit: str, memory: str, most: str | None
+) -> None:
+    settings = config.validate({"isolation": isolation, "unit_bytes": unit})
+    verdict = validation.inference_service(
+        builders.isvc(builders.FIXTURES[1], memory=memory),
+        settings=settings,
+        largest_cuda_total_bytes=_reported(*card).largest(),
+    )
+    if most is None:
+        assert verdict.allowed, verdict.message
+        return
+    (reason,) = verdict.reasons
+    assert reason.code == "above-largest-card"
+    assert f"more than the largest grant possible, {most.removesuffix('Gi')} GiB" in reason.message
+    assert f"ask for at most {most!r}" in reason.message
+    assert ("for its MPS server" in reason.message) == (isolation == "mps")
 
 
 SPEC_REFUSALS = [

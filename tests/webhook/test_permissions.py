@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from gpushare import names
-from gpushare.webhook import handlers
+from gpushare.webhook import paths
 from tests import cluster
 from tests.webhook import builders, strategies
 from tests.webhook.process import Webhook
@@ -75,7 +75,7 @@ def test_the_webhook_serves_and_watches_nodes_with_its_role_alone(
         what="the node report to reach the webhook",
     )
     request = strategies.review(builders.job_pod())
-    answer = limited.review(handlers.MUTATE_PODS, request).json()["response"]
+    answer = limited.review(paths.MUTATE_PODS, request).json()["response"]
     assert answer["allowed"] and answer["patch"]
     assert "Forbidden" not in cluster.tail(limited.log_path, 200)
     assert names.ANNOTATION_NODE_REPORT  # the annotation it reads from Nodes

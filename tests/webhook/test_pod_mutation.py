@@ -11,11 +11,12 @@ from tests.webhook import builders
 
 OURS = names.VLLM_UTILIZATION_ARG
 SETTINGS = config.Settings()
-H100 = 81_559 * 1024**2
+H100 = (81_559 - 479) * 1024**2
+"""An H100 80GB's CUDA total (NVML's 81,559 MiB less the 479 MiB the driver reserves)."""
 
 
 def mutate(pod: dict[str, Any], *, largest: int | None = H100) -> mutation.Mutation:
-    return mutation.pod(pod, settings=SETTINGS, largest_card_bytes=largest)
+    return mutation.pod(pod, settings=SETTINGS, largest_cuda_total_bytes=largest)
 
 
 def mutated(pod: dict[str, Any]) -> dict[str, Any]:
@@ -163,7 +164,7 @@ def test_a_user_scheduler_name_is_replaced() -> None:
 
 def test_the_scheduler_name_is_configurable() -> None:
     settings = config.load(environ={}, overrides={"webhook.scheduler_name": "my-scheduler"})
-    result = mutation.pod(builders.job_pod(), settings=settings, largest_card_bytes=None)
+    result = mutation.pod(builders.job_pod(), settings=settings, largest_cuda_total_bytes=None)
     assert builders.apply(builders.job_pod(), result.patch)["spec"]["schedulerName"] == (
         "my-scheduler"
     )
@@ -245,7 +246,7 @@ REFUSALS = [
     ("unparseable", _annotation("twenty gigs"), "is not a Kubernetes quantity"),
     ("zero", _annotation("0"), "asks for no memory"),
     ("reserve", _annotation("512Mi"), "does not exceed the per-instance reserve"),
-    ("too large", _annotation("100Gi"), "more than the largest GPU"),
+    ("too large", _annotation("100Gi"), "more than the largest grant possible"),
 ]
 
 

@@ -11,7 +11,8 @@ from gpushare.webhook import mutation, shell, validation, vllm
 from tests.webhook import builders, strategies
 
 SETTINGS = config.Settings()
-H100 = 81_559 * 1024**2
+H100 = (81_559 - 479) * 1024**2
+"""An H100 80GB's CUDA total (NVML's 81,559 MiB less the 479 MiB the driver reserves)."""
 OURS = names.VLLM_UTILIZATION_ARG
 SLOW = settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 
@@ -19,13 +20,13 @@ SLOW = settings(max_examples=150, deadline=None, suppress_health_check=[HealthCh
 @SLOW
 @given(strategies.pods())
 def test_a_mutated_pod_is_valid_and_mutating_it_again_changes_nothing(pod: dict[str, Any]) -> None:
-    result = mutation.pod(pod, settings=SETTINGS, largest_card_bytes=H100)
+    result = mutation.pod(pod, settings=SETTINGS, largest_cuda_total_bytes=H100)
     if not result.allowed:
         assert result.patch == () and all(r.message for r in result.reasons)
         return
     after = builders.apply(pod, result.patch)
     builders.check_pod(after)
-    again = mutation.pod(after, settings=SETTINGS, largest_card_bytes=H100)
+    again = mutation.pod(after, settings=SETTINGS, largest_cuda_total_bytes=H100)
     assert again.allowed and again.patch == ()
     if not result.patch:
         return
@@ -53,7 +54,7 @@ def test_a_mutated_pod_is_valid_and_mutating_it_again_changes_nothing(pod: dict[
 )
 def test_any_annotation_value_gets_a_verdict_with_a_reason(value: str, largest: int) -> None:
     requested, reasons, _ = validation.memory_bytes(
-        value, settings=SETTINGS, largest_card_bytes=largest or None
+        value, settings=SETTINGS, largest_cuda_total_bytes=largest or None
     )
     assert (requested is None) == bool(reasons)
     if requested is not None:

@@ -18,7 +18,7 @@ import pytest
 import yaml
 
 from gpushare import names
-from gpushare.webhook import handlers
+from gpushare.webhook import paths
 from tests import cluster
 from tests.webhook import builders
 from tests.webhook.process import Webhook
@@ -51,7 +51,7 @@ def test_annotated_inference_services_are_accepted_and_stored(
     bodies = [builders.isvc(fixture) for fixture in builders.FIXTURES]
     bodies[1]["metadata"]["name"] = "bloom-openai"
     bodies.append(builders.model_isvc("bloom-runtime", model_format="vLLM", args=["--dtype=half"]))
-    before = registered.requests_total(handlers.VALIDATE_INFERENCE_SERVICES)
+    before = registered.requests_total(paths.VALIDATE_INFERENCE_SERVICES)
     for body in bodies:
         result = apply_isvc(control_plane, namespace, body)
         if registered.metrics().get(("gpushare_webhook_reporting_nodes", ()), 0) == 0:
@@ -63,7 +63,7 @@ def test_annotated_inference_services_are_accepted_and_stored(
         )
         assert stored["metadata"]["annotations"][names.ANNOTATION_GPU_MEMORY] == "20Gi"
         assert stored["spec"]["predictor"] == body["spec"]["predictor"]
-    assert registered.requests_total(handlers.VALIDATE_INFERENCE_SERVICES) == before + len(bodies)
+    assert registered.requests_total(paths.VALIDATE_INFERENCE_SERVICES) == before + len(bodies)
 
 
 def _edit_container(edit: Any) -> dict[str, Any]:
@@ -124,21 +124,29 @@ def test_bad_inference_services_are_refused_and_kubectl_shows_why(
     assert missing.stdout.strip() == ""
 
 
-def test_a_request_larger_than_every_card_is_refused(
+def test_a_request_larger_than_any_grant_a_card_can_hold_is_refused(
     control_plane: cluster.ControlPlane, registered: Webhook, namespace: str
 ) -> None:
-    cluster.register_gpu_node(
-        control_plane, f"{namespace}-gpu", [cluster.gpu_card(total="80Gi")], owner=namespace
-    )
+    # NVML says 80 GiB, CUDA sees 79.53 GiB, and the grant's own MPS server needs 66 MiB of it:
+    # 79 units of 1 GiB is the most a pod can get there.
+    card = cluster.gpu_card(total="80Gi", reserved="480Mi")
+    cluster.register_gpu_node(control_plane, f"{namespace}-gpu", [card], owner=namespace)
     cluster.wait_for(
-        lambda: registered.metrics()[("gpushare_webhook_largest_card_bytes", ())] >= 80 * 1024**3,
+        lambda: (
+            registered.metrics()[("gpushare_webhook_largest_card_bytes", ())]
+            >= card.cuda_total_bytes
+        ),
         what="the webhook to read the node report",
     )
     result = apply_isvc(
-        control_plane, namespace, builders.isvc("isvc-vllm-openai.yaml", memory="1Ti"), check=False
+        control_plane,
+        namespace,
+        builders.isvc("isvc-vllm-openai.yaml", memory="79.5Gi"),
+        check=False,
     )
     assert DENIED in result.stderr
-    assert "is more than the largest GPU the cluster reports" in result.stderr
+    assert "is more than the largest grant possible, 79 GiB" in result.stderr
+    assert "ask for at most '79Gi'" in result.stderr
 
 
 def pods_to_create() -> list[tuple[str, dict[str, Any], str]]:
@@ -206,25 +214,25 @@ def test_pods_without_the_annotation_never_reach_the_webhook(
 ) -> None:
     pod = builders.job_pod()
     del pod["metadata"]["annotations"]
-    before = registered.requests_total(handlers.MUTATE_PODS)
+    before = registered.requests_total(paths.MUTATE_PODS)
     stored, _ = create(control_plane, namespace, pod)
     assert stored["spec"]["schedulerName"] == "default-scheduler"
     assert stored["spec"]["containers"][0]["resources"]["limits"] == {
         names.NVIDIA_GPU_RESOURCE: "1"
     }
-    assert registered.requests_total(handlers.MUTATE_PODS) == before
+    assert registered.requests_total(paths.MUTATE_PODS) == before
 
 
 def test_system_namespaces_are_left_alone(
     control_plane: cluster.ControlPlane, registered: Webhook
 ) -> None:
-    before = registered.requests_total(handlers.MUTATE_PODS)
+    before = registered.requests_total(paths.MUTATE_PODS)
     pod = builders.job_pod()
     pod["metadata"]["name"] = cluster.unique_name("system-probe")
     stored, _ = create(control_plane, "kube-system", pod)
     try:
         assert stored["spec"]["schedulerName"] == "default-scheduler"
-        assert registered.requests_total(handlers.MUTATE_PODS) == before
+        assert registered.requests_total(paths.MUTATE_PODS) == before
     finally:
         control_plane.kubectl(
             "delete",
@@ -345,7 +353,7 @@ def test_the_apiserver_reinvokes_us_after_a_later_mutator_and_we_change_nothing(
     def delta(outcome: str) -> float:
         key = (
             "gpushare_webhook_requests_total",
-            (("operation", "CREATE"), ("outcome", outcome), ("webhook", handlers.MUTATE_PODS)),
+            (("operation", "CREATE"), ("outcome", outcome), ("webhook", paths.MUTATE_PODS)),
         )
         return after.get(key, 0) - before.get(key, 0)
 

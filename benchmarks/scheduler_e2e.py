@@ -1,0 +1,178 @@
+"""Pods per second from creation to bound, under the real kube-scheduler and apiserver.
+
+    python -m benchmarks.scheduler_e2e [--nodes 200] [--pods 1000] [--qps 500]
+
+One run, one control plane (built by tests/controlplane/build.sh), one kube-scheduler with two
+profiles from our manifest (``manifests/scheduler/kube-scheduler-config.yaml``): ``gpushare-
+scheduler``, which calls ``gpushare scheduler`` (started by its command line) for pods asking for
+``gpushare.io/gpu-memory``, and ``default-scheduler``, which never calls it. ``--nodes`` nodes of
+8 x 80 GiB cards also offer 8 whole ``nvidia.com/gpu`` each.
+
+1. Baseline: ``--pods`` pods asking for one whole ``nvidia.com/gpu`` through the default profile
+   (NodeResourcesFit counts them, DefaultBinder binds them).
+2. gpushare: the same number of pods as the webhook leaves them (``gpushare.io/gpu-memory`` units
+   of 4 to 40 GiB, schedulerName ``gpushare-scheduler``): filter, prioritize and bind by the
+   extender.
+
+Pods are created from 8 threads as fast as the apiserver takes them; the clock runs from the first
+creation to the last pod seen bound. kube-scheduler's client is allowed ``--qps`` requests per
+second (default configuration: 50, which would cap the baseline's binds and Events and hide the
+difference). Printed: both rates, their ratio, and the extender's CPU seconds per pod.
+"""
+
+import argparse
+import os
+import sys
+import tempfile
+import time
+import urllib.request
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from gpushare import names
+from tests import cluster
+
+GI = 1024**3
+SIZES = (20, 8, 12, 4, 40, 16, 24, 10, 6, 30)
+ROOT = Path(__file__).resolve().parents[1]
+MANIFEST = ROOT / "manifests" / "scheduler" / "kube-scheduler-config.yaml"
+
+
+def gpu_pod(name: str, namespace: str, units: int | None) -> dict[str, Any]:
+    """A gpushare pod of ``units`` GiB as the webhook leaves it, or (None) one whole GPU."""
+    container: dict[str, Any] = {
+        "name": "kserve-container",
+        "image": "vllm/vllm-openai:latest",
+        "args": ["--model", "/mnt/models"],
+    }
+    metadata: dict[str, Any] = {"name": name, "namespace": namespace}
+    spec: dict[str, Any] = {"containers": [container]}
+    if units is None:
+        container["resources"] = {"limits": {names.NVIDIA_GPU_RESOURCE: "1"}}
+        spec["schedulerName"] = "default-scheduler"
+    else:
+        container["args"].append(names.VLLM_UTILIZATION_ARG)
+        container["resources"] = {"limits": {names.RESOURCE_GPU_MEMORY: str(units)}}
+        metadata["annotations"] = {names.ANNOTATION_GPU_MEMORY: f"{units}Gi"}
+        spec["schedulerName"] = names.SCHEDULER_NAME
+    return {"apiVersion": "v1", "kind": "Pod", "metadata": metadata, "spec": spec}
+
+
+def register_nodes(cp: cluster.ControlPlane, count: int, owner: str) -> None:
+    def one(i: int) -> None:
+        name = f"gpu-{i:04d}"
+        cards = [cluster.gpu_card(c, total=80 * GI) for c in range(8)]
+        rest = cp.rest()
+        cluster.register_gpu_node(rest, name, cards, owner=owner)
+        status = {
+            "status": {
+                "capacity": {names.NVIDIA_GPU_RESOURCE: "8"},
+                "allocatable": {names.NVIDIA_GPU_RESOURCE: "8"},
+            }
+        }
+        rest.patch(f"/api/v1/nodes/{name}/status", status, "strategic")
+
+    with ThreadPoolExecutor(8) as pool:
+        list(pool.map(one, range(count)))
+
+
+def burst(cp: cluster.ControlPlane, namespace: str, pods: list[dict[str, Any]]) -> float:
+    """Create ``pods`` and wait until all are bound; seconds from first creation to last bind."""
+    rest = cp.rest()
+    path = f"/api/v1/namespaces/{namespace}/pods"
+    start = time.perf_counter()
+    with ThreadPoolExecutor(8) as pool:
+        creating = [pool.submit(rest.create, path, pod) for pod in pods]
+
+        def bound() -> bool:
+            items = rest.get(path)["items"]
+            return sum(1 for p in items if p["spec"].get("nodeName")) == len(pods)
+
+        cluster.wait_for(bound, timeout=600, interval=0.05, what=f"{len(pods)} pods bound")
+        for future in creating:
+            future.result()
+    return time.perf_counter() - start
+
+
+def cpu_seconds(pid: int) -> float:
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--nodes", type=int, default=200)
+    parser.add_argument("--pods", type=int, default=1000)
+    parser.add_argument("--qps", type=int, default=500, help="kube-scheduler's API rate")
+    args = parser.parse_args()
+    work = Path(tempfile.mkdtemp(prefix="gpushare-e2e-"))
+    with cluster.ControlPlane() as cp:
+        owner = cluster.create_namespace(cp, "bench-nodes")
+        started = time.perf_counter()
+        register_nodes(cp, args.nodes, owner)
+        print(
+            f"{args.nodes} nodes of 8 x 80 GiB registered in {time.perf_counter() - started:.1f} s",
+            flush=True,
+        )
+        port = cluster.free_port()
+        extender = cluster.Process(
+            "extender",
+            [
+                sys.executable,
+                "-m",
+                "gpushare.cli",
+                "--log-level=WARNING",
+                "scheduler",
+                f"--listen=127.0.0.1:{port}",
+                f"--kubeconfig={cp.kubeconfig}",
+            ],
+            work / "extender.log",
+        )
+
+        def ready() -> bool:
+            extender.check_alive()
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/readyz", timeout=1) as r:
+                    return bool(r.status == 200)
+            except OSError:
+                return False
+
+        cluster.wait_for(ready, timeout=60, what="the extender")
+        config: dict[str, Any] = yaml.safe_load(MANIFEST.read_text())
+        config["extenders"][0]["urlPrefix"] = f"http://127.0.0.1:{port}/gpushare-scheduler"
+        config["profiles"].append({"schedulerName": "default-scheduler"})
+        config["clientConnection"] = {"qps": args.qps, "burst": 2 * args.qps}
+        try:
+            with cp.start_scheduler(config):
+                baseline_ns = cluster.create_namespace(cp, "bench-whole-gpus")
+                whole = [gpu_pod(f"w{i}", baseline_ns, None) for i in range(args.pods)]
+                baseline = burst(cp, baseline_ns, whole)
+                print(
+                    f"baseline, whole nvidia.com/gpu, default profile: {args.pods} pods in"
+                    f" {baseline:.1f} s = {args.pods / baseline:.0f} pods/s",
+                    flush=True,
+                )
+                shared_ns = cluster.create_namespace(cp, "bench-gpushare")
+                shared = [
+                    gpu_pod(f"s{i}", shared_ns, SIZES[i % len(SIZES)]) for i in range(args.pods)
+                ]
+                cpu = cpu_seconds(extender.popen.pid)
+                elapsed = burst(cp, shared_ns, shared)
+                cpu = cpu_seconds(extender.popen.pid) - cpu
+                print(
+                    f"gpushare, GPU memory through the extender:      {args.pods} pods in"
+                    f" {elapsed:.1f} s = {args.pods / elapsed:.0f} pods/s"
+                    f" (extender CPU {cpu / args.pods * 1000:.1f} ms per pod)",
+                    flush=True,
+                )
+                print(f"ratio gpushare / baseline: {baseline / elapsed:.2f}")
+        finally:
+            extender.stop()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

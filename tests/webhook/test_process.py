@@ -1,0 +1,47 @@
+"""``gpushare webhook`` as a process: it logs in from ``--kubeconfig`` and stops on SIGTERM."""
+
+import signal
+from pathlib import Path
+
+from gpushare.webhook import paths
+from tests import cluster
+from tests.webhook import builders, strategies
+from tests.webhook.process import Webhook
+
+EXIT_SECONDS = 10
+"""Generous: a clean stop takes a fraction of a second (kopf's own signal handling)."""
+
+
+def test_sigterm_stops_the_webhook_cleanly_with_a_connection_open(
+    control_plane: cluster.ControlPlane, pair: Path, tmp_path: Path
+) -> None:
+    webhook = Webhook(control_plane.kubeconfig, pair, tmp_path / "webhook.log")
+    webhook.start()
+    try:
+        # The apiserver keeps its connection to a webhook open between calls; so does the session.
+        request = strategies.review(builders.job_pod())
+        assert webhook.review(paths.MUTATE_PODS, request).json()["response"]["allowed"]
+        assert webhook.process is not None
+        webhook.process.send_signal(signal.SIGTERM)
+        assert webhook.process.wait(timeout=EXIT_SECONDS) == 0
+    finally:
+        webhook.stop()
+    assert "admission stopped; exiting" in webhook.log_path.read_text()
+
+
+def test_the_webhook_logs_in_with_the_kubeconfig_it_is_given(
+    control_plane: cluster.ControlPlane, namespace: str, pair: Path, tmp_path: Path
+) -> None:
+    # No KUBECONFIG and no ~/.kube/config: only --kubeconfig lets it watch the Nodes.
+    webhook = Webhook(control_plane.kubeconfig, pair, tmp_path / "webhook.log", flag=True)
+    webhook.start()
+    try:
+        cluster.register_gpu_node(
+            control_plane, f"{namespace}-gpu", [cluster.gpu_card(total="40Gi")], owner=namespace
+        )
+        cluster.wait_for(
+            lambda: webhook.metrics()[("gpushare_webhook_largest_card_bytes", ())] >= 40 * 1024**3,
+            what="the webhook to read the node report",
+        )
+    finally:
+        webhook.stop()
