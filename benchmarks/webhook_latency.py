@@ -28,7 +28,7 @@ import aiohttp
 import yaml
 
 from gpushare import names
-from gpushare.webhook import certs, handlers
+from gpushare.webhook import certs, paths
 from tests import cluster
 from tests.webhook import builders, strategies
 from tests.webhook.process import Webhook, configurations
@@ -48,7 +48,7 @@ async def admission_load(webhook: Webhook, *, rate: float, seconds: float) -> di
     """Open-loop load on /mutate-pods; latencies and errors."""
     pod = builders.predictor_pod(builders.isvc("isvc-vllm-openai.yaml"))
     context = ssl.create_default_context(cafile=str(webhook.pair / "ca.crt"))
-    url = f"{webhook.url}/{handlers.MUTATE_PODS}"
+    url = f"{webhook.url}/{paths.MUTATE_PODS}"
     latencies: list[float] = []
     errors = 0
     connector = aiohttp.TCPConnector(ssl=context, limit=32)
@@ -91,7 +91,7 @@ async def admission_load(webhook: Webhook, *, rate: float, seconds: float) -> di
 def server_side(before: dict[Any, float], after: dict[Any, float]) -> dict[str, float]:
     """The webhook's own view (its duration histogram): mean, and shares under 5 and 10 ms."""
     name = "gpushare_webhook_request_duration_seconds"
-    labels = (("webhook", handlers.MUTATE_PODS),)
+    labels = (("webhook", paths.MUTATE_PODS),)
 
     def delta(suffix: str, extra: tuple[tuple[str, str], ...] = ()) -> float:
         key = (name + suffix, tuple(sorted(labels + extra)))

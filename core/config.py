@@ -81,6 +81,17 @@ class Settings(_Section):
     webhook: WebhookSettings = WebhookSettings()
     agent: AgentSettings = AgentSettings()
 
+    @property
+    def allocation_overhead_bytes(self) -> int:
+        """Card memory each allocation takes beyond its grant.
+
+        In ``mps`` isolation every allocation runs its own ``nvidia-cuda-mps-server``, which holds
+        ``agent.mps_server_bytes`` of the card. A shared daemon (``mps-shared``) is one process per
+        card whatever the number of pods, and the agent reports its memory as used; ``none`` runs
+        no daemon.
+        """
+        return self.agent.mps_server_bytes if self.isolation == "mps" else 0
+
     @pydantic.field_validator("unit_bytes")
     @classmethod
     def _unit_in_range(cls, value: int) -> int:

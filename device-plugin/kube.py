@@ -14,11 +14,12 @@ from pathlib import Path
 from typing import Any, Final, Protocol
 
 import aiohttp
-from gpushare import errors
-from gpushare.deviceplugin.pods import PodInfo
 from kubernetes_asyncio import client, config
 from kubernetes_asyncio.client.exceptions import ApiException
 from kubernetes_asyncio.config.config_exception import ConfigException
+
+from gpushare import errors
+from gpushare.deviceplugin.pods import PodInfo
 
 logger = logging.getLogger(__name__)
 

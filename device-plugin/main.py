@@ -10,15 +10,17 @@ run several agents in one process with its own NVML and API endpoint.
 
 import argparse
 import asyncio
+import contextlib
 import logging
 import os
 import signal
 from pathlib import Path
 
 import prometheus_client
+
 from gpushare import config, errors
 from gpushare.config import Settings
-from gpushare.deviceplugin import kube, mps, nvml
+from gpushare.deviceplugin import kube, mps, nvml, probes
 from gpushare.deviceplugin.agent import Agent, guard
 from gpushare.deviceplugin.metrics import Metrics
 from gpushare.deviceplugin.podresources import PodResourcesClient
@@ -37,7 +39,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--metrics-listen",
         default="0.0.0.0:9400",
-        help="Prometheus exporter HOST:PORT (default 0.0.0.0:9400)",
+        help="HOST:PORT of /metrics, /healthz and /readyz (default 0.0.0.0:9400)",
     )
     parser.add_argument("--node-name", help="this node's name (default: $NODE_NAME)")
     parser.add_argument(
@@ -82,7 +84,6 @@ async def _main(
     backend = nvml.open_backend(args.nvml)
     registry = prometheus_client.CollectorRegistry()
     metrics = Metrics(registry, node=node)
-    http, _ = prometheus_client.start_http_server(port, host, registry=registry)
     api = await kube.KubeApi.connect(args.kubeconfig)
     pods = kube.PodCache(api, node)
     kubelet_dir = settings.agent.kubelet_dir
@@ -102,21 +103,36 @@ async def _main(
     assert task is not None
     loop.add_signal_handler(signal.SIGTERM, task.cancel)
     try:
-        await serve(agent, kubelet_dir=kubelet_dir, pods=pods)
+        await serve(agent, kubelet_dir=kubelet_dir, pods=pods, listen=(host, port))
     except asyncio.CancelledError:
         logger.info("stopping")
     finally:
-        http.shutdown()
         await api.close()
         backend.close()
 
 
-async def serve(agent: Agent, *, kubelet_dir: Path, pods: kube.PodCache | None = None) -> None:
-    """Start ``agent`` and run it with its plugin server until cancelled."""
-    await agent.start()
+async def serve(
+    agent: Agent,
+    *,
+    kubelet_dir: Path,
+    pods: kube.PodCache | None = None,
+    listen: tuple[str, int] | None = None,
+) -> None:
+    """Start ``agent`` and run it with its plugin server until cancelled.
+
+    With ``listen`` (host, port), ``/metrics``, ``/healthz`` and ``/readyz`` are served there from
+    before the agent's first reading until it stops.
+    """
     plugin = PluginServer(agent, kubelet_dir=kubelet_dir)
-    async with asyncio.TaskGroup() as group:
-        group.create_task(agent.run_loops())
-        group.create_task(guard("plugin", plugin.run))
-        if pods is not None:
-            group.create_task(guard("pod-watch", pods.run))
+    async with contextlib.AsyncExitStack() as stack:
+        if listen is not None:
+            application = probes.app(
+                agent.metrics.registry, not_ready=lambda: probes.not_ready(agent, plugin)
+            )
+            await stack.enter_async_context(probes.listening(application, *listen))
+        await agent.start()
+        async with asyncio.TaskGroup() as group:
+            group.create_task(agent.run_loops())
+            group.create_task(guard("plugin", plugin.run))
+            if pods is not None:
+                group.create_task(guard("pod-watch", pods.run))

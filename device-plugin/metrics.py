@@ -10,13 +10,14 @@ from dataclasses import dataclass
 from typing import Final
 
 import prometheus_client
-from gpushare.deviceplugin.nvml import CardReading
-from gpushare.deviceplugin.watchdog import ContainerUsage
 from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
+from gpushare.deviceplugin.nvml import CardReading
+from gpushare.deviceplugin.watchdog import ContainerUsage
+
 CARD_LABELS: Final = ("node", "gpu_uuid", "gpu_index", "model")
-CONTAINER_LABELS: Final = ("node", "gpu_uuid", "namespace", "pod", "container")
+CONTAINER_LABELS: Final = ("node", "gpu_uuid", "gpu_index", "namespace", "pod", "container")
 
 
 @dataclass(frozen=True)
@@ -159,8 +160,16 @@ class _StateCollector(Collector):
             "GPU memory granted to a container",
             labels=CONTAINER_LABELS,
         )
+        index = {card.reading.uuid: str(card.reading.index) for card in cards}
         for item in containers:
-            labels = [node, item.card, item.pod.namespace, item.pod.name, item.container]
+            labels = [
+                node,
+                item.card,
+                index.get(item.card, ""),
+                item.pod.namespace,
+                item.pod.name,
+                item.container,
+            ]
             used.add_metric(labels, item.used_bytes)
             granted.add_metric(labels, item.granted_bytes)
         yield from families.values()

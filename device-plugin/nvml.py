@@ -27,6 +27,7 @@ from typing import Annotated, Any, Final, Protocol
 
 import pydantic
 import yaml
+
 from gpushare import config, errors
 from gpushare.ids import CardUUID
 

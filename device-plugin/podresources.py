@@ -6,6 +6,7 @@ from pathlib import Path
 
 import grpc
 import grpc.aio
+
 from gpushare import errors, names
 from gpushare.deviceplugin.api.podresources.v1 import api_pb2, api_pb2_grpc
 from gpushare.ids import DeviceID, PodKey, pod_key

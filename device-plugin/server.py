@@ -11,6 +11,7 @@ from typing import Final
 
 import grpc
 import grpc.aio
+
 from gpushare import errors
 from gpushare.deviceplugin import devices
 from gpushare.deviceplugin.agent import Agent

@@ -53,8 +53,12 @@ class PodRequest:
         return sum(demand.bytes for demand in self.demands)
 
 
-def from_pod(pod: wire.Pod, *, unit_bytes: int) -> PodRequest:
-    """The pod's request; raises :class:`BadRequest` saying what is wrong and what to write."""
+def from_pod(pod: wire.Pod, *, unit_bytes: int, read_policy: bool = True) -> PodRequest:
+    """The pod's request; raises :class:`BadRequest` saying what is wrong and what to write.
+
+    ``read_policy=False`` ignores the policy annotation: a bound pod's placement is done, and a
+    bad annotation written later must not hide the memory it holds.
+    """
     for container in pod.spec.init_containers:
         if _quantity(container) is not None:
             raise errors.BadRequest(
@@ -74,7 +78,7 @@ def from_pod(pod: wire.Pod, *, unit_bytes: int) -> PodRequest:
         uid=meta.uid,
         key=pod_key(meta.namespace, meta.name),
         demands=tuple(demands),
-        policy=policy_of(meta.annotations),
+        policy=policy_of(meta.annotations) if read_policy else None,
     )
 
 

@@ -14,10 +14,13 @@ from prometheus_client.registry import Collector
 
 from gpushare.scheduler import ledger
 
-__all__ = ["BIND_RESULTS", "Metrics"]
+__all__ = ["BIND_RESULTS", "WATCHED", "WATCH_CAUSES", "Metrics"]
 
 BIND_RESULTS: Final = ("bound", "no-fit", "conflict", "api-error", "bad-request")
 """Values of the ``result`` label of ``gpushare_scheduler_binds_total``."""
+WATCHED: Final = ("nodes", "pods")
+WATCH_CAUSES: Final = ("end", "expired", "error")
+"""Why a watch starts again: it ended (normal), its version expired (410 Gone), it failed."""
 
 # Filter over thousands of nodes takes about a millisecond; a bind waits for the apiserver.
 _BUCKETS: Final = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
@@ -55,7 +58,7 @@ class Metrics:
         )
         self.watch_restarts = Counter(
             "gpushare_scheduler_watch_restarts_total",
-            "Watches started again, by resource and cause (expired: 410 Gone; error; end).",
+            "Watches started again, by resource and cause (end, expired: 410 Gone, error).",
             ["resource", "cause"],
             registry=registry,
         )
@@ -65,6 +68,9 @@ class Metrics:
             self.binds.labels(result)
         for reason in ledger.Reason:
             self.filter_failures.labels(reason.value)
+        for resource in WATCHED:
+            for cause in WATCH_CAUSES:
+                self.watch_restarts.labels(resource, cause)
         registry.register(_LedgerCollector(book))
 
 

@@ -253,7 +253,9 @@ class Watcher:
     def _parse_pod(self, obj: dict[str, Any]) -> tuple[wire.Pod, demand.PodRequest] | None:
         try:
             pod = wire.Pod.model_validate(obj)
-            request = demand.from_pod(pod, unit_bytes=self._unit_bytes)
+            request = demand.from_pod(
+                pod, unit_bytes=self._unit_bytes, read_policy=not pod.spec.node_name
+            )
         except (ValueError, errors.BadRequest) as exc:
             meta = obj.get("metadata") or {}
             key = f"pod/{meta.get('uid')}"

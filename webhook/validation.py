@@ -74,18 +74,13 @@ class Verdict:
         return "; ".join(reason.message for reason in self.reasons)
 
 
-def overhead_bytes(settings: config.Settings) -> int:
-    """Card memory an allocation takes beyond its grant: its own MPS server in ``mps`` isolation."""
-    return settings.agent.mps_server_bytes if settings.isolation == "mps" else 0
-
-
 def largest_grant_bytes(cuda_total_bytes: int, *, settings: config.Settings) -> int:
     """The largest grant a card holds: whole units of its CUDA total less one allocation's overhead.
 
     This is what the device plugin offers of an idle card (in ``mps`` it keeps room for the
     container's own MPS server); a larger request would wait forever for a card.
     """
-    room = max(cuda_total_bytes - overhead_bytes(settings), 0)
+    room = max(cuda_total_bytes - settings.allocation_overhead_bytes, 0)
     return quantities.card_units(room, settings.unit_bytes) * settings.unit_bytes
 
 
@@ -140,7 +135,7 @@ def memory_bytes(
 def _above_largest_grant(
     value: str, requested: int, *, most: int, cuda_total_bytes: int, settings: config.Settings
 ) -> Reason:
-    overhead = overhead_bytes(settings)
+    overhead = settings.allocation_overhead_bytes
     server = f", less {quantities.format_bytes(overhead)} for its MPS server" if overhead else ""
     advice = (
         f"ask for at most {quantities.to_quantity(most)!r}, or remove the annotation to use whole"

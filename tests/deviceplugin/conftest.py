@@ -15,6 +15,7 @@ from typing import Any
 import prometheus_client
 import pytest
 import yaml
+
 from gpushare import config, quantities
 from gpushare.config import Settings
 from gpushare.deviceplugin import kube, mps
@@ -25,7 +26,6 @@ from gpushare.deviceplugin.nvml import FakeNvml
 from gpushare.deviceplugin.podresources import PodResourcesClient
 from gpushare.deviceplugin.pods import PodInfo
 from gpushare.deviceplugin.watchdog import ProcessLocator
-
 from tests.deviceplugin.kubelet import TestKubelet
 
 MI = quantities.MI

@@ -17,6 +17,7 @@ from pathlib import Path
 
 import grpc
 import grpc.aio
+
 from gpushare.deviceplugin.api.deviceplugin.v1beta1 import api_pb2 as dp
 from gpushare.deviceplugin.api.deviceplugin.v1beta1 import api_pb2_grpc as dp_grpc
 from gpushare.deviceplugin.api.podresources.v1 import api_pb2 as pr

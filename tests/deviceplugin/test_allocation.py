@@ -4,10 +4,10 @@ from decimal import Decimal
 from pathlib import Path
 
 import pytest
+
 from gpushare import config, errors, names, sizing
 from gpushare.deviceplugin import allocation, devices
 from gpushare.ids import CardUUID
-
 from tests.deviceplugin.conftest import CARD_A, CARD_B, GI, H100_CUDA_TOTAL, MI
 
 A = CardUUID(CARD_A)

@@ -7,10 +7,10 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+
 from gpushare import names, nodereport
 from gpushare.deviceplugin import kube, reconcile, watchdog
 from gpushare.deviceplugin.watchdog import CgroupLocator
-
 from tests import cluster
 from tests.deviceplugin.conftest import (
     CARD_A,

@@ -9,7 +9,6 @@ import urllib.request
 from pathlib import Path
 
 from gpushare import names, nodereport
-
 from tests import cluster
 from tests.deviceplugin.kubelet import TestKubelet
 
@@ -54,6 +53,9 @@ async def test_the_command_serves_reports_and_stops_cleanly(
             lambda: urllib.request.urlopen(url, timeout=5).read().decode()
         )
         assert f'gpushare_device_plugin_registered{{node="{node}"}} 1.0' in text
+        for probe in ("healthz", "readyz"):  # kubelet's probes, on the same listener
+            answer = await asyncio.to_thread(_read, f"http://127.0.0.1:{port}/{probe}")
+            assert answer == "ok\n"
         annotations = control_plane.rest().get(f"/api/v1/nodes/{node}")["metadata"]["annotations"]
         report = nodereport.decode(annotations[names.ANNOTATION_NODE_REPORT])
         assert len(report.cards) == 2
@@ -61,6 +63,11 @@ async def test_the_command_serves_reports_and_stops_cleanly(
         process.send_signal(signal.SIGTERM)
         output, _ = await asyncio.to_thread(process.communicate, timeout=30)
     assert process.returncode == 0, output.decode()
+
+
+def _read(url: str) -> str:
+    with urllib.request.urlopen(url, timeout=5) as response:
+        return str(response.read().decode())
 
 
 def test_a_missing_node_name_is_a_clear_error(short_tmp: Path) -> None:

@@ -24,6 +24,7 @@ from typing import Any
 
 import prometheus_client
 import pytest
+
 from gpushare import config, names, quantities
 from gpushare.deviceplugin import mps, nvml
 from gpushare.deviceplugin.agent import Agent
@@ -32,7 +33,6 @@ from gpushare.deviceplugin.metrics import Metrics
 from gpushare.deviceplugin.podresources import PodResourcesClient
 from gpushare.deviceplugin.pods import PodInfo
 from gpushare.deviceplugin.watchdog import Location
-
 from tests.deviceplugin.conftest import StaticPods
 from tests.deviceplugin.kubelet import TestKubelet
 

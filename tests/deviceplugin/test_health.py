@@ -3,7 +3,6 @@ clears them."""
 
 from gpushare.deviceplugin import health, nvml
 from gpushare.ids import CardUUID
-
 from tests.deviceplugin.conftest import CARD_A, CARD_B
 
 A = CardUUID(CARD_A)

@@ -7,11 +7,11 @@ from pathlib import Path
 
 import prometheus_client
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
 from gpushare import names
 from gpushare.deviceplugin.pods import PodInfo
 from gpushare.deviceplugin.watchdog import CgroupLocator
-from prometheus_client.parser import text_string_to_metric_families
-
 from tests.deviceplugin.conftest import (
     CARD_A,
     CARD_B,
@@ -116,7 +116,13 @@ async def test_cards_containers_and_registration_are_exported(
     assert value(samples, "gpushare_card_granted_bytes", **a) == 4 * GI
     assert value(samples, "gpushare_card_utilization_ratio", **a) == 0.25
     assert value(samples, "gpushare_card_healthy", gpu_uuid=CARD_B) == 1
-    c = {"namespace": "ns", "pod": "bloom", "container": "kserve-container", "gpu_uuid": CARD_A}
+    c = {
+        "namespace": "ns",
+        "pod": "bloom",
+        "container": "kserve-container",
+        "gpu_uuid": CARD_A,
+        "gpu_index": "0",
+    }
     assert value(samples, "gpushare_container_used_bytes", **c) == 5 * GI
     assert value(samples, "gpushare_container_granted_bytes", **c) == 4 * GI
     assert value(samples, "gpushare_grant_violations_total", pod="bloom") == 1

@@ -3,9 +3,9 @@
 from pathlib import Path
 
 import pytest
+
 from gpushare import errors
 from gpushare.deviceplugin import nvml
-
 from tests.deviceplugin.conftest import (
     CARD_A,
     CARD_B,

@@ -7,11 +7,11 @@ from pathlib import Path
 import grpc
 import grpc.aio
 import pytest
+
 from gpushare import names
 from gpushare.deviceplugin import devices, mps
 from gpushare.deviceplugin.api.deviceplugin.v1beta1 import api_pb2 as dp
 from gpushare.deviceplugin.pods import PodInfo
-
 from tests.deviceplugin.conftest import (
     CARD_A,
     CARD_B,

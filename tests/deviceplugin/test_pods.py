@@ -5,7 +5,6 @@ from datetime import UTC, datetime
 from gpushare import names
 from gpushare.deviceplugin.pods import PodInfo, choose_pod
 from gpushare.ids import CardUUID, pod_key
-
 from tests.deviceplugin.conftest import CARD_A, CARD_B, GI
 
 CARDS = {CardUUID(CARD_A), CardUUID(CARD_B)}

@@ -107,6 +107,20 @@ async def test_the_ledger_is_rebuilt_from_pod_annotations(watching: _Watching) -
     assert sorted(watching.book.node_names()) == ["n1", "n2"]
 
 
+async def test_a_bound_pod_keeps_its_memory_whatever_its_policy_annotation_says(
+    api: kmock.KubernetesEmulator,
+) -> None:
+    odd = _bound("odd", "u-odd", "GPU-n2-0", "n2", 40)
+    odd["metadata"]["annotations"][names.ANNOTATION_POLICY] = "whatever"
+    api.objects[PODS, "ns", "odd"] = odd
+    state = _Watching(api)
+    try:
+        await asyncio.wait_for(state.watcher.wait_synced(), 10)
+        assert set(state.book.holdings()) == {"u-bound", "u-odd"}
+    finally:
+        await state.close()
+
+
 async def test_server_errors_on_list_are_retried_with_backoff(
     api: kmock.KubernetesEmulator,
 ) -> None:

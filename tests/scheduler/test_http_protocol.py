@@ -191,6 +191,9 @@ async def test_probes_and_metrics(extender: Extender, http: aiohttp.ClientSessio
     capacity = 'gpushare_scheduler_card_capacity_bytes{card="GPU-big-7",index="7",node="big"}'
     assert f"{capacity} 8.589934592e+10" in text
     assert 'gpushare_scheduler_nodes{state="ready"} 2.0' in text
+    # Every label set exists from the start, so that dashboards and alerts see zeros.
+    assert 'gpushare_scheduler_watch_restarts_total{cause="expired",resource="pods"} 0.0' in text
+    assert 'gpushare_scheduler_binds_total{result="no-fit"} 0.0' in text
     assert 'gpushare_scheduler_request_duration_seconds_count{verb="filter"} 1.0' in text
 
 
