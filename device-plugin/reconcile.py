@@ -65,8 +65,8 @@ def corrections(
         reading = cards.get(card)
         if reading is not None:
             expected[names.ANNOTATION_CARD_INDEX] = str(reading.index)
-            if pod.card != card:  # the total follows the card; the extender's own form is kept
-                expected[names.ANNOTATION_CARD_TOTAL] = str(reading.total_bytes)
+            # The CUDA-visible total, as the extender writes it: what vLLM's utilization divides by.
+            expected[names.ANNOTATION_CARD_TOTAL] = str(reading.cuda_total_bytes)
         changed = {k: v for k, v in expected.items() if pod.annotations.get(k) != v}
         if changed:
             was = ", ".join(f"{k}={pod.annotations.get(k)!r}" for k in sorted(changed))

@@ -8,7 +8,7 @@ loop: the second sees the first's grant and goes to another card or fails. There
 A grant moves through three states: ``reserved`` (recorded, Binding in flight), ``bound`` (our
 Binding was accepted) and ``observed`` (seen in the API with its annotations, the truth after a
 restart). Each card's granted memory is the sum of its grants plus one per-allocation overhead
-(:func:`overhead_bytes`).
+(``Settings.allocation_overhead_bytes``).
 
 Filtering thousands of nodes must cost little per node, so each node keeps its placement view of
 its cards and its best room (the most any healthy card can still take), and one flat map holds
@@ -27,7 +27,7 @@ from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Final, Literal
 
-from gpushare import config, errors, placement
+from gpushare import errors, placement
 from gpushare.ids import CardUUID, NodeName, PodKey
 from gpushare.nodereport import NodeReport
 from gpushare.quantities import format_bytes
@@ -39,22 +39,10 @@ __all__ = [
     "Grant",
     "Ledger",
     "Reason",
-    "overhead_bytes",
     "too_large",
 ]
 
 GrantState = Literal["reserved", "bound", "observed"]
-
-
-def overhead_bytes(settings: config.Settings) -> int:
-    """Card memory each allocation takes beyond its grant.
-
-    In ``mps`` mode every allocation runs its own ``nvidia-cuda-mps-server``, which holds
-    ``agent.mps_server_bytes`` of the card. A shared daemon (``mps-shared``) is one process per
-    card whatever the number of pods, and the agent reports its memory as used; ``none`` runs no
-    daemon.
-    """
-    return settings.agent.mps_server_bytes if settings.isolation == "mps" else 0
 
 
 class Reason(enum.StrEnum):

@@ -49,7 +49,7 @@ class Extender:
         self.settings = settings
         self.kube = kube
         self.book = ledger.Ledger(
-            overhead_bytes=ledger.overhead_bytes(settings),
+            overhead_bytes=settings.allocation_overhead_bytes,
             heartbeat_timeout_seconds=settings.scheduler.heartbeat_timeout_seconds,
         )
         self.metrics = Metrics(registry or CollectorRegistry(), self.book)

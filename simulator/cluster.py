@@ -35,7 +35,6 @@ from prometheus_client.parser import text_string_to_metric_families
 from gpushare import config, errors, names, nodereport
 from gpushare.deviceplugin import devices
 from gpushare.ids import CardUUID, PodKey, pod_key
-from gpushare.scheduler import ledger
 from gpushare.simulator import (
     admission,
     apiserver,
@@ -542,7 +541,7 @@ class Simulation:
     @property
     def overhead_bytes(self) -> int:
         """Card memory each allocation takes beyond its grant (the extender's own rule)."""
-        return ledger.overhead_bytes(self.settings)
+        return self.settings.allocation_overhead_bytes
 
     async def extender_calls(self) -> dict[str, int]:
         """Calls the extender answered, by verb, from its own request-duration histogram."""
@@ -560,7 +559,7 @@ class Simulation:
     async def cards(self) -> list[CardState]:
         """Every card as the extender's ledger and the node's NVML see it."""
         samples = await self.extender_samples()
-        overhead = ledger.overhead_bytes(self.settings)
+        overhead = self.settings.allocation_overhead_bytes
         holders: dict[CardUUID, list[str]] = {}
         for running in self.running.values():
             if running.placement is not None:

@@ -73,7 +73,6 @@ def run(args: argparse.Namespace) -> int:
         TimeElapsedColumn,
     )
 
-    from gpushare.scheduler import ledger  # noqa: PLC0415 - after the fork server started
     from gpushare.simulator import report, scenario, trace, workload  # noqa: PLC0415
 
     settings = config.load(overrides={"policy": args.policy, "isolation": args.isolation})
@@ -86,7 +85,7 @@ def run(args: argparse.Namespace) -> int:
         )
     scenario.check_fleet(
         the_fleet, services, unit_bytes=settings.unit_bytes,
-        overhead=ledger.overhead_bytes(settings),
+        overhead=settings.allocation_overhead_bytes,
     )
     if args.report is not None and not args.report.parent.resolve().is_dir():
         raise errors.BadRequest(f"--report {args.report}: no such folder {args.report.parent}")

@@ -16,6 +16,7 @@ from tests.deviceplugin.conftest import (
     CARD_A,
     CARD_B,
     GI,
+    H100_CUDA_TOTAL,
     H100_RESERVED,
     H100_TOTAL,
     MI,
@@ -153,7 +154,7 @@ async def test_annotations_that_disagree_with_kubelet_are_corrected(
     annotations = pod["metadata"]["annotations"]
     assert annotations[names.ANNOTATION_CARD_UUID] == CARD_B
     assert annotations[names.ANNOTATION_CARD_INDEX] == "1"
-    assert annotations[names.ANNOTATION_CARD_TOTAL] == str(H100_TOTAL)
+    assert annotations[names.ANNOTATION_CARD_TOTAL] == str(H100_CUDA_TOTAL)
     assert annotations[names.ANNOTATION_GRANTED_BYTES] == str(6 * GI)
     (event,) = events(control_plane, namespace, reconcile.REASON)
     assert event["involvedObject"]["name"] == "bloom" and event["type"] == "Normal"

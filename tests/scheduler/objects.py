@@ -12,7 +12,7 @@ GI = quantities.GI
 MI = quantities.MI
 SETTINGS = config.validate({})
 """Defaults: 1 GiB units, binpack, ``mps`` isolation (66 MiB per allocation)."""
-OVERHEAD = ledger.overhead_bytes(SETTINGS)
+OVERHEAD = SETTINGS.allocation_overhead_bytes
 NOW = datetime(2026, 1, 1, 12, 0, tzinfo=UTC)
 
 

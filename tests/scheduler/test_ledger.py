@@ -33,7 +33,7 @@ def test_a_reservation_takes_the_grant_plus_the_mps_overhead() -> None:
     ids=["mps-daemon-per-allocation", "shared-daemon", "no-isolation"],
 )
 def test_the_overhead_follows_the_isolation_mode(isolation: str, overhead: int) -> None:
-    assert ledger.overhead_bytes(config.validate({"isolation": isolation})) == overhead
+    assert config.validate({"isolation": isolation}).allocation_overhead_bytes == overhead
 
 
 @pytest.mark.parametrize(
