@@ -24,6 +24,7 @@ from pathlib import Path
 import grpc.aio
 import prometheus_client
 import yaml
+
 from gpushare import config, quantities
 from gpushare.deviceplugin import mps, nvml
 from gpushare.deviceplugin.agent import Agent

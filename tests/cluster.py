@@ -54,6 +54,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
 from gpushare import names, quantities
 from gpushare.nodereport import CardReport, NodeReport
 

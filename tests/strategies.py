@@ -6,9 +6,10 @@ with their own strategies.
 
 from datetime import UTC, datetime, timedelta, timezone
 
+from hypothesis import strategies as st
+
 from gpushare import nodereport, placement, quantities
 from gpushare.ids import CardUUID, NodeName
-from hypothesis import strategies as st
 
 GI = quantities.GI
 MI = quantities.MI

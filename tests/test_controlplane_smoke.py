@@ -4,9 +4,9 @@ import json
 from typing import Any
 
 import pytest
-from gpushare import names, nodereport
 from kubernetes import client as k8s
 
+from gpushare import names, nodereport
 from tests import cluster
 
 pytestmark = pytest.mark.cluster

@@ -4,8 +4,9 @@ import importlib.util
 import subprocess
 import sys
 
-import gpushare
 import pytest
+
+import gpushare
 from gpushare import cli
 
 

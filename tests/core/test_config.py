@@ -5,10 +5,11 @@ from typing import Any
 
 import pydantic
 import pytest
-from gpushare import config, errors
-from gpushare.quantities import GI, MI
 from hypothesis import given
 from hypothesis import strategies as st
+
+from gpushare import config, errors
+from gpushare.quantities import GI, MI
 
 SECTIONS: dict[str, type[pydantic.BaseModel]] = {
     "": config.Settings,

@@ -4,10 +4,10 @@ import json
 from datetime import UTC, datetime, timedelta
 
 import pytest
-from gpushare import errors, nodereport
-from gpushare.ids import CardUUID
 from hypothesis import given
 
+from gpushare import errors, nodereport
+from gpushare.ids import CardUUID
 from tests import strategies
 
 H100 = nodereport.CardReport(

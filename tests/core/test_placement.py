@@ -1,13 +1,13 @@
 """The placement policy: which cards fit a request, and binpack and spread over one fit."""
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
 from gpushare import placement
 from gpushare.ids import CardUUID, NodeName
 from gpushare.placement import Card, Fit, Miss
 from gpushare.quantities import GI, MI
-from hypothesis import given
-from hypothesis import strategies as st
-
 from tests import strategies
 
 H100 = 80 * GI

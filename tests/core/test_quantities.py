@@ -5,12 +5,12 @@ from collections.abc import Callable
 from decimal import Decimal, localcontext
 
 import pytest
-from gpushare import errors, quantities
-from gpushare.quantities import GI, KI, MI
 from hypothesis import given
 from hypothesis import strategies as st
 from kubernetes import utils as kubernetes_utils
 
+from gpushare import errors, quantities
+from gpushare.quantities import GI, KI, MI
 from tests import strategies
 
 parse_quantity: Callable[[str], Decimal] = kubernetes_utils.parse_quantity
