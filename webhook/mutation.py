@@ -20,22 +20,10 @@ _DEFAULT_SCHEDULER: Final = "default-scheduler"
 
 
 @dataclass(frozen=True)
-class Mutation:
+class Mutation(validation.Verdict):
     """The outcome for one pod: refused when ``reasons`` is not empty, else ``patch`` (maybe [])."""
 
     patch: tuple[dict[str, Any], ...] = ()
-    warnings: tuple[str, ...] = ()
-    reasons: tuple[Reason, ...] = ()
-
-    @property
-    def allowed(self) -> bool:
-        """Whether the pod may pass."""
-        return not self.reasons
-
-    @property
-    def message(self) -> str:
-        """All reasons as one message."""
-        return "; ".join(reason.message for reason in self.reasons)
 
 
 def pod(
