@@ -25,6 +25,7 @@ import time
 from collections import Counter
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
+from operator import itemgetter
 from typing import Final, Literal
 
 from gpushare import errors, placement
@@ -147,8 +148,12 @@ class Ledger:
         self._requests: dict[str, tuple[PodRequest, float]] = {}
         self._capacities: Counter[int] = Counter()
         self._dirty: set[NodeName] = set()
-        self._room: dict[str, int] = {}
+        self._slots: dict[str, int] = {}
+        """Each node name ever seen, its position in :attr:`_rooms` (0: names never seen)."""
+        self._rooms: list[int] = [_NO_ROOM]
         """Best room of every node that may take pods now; -1 for the others."""
+        self._getters: dict[tuple[str, ...], Callable[[list[int]], tuple[int, ...]]] = {}
+        """Per candidate list: picks its nodes' entries of :attr:`_rooms` in one call."""
         self._next_sweep = math.inf
         """When the next node's heartbeat runs out (or earlier)."""
         self._scores: dict[tuple[placement.Policy, int], dict[str, int]] = {}
@@ -186,7 +191,7 @@ class Ledger:
         if node is not None:
             self._capacities.subtract(node.capacities)
         self._dirty.discard(name)
-        self._room.pop(name, None)
+        self._set_room(name, _NO_ROOM)
         for cache in self._scores.values():
             cache.pop(name, None)
 
@@ -232,17 +237,18 @@ class Ledger:
         """The nodes that can take the pod, and for the others why not."""
         moment = self.clock() if now is None else now
         self._settle(moment)
-        candidates = list(names)
+        candidates = tuple(names)
         if len(request.demands) == 1:
             cost = request.demands[0].bytes + self.overhead_bytes
-            room = self._room.get
-            passed = [name for name in candidates if room(name, _NO_ROOM) >= cost]
+            rooms = self._rooms_of(candidates)
+            passed = [name for name, room in zip(candidates, rooms, strict=True) if room >= cost]
             if len(passed) == len(candidates):
                 return passed, {}
             nodes = self._nodes
             failed = {
                 name: self._single_failure(nodes.get(name), cost, moment)  # type: ignore[call-overload]
-                for name in set(candidates).difference(passed)
+                for name, room in zip(candidates, rooms, strict=True)
+                if room < cost
             }
             return passed, failed
         passed = []
@@ -446,7 +452,7 @@ class Ledger:
             self._next_sweep = math.inf
             for name, node in self._nodes.items():
                 if node.fresh_until < now:
-                    self._room[name] = _NO_ROOM
+                    self._set_room(name, _NO_ROOM)
                 elif node.problem is None:
                     self._next_sweep = min(self._next_sweep, node.fresh_until)
 
@@ -461,7 +467,7 @@ class Ledger:
             node.views = ()
             node.ranked = ()
             node.best_room = _NO_ROOM
-            self._room[name] = _NO_ROOM
+            self._set_room(name, _NO_ROOM)
             return
         granted: Counter[CardUUID] = Counter()
         for grant in self._by_node.get(name, {}).values():
@@ -491,9 +497,33 @@ class Ledger:
         )
         node.best_room = node.ranked[-1][0] if node.ranked else _NO_ROOM
         fresh = node.fresh_until >= now
-        self._room[name] = node.best_room if fresh else _NO_ROOM
+        self._set_room(name, node.best_room if fresh else _NO_ROOM)
         if fresh:
             self._next_sweep = min(self._next_sweep, node.fresh_until)
+
+    def _set_room(self, name: str, room: int) -> None:
+        slot = self._slots.get(name)
+        if slot is None:
+            if room == _NO_ROOM:
+                return
+            slot = self._slots[name] = len(self._rooms)
+            self._rooms.append(room)
+            self._getters.clear()  # a name they mapped to slot 0 has a slot now
+            return
+        self._rooms[slot] = room
+
+    def _rooms_of(self, names: tuple[str, ...]) -> Sequence[int]:
+        """Each name's best room, in order, read in one call (candidate lists repeat)."""
+        getter = self._getters.get(names)
+        if getter is None:
+            if len(names) < 2:
+                slots = self._slots
+                return [self._rooms[slots.get(name, 0)] for name in names]
+            if len(self._getters) >= _MAX_SCORE_KEYS:
+                self._getters.clear()
+            slot = self._slots.get
+            getter = self._getters[names] = itemgetter(*(slot(name, 0) for name in names))
+        return getter(self._rooms)
 
     def _node_failure(self, node: _Node | None, now: float) -> Failure | None:
         if node is None:

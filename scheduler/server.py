@@ -62,7 +62,7 @@ def make_app(
         return wrapper
 
     async def filter_nodes(request: web.Request) -> web.Response:
-        args = wire.parse(wire.ExtenderArgs, await request.read())
+        args = wire.parse_args(await request.read())
         if not ready():
             args.candidates()
             result = wire.ExtenderFilterResult.model_construct(
@@ -79,7 +79,7 @@ def make_app(
         return web.Response(body=wire.encode(outcome.result), content_type=_JSON)
 
     async def prioritize(request: web.Request) -> web.Response:
-        args = wire.parse(wire.ExtenderArgs, await request.read())
+        args = wire.parse_args(await request.read())
         return web.Response(
             body=scoring.prioritize(book, args, settings=settings), content_type=_JSON
         )

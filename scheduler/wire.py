@@ -13,7 +13,9 @@ one pass, because a filter answer may name thousands of nodes.
 
 import json
 import re
+from collections import OrderedDict
 from collections.abc import Sequence
+from itertools import chain
 from typing import Annotated, Any, Final, TypeVar
 
 import pydantic
@@ -33,6 +35,7 @@ __all__ = [
     "encode",
     "encode_priorities",
     "parse",
+    "parse_args",
 ]
 
 MAX_NAME_LENGTH: Final = 253
@@ -181,22 +184,25 @@ class ExtenderBindingResult(_Model):
 
 
 _SCORE_TAILS: Final = tuple(f'","Score":{score}}}' for score in range(11))
+_SCORE_SEPARATORS: Final = tuple(tail + ',{"Host":"' for tail in _SCORE_TAILS)
 
 
 def encode_priorities(names: Sequence[str], scores: Sequence[int]) -> bytes:
     """A ``HostPriorityList`` (``[{"Host": ..., "Score": ...}]``) as JSON.
 
-    Written by hand, three times faster than a general encoder over thousands of entries. Node
-    names are DNS subdomains and need no escaping; one pass of the C encoder over all the names
-    proves it (a name that needs escaping comes out longer), else each name is escaped.
+    Written by hand, many times faster than a general encoder over thousands of entries: names
+    interleaved with pre-built separators in one join. Node names are DNS subdomains and need no
+    escaping, which one scan of all the names proves; else each name is escaped.
     """
-    if len(json.dumps(names)) == len("".join(names)) + 4 * len(names):
-        quoted = names
-    else:
-        quoted = [json.dumps(name)[1:-1] for name in names]
-    tails = _SCORE_TAILS
-    items = ['{"Host":"' + name + tails[score] for name, score in zip(quoted, scores, strict=True)]
-    return ("[" + ",".join(items) + "]").encode()
+    if not names:
+        return b"[]"
+    joined = "".join(names)
+    plain = joined.isascii() and joined.isprintable() and '"' not in joined and "\\" not in joined
+    quoted = names if plain else [json.dumps(name)[1:-1] for name in names]
+    separators = [_SCORE_SEPARATORS[score] for score in scores]
+    separators[-1] = _SCORE_TAILS[scores[-1]]
+    body = "".join(chain.from_iterable(zip(quoted, separators, strict=True)))
+    return ('[{"Host":"' + body + "]").encode()
 
 
 def encode(result: pydantic.BaseModel) -> bytes:
@@ -216,3 +222,57 @@ def parse(model: type[M], body: bytes) -> M:
         where = ".".join(str(part) for part in first["loc"]) or "body"
         more = f" (and {exc.error_count() - 1} more)" if exc.error_count() > 1 else ""
         raise errors.BadRequest(f"{model.__name__}: {where}: {first['msg']}{more}") from exc
+
+
+_NAMES_KEY: Final = b'"NodeNames":'
+_NAMES_CACHED: Final = 32
+"""Candidate lists remembered (kube-scheduler sends the same one again and again)."""
+_names_cache: OrderedDict[bytes, list[str]] = OrderedDict()
+
+
+def parse_args(body: bytes) -> ExtenderArgs:
+    """:func:`parse` for :class:`ExtenderArgs`, reusing the ``NodeNames`` of an earlier call.
+
+    The names array, when it is the body's last member, is looked up by its raw bytes: a hit
+    validates the rest of the body only and hands back the list parsed before (whose strings
+    already carry their hashes, so the ledger's lookups are cheaper too). Any other body, or one
+    whose array was not seen before, is parsed in full; its array is remembered once it has been
+    proved to be exactly the ``NodeNames`` the full parse found.
+    """
+    split = _split_names(body)
+    if split is not None:
+        head, raw = split
+        names = _names_cache.get(raw)
+        if names is not None:
+            envelope = parse(ExtenderArgs, head + b"null}")
+            if envelope.node_names is None:
+                _names_cache.move_to_end(raw)
+                return ExtenderArgs.model_construct(
+                    pod=envelope.pod, nodes=envelope.nodes, node_names=names
+                )
+    args = parse(ExtenderArgs, body)
+    if split is not None and args.node_names is not None:
+        try:
+            same = json.loads(split[1]) == args.node_names
+        except ValueError:
+            same = False
+        if same:
+            _names_cache[split[1]] = args.node_names
+            if len(_names_cache) > _NAMES_CACHED:
+                _names_cache.popitem(last=False)
+    return args
+
+
+def _split_names(body: bytes) -> tuple[bytes, bytes] | None:
+    """The body up to ``"NodeNames":`` and the raw value after it, when that value ends the body."""
+    at = body.rfind(_NAMES_KEY)
+    if at < 0:
+        return None
+    end = body.rstrip()
+    if not end.endswith(b"}"):
+        return None
+    start = at + len(_NAMES_KEY)
+    raw = end[start:-1].strip()
+    if not (raw.startswith(b"[") and raw.endswith(b"]")):
+        return None
+    return body[:start], raw

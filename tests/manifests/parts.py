@@ -18,7 +18,7 @@ import yaml
 from tests import cluster
 
 ROOT: Final = Path(__file__).resolve().parents[2]
-SHARED: Final = ROOT.parent / "shared"
+SHARED: Final = ROOT / "tests" / "data"
 KSERVE_CRDS: Final = (
     "serving.kserve.io_inferenceservices.yaml",
     "serving.kserve.io_clusterservingruntimes.yaml",
@@ -138,6 +138,6 @@ def apply_crds(cp: cluster.ControlPlane, files: list[Path]) -> None:
 
 
 def install_kserve_crds(cp: cluster.ControlPlane) -> None:
-    """KServe's InferenceService (and ClusterServingRuntime) CRDs from ``../shared/kserve``."""
-    kserve = require(SHARED / "kserve", "KServe's CRDs (../shared/kserve)")
+    """KServe's InferenceService (and ClusterServingRuntime) CRDs from ``tests/data/kserve``."""
+    kserve = require(SHARED / "kserve", "KServe's CRDs (tests/data/kserve)")
     apply_crds(cp, [require(kserve / name, "KServe CRD") for name in KSERVE_CRDS])

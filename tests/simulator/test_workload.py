@@ -8,7 +8,7 @@ import yaml
 from gpushare import errors, names
 from gpushare.simulator import kserve, workload
 
-SHARED = Path(__file__).resolve().parents[3] / "shared" / "fixtures"
+SHARED = Path(__file__).resolve().parents[1] / "data" / "fixtures"
 
 
 def _isvc(name: str, memory: str | None = "20Gi", **predictor: object) -> dict[str, object]:

@@ -23,7 +23,7 @@ from gpushare import names
 
 _Loader: Final = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
 
-SHARED: Final = Path(__file__).resolve().parents[2].parent / "shared"
+SHARED: Final = Path(__file__).resolve().parents[1] / "data"
 KUBERNETES_VERSION: Final = "1.36"
 
 FIXTURES: Final = ("isvc-vllm-api-server.yaml", "isvc-vllm-openai.yaml")
@@ -35,10 +35,10 @@ RUNTIME_IMAGES: Final = {
 
 
 def shared(*parts: str) -> Path:
-    """A path under the shared reference folder; skip (fail under CI) when it is missing."""
+    """A path under tests/data; skip (fail under CI) when it is missing."""
     path = SHARED.joinpath(*parts)
     if not path.exists():
-        message = f"{path} is missing (the shared KServe reference data)"
+        message = f"{path} is missing (the KServe test data)"
         if os.environ.get("CI"):
             pytest.fail(message, pytrace=False)
         pytest.skip(message)
