@@ -52,15 +52,6 @@ CARDS: Final = (
 SCRAPES: Final = 4
 """Samples each target must have before queries run: rate() needs two, a margin for the rest."""
 
-RARE: Final = {
-    "gpushare-scheduler / Pods holding memory, and watch restarts / B": (
-        "gpushare_scheduler_watch_restarts_total has no series until a watch ends (minutes) or "
-        "fails; the extender could create its label sets at start, as it does for the others"
-    ),
-}
-"""Queries whose series only follow rare events, by ``Query.where``; expected to fail for now."""
-
-
 class Kubelet:
     """The test kubelet, in its own process (tests/manifests/kubelet_process.py)."""
 
@@ -541,12 +532,7 @@ def _cases() -> list[Any]:
     cases = []
     for board in panels.dashboards().values():
         for query in panels.queries(board):
-            marks = (
-                [pytest.mark.xfail(reason=RARE[query.where], strict=False)]
-                if query.where in RARE
-                else []
-            )
-            cases.append(pytest.param(board["uid"], query.expr, id=query.where, marks=marks))
+            cases.append(pytest.param(board["uid"], query.expr, id=query.where))
     return cases
 
 

@@ -110,8 +110,13 @@ def test_arguments_before_the_server_are_left_alone() -> None:
     assert plan.args == [OURS]
 
 
-def test_a_double_dash_among_vllm_arguments_is_a_problem() -> None:
-    plan = vllm.plan(container(command=["vllm", "serve", "m", "--", "x"]))
+@pytest.mark.parametrize(
+    "command",
+    [["vllm", "serve", "m", "--", "x"], ["sh", "-c", "exec vllm serve m -- x"]],
+    ids=["list", "shell"],
+)
+def test_a_double_dash_among_vllm_arguments_is_a_problem(command: list[str]) -> None:
+    plan = vllm.plan(container(command=command))
     assert plan.problem is not None and "'--'" in plan.problem
 
 
