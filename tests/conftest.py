@@ -1,5 +1,6 @@
 """Shared pytest fixtures of gpushare's tests."""
 
+
 # ===== control plane (tests/cluster.py) ===========================================================
 # A real etcd + kube-apiserver, started once per session by `control_plane`; tests keep apart by
 # namespace (`namespace`). Tests that use them are marked `cluster` (added automatically to any test
@@ -11,8 +12,15 @@ import os
 from collections.abc import Generator, Iterator
 
 import pytest
+from hypothesis import settings
 
 from tests import cluster
+
+# The machine may be busy (a Go build, a control plane, other suites): judge properties, not speed.
+# Inherit the active profile (a --hypothesis-profile given on the command line) and lift only the
+# deadline.
+settings.register_profile("gpushare", parent=settings.default, deadline=None)
+settings.load_profile("gpushare")
 
 _CONTROL_PLANE_KEY = pytest.StashKey[cluster.ControlPlane]()
 
