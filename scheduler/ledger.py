@@ -224,6 +224,10 @@ class Ledger:
                 states["ready"] += 1
         return states
 
+    def settle(self) -> None:
+        """Bring every changed node up to date now (after a listing), not in the next call."""
+        self._settle(self.clock())
+
     # --- questions --------------------------------------------------------------------------------
 
     def split(
@@ -245,10 +249,10 @@ class Ledger:
             if len(passed) == len(candidates):
                 return passed, {}
             nodes = self._nodes
+            refused = [name for name, room in zip(candidates, rooms, strict=True) if room < cost]
             failed = {
                 name: self._single_failure(nodes.get(name), cost, moment)  # type: ignore[call-overload]
-                for name, room in zip(candidates, rooms, strict=True)
-                if room < cost
+                for name in refused
             }
             return passed, failed
         passed = []

@@ -45,6 +45,7 @@ async def _freeze_when_synced(extender: Extender, stop: asyncio.Event) -> None:
     for task in (synced, stopping):
         task.cancel()
     if extender.watcher.synced:
+        extender.book.settle()
         gc.collect()
         gc.freeze()
 

@@ -1,6 +1,5 @@
 """Shared pytest fixtures of gpushare's tests."""
 
-
 # ===== control plane (tests/cluster.py) ===========================================================
 # A real etcd + kube-apiserver, started once per session by `control_plane`; tests keep apart by
 # namespace (`namespace`). Tests that use them are marked `cluster` (added automatically to any test
