@@ -37,7 +37,9 @@ from typing import Any
 import aiohttp
 from aiohttp import web
 
-GI = 1024**3
+from gpushare import names, nodereport
+from gpushare.quantities import GI
+
 CARDS = 8
 CARD_BYTES = 80 * GI
 SIZES = (20, 8, 12, 4, 40, 16, 24, 10, 6, 30)
@@ -70,22 +72,22 @@ def node_object(i: int, heartbeat: str) -> dict[str, Any]:
         }
         for c in range(CARDS)
     ]
-    report = json.dumps({"version": 1, "heartbeat": heartbeat, "cards": cards})
+    report = nodereport.NodeReport.model_validate({"heartbeat": heartbeat, "cards": cards}).encode()
     return {
         "apiVersion": "v1",
         "kind": "Node",
         "metadata": {
             "name": node_name(i),
             "resourceVersion": "1",
-            "labels": {"gpushare.io/enabled": "true", "kubernetes.io/hostname": node_name(i)},
-            "annotations": {"gpushare.io/node-report": report},
+            "labels": {names.LABEL_ENABLED: "true", "kubernetes.io/hostname": node_name(i)},
+            "annotations": {names.ANNOTATION_NODE_REPORT: report},
         },
         "status": {
             "allocatable": {
                 "cpu": "64",
                 "memory": "512Gi",
                 "pods": "110",
-                "gpushare.io/gpu-memory": str(CARDS * 80),
+                names.RESOURCE_GPU_MEMORY: str(CARDS * 80),
             }
         },
     }
@@ -93,9 +95,9 @@ def node_object(i: int, heartbeat: str) -> dict[str, Any]:
 
 def pod_object(name: str, units: int, *, node: int | None = None, card: int = 0) -> dict[str, Any]:
     """A pod as the webhook leaves it; bound to ``node``'s ``card``, annotated, if given."""
-    annotations = {"gpushare.io/gpu-memory": f"{units}Gi", "gpushare.io/mutated": str(units)}
+    annotations = {names.ANNOTATION_GPU_MEMORY: f"{units}Gi", names.ANNOTATION_MUTATED: str(units)}
     spec: dict[str, Any] = {
-        "schedulerName": "gpushare-scheduler",
+        "schedulerName": names.SCHEDULER_NAME,
         "containers": [
             {
                 "name": "kserve-container",
@@ -105,12 +107,12 @@ def pod_object(name: str, units: int, *, node: int | None = None, card: int = 0)
                     "8080",
                     "--model",
                     "/mnt/models",
-                    "--gpu-memory-utilization=$(GPUSHARE_VLLM_GPU_MEMORY_UTILIZATION)",
+                    names.VLLM_UTILIZATION_ARG,
                 ],
                 "resources": {
-                    "limits": {"gpushare.io/gpu-memory": str(units), "cpu": "4", "memory": "32Gi"},
+                    "limits": {names.RESOURCE_GPU_MEMORY: str(units), "cpu": "4", "memory": "32Gi"},
                     "requests": {
-                        "gpushare.io/gpu-memory": str(units),
+                        names.RESOURCE_GPU_MEMORY: str(units),
                         "cpu": "4",
                         "memory": "32Gi",
                     },
@@ -122,11 +124,11 @@ def pod_object(name: str, units: int, *, node: int | None = None, card: int = 0)
         spec["nodeName"] = node_name(node)
         annotations.update(
             {
-                "gpushare.io/card-uuid": card_uuid(node, card),
-                "gpushare.io/card-index": str(card),
-                "gpushare.io/card-total-bytes": str(CARD_BYTES),
-                "gpushare.io/granted-bytes": str(units * GI),
-                "gpushare.io/bind-time": "2026-01-01T00:00:00.000Z",
+                names.ANNOTATION_CARD_UUID: card_uuid(node, card),
+                names.ANNOTATION_CARD_INDEX: str(card),
+                names.ANNOTATION_CARD_TOTAL: str(CARD_BYTES),
+                names.ANNOTATION_GRANTED_BYTES: str(units * GI),
+                names.ANNOTATION_BIND_TIME: "2026-01-01T00:00:00.000Z",
             }
         )
     return {
