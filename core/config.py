@@ -102,6 +102,14 @@ class Settings(_Section):
         return value
 
 
+def parse_listen(text: str) -> tuple[str, int]:
+    """``HOST:PORT`` (``[::1]:8888``, ``:8888`` for every address) as a host and a port."""
+    host, sep, port = text.rpartition(":")
+    if not sep or not port.isdigit() or not 0 <= int(port) <= 65535:
+        raise errors.ConfigError(f"listen address {text!r} is not HOST:PORT, e.g. 0.0.0.0:8888")
+    return host.removeprefix("[").removesuffix("]") or "0.0.0.0", int(port)
+
+
 def load(
     *,
     file: Path | None = None,

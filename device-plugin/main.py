@@ -66,16 +66,9 @@ def run(args: argparse.Namespace) -> int:
     node = args.node_name or os.environ.get("NODE_NAME")
     if not node:
         raise errors.ConfigError("no node name: pass --node-name or set NODE_NAME")
-    host, port = _listen(args.metrics_listen)
+    host, port = config.parse_listen(args.metrics_listen)
     asyncio.run(_main(settings, args, node=node, host=host, port=port))
     return 0
-
-
-def _listen(text: str) -> tuple[str, int]:
-    host, sep, port = text.rpartition(":")
-    if not sep or not port.isdigit():
-        raise errors.ConfigError(f"--metrics-listen {text!r}: write HOST:PORT, e.g. 0.0.0.0:9400")
-    return host or "0.0.0.0", int(port)
 
 
 async def _main(

@@ -8,7 +8,7 @@ from pathlib import Path
 
 from gpushare import config, placement
 from gpushare.scheduler.kube import Kube
-from gpushare.scheduler.service import Extender, parse_listen
+from gpushare.scheduler.service import Extender
 
 __all__ = ["add_arguments", "run"]
 
@@ -58,7 +58,7 @@ def run(args: argparse.Namespace) -> int:
             "policy": args.policy,
         }
     )
-    host, port = parse_listen(settings.scheduler.listen)
+    host, port = config.parse_listen(settings.scheduler.listen)
     asyncio.run(_serve(settings, host=host, port=port, kubeconfig=args.kubeconfig))
     return 0
 

@@ -11,27 +11,19 @@ from typing import Final
 from aiohttp import web
 from prometheus_client import CollectorRegistry
 
-from gpushare import config, errors
+from gpushare import config
 from gpushare.scheduler import ledger, server
 from gpushare.scheduler.binding import Binder
 from gpushare.scheduler.kube import Kube
 from gpushare.scheduler.metrics import Metrics
 from gpushare.scheduler.watching import Watcher
 
-__all__ = ["Extender", "parse_listen"]
+__all__ = ["Extender"]
 
 logger = logging.getLogger(__name__)
 
 SHUTDOWN_SECONDS: Final = 5.0
 """Grace for calls in flight when the extender stops (kube-scheduler's httpTimeout is shorter)."""
-
-
-def parse_listen(text: str) -> tuple[str, int]:
-    """``HOST:PORT`` (``[::1]:8888``, ``:8888`` for every address) as a host and a port."""
-    host, sep, port = text.rpartition(":")
-    if not sep or not port.isdigit() or not 0 <= int(port) <= 65535:
-        raise errors.ConfigError(f"listen address {text!r} is not HOST:PORT, e.g. 0.0.0.0:8888")
-    return host.strip("[]") or "0.0.0.0", int(port)
 
 
 class Extender:

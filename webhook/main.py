@@ -87,8 +87,8 @@ async def serve(
     once. It gets no stop flag: kopf would leave its waiter for a flag that no signal sets pending,
     and give such leftover tasks 5 s before returning.
     """
-    host, port = hostport(settings.webhook.listen)
-    probe_host, probe_port = hostport(probe_listen)
+    host, port = config.parse_listen(settings.webhook.listen)
+    probe_host, probe_port = config.parse_listen(probe_listen)
     if kubeconfig is not None:
         await login.from_kubeconfig(kubeconfig)  # an unusable file stops us here, not in a loop
     metrics = WebhookMetrics(CollectorRegistry())
@@ -134,11 +134,3 @@ async def serve(
         logger.info("admission stopped; exiting")
     finally:
         await runner.cleanup()
-
-
-def hostport(text: str) -> tuple[str, int]:
-    """Split ``HOST:PORT`` (``[::1]:9443``, ``:9443``); raise :class:`ConfigError` if malformed."""
-    host, sep, port = text.rpartition(":")
-    if not sep or not port.isdigit() or not 0 <= int(port) <= 65535:
-        raise errors.ConfigError(f"{text!r} is not HOST:PORT, e.g. 0.0.0.0:9443")
-    return host.removeprefix("[").removesuffix("]"), int(port)

@@ -255,3 +255,23 @@ def test_settings_are_frozen() -> None:
     settings = config.Settings()
     with pytest.raises(ValueError, match="frozen"):
         settings.policy = "spread"  # type: ignore[misc]
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ("0.0.0.0:8888", ("0.0.0.0", 8888)),
+        ("127.0.0.1:0", ("127.0.0.1", 0)),
+        ("[::1]:8888", ("::1", 8888)),
+        (":8888", ("0.0.0.0", 8888)),
+    ],
+    ids=["all-ipv4", "any-port", "ipv6", "no-host"],
+)
+def test_listen_addresses(text: str, expected: tuple[str, int]) -> None:
+    assert config.parse_listen(text) == expected
+
+
+@pytest.mark.parametrize("text", ["8888", "host:", "host:http", "host:port", "host:70000"])
+def test_a_bad_listen_address_is_a_configuration_error(text: str) -> None:
+    with pytest.raises(errors.ConfigError, match="is not HOST:PORT"):
+        config.parse_listen(text)

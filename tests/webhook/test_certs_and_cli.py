@@ -8,8 +8,7 @@ import pytest
 from cryptography import x509
 from cryptography.x509.oid import ExtendedKeyUsageOID
 
-from gpushare import cli, errors
-from gpushare.webhook import main
+from gpushare import cli
 
 
 def test_certs_writes_a_ca_and_a_serving_pair_for_every_name(tmp_path: Path) -> None:
@@ -53,20 +52,6 @@ def test_webhook_refuses_missing_certificate_files(
     ]
     assert cli.main(argv) == 2
     assert "is not a readable file (make a pair: gpushare certs)" in capsys.readouterr().err
-
-
-@pytest.mark.parametrize(
-    ("text", "expected"),
-    [("0.0.0.0:9443", ("0.0.0.0", 9443)), ("[::1]:8443", ("::1", 8443)), (":9443", ("", 9443))],
-)
-def test_listen_addresses(text: str, expected: tuple[str, int]) -> None:
-    assert main.hostport(text) == expected
-
-
-@pytest.mark.parametrize("text", ["9443", "host:", "host:port", "host:70000"])
-def test_bad_listen_addresses_are_named(text: str) -> None:
-    with pytest.raises(errors.ConfigError, match="is not HOST:PORT"):
-        main.hostport(text)
 
 
 @pytest.mark.parametrize("content", [None, "not: [a kubeconfig", "apiVersion: v1\nkind: Config\n"])
