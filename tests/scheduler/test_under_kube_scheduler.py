@@ -192,6 +192,16 @@ def metric_sum(text: str, name: str) -> float:
     )
 
 
+def granted_on(extender: ExtenderProcess, node: str) -> float:
+    """What the extender's ledger holds granted on ``node``'s cards."""
+    series = "gpushare_scheduler_card_granted_bytes{"
+    label = f'node="{node}"'
+    lines = extender.metrics().splitlines()
+    return sum(
+        float(line.rsplit(" ", 1)[1]) for line in lines if line.startswith(series) and label in line
+    )
+
+
 MIXED = {**{f"h{i}": (8, CARD_80) for i in range(4)}, **{f"l{i}": (4, CARD_24) for i in range(4)}}
 
 
@@ -252,7 +262,18 @@ def test_deleting_pods_frees_their_memory_for_new_ones(
             what="FailedScheduling",
         )[0]
         assert "no card with 20.1 GiB free: best is GPU 0 with 3.9 GiB" in event["note"]
+        (node,) = reports
+        assert granted_on(extender, node) > 0
         rest.delete(f"/api/v1/namespaces/{namespace}/pods/first0", gracePeriodSeconds=0)
+        cluster.wait_for(
+            lambda: granted_on(extender, node) == 0,
+            timeout=60,
+            what="the extender to release first0's memory",
+        )
+        # kube-scheduler may retry second0 on first0's deletion before the extender's own watch
+        # has released it; in a cluster the agent's next report (its card's use dropped) is the
+        # Node update that requeues it. Write that report, as the agent would.
+        cluster.set_node_report(control_plane, node, cluster.node_report(reports[node].cards))
         pods = wait_bound(rest, namespace, 1)
     assert pods[0]["metadata"]["name"] == "second0"
     check_grants(pods, reports)
