@@ -11,6 +11,7 @@ from dataclasses import dataclass
 
 from gpushare import config, errors
 from gpushare.scheduler import demand, ledger, wire
+from gpushare.scheduler.candidates import Candidates
 
 __all__ = ["Outcome", "filter_nodes"]
 
@@ -19,72 +20,60 @@ __all__ = ["Outcome", "filter_nodes"]
 class Outcome:
     """The answer, and how many nodes failed for each reason (for the metrics)."""
 
-    result: wire.ExtenderFilterResult
+    passed: Candidates
+    failed: dict[str, str]
+    unresolvable: dict[str, str]
     failures: Counter[ledger.Reason]
+
+    def encode(self, args: wire.ExtenderArgs) -> bytes:
+        """The ``ExtenderFilterResult`` in the form the call came in."""
+        if args.nodes is None:
+            return wire.encode_filter_names(self.passed, self.failed, self.unresolvable)
+        keep = set(self.passed.names)
+        kept = [item for item in args.nodes.items if item["metadata"]["name"] in keep]
+        result = wire.ExtenderFilterResult.model_construct(
+            nodes={"metadata": {}, "items": kept},
+            node_names=None,
+            failed_nodes=self.failed,
+            failed_and_unresolvable_nodes=self.unresolvable,
+            error="",
+        )
+        return wire.encode(result)
 
 
 def filter_nodes(
-    book: ledger.Ledger, args: wire.ExtenderArgs, *, settings: config.Settings
+    book: ledger.Ledger,
+    args: wire.ExtenderArgs,
+    candidates: Candidates,
+    *,
+    settings: config.Settings,
 ) -> Outcome:
-    """Answer one filter call; raises :class:`BadRequest` when the call names no candidates."""
-    names = args.candidates()
+    """Answer one filter call about ``candidates`` (the call's nodes)."""
     try:
         request = demand.from_pod(args.pod, unit_bytes=settings.unit_bytes)
     except errors.BadRequest as exc:
-        return _unresolvable(args, names, ledger.Failure(ledger.Reason.BAD_REQUEST, str(exc)))
+        return _unresolvable(candidates, ledger.Failure(ledger.Reason.BAD_REQUEST, str(exc)))
     if not request.demands:
-        return _answer(args, names, {}, {})
+        return Outcome(candidates, {}, {}, Counter())
     book.remember(request)
     too_large = ledger.too_large(
         request, largest_card_bytes=book.largest_card_bytes(), overhead=book.overhead_bytes
     )
     if too_large is not None:
-        return _unresolvable(args, names, too_large)
-    passed, failed = book.split(names, request, policy=request.policy or settings.policy)
-    return _answer(
-        args,
+        return _unresolvable(candidates, too_large)
+    passed, failed = book.split(candidates, request, policy=request.policy or settings.policy)
+    return Outcome(
         passed,
         {name: f.message for name, f in failed.items()},
         {},
-        failures=Counter(f.reason for f in failed.values()),
+        Counter(f.reason for f in failed.values()),
     )
 
 
-def _unresolvable(args: wire.ExtenderArgs, names: list[str], failure: ledger.Failure) -> Outcome:
-    return _answer(
-        args,
-        [],
+def _unresolvable(candidates: Candidates, failure: ledger.Failure) -> Outcome:
+    return Outcome(
+        Candidates([]),
         {},
-        dict.fromkeys(names, failure.message),
-        failures=Counter({failure.reason: len(names)}),
+        dict.fromkeys(candidates.names, failure.message),
+        Counter({failure.reason: len(candidates)}),
     )
-
-
-def _answer(
-    args: wire.ExtenderArgs,
-    passed: list[str],
-    failed: dict[str, str],
-    unresolvable: dict[str, str],
-    *,
-    failures: Counter[ledger.Reason] | None = None,
-) -> Outcome:
-    if args.node_names is not None:
-        result = wire.ExtenderFilterResult.model_construct(
-            nodes=None,
-            node_names=passed,
-            failed_nodes=failed,
-            failed_and_unresolvable_nodes=unresolvable,
-            error="",
-        )
-    else:
-        keep = set(passed)
-        items = args.nodes.items if args.nodes is not None else []
-        kept = [item for item in items if item["metadata"]["name"] in keep]
-        result = wire.ExtenderFilterResult.model_construct(
-            nodes={"metadata": {}, "items": kept},
-            node_names=None,
-            failed_nodes=failed,
-            failed_and_unresolvable_nodes=unresolvable,
-            error="",
-        )
-    return Outcome(result, failures or Counter())

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any, Final
 
 import aiohttp
+import pydantic_core
 from kubernetes_asyncio import client, config
 from kubernetes_asyncio.config import kube_config
 
@@ -172,7 +173,7 @@ class Kube:
                 method,
                 self._host + path,
                 params={key: str(value) for key, value in (params or {}).items()},
-                data=None if body is None else json.dumps(body),
+                data=None if body is None else pydantic_core.to_json(body),
                 headers=headers,
                 timeout=timeout,
                 server_hostname=self._server_hostname,

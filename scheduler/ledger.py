@@ -11,11 +11,12 @@ restart). Each card's granted memory is the sum of its grants plus one per-alloc
 (``Settings.allocation_overhead_bytes``).
 
 Filtering thousands of nodes must cost little per node, so each node keeps its placement view of
-its cards and its best room (the most any healthy card can still take), and one flat map holds
-the best room of every node that may take pods now: a single-container request passes or fails a
-node with one lookup and one comparison. Failure reasons and scores are cached per request size
-until their node next changes; nodes whose heartbeat runs out are swept from the map when the
-earliest deadline passes, not checked on every call.
+its cards and its best room (the most any healthy card can still take), and one NumPy array holds
+the best room of every node that may take pods now, at the node's slot: a single-container request
+is checked against all candidates in one vectorized comparison. Failure reasons and scores are
+cached per request size until their node next changes (scores in one array per policy and size);
+nodes whose heartbeat runs out are swept from the array when the earliest deadline passes, not
+checked on every call.
 """
 
 import dataclasses
@@ -25,13 +26,16 @@ import time
 from collections import Counter
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
-from operator import itemgetter
 from typing import Final, Literal
+
+import numpy as np
+import numpy.typing as npt
 
 from gpushare import errors, placement
 from gpushare.ids import CardUUID, NodeName, PodKey
 from gpushare.nodereport import NodeReport
 from gpushare.quantities import format_bytes
+from gpushare.scheduler.candidates import Candidates, Slots
 from gpushare.scheduler.demand import Demand, PodRequest
 
 __all__ = [
@@ -40,10 +44,12 @@ __all__ = [
     "Grant",
     "Ledger",
     "Reason",
+    "Scores",
     "too_large",
 ]
 
 GrantState = Literal["reserved", "bound", "observed"]
+Scores = npt.NDArray[np.int8]
 
 
 class Reason(enum.StrEnum):
@@ -94,8 +100,10 @@ class Grant:
 
 
 _NO_ROOM: Final = -1
+_UNSCORED: Final = -1
 _MAX_SCORE_KEYS: Final = 256
 """Score caches kept, one per policy and request size; more than this and they start over."""
+_FIRST_SLOTS: Final = 1024
 
 
 class _Node:
@@ -104,7 +112,6 @@ class _Node:
     __slots__ = (
         "best_room",
         "capacities",
-        "failures",
         "fresh_until",
         "problem",
         "ranked",
@@ -121,7 +128,6 @@ class _Node:
         """Healthy cards as ``(room, -capacity, index, card)``, emptiest last."""
         self.best_room = _NO_ROOM
         self.capacities: tuple[int, ...] = ()
-        self.failures: dict[int, Failure] = {}
 
 
 class Ledger:
@@ -150,13 +156,16 @@ class Ledger:
         self._dirty: set[NodeName] = set()
         self._slots: dict[str, int] = {}
         """Each node name ever seen, its position in :attr:`_rooms` (0: names never seen)."""
-        self._rooms: list[int] = [_NO_ROOM]
-        """Best room of every node that may take pods now; -1 for the others."""
-        self._getters: dict[tuple[str, ...], Callable[[list[int]], tuple[int, ...]]] = {}
-        """Per candidate list: picks its nodes' entries of :attr:`_rooms` in one call."""
+        self._slot_version = 0
+        """Changes whenever a name gets a slot, so that candidate lists map their names again."""
+        self._rooms: npt.NDArray[np.int64] = np.full(_FIRST_SLOTS, _NO_ROOM, dtype=np.int64)
+        """Best room of every node that may take pods now; -1 for the others and unused slots."""
         self._next_sweep = math.inf
         """When the next node's heartbeat runs out (or earlier)."""
-        self._scores: dict[tuple[placement.Policy, int], dict[str, int]] = {}
+        self._scores: dict[tuple[placement.Policy, int], Scores] = {}
+        """Per policy and cost, each slot's score (-1: not known yet; slot 0 scores 0)."""
+        self._failures: dict[int, dict[str, Failure]] = {}
+        """Per cost, why each known node that was asked about cannot take it."""
         self._stale_failure = Failure(
             Reason.STALE,
             f"GPU agent silent: its last report is older than {heartbeat_timeout_seconds:g} s",
@@ -171,6 +180,7 @@ class Ledger:
         node = self._nodes.get(name)
         if node is None:
             node = self._nodes[name] = _Node()
+            self._slot(name)
         self._capacities.subtract(node.capacities)
         node.report = None if problem is not None else report
         node.problem = problem
@@ -192,8 +202,7 @@ class Ledger:
             self._capacities.subtract(node.capacities)
         self._dirty.discard(name)
         self._set_room(name, _NO_ROOM)
-        for cache in self._scores.values():
-            cache.pop(name, None)
+        self._forget(name)
 
     def __contains__(self, name: object) -> bool:
         return name in self._nodes
@@ -232,38 +241,50 @@ class Ledger:
 
     def split(
         self,
-        names: Iterable[str],
+        names: Sequence[str] | Candidates,
         request: PodRequest,
         *,
         policy: placement.Policy,
         now: float | None = None,
-    ) -> tuple[list[str], dict[str, Failure]]:
-        """The nodes that can take the pod, and for the others why not."""
+    ) -> tuple[Candidates, dict[str, Failure]]:
+        """The nodes that can take the pod, and for the others why not.
+
+        When every candidate passes, the first is ``names`` itself if that is a :class:`Candidates`.
+        """
         moment = self.clock() if now is None else now
         self._settle(moment)
-        candidates = tuple(names)
+        candidates = names if isinstance(names, Candidates) else Candidates(list(names))
         if len(request.demands) == 1:
             cost = request.demands[0].bytes + self.overhead_bytes
-            rooms = self._rooms_of(candidates)
-            passed = [name for name, room in zip(candidates, rooms, strict=True) if room >= cost]
-            if len(passed) == len(candidates):
-                return passed, {}
-            nodes = self._nodes
-            refused = [name for name, room in zip(candidates, rooms, strict=True) if room < cost]
-            failed = {
-                name: self._single_failure(nodes.get(name), cost, moment)  # type: ignore[call-overload]
-                for name in refused
-            }
-            return passed, failed
+            rooms = self._rooms[self._slots_of(candidates)]
+            refused = np.flatnonzero(rooms < cost)
+            if not refused.size:
+                return candidates, {}
+            cached = self._failures.get(cost)
+            if cached is None:
+                if len(self._failures) >= _MAX_SCORE_KEYS:
+                    self._failures.clear()
+                cached = self._failures[cost] = {}
+            every = candidates.names
+            failed = {}
+            for i in refused.tolist():
+                name = every[i]
+                failure = cached.get(name)
+                if failure is None:
+                    failure = self._single_failure(NodeName(name), cost, moment)
+                    if name in self._nodes:
+                        cached[name] = failure
+                failed[name] = failure
+            return candidates.without(refused), failed
         passed = []
         failed = {}
-        for name in candidates:
+        for name in candidates.names:
             failure = self._multi_failure(NodeName(name), request, policy, moment)
             if failure is None:
                 passed.append(name)
             else:
                 failed[name] = failure
-        return passed, failed
+        return Candidates(passed), failed
 
     def check(
         self,
@@ -278,32 +299,33 @@ class Ledger:
         return failed.get(name)
 
     def scores(
-        self, names: Sequence[str], request: PodRequest, *, policy: placement.Policy
-    ) -> list[int]:
+        self, names: Sequence[str] | Candidates, request: PodRequest, *, policy: placement.Policy
+    ) -> Scores:
         """0 to 10 per node: how much ``policy`` likes the card it would give (0: none fits)."""
         self._settle(self.clock())
+        candidates = names if isinstance(names, Candidates) else Candidates(list(names))
         if not request.demands:
-            return [0] * len(names)
+            return np.zeros(len(candidates), dtype=np.int8)
         if len(request.demands) > 1:
-            return [self._multi_score(NodeName(name), request, policy) for name in names]
+            return np.array(
+                [self._multi_score(NodeName(name), request, policy) for name in candidates.names],
+                dtype=np.int8,
+            )
         cost = request.demands[0].bytes + self.overhead_bytes
-        key = (policy, cost)
-        cache = self._scores.get(key)
-        if cache is None:
-            if len(self._scores) >= _MAX_SCORE_KEYS:
-                self._scores.clear()
-            cache = self._scores[key] = {}
-        known = cache.get
-        result = [known(name, -1) for name in names]
-        if -1 in result:
-            for position, name in enumerate(names):
-                if result[position] < 0:
-                    result[position] = self._single_score(NodeName(name), cost, policy, cache)
+        cache = self._score_cache(policy, cost)
+        slots = self._slots_of(candidates)
+        result = cache[slots]
+        missing = np.flatnonzero(result == _UNSCORED)
+        if missing.size:
+            every = candidates.names
+            for i in missing.tolist():
+                score = self._single_score(NodeName(every[i]), cost, policy)
+                result[i] = cache[slots[i]] = score
         return result
 
     def score(self, name: NodeName, request: PodRequest, *, policy: placement.Policy) -> int:
         """One node's score (see :meth:`scores`)."""
-        return self.scores([name], request, policy=policy)[0]
+        return int(self.scores([name], request, policy=policy)[0])
 
     # --- grants -----------------------------------------------------------------------------------
 
@@ -457,6 +479,7 @@ class Ledger:
             for name, node in self._nodes.items():
                 if node.fresh_until < now:
                     self._set_room(name, _NO_ROOM)
+                    self._forget(name)
                 elif node.problem is None:
                     self._next_sweep = min(self._next_sweep, node.fresh_until)
 
@@ -464,9 +487,7 @@ class Ledger:
         node = self._nodes.get(name)
         if node is None:
             return
-        node.failures.clear()
-        for cache in self._scores.values():
-            cache.pop(name, None)
+        self._forget(name)
         if node.report is None:
             node.views = ()
             node.ranked = ()
@@ -505,29 +526,57 @@ class Ledger:
         if fresh:
             self._next_sweep = min(self._next_sweep, node.fresh_until)
 
-    def _set_room(self, name: str, room: int) -> None:
+    def _slot(self, name: str) -> int:
+        """The name's slot, given one now if it has none."""
         slot = self._slots.get(name)
         if slot is None:
-            if room == _NO_ROOM:
-                return
-            slot = self._slots[name] = len(self._rooms)
-            self._rooms.append(room)
-            self._getters.clear()  # a name they mapped to slot 0 has a slot now
-            return
-        self._rooms[slot] = room
+            slot = self._slots[name] = len(self._slots) + 1
+            self._slot_version += 1
+            if slot >= len(self._rooms):
+                self._grow()
+        return slot
 
-    def _rooms_of(self, names: tuple[str, ...]) -> Sequence[int]:
-        """Each name's best room, in order, read in one call (candidate lists repeat)."""
-        getter = self._getters.get(names)
-        if getter is None:
-            if len(names) < 2:
-                slots = self._slots
-                return [self._rooms[slots.get(name, 0)] for name in names]
-            if len(self._getters) >= _MAX_SCORE_KEYS:
-                self._getters.clear()
-            slot = self._slots.get
-            getter = self._getters[names] = itemgetter(*(slot(name, 0) for name in names))
-        return getter(self._rooms)
+    def _grow(self) -> None:
+        size = len(self._rooms)
+        self._rooms = np.concatenate([self._rooms, np.full(size, _NO_ROOM, dtype=np.int64)])
+        for key, cache in self._scores.items():
+            self._scores[key] = np.concatenate([cache, np.full(size, _UNSCORED, dtype=np.int8)])
+
+    def _set_room(self, name: str, room: int) -> None:
+        slot = self._slots.get(name)
+        if slot is not None:
+            self._rooms[slot] = room
+
+    def _slots_of(self, candidates: Candidates) -> Slots:
+        """Each candidate's slot, in order (0 for names never seen), mapped once per list."""
+        slots = candidates.slots(self, self._slot_version)
+        if slots is None:
+            get = self._slots.get
+            slots = np.fromiter(
+                (get(name, 0) for name in candidates.names), dtype=np.intp, count=len(candidates)
+            )
+            candidates.keep_slots(self, self._slot_version, slots)
+        return slots
+
+    def _score_cache(self, policy: placement.Policy, cost: int) -> Scores:
+        cache = self._scores.get((policy, cost))
+        if cache is None:
+            if len(self._scores) >= _MAX_SCORE_KEYS:
+                self._scores.clear()
+            cache = self._scores[(policy, cost)] = np.full(
+                len(self._rooms), _UNSCORED, dtype=np.int8
+            )
+            cache[0] = 0  # names never seen
+        return cache
+
+    def _forget(self, name: str) -> None:
+        """Drop the node's cached scores and failure reasons: it changed."""
+        slot = self._slots.get(name)
+        if slot is not None:
+            for cache in self._scores.values():
+                cache[slot] = _UNSCORED
+        for failures in self._failures.values():
+            failures.pop(name, None)
 
     def _node_failure(self, node: _Node | None, now: float) -> Failure | None:
         if node is None:
@@ -538,20 +587,18 @@ class Ledger:
             return self._stale_failure
         return None
 
-    def _single_failure(self, node: _Node | None, cost: int, now: float) -> Failure:
+    def _single_failure(self, name: NodeName, cost: int, now: float) -> Failure:
+        node = self._nodes.get(name)
         failure = self._node_failure(node, now)
         if failure is not None or node is None:
             return failure or _UNKNOWN
-        cached = node.failures.get(cost)
-        if cached is None:
-            _, misses = placement.split(node.views, cost)
-            reason = (
-                Reason.UNHEALTHY
-                if node.views and not any(card.healthy for card in node.views)
-                else Reason.NO_ROOM
-            )
-            cached = node.failures[cost] = Failure(reason, placement.explain(misses, cost))
-        return cached
+        _, misses = placement.split(node.views, cost)
+        reason = (
+            Reason.UNHEALTHY
+            if node.views and not any(card.healthy for card in node.views)
+            else Reason.NO_ROOM
+        )
+        return Failure(reason, placement.explain(misses, cost))
 
     def _multi_failure(
         self, name: NodeName, request: PodRequest, policy: placement.Policy, now: float
@@ -566,17 +613,12 @@ class Ledger:
             return Failure(Reason.NO_ROOM, str(exc))
         return None
 
-    def _single_score(
-        self, name: NodeName, cost: int, policy: placement.Policy, cache: dict[str, int]
-    ) -> int:
+    def _single_score(self, name: NodeName, cost: int, policy: placement.Policy) -> int:
         node = self._nodes.get(name)
         if node is None:
             return 0
         card = _best_card(node.ranked, cost, policy)
-        score = cache[name] = (
-            0 if card is None else placement.score(placement.Fit(card, cost), policy)
-        )
-        return score
+        return 0 if card is None else placement.score(placement.Fit(card, cost), policy)
 
     def _multi_score(self, name: NodeName, request: PodRequest, policy: placement.Policy) -> int:
         node = self._nodes.get(name)

@@ -6,21 +6,26 @@ its own policy with the annotation :data:`gpushare.names.ANNOTATION_POLICY`. Nod
 the pod score 0.
 """
 
+import numpy as np
+
 from gpushare import config, errors
 from gpushare.scheduler import demand, ledger, wire
+from gpushare.scheduler.candidates import Candidates
 
 __all__ = ["prioritize"]
 
 
-def prioritize(book: ledger.Ledger, args: wire.ExtenderArgs, *, settings: config.Settings) -> bytes:
-    """Answer one prioritize call (a ``HostPriorityList``, in the candidates' order).
-
-    Raises :class:`BadRequest` when the call names no candidates.
-    """
-    names = args.candidates()
+def prioritize(
+    book: ledger.Ledger,
+    args: wire.ExtenderArgs,
+    candidates: Candidates,
+    *,
+    settings: config.Settings,
+) -> bytes:
+    """Answer one prioritize call about ``candidates``: a ``HostPriorityList`` in their order."""
     try:
         request = demand.from_pod(args.pod, unit_bytes=settings.unit_bytes)
     except errors.BadRequest:
-        return wire.encode_priorities(names, [0] * len(names))
-    scores = book.scores(names, request, policy=request.policy or settings.policy)
-    return wire.encode_priorities(names, scores)
+        return wire.encode_priorities(candidates, np.zeros(len(candidates), dtype=np.int8))
+    scores = book.scores(candidates, request, policy=request.policy or settings.policy)
+    return wire.encode_priorities(candidates, scores)

@@ -17,6 +17,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from gpushare import config, errors
 from gpushare.scheduler import filtering, ledger, scoring, wire
 from gpushare.scheduler.binding import Binder
+from gpushare.scheduler.candidates import CandidateMemo
 from gpushare.scheduler.metrics import Metrics
 
 __all__ = ["MAX_BODY_BYTES", "make_app"]
@@ -42,6 +43,7 @@ def make_app(
     ready: Callable[[], bool],
 ) -> web.Application:
     """The aiohttp application of one extender."""
+    memo = CandidateMemo()
     stem = settings.scheduler.url_prefix.strip("/")
     prefix = f"/{stem}" if stem else ""
 
@@ -62,26 +64,25 @@ def make_app(
         return wrapper
 
     async def filter_nodes(request: web.Request) -> web.Response:
-        args = wire.parse_args(await request.read())
+        args, candidates = wire.parse_args(await request.read(), memo)
         if not ready():
-            args.candidates()
-            result = wire.ExtenderFilterResult.model_construct(
-                nodes=None,
-                node_names=None,
-                failed_nodes={},
-                failed_and_unresolvable_nodes={},
-                error=NOT_SYNCED,
+            return web.Response(
+                body=wire.encode_filter_names(None, {}, {}, error=NOT_SYNCED),
+                content_type=_JSON,
             )
-            return web.Response(body=wire.encode(result), content_type=_JSON)
-        outcome = filtering.filter_nodes(book, args, settings=settings)
+        outcome = filtering.filter_nodes(book, args, candidates, settings=settings)
         for reason, count in outcome.failures.items():
             metrics.filter_failures.labels(reason.value).inc(count)
-        return web.Response(body=wire.encode(outcome.result), content_type=_JSON)
+        body = outcome.encode(args)
+        if args.node_names is not None and outcome.passed is not candidates:
+            memo.add(outcome.passed)  # the next prioritize call names exactly these
+        return web.Response(body=body, content_type=_JSON)
 
     async def prioritize(request: web.Request) -> web.Response:
-        args = wire.parse_args(await request.read())
+        args, candidates = wire.parse_args(await request.read(), memo)
         return web.Response(
-            body=scoring.prioritize(book, args, settings=settings), content_type=_JSON
+            body=scoring.prioritize(book, args, candidates, settings=settings),
+            content_type=_JSON,
         )
 
     async def bind(request: web.Request) -> web.Response:

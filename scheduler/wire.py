@@ -13,14 +13,15 @@ one pass, because a filter answer may name thousands of nodes.
 
 import json
 import re
-from collections import OrderedDict
-from collections.abc import Sequence
-from itertools import chain
+from collections.abc import Mapping
 from typing import Annotated, Any, Final, TypeVar
 
+import numpy as np
+import numpy.typing as npt
 import pydantic
 
 from gpushare import errors
+from gpushare.scheduler.candidates import CandidateMemo, Candidates
 
 __all__ = [
     "Container",
@@ -33,6 +34,7 @@ __all__ = [
     "Pod",
     "PodSpec",
     "encode",
+    "encode_filter_names",
     "encode_priorities",
     "parse",
     "parse_args",
@@ -184,25 +186,53 @@ class ExtenderBindingResult(_Model):
 
 
 _SCORE_TAILS: Final = tuple(f'","Score":{score}}}' for score in range(11))
-_SCORE_SEPARATORS: Final = tuple(tail + ',{"Host":"' for tail in _SCORE_TAILS)
+_SCORE_SEPARATORS: Final = np.array([tail + ',{"Host":"' for tail in _SCORE_TAILS], dtype=object)
 
 
-def encode_priorities(names: Sequence[str], scores: Sequence[int]) -> bytes:
-    """A ``HostPriorityList`` (``[{"Host": ..., "Score": ...}]``) as JSON.
+def encode_priorities(candidates: Candidates, scores: npt.NDArray[np.integer[Any]]) -> bytes:
+    """A ``HostPriorityList`` (``[{"Host": ..., "Score": ...}]``) as JSON, in the candidates' order.
 
     Written by hand, many times faster than a general encoder over thousands of entries: names
-    interleaved with pre-built separators in one join. Node names are DNS subdomains and need no
-    escaping, which one scan of all the names proves; else each name is escaped.
+    interleaved with pre-built separators, picked by score in one NumPy step, in one join. Node
+    names need no escaping (:attr:`Candidates.plain`); other names are escaped one by one.
     """
-    if not names:
+    count = len(candidates)
+    if not count:
         return b"[]"
-    joined = "".join(names)
-    plain = joined.isascii() and joined.isprintable() and '"' not in joined and "\\" not in joined
-    quoted = names if plain else [json.dumps(name)[1:-1] for name in names]
-    separators = [_SCORE_SEPARATORS[score] for score in scores]
-    separators[-1] = _SCORE_TAILS[scores[-1]]
-    body = "".join(chain.from_iterable(zip(quoted, separators, strict=True)))
-    return ('[{"Host":"' + body + "]").encode()
+    pieces = np.empty(2 * count, dtype=object)
+    if candidates.plain:
+        pieces[0::2] = candidates.array
+    else:
+        pieces[0::2] = [json.dumps(name)[1:-1] for name in candidates.names]
+    pieces[1::2] = _SCORE_SEPARATORS[scores]
+    pieces[-1] = _SCORE_TAILS[scores[-1]]
+    return ('[{"Host":"' + "".join(pieces.tolist()) + "]").encode()
+
+
+def encode_filter_names(
+    passed: Candidates | None,
+    failed: Mapping[str, str],
+    unresolvable: Mapping[str, str],
+    *,
+    error: str = "",
+) -> bytes:
+    """An ``ExtenderFilterResult`` of the ``NodeNames`` form, reusing the names' JSON.
+
+    ``passed=None`` writes ``null``: no decision at all (with ``error`` saying why).
+    """
+    return b"".join(
+        (
+            b'{"Nodes":null,"NodeNames":',
+            b"null" if passed is None else passed.json(),
+            b',"FailedNodes":',
+            _STR_MAP.dump_json(dict(failed)),
+            b',"FailedAndUnresolvableNodes":',
+            _STR_MAP.dump_json(dict(unresolvable)),
+            b',"Error":',
+            json.dumps(error).encode(),
+            b"}",
+        )
+    )
 
 
 def encode(result: pydantic.BaseModel) -> bytes:
@@ -225,42 +255,37 @@ def parse(model: type[M], body: bytes) -> M:
 
 
 _NAMES_KEY: Final = b'"NodeNames":'
-_NAMES_CACHED: Final = 32
-"""Candidate lists remembered (kube-scheduler sends the same one again and again)."""
-_names_cache: OrderedDict[bytes, list[str]] = OrderedDict()
+_NAMES: Final = pydantic.TypeAdapter(list[Name])
+_STR_MAP: Final = pydantic.TypeAdapter(dict[str, str])
 
 
-def parse_args(body: bytes) -> ExtenderArgs:
-    """:func:`parse` for :class:`ExtenderArgs`, reusing the ``NodeNames`` of an earlier call.
+def parse_args(body: bytes, memo: CandidateMemo | None = None) -> tuple[ExtenderArgs, Candidates]:
+    """:func:`parse` for :class:`ExtenderArgs`, and its candidates, reusing lists seen before.
 
-    The names array, when it is the body's last member, is looked up by its raw bytes: a hit
-    validates the rest of the body only and hands back the list parsed before (whose strings
-    already carry their hashes, so the ledger's lookups are cheaper too). Any other body, or one
-    whose array was not seen before, is parsed in full; its array is remembered once it has been
-    proved to be exactly the ``NodeNames`` the full parse found.
+    When the ``NodeNames`` array is the body's last member, it is looked up in ``memo`` by its
+    raw bytes, or else parsed on its own; the rest of the body is parsed with ``null`` in its
+    place. That split is only trusted when both parts parse and the rest has no other
+    ``NodeNames``: any other body is parsed in full, so its errors read as usual.
     """
     split = _split_names(body)
     if split is not None:
         head, raw = split
-        names = _names_cache.get(raw)
-        if names is not None:
-            envelope = parse(ExtenderArgs, head + b"null}")
-            if envelope.node_names is None:
-                _names_cache.move_to_end(raw)
-                return ExtenderArgs.model_construct(
-                    pod=envelope.pod, nodes=envelope.nodes, node_names=names
-                )
-    args = parse(ExtenderArgs, body)
-    if split is not None and args.node_names is not None:
+        known = memo.get(raw) if memo is not None else None
         try:
-            same = json.loads(split[1]) == args.node_names
-        except ValueError:
-            same = False
-        if same:
-            _names_cache[split[1]] = args.node_names
-            if len(_names_cache) > _NAMES_CACHED:
-                _names_cache.popitem(last=False)
-    return args
+            envelope = ExtenderArgs.model_validate_json(head + b"null}")
+            found = Candidates(_NAMES.validate_json(raw), raw=raw) if known is None else known
+        except pydantic.ValidationError:
+            pass
+        else:
+            if envelope.node_names is None:
+                if known is None and memo is not None:
+                    memo.add(found)
+                args = ExtenderArgs.model_construct(
+                    pod=envelope.pod, nodes=envelope.nodes, node_names=found.names
+                )
+                return args, found
+    args = parse(ExtenderArgs, body)
+    return args, Candidates(args.candidates())
 
 
 def _split_names(body: bytes) -> tuple[bytes, bytes] | None:

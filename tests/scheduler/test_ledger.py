@@ -84,7 +84,7 @@ def test_filter_splits_nodes_and_gives_each_failure_a_reason() -> None:
     passed, failed = book.split(
         ["n1", "n2", "silent", "sick", "bare", "ghost"], request(30), policy="binpack"
     )
-    assert passed == ["n2"]
+    assert passed.names == ["n2"]
     assert {name: f.reason.value for name, f in failed.items()} == {
         "n1": "no-room",
         "silent": "stale-heartbeat",
