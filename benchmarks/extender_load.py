@@ -274,11 +274,12 @@ def passed_names(answer: bytes) -> bytes:
 
 
 def best_host(answer: bytes) -> str:
-    """The first node with the highest score in a ``HostPriorityList``."""
+    """A node with the highest score in a ``HostPriorityList`` (as ``"Score":7`` or ``": 7"``)."""
     for score in range(10, -1, -1):
-        at = answer.find(b'","Score":%d}' % score)
-        if at >= 0:
-            return answer[answer.rfind(b'"Host":"', 0, at) + len(b'"Host":"') : at].decode()
+        for form in (b'","Score":%d}', b'","Score": %d}'):
+            at = answer.find(form % score)
+            if at >= 0:
+                return answer[answer.rfind(b'"Host":"', 0, at) + len(b'"Host":"') : at].decode()
     raise RuntimeError(f"no scores: {answer[:300]!r}")
 
 

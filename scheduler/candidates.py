@@ -3,25 +3,25 @@
 kube-scheduler names the same nodes again and again: each filter call of a scheduling cycle sends
 every feasible node, and the prioritize call after it sends exactly the names the filter let
 through. A :class:`CandidateMemo` keeps recent lists by their raw JSON bytes, including each list
-this extender answered a filter with, so that most calls skip parsing thousands of names. A
-:class:`Candidates` carries what the hot paths derive from its names once: a NumPy array of them,
-whether they can be written into JSON without escaping, and the ledger's slot of each.
+this extender answered a filter with (see :class:`gpushare.scheduler.wire.Memo`), so that most
+calls skip parsing thousands of names. A :class:`Candidates` carries what the hot paths derive
+from its names once: a NumPy array of them, whether they can be written into JSON without
+escaping, the ledger's slot of each, and the lists a filter left of it.
 """
 
 import json
 import re
-from collections import OrderedDict
 from typing import Final
 
 import numpy as np
 import numpy.typing as npt
 
-__all__ = ["CandidateMemo", "Candidates", "Slots"]
+__all__ = ["Candidates", "Slots"]
 
 Slots = npt.NDArray[np.intp]
 
-MEMO_SIZE: Final = 64
-"""Lists remembered per extender: a few per pod size in flight is plenty."""
+SUBSETS_KEPT: Final = 32
+"""Filtered lists remembered per list: one or two per pod size in use is plenty."""
 
 _NEEDS_ESCAPE: Final = re.compile(r'["\\\x00-\x1f]')
 
@@ -29,7 +29,7 @@ _NEEDS_ESCAPE: Final = re.compile(r'["\\\x00-\x1f]')
 class Candidates:
     """An immutable list of node names, with what the hot paths derive from it, made once."""
 
-    __slots__ = ("_array", "_json", "_plain", "_slots", "names")
+    __slots__ = ("__weakref__", "_array", "_json", "_plain", "_slots", "_subsets", "names")
 
     def __init__(
         self, names: list[str], *, raw: bytes | None = None, plain: bool | None = None
@@ -41,6 +41,7 @@ class Candidates:
         self._array: npt.NDArray[np.object_] | None = None
         self._plain = plain
         self._slots: tuple[object, int, Slots] | None = None
+        self._subsets: dict[bytes, Candidates] = {}
 
     def __len__(self) -> int:
         return len(self.names)
@@ -78,11 +79,23 @@ class Candidates:
         return self._json
 
     def without(self, positions: npt.NDArray[np.intp]) -> "Candidates":
-        """The candidates less those at ``positions``, keeping what is known of them."""
-        kept = Candidates(np.delete(self.array, positions).tolist(), plain=self.plain or None)
-        if self._slots is not None:
-            owner, version, slots = self._slots
-            kept._slots = (owner, version, np.delete(slots, positions))
+        """The candidates less those at ``positions``, keeping what is known of them.
+
+        The same positions give the same object back, so its JSON, slots and memo entry are
+        reused: between two filters of a size, usually no node crossed the line.
+        """
+        key = positions.tobytes()
+        kept = self._subsets.get(key)
+        if kept is None:
+            array = np.delete(self.array, positions)
+            kept = Candidates(array.tolist(), plain=self.plain or None)
+            kept._array = array
+            if self._slots is not None:
+                owner, version, slots = self._slots
+                kept._slots = (owner, version, np.delete(slots, positions))
+            if len(self._subsets) >= SUBSETS_KEPT:
+                self._subsets.clear()
+            self._subsets[key] = kept
         return kept
 
     def slots(self, owner: object, version: int) -> Slots | None:
@@ -95,28 +108,3 @@ class Candidates:
     def keep_slots(self, owner: object, version: int, slots: Slots) -> None:
         """Remember the slot of each name in ``owner``'s table ``version``."""
         self._slots = (owner, version, slots)
-
-
-class CandidateMemo:
-    """Recently seen candidate lists by their raw JSON, least recently used dropped first."""
-
-    def __init__(self, size: int = MEMO_SIZE) -> None:
-        self._size = size
-        self._lists: OrderedDict[bytes, Candidates] = OrderedDict()
-
-    def get(self, raw: bytes) -> Candidates | None:
-        found = self._lists.get(raw)
-        if found is not None:
-            self._lists.move_to_end(raw)
-        return found
-
-    def add(self, candidates: Candidates) -> None:
-        """Remember a list under its JSON (computed now if it was built, not parsed)."""
-        raw = candidates.json()
-        self._lists[raw] = candidates
-        self._lists.move_to_end(raw)
-        if len(self._lists) > self._size:
-            self._lists.popitem(last=False)
-
-    def __len__(self) -> int:
-        return len(self._lists)

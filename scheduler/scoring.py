@@ -11,6 +11,7 @@ import numpy as np
 from gpushare import config, errors
 from gpushare.scheduler import demand, ledger, wire
 from gpushare.scheduler.candidates import Candidates
+from gpushare.scheduler.priorities import PriorityLists
 
 __all__ = ["prioritize"]
 
@@ -21,11 +22,14 @@ def prioritize(
     candidates: Candidates,
     *,
     settings: config.Settings,
+    answers: PriorityLists,
 ) -> bytes:
     """Answer one prioritize call about ``candidates``: a ``HostPriorityList`` in their order."""
     try:
         request = demand.from_pod(args.pod, unit_bytes=settings.unit_bytes)
     except errors.BadRequest:
-        return wire.encode_priorities(candidates, np.zeros(len(candidates), dtype=np.int8))
-    scores = book.scores(candidates, request, policy=request.policy or settings.policy)
-    return wire.encode_priorities(candidates, scores)
+        zeros = np.zeros(len(candidates), dtype=np.int8)
+        return answers.write(candidates, zeros, policy=settings.policy, key=0)
+    policy = request.policy or settings.policy
+    scores = book.scores(candidates, request, policy=policy)
+    return answers.write(candidates, scores, policy=policy, key=request.total_bytes)

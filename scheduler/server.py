@@ -17,8 +17,8 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from gpushare import config, errors
 from gpushare.scheduler import filtering, ledger, scoring, wire
 from gpushare.scheduler.binding import Binder
-from gpushare.scheduler.candidates import CandidateMemo
 from gpushare.scheduler.metrics import Metrics
+from gpushare.scheduler.priorities import PriorityLists
 
 __all__ = ["MAX_BODY_BYTES", "make_app"]
 
@@ -43,7 +43,8 @@ def make_app(
     ready: Callable[[], bool],
 ) -> web.Application:
     """The aiohttp application of one extender."""
-    memo = CandidateMemo()
+    memo = wire.Memo()
+    answers = PriorityLists()
     stem = settings.scheduler.url_prefix.strip("/")
     prefix = f"/{stem}" if stem else ""
 
@@ -75,13 +76,13 @@ def make_app(
             metrics.filter_failures.labels(reason.value).inc(count)
         body = outcome.encode(args)
         if args.node_names is not None and outcome.passed is not candidates:
-            memo.add(outcome.passed)  # the next prioritize call names exactly these
+            memo.remember(outcome.passed)  # the next prioritize call names exactly these
         return web.Response(body=body, content_type=_JSON)
 
     async def prioritize(request: web.Request) -> web.Response:
         args, candidates = wire.parse_args(await request.read(), memo)
         return web.Response(
-            body=scoring.prioritize(book, args, candidates, settings=settings),
+            body=scoring.prioritize(book, args, candidates, settings=settings, answers=answers),
             content_type=_JSON,
         )
 

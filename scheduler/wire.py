@@ -13,15 +13,15 @@ one pass, because a filter answer may name thousands of nodes.
 
 import json
 import re
+from collections import OrderedDict
 from collections.abc import Mapping
-from typing import Annotated, Any, Final, TypeVar
+from dataclasses import dataclass, field
+from typing import Annotated, Any, Final, Generic, TypeVar
 
-import numpy as np
-import numpy.typing as npt
 import pydantic
 
 from gpushare import errors
-from gpushare.scheduler.candidates import CandidateMemo, Candidates
+from gpushare.scheduler.candidates import Candidates
 
 __all__ = [
     "Container",
@@ -29,13 +29,13 @@ __all__ = [
     "ExtenderBindingArgs",
     "ExtenderBindingResult",
     "ExtenderFilterResult",
+    "Memo",
     "NodeList",
     "ObjectMeta",
     "Pod",
     "PodSpec",
     "encode",
     "encode_filter_names",
-    "encode_priorities",
     "parse",
     "parse_args",
 ]
@@ -185,30 +185,6 @@ class ExtenderBindingResult(_Model):
     error: str = pydantic.Field(default="", alias="Error")
 
 
-_SCORE_TAILS: Final = tuple(f'","Score":{score}}}' for score in range(11))
-_SCORE_SEPARATORS: Final = np.array([tail + ',{"Host":"' for tail in _SCORE_TAILS], dtype=object)
-
-
-def encode_priorities(candidates: Candidates, scores: npt.NDArray[np.integer[Any]]) -> bytes:
-    """A ``HostPriorityList`` (``[{"Host": ..., "Score": ...}]``) as JSON, in the candidates' order.
-
-    Written by hand, many times faster than a general encoder over thousands of entries: names
-    interleaved with pre-built separators, picked by score in one NumPy step, in one join. Node
-    names need no escaping (:attr:`Candidates.plain`); other names are escaped one by one.
-    """
-    count = len(candidates)
-    if not count:
-        return b"[]"
-    pieces = np.empty(2 * count, dtype=object)
-    if candidates.plain:
-        pieces[0::2] = candidates.array
-    else:
-        pieces[0::2] = [json.dumps(name)[1:-1] for name in candidates.names]
-    pieces[1::2] = _SCORE_SEPARATORS[scores]
-    pieces[-1] = _SCORE_TAILS[scores[-1]]
-    return ('[{"Host":"' + "".join(pieces.tolist()) + "]").encode()
-
-
 def encode_filter_names(
     passed: Candidates | None,
     failed: Mapping[str, str],
@@ -254,36 +230,85 @@ def parse(model: type[M], body: bytes) -> M:
         raise errors.BadRequest(f"{model.__name__}: {where}: {first['msg']}{more}") from exc
 
 
+V = TypeVar("V")
+
+NAMES_KEPT: Final = 64
+"""Candidate lists remembered per extender: a few per pod size in flight is plenty."""
+PODS_KEPT: Final = 16
+"""Pods remembered: a pod's filter and prioritize calls carry the same bytes before its names."""
+
+
+class Recent(Generic[V]):
+    """Values by the raw bytes they were parsed from, least recently used dropped first."""
+
+    def __init__(self, size: int) -> None:
+        self._size = size
+        self._values: OrderedDict[bytes, V] = OrderedDict()
+
+    def get(self, raw: bytes) -> V | None:
+        found = self._values.get(raw)
+        if found is not None:
+            self._values.move_to_end(raw)
+        return found
+
+    def put(self, raw: bytes, value: V) -> None:
+        self._values[raw] = value
+        self._values.move_to_end(raw)
+        if len(self._values) > self._size:
+            self._values.popitem(last=False)
+
+    def __len__(self) -> int:
+        return len(self._values)
+
+
+@dataclass(frozen=True)
+class Memo:
+    """What one extender parsed recently (see :func:`parse_args`)."""
+
+    names: Recent[Candidates] = field(default_factory=lambda: Recent(NAMES_KEPT))
+    """Candidate lists, including those the extender answered filter calls with."""
+    heads: Recent["ExtenderArgs"] = field(default_factory=lambda: Recent(PODS_KEPT))
+    """Calls parsed without their names: the pod, mostly."""
+
+    def remember(self, candidates: Candidates) -> None:
+        """Keep a list under its JSON, as a later call will name it."""
+        self.names.put(candidates.json(), candidates)
+
+
 _NAMES_KEY: Final = b'"NodeNames":'
 _NAMES: Final = pydantic.TypeAdapter(list[Name])
 _STR_MAP: Final = pydantic.TypeAdapter(dict[str, str])
 
 
-def parse_args(body: bytes, memo: CandidateMemo | None = None) -> tuple[ExtenderArgs, Candidates]:
-    """:func:`parse` for :class:`ExtenderArgs`, and its candidates, reusing lists seen before.
+def parse_args(body: bytes, memo: Memo | None = None) -> tuple[ExtenderArgs, Candidates]:
+    """:func:`parse` for :class:`ExtenderArgs`, and its candidates, reusing what ``memo`` holds.
 
-    When the ``NodeNames`` array is the body's last member, it is looked up in ``memo`` by its
-    raw bytes, or else parsed on its own; the rest of the body is parsed with ``null`` in its
-    place. That split is only trusted when both parts parse and the rest has no other
+    When the ``NodeNames`` array is the body's last member, the body is parsed in two parts,
+    each looked up in ``memo`` by its raw bytes first: the names, and the rest with ``null`` in
+    their place. That split is only trusted when both parts parse and the rest has no other
     ``NodeNames``: any other body is parsed in full, so its errors read as usual.
     """
+    memo = memo or Memo()
     split = _split_names(body)
     if split is not None:
         head, raw = split
-        known = memo.get(raw) if memo is not None else None
+        names = memo.names.get(raw)
+        envelope = memo.heads.get(head)
         try:
-            envelope = ExtenderArgs.model_validate_json(head + b"null}")
-            found = Candidates(_NAMES.validate_json(raw), raw=raw) if known is None else known
+            if envelope is None:
+                envelope = ExtenderArgs.model_validate_json(head + b"null}")
+            if names is None:
+                names = Candidates(_NAMES.validate_json(raw), raw=raw)
         except pydantic.ValidationError:
             pass
         else:
             if envelope.node_names is None:
-                if known is None and memo is not None:
-                    memo.add(found)
+                memo.names.put(raw, names)
+                memo.heads.put(head, envelope)
                 args = ExtenderArgs.model_construct(
-                    pod=envelope.pod, nodes=envelope.nodes, node_names=found.names
+                    pod=envelope.pod, nodes=envelope.nodes, node_names=names.names
                 )
-                return args, found
+                return args, names
     args = parse(ExtenderArgs, body)
     return args, Candidates(args.candidates())
 
