@@ -7,11 +7,18 @@ node: no pod is ever bound without its card, and no second write can fail halfwa
 
 A ``409 Conflict`` usually means a retried bind whose first attempt landed (the extender restarted
 or the answer was lost): when the pod already sits on the same node, the bind succeeded.
+
+The Events are posted off the scheduling path, as kube-scheduler's own are: queued at bind time
+and posted once no bind came for :data:`EVENT_IDLE_SECONDS`, so that a burst of pods is bound
+first and described right after. Beyond a backlog of :data:`EVENT_BACKLOG` they are posted without
+waiting, so under endless load every bind still gets its Event, only later.
 """
 
 import asyncio
 import logging
 import socket
+import time
+from collections import deque
 from collections.abc import Callable
 from datetime import UTC, datetime
 from typing import Any, Final
@@ -31,6 +38,11 @@ REPORTING_CONTROLLER: Final = "gpushare.io/scheduler"
 EVENT_REASON: Final = "GPUMemoryGranted"
 MAX_NOTE: Final = 1024
 """events.k8s.io/v1 refuses a note over 1 kB."""
+EVENT_IDLE_SECONDS: Final = 0.02
+"""Events wait until no bind came for this long (between pods of a burst binds come faster)."""
+EVENT_BACKLOG: Final = 2000
+"""Events queued beyond this many are posted at once, however busy the extender is."""
+CLOSE_SECONDS: Final = 5.0
 
 _WHY: Final = {
     "binpack": "binpack chose the fullest card that fits",
@@ -57,10 +69,16 @@ class Binder:
         self._metrics = metrics
         self._instance = (instance or socket.gethostname())[:128]
         self._now = now
-        self._events: set[asyncio.Task[None]] = set()
+        self._events: deque[tuple[demand.PodRequest, ledger.Grant, str, datetime]] = deque()
+        self._queued = asyncio.Event()
+        self._poster: asyncio.Task[None] | None = None
+        self._last_bind = -float("inf")
+        self.event_idle_seconds = EVENT_IDLE_SECONDS
+        self.event_backlog = EVENT_BACKLOG
 
     async def bind(self, args: wire.ExtenderBindingArgs) -> str:
         """Bind the pod; return ``""`` on success, else the reason (kube-scheduler retries)."""
+        self._last_bind = time.monotonic()
         key = pod_key(args.pod_namespace, args.pod_name)
         node = NodeName(args.node)
         request = self._book.request(args.pod_uid) if args.pod_uid else None
@@ -96,9 +114,22 @@ class Binder:
         return ""
 
     async def close(self) -> None:
-        """Wait for the Events still being posted."""
-        if self._events:
-            await asyncio.wait(self._events, timeout=5)
+        """Post the Events still queued (for a few seconds at most), then stop."""
+        if self._poster is None:
+            return
+        self._last_bind = -float("inf")
+        self._queued.set()
+        try:
+            await asyncio.wait_for(self._flushed(), CLOSE_SECONDS)
+        except TimeoutError:
+            logger.warning("%d Events not posted at shutdown", len(self._events))
+        self._poster.cancel()
+        await asyncio.gather(self._poster, return_exceptions=True)
+        self._poster = None
+
+    async def _flushed(self) -> None:
+        while self._events:
+            await asyncio.sleep(0.01)
 
     async def _read_request(self, args: wire.ExtenderBindingArgs) -> demand.PodRequest:
         raw = await self._kube.request(
@@ -141,22 +172,33 @@ class Binder:
         policy: str,
         moment: datetime,
     ) -> None:
-        parts = [
-            f"{format_bytes(a.granted_bytes)} for {a.container!r} on GPU {a.index} ({a.card},"
-            f" {format_bytes(a.card_total_bytes)}) of node {grant.node}"
-            for a in grant.allocations
-        ]
-        note = (
-            f"granted {'; '.join(parts)}: {_WHY.get(policy, policy)}"
-            if parts
-            else f"bound to node {grant.node} without GPU memory"
-        )
-        logger.info("pod %s: %s", request.key, note)
-        task = asyncio.get_running_loop().create_task(self._post_event(request, note, moment))
-        self._events.add(task)
-        task.add_done_callback(self._events.discard)
+        """Queue the pod's Event (written and logged when it is posted)."""
+        self._events.append((request, grant, policy, moment))
+        self._queued.set()
+        if self._poster is None:
+            self._poster = asyncio.get_running_loop().create_task(
+                self._post_events(), name="gpushare events"
+            )
+
+    async def _post_events(self) -> None:
+        """Post queued Events whenever binds pause (or the backlog is full), oldest first."""
+        while True:
+            await self._queued.wait()
+            while self._events:
+                quiet = time.monotonic() - self._last_bind
+                if quiet < self.event_idle_seconds and len(self._events) < self.event_backlog:
+                    await asyncio.sleep(min(self.event_idle_seconds - quiet, 0.5))
+                    continue
+                request, grant, policy, moment = self._events[0]
+                try:
+                    await self._post_event(request, _note(grant, policy), moment)
+                except Exception:
+                    logger.exception("cannot post an Event")
+                self._events.popleft()
+            self._queued.clear()
 
     async def _post_event(self, request: demand.PodRequest, note: str, moment: datetime) -> None:
+        logger.info("pod %s: %s", request.key, note)
         body: dict[str, Any] = {
             "apiVersion": "events.k8s.io/v1",
             "kind": "Event",
@@ -188,6 +230,18 @@ class Binder:
             )
         except ApiError as exc:
             logger.warning("pod %s: cannot post its Event: %s", request.key, exc)
+
+
+def _note(grant: ledger.Grant, policy: str) -> str:
+    """What the pod's Event says: each container's card, and why that card."""
+    parts = [
+        f"{format_bytes(a.granted_bytes)} for {a.container!r} on GPU {a.index} ({a.card},"
+        f" {format_bytes(a.card_total_bytes)}) of node {grant.node}"
+        for a in grant.allocations
+    ]
+    if not parts:
+        return f"bound to node {grant.node} without GPU memory"
+    return f"granted {'; '.join(parts)}: {_WHY.get(policy, policy)}"
 
 
 def _binding(args: wire.ExtenderBindingArgs, uid: str, notes: dict[str, str]) -> dict[str, Any]:

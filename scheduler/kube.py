@@ -114,13 +114,13 @@ class Kube:
         )
         async with response:
             try:
-                text = await response.text()
+                raw = await response.read()
             except (aiohttp.ClientError, TimeoutError) as exc:
                 raise ApiError(0, "Unreachable", f"{method} {path}: {exc!r}") from exc
             try:
-                decoded = json.loads(text) if text else {}
-            except json.JSONDecodeError:
-                decoded = text
+                decoded = json.loads(raw) if raw else {}
+            except ValueError:
+                decoded = raw.decode(errors="replace")
             if response.status >= 300:
                 raise ApiError.from_status(response.status, decoded)
             if not isinstance(decoded, dict):
@@ -172,7 +172,7 @@ class Kube:
             return await self._session.request(
                 method,
                 self._host + path,
-                params={key: str(value) for key, value in (params or {}).items()},
+                params={key: str(value) for key, value in params.items()} if params else None,
                 data=None if body is None else pydantic_core.to_json(body),
                 headers=headers,
                 timeout=timeout,

@@ -6,6 +6,8 @@ import gc
 import signal
 from pathlib import Path
 
+import uvloop
+
 from gpushare import config, placement
 from gpushare.scheduler.kube import Kube
 from gpushare.scheduler.service import Extender
@@ -59,7 +61,9 @@ def run(args: argparse.Namespace) -> int:
         }
     )
     host, port = config.parse_listen(settings.scheduler.listen)
-    asyncio.run(_serve(settings, host=host, port=port, kubeconfig=args.kubeconfig))
+    # uvloop: the extender spends most of its time in HTTP machinery, which it runs far faster.
+    with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
+        runner.run(_serve(settings, host=host, port=port, kubeconfig=args.kubeconfig))
     return 0
 
 

@@ -352,3 +352,40 @@ async def test_a_bind_that_does_not_fit_is_refused_and_counts_nothing(
     assert extender.book.grant("u-p1") is None
     assert len(api[BINDING]) == 0
     assert _binds(extender, "no-fit") == 1
+
+
+async def _bind_pods(ext: Extender, api: kmock.KubernetesEmulator, pods: list[str]) -> None:
+    for name in pods:
+        api.objects[PODS, "ns", name] = pod(name, 10, uid=f"u-{name}")
+        api[f"post /api/v1/namespaces/ns/pods/{name}/binding"] << 201 << {"status": "Success"}
+    async with aiohttp.ClientSession() as http:
+        for name in pods:
+            args = {"PodName": name, "PodNamespace": "ns", "PodUID": f"u-{name}", "Node": "n2"}
+            async with http.post(f"{ext.url}/bind", json=args) as resp:
+                assert (await resp.json())["Error"] == ""
+
+
+def _event_subjects(api: kmock.KubernetesEmulator) -> list[str]:
+    events = api["post", kmock.resource("events.k8s.io/v1/events")]
+    return [request.data["regarding"]["name"] for request in events]
+
+
+async def test_events_wait_for_a_pause_in_binds_and_none_is_lost(
+    api: kmock.KubernetesEmulator, extender: Extender
+) -> None:
+    extender.binder.event_idle_seconds = 3600.0  # a burst that does not pause
+    await _bind_pods(extender, api, ["q1", "q2", "q3"])
+    await asyncio.sleep(0.2)
+    assert _event_subjects(api) == []
+    await extender.binder.close()
+    assert _event_subjects(api) == ["q1", "q2", "q3"]
+
+
+async def test_a_full_backlog_of_events_is_posted_even_in_a_burst(
+    api: kmock.KubernetesEmulator, extender: Extender
+) -> None:
+    extender.binder.event_idle_seconds = 3600.0
+    extender.binder.event_backlog = 2
+    await _bind_pods(extender, api, ["q1", "q2", "q3"])
+    await _until(lambda: len(_event_subjects(api)) >= 2)
+    assert _event_subjects(api)[:2] == ["q1", "q2"]
