@@ -239,23 +239,41 @@ PODS_KEPT: Final = 16
 
 
 class Recent(Generic[V]):
-    """Values by the raw bytes they were parsed from, least recently used dropped first."""
+    """Values by the raw bytes they were parsed from, least recently used dropped first.
+
+    The two latest are compared first: a comparison of equal bytes is cheaper than hashing a
+    new copy of them, and calls alternate between two lists (all nodes, and those that passed).
+    """
 
     def __init__(self, size: int) -> None:
         self._size = size
         self._values: OrderedDict[bytes, V] = OrderedDict()
+        self._latest: list[tuple[bytes, V]] = []
 
     def get(self, raw: bytes) -> V | None:
+        for known, value in self._latest:
+            if known == raw:
+                self._values.move_to_end(known)  # the stored key: its hash is known
+                return value
         found = self._values.get(raw)
         if found is not None:
             self._values.move_to_end(raw)
+            self._note(raw, found)
         return found
 
     def put(self, raw: bytes, value: V) -> None:
+        for known, _ in self._latest:
+            if known is raw:
+                return
         self._values[raw] = value
         self._values.move_to_end(raw)
         if len(self._values) > self._size:
-            self._values.popitem(last=False)
+            dropped, _ = self._values.popitem(last=False)
+            self._latest = [entry for entry in self._latest if entry[0] is not dropped]
+        self._note(raw, value)
+
+    def _note(self, raw: bytes, value: V) -> None:
+        self._latest = [(raw, value), *self._latest[:1]]
 
     def __len__(self) -> int:
         return len(self._values)

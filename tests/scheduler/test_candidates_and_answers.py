@@ -92,3 +92,13 @@ def test_a_body_with_a_nested_names_key_is_parsed_whole_and_refused_clearly() ->
     body = b'{"Pod":' + json.dumps(pod("p", 4)).encode() + b',"NodeNames":[{"NodeNames":["x"]}]}'
     with pytest.raises(errors.BadRequest, match=r"NodeNames\.0: Input should be a valid string"):
         wire.parse_args(body, wire.Memo())
+
+
+def test_recent_values_drop_the_least_recently_used_and_match_equal_bytes() -> None:
+    recent = wire.Recent[int](2)
+    recent.put(b"a", 1)
+    recent.put(b"b", 2)
+    assert recent.get(bytes(bytearray(b"a"))) == 1  # an equal copy, not the same object
+    recent.put(b"c", 3)
+    assert recent.get(b"b") is None
+    assert (recent.get(b"a"), recent.get(b"c"), len(recent)) == (1, 3, 2)
