@@ -2,11 +2,11 @@
 
 kube-scheduler names the same nodes again and again: each filter call of a scheduling cycle sends
 every feasible node, and the prioritize call after it sends exactly the names the filter let
-through. A :class:`CandidateMemo` keeps recent lists by their raw JSON bytes, including each list
-this extender answered a filter with (see :class:`gpushare.scheduler.wire.Memo`), so that most
-calls skip parsing thousands of names. A :class:`Candidates` carries what the hot paths derive
-from its names once: a NumPy array of them, whether they can be written into JSON without
-escaping, the ledger's slot of each, and the lists a filter left of it.
+through. :class:`gpushare.scheduler.wire.Memo` keeps recent lists by their raw JSON bytes,
+including each list this extender answered a filter with, so that most calls skip parsing
+thousands of names. A :class:`Candidates` carries what the hot paths derive from its names once:
+a NumPy array of them, whether they can be written into JSON without escaping, the ledger's slot
+of each, and the lists a filter left of it.
 """
 
 import json
