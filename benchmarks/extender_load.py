@@ -233,6 +233,13 @@ def cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
+def rss_mib(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    return 0.0
+
+
 def percentile(values: list[float], q: float) -> float:
     ordered = sorted(values)
     return ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))]
@@ -428,6 +435,7 @@ async def measure(nodes: int, calls: int, pods: int) -> dict[str, float]:
                 async with http.get(f"http://127.0.0.1:{stub_port}/stats") as resp:
                     stats = await resp.json()
             all_in_cpu = (cpu_seconds(extender.pid) - first_cpu) / (pods - warm)
+            rss = rss_mib(extender.pid)
             assert stats["binds"] == pods and stats["events"] == pods, stats
     finally:
         for process in (extender, stub):
@@ -453,6 +461,7 @@ async def measure(nodes: int, calls: int, pods: int) -> dict[str, float]:
         "pipelined_cpu": pipelined_cpu * ms,
         "all_in_cpu": all_in_cpu * ms,
         "client_cpu": client_cpu * ms,
+        "rss_mib": rss,
         "sequential": sequential,
         "pipelined": pipelined,
     }
@@ -487,7 +496,8 @@ def main() -> int:
             f" (cpu {row['cycle_cpu']:4.2f} ms/pod), {row['pipelined']:4.0f} pipelined"
             f" (cpu {row['pipelined_cpu']:4.2f} ms/pod, client {row['client_cpu']:4.2f});"
             f" all-in with Events"
-            f" {row['all_in_cpu']:4.2f} ms/pod = {1000 / row['all_in_cpu']:4.0f} pods/s per core",
+            f" {row['all_in_cpu']:4.2f} ms/pod = {1000 / row['all_in_cpu']:4.0f} pods/s per core"
+            f" | extender RSS {row['rss_mib']:4.0f} MiB",
             flush=True,
         )
     if len(rows) > 1:

@@ -20,7 +20,7 @@ __all__ = ["Candidates", "Slots"]
 
 Slots = npt.NDArray[np.intp]
 
-SUBSETS_KEPT: Final = 32
+SUBSETS_KEPT: Final = 16
 """Filtered lists remembered per list: one or two per pod size in use is plenty."""
 
 _NEEDS_ESCAPE: Final = re.compile(r'["\\\x00-\x1f]')

@@ -104,6 +104,7 @@ _UNSCORED: Final = -1
 _MAX_SCORE_KEYS: Final = 256
 """Score caches kept, one per policy and request size; more than this and they start over."""
 _FIRST_SLOTS: Final = 1024
+_FIRST_CARDS: Final = 8
 
 
 class _Node:
@@ -114,7 +115,6 @@ class _Node:
         "capacities",
         "fresh_until",
         "problem",
-        "ranked",
         "report",
         "views",
     )
@@ -124,8 +124,6 @@ class _Node:
         self.problem: Failure | None = None
         self.fresh_until = -math.inf
         self.views: tuple[placement.Card, ...] = ()
-        self.ranked: tuple[tuple[int, int, int, placement.Card], ...] = ()
-        """Healthy cards as ``(room, -capacity, index, card)``, emptiest last."""
         self.best_room = _NO_ROOM
         self.capacities: tuple[int, ...] = ()
 
@@ -160,6 +158,10 @@ class Ledger:
         """Changes whenever a name gets a slot, so that candidate lists map their names again."""
         self._rooms: npt.NDArray[np.int64] = np.full(_FIRST_SLOTS, _NO_ROOM, dtype=np.int64)
         """Best room of every node that may take pods now; -1 for the others and unused slots."""
+        self._card_rooms = np.full((_FIRST_SLOTS, _FIRST_CARDS), _NO_ROOM, dtype=np.int64)
+        """Per slot, each healthy card's room (-1: unhealthy, or no such card), for scoring."""
+        self._card_sizes = np.ones((_FIRST_SLOTS, _FIRST_CARDS), dtype=np.int64)
+        """Per slot, each card's capacity (1 where there is no card, never divided by zero)."""
         self._next_sweep = math.inf
         """When the next node's heartbeat runs out (or earlier)."""
         self._scores: dict[tuple[placement.Policy, int], Scores] = {}
@@ -202,6 +204,7 @@ class Ledger:
             self._capacities.subtract(node.capacities)
         self._dirty.discard(name)
         self._set_room(name, _NO_ROOM)
+        self._set_cards(name, ())
         self._forget(name)
 
     def __contains__(self, name: object) -> bool:
@@ -317,10 +320,9 @@ class Ledger:
         result = cache[slots]
         missing = np.flatnonzero(result == _UNSCORED)
         if missing.size:
-            every = candidates.names
-            for i in missing.tolist():
-                score = self._single_score(NodeName(every[i]), cost, policy)
-                result[i] = cache[slots[i]] = score
+            rows = slots[missing]
+            fresh = _best_scores(self._card_rooms[rows], self._card_sizes[rows], cost, policy)
+            result[missing] = cache[rows] = fresh
         return result
 
     def score(self, name: NodeName, request: PodRequest, *, policy: placement.Policy) -> int:
@@ -490,9 +492,9 @@ class Ledger:
         self._forget(name)
         if node.report is None:
             node.views = ()
-            node.ranked = ()
             node.best_room = _NO_ROOM
             self._set_room(name, _NO_ROOM)
+            self._set_cards(name, ())
             return
         granted: Counter[CardUUID] = Counter()
         for grant in self._by_node.get(name, {}).values():
@@ -510,17 +512,10 @@ class Ledger:
             )
             for card in node.report.cards
         )
-        node.ranked = tuple(
-            sorted(
-                (
-                    (card.room_bytes, -card.capacity_bytes, card.index, card)
-                    for card in node.views
-                    if card.healthy
-                ),
-                key=lambda entry: entry[:3],
-            )
+        node.best_room = max(
+            (card.room_bytes for card in node.views if card.healthy), default=_NO_ROOM
         )
-        node.best_room = node.ranked[-1][0] if node.ranked else _NO_ROOM
+        self._set_cards(name, node.views)
         fresh = node.fresh_until >= now
         self._set_room(name, node.best_room if fresh else _NO_ROOM)
         if fresh:
@@ -539,6 +534,8 @@ class Ledger:
     def _grow(self) -> None:
         size = len(self._rooms)
         self._rooms = np.concatenate([self._rooms, np.full(size, _NO_ROOM, dtype=np.int64)])
+        self._card_rooms = np.concatenate([self._card_rooms, np.full_like(self._card_rooms, -1)])
+        self._card_sizes = np.concatenate([self._card_sizes, np.ones_like(self._card_sizes)])
         for key, cache in self._scores.items():
             self._scores[key] = np.concatenate([cache, np.full(size, _UNSCORED, dtype=np.int8)])
 
@@ -546,6 +543,24 @@ class Ledger:
         slot = self._slots.get(name)
         if slot is not None:
             self._rooms[slot] = room
+
+    def _set_cards(self, name: str, views: Sequence[placement.Card]) -> None:
+        slot = self._slots.get(name)
+        if slot is None:
+            return
+        width = self._card_rooms.shape[1]
+        if len(views) > width:
+            extra = len(views) - width
+            self._card_rooms = np.pad(self._card_rooms, ((0, 0), (0, extra)), constant_values=-1)
+            self._card_sizes = np.pad(self._card_sizes, ((0, 0), (0, extra)), constant_values=1)
+        rooms = self._card_rooms[slot]
+        sizes = self._card_sizes[slot]
+        rooms[:] = _NO_ROOM
+        sizes[:] = 1
+        for column, card in enumerate(views):
+            if card.healthy:
+                rooms[column] = card.room_bytes
+                sizes[column] = card.capacity_bytes
 
     def _slots_of(self, candidates: Candidates) -> Slots:
         """Each candidate's slot, in order (0 for names never seen), mapped once per list."""
@@ -613,13 +628,6 @@ class Ledger:
             return Failure(Reason.NO_ROOM, str(exc))
         return None
 
-    def _single_score(self, name: NodeName, cost: int, policy: placement.Policy) -> int:
-        node = self._nodes.get(name)
-        if node is None:
-            return 0
-        card = _best_card(node.ranked, cost, policy)
-        return 0 if card is None else placement.score(placement.Fit(card, cost), policy)
-
     def _multi_score(self, name: NodeName, request: PodRequest, policy: placement.Policy) -> int:
         node = self._nodes.get(name)
         if node is None:
@@ -649,29 +657,26 @@ class Ledger:
         return [(demand, chosen[demand.container]) for demand in demands]
 
 
-def _best_card(
-    ranked: tuple[tuple[int, int, int, placement.Card], ...], cost: int, policy: placement.Policy
-) -> placement.Card | None:
-    """The card :func:`placement.best` would choose, read off a node's ranked rooms.
+def _best_scores(
+    rooms: npt.NDArray[np.int64], sizes: npt.NDArray[np.int64], cost: int, policy: placement.Policy
+) -> Scores:
+    """Per row of cards, :func:`placement.score` of the card :func:`placement.best` would pick.
 
-    The same orderings without building a fit per card, since scoring thousands of nodes asks
-    this once per node: binpack takes the least room that holds the cost (then the larger card,
-    then the lower index); spread the largest share of its card left after (then the lower index).
+    The same choice and the same arithmetic, for thousands of nodes in a few NumPy steps: binpack
+    takes the least room left after the grant, and of those the largest card; spread the largest
+    share of its card left after. Cards that cannot hold ``cost`` (room -1 when unhealthy) score
+    nothing; a row without one scores 0.
     """
+    fits = rooms >= cost
+    after = np.where(fits, rooms - cost, 0)
     if policy == "binpack":
-        for room, _, _, card in ranked:
-            if room >= cost:
-                return card
-        return None
-    best: placement.Card | None = None
-    best_share = -math.inf
-    for room, negative_capacity, index, card in ranked:
-        if room < cost:
-            continue
-        share = (room - cost) / -negative_capacity
-        if share > best_share or (share == best_share and best is not None and index < best.index):
-            best, best_share = card, share
-    return best
+        least = np.where(fits, after, np.iinfo(np.int64).max).min(axis=1)
+        size = np.where(fits & (after == least[:, None]), sizes, 0).max(axis=1)
+        share = 1 - least / np.maximum(size, 1)
+    else:
+        share = 1 - (1 - np.where(fits, after / sizes, -1.0).max(axis=1))
+    scores = np.clip(np.rint(share * placement.MAX_SCORE), 0, placement.MAX_SCORE)
+    return np.where(fits.any(axis=1), scores, 0).astype(np.int8)
 
 
 _UNKNOWN: Final = Failure(

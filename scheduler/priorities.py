@@ -23,7 +23,7 @@ _SCORE: Final = '","Score":'
 _DIGITS: Final = tuple(f"{score:>2}".encode() for score in range(placement.MAX_SCORE + 1))
 _PATCH_SHARE: Final = 0.25
 """Above this share of changed scores, the buffer is written anew rather than patched."""
-_KEPT_PER_LIST: Final = 32
+_KEPT_PER_LIST: Final = 16
 
 
 class PriorityList:

@@ -227,3 +227,26 @@ def test_scores_agree_with_the_placement_policy(
     expected = 0 if best is None else placement.score(best, policy)
     assert book.score(N1, request(units), policy=policy) == expected
     assert (book.check(N1, request(units), policy=policy) is None) == (best is not None)
+
+
+@settings(max_examples=100, deadline=None)
+@given(
+    reports=st.lists(strategies.node_reports(max_cards=12), min_size=1, max_size=5),
+    units=st.integers(1, 90),
+    policy=st.sampled_from(placement.POLICIES),
+)
+def test_nodes_scored_together_score_as_each_alone(
+    reports: list[nodereport.NodeReport], units: int, policy: placement.Policy
+) -> None:
+    book = ledger.Ledger(overhead_bytes=OVERHEAD, heartbeat_timeout_seconds=1e12, clock=lambda: 0)
+    names = [NodeName(f"n{i}") for i in range(len(reports))]
+    for name, rep in zip(names, reports, strict=True):
+        book.set_node(name, rep)
+    expected = []
+    for name in names:
+        cards = [card for card in book.cards() if card.node == name]
+        fits, _ = placement.split(cards, units * GI, overhead_bytes=OVERHEAD)
+        best = placement.best(fits, policy)
+        expected.append(0 if best is None else placement.score(best, policy))
+    together = book.scores([*names, "ghost"], request(units), policy=policy).tolist()
+    assert together == [*expected, 0]
