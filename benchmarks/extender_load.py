@@ -4,17 +4,22 @@
 
 For each cluster size N: N nodes of 8 x 80 GiB cards and 4 x N pods already placed (20,000 at
 5,000 nodes; one node in twenty nearly full, so that filter answers carry failure reasons). Three
-processes: a stub apiserver that serves the lists of nodes and pods, holds watches open and
-accepts Bindings and Events (a few lines of aiohttp below: kube-scheduler's side is what is
-measured, not the apiserver's); ``gpushare scheduler`` itself, started by its command line, which
-lists the stub to build its ledger; and this client, which calls the extender as kube-scheduler
-does, with every node name (nodeCacheCapable).
+processes: ``gpushare scheduler`` itself, started by its command line and pinned to one core; a
+stub apiserver (a few lines of aiohttp below) that serves the lists of nodes and pods, holds
+watches open without events and accepts Bindings and Events; and this client, which calls the
+extender as kube-scheduler does, with every node name (nodeCacheCapable). The stub and the
+client share the other cores. The client builds its bodies from pre-encoded parts and reads
+answers without decoding them, standing in for kube-scheduler's Go code: the extender is what is
+measured.
 
 Printed per size: the ledger's sync time (list and parse of every node and pod), filter and
-prioritize latency (p50/p99 of round trips), bind latency, pods per second through
-filter -> prioritize -> bind one pod at a time, and the same with each bind overlapping the next
-pod's filter as kube-scheduler's binding goroutines do. The extender's own CPU time per call comes
-from /proc, so a busy machine changes the wall times but not those.
+prioritize latency (p50/p99 of round trips, and the extender's CPU per call), bind latency, what
+the first pod of each new size costs (scoring every node for that size once), pods per second
+through filter -> prioritize -> bind one pod at a time and with each bind overlapping the next
+pod's filter (as kube-scheduler's binding goroutines do), the extender's CPU per pod in each, the
+client's, the extender's CPU per pod all in (once the Events it posts after the burst are
+posted), and its resident memory. CPU times come from /proc: a busy machine changes the wall
+times much more than those.
 
 Targets (5,000 nodes, one core): filter p99 <= 10 ms, >= 300 pods/s.
 """
@@ -222,6 +227,17 @@ def serve_stub(port: int, nodes: int, pending: int) -> None:
 # --- measuring ------------------------------------------------------------------------------------
 
 
+def cores() -> tuple[set[int], set[int]]:
+    """One core for the extender, the others for this client and the stub (when there are two)."""
+    available = sorted(os.sched_getaffinity(0))
+    if len(available) < 2:
+        return set(available), set(available)
+    return {available[-1]}, set(available[:-1])
+
+
+EXTENDER_CORE, OTHERS = cores()
+
+
 def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
@@ -328,6 +344,7 @@ async def measure(nodes: int, calls: int, pods: int) -> dict[str, float]:
             str(pods),
         ]
     )
+    os.sched_setaffinity(stub.pid, OTHERS)
     env = {**os.environ, "GPUSHARE_SCHEDULER__HEARTBEAT_TIMEOUT_SECONDS": "86400"}
     extender = None
     base = f"http://127.0.0.1:{ext_port}"
@@ -348,6 +365,7 @@ async def measure(nodes: int, calls: int, pods: int) -> dict[str, float]:
                 env=env,
                 cwd=ROOT,
             )
+            os.sched_setaffinity(extender.pid, EXTENDER_CORE)  # before it starts any thread
             await wait_ready(http, f"{base}/readyz", 300)
             sync = time.perf_counter() - started
             await asyncio.sleep(2)  # the extender takes the listing out of the collector's rounds
@@ -481,6 +499,7 @@ def main() -> int:
         return 0
     rows = []
     for nodes in (int(n) for n in args.nodes.split(",")):
+        os.sched_setaffinity(0, OTHERS)
         with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
             row = runner.run(measure(nodes, args.calls, args.pods))
         rows.append(row)
