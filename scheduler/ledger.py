@@ -263,11 +263,7 @@ class Ledger:
             refused = np.flatnonzero(rooms < cost)
             if not refused.size:
                 return candidates, {}
-            cached = self._failures.get(cost)
-            if cached is None:
-                if len(self._failures) >= _MAX_SCORE_KEYS:
-                    self._failures.clear()
-                cached = self._failures[cost] = {}
+            cached = self._failure_cache(cost)
             every = candidates.names
             failed = {}
             for i in refused.tolist():
@@ -582,6 +578,14 @@ class Ledger:
                 len(self._rooms), _UNSCORED, dtype=np.int8
             )
             cache[0] = 0  # names never seen
+        return cache
+
+    def _failure_cache(self, cost: int) -> dict[str, Failure]:
+        cache = self._failures.get(cost)
+        if cache is None:
+            if len(self._failures) >= _MAX_SCORE_KEYS:
+                self._failures.clear()
+            cache = self._failures[cost] = {}
         return cache
 
     def _forget(self, name: str) -> None:

@@ -310,8 +310,8 @@ def parse_args(body: bytes, memo: Memo | None = None) -> tuple[ExtenderArgs, Can
     split = _split_names(body)
     if split is not None:
         head, raw = split
-        names = memo.names.get(raw)
-        envelope = memo.heads.get(head)
+        known_names = names = memo.names.get(raw)
+        known_head = envelope = memo.heads.get(head)
         try:
             if envelope is None:
                 envelope = ExtenderArgs.model_validate_json(head + b"null}")
@@ -321,8 +321,11 @@ def parse_args(body: bytes, memo: Memo | None = None) -> tuple[ExtenderArgs, Can
             pass
         else:
             if envelope.node_names is None:
-                memo.names.put(raw, names)
-                memo.heads.put(head, envelope)
+                # Only what was parsed now is stored: a hit is already the most recent entry.
+                if known_names is None:
+                    memo.names.put(raw, names)
+                if known_head is None:
+                    memo.heads.put(head, envelope)
                 args = ExtenderArgs.model_construct(
                     pod=envelope.pod, nodes=envelope.nodes, node_names=names.names
                 )
