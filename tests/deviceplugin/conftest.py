@@ -215,9 +215,14 @@ async def running(agent: Agent, kubelet: TestKubelet) -> AsyncIterator[Agent]:
             task.result()
         yield agent
     finally:
-        agent.nvml.close()
-        task.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await task
-        if agent.podresources is not None:
-            await agent.podresources.close()
+        await stop(agent, task)
+
+
+async def stop(agent: Agent, task: "asyncio.Task[None]") -> None:
+    """Stop an agent served by ``task``, and close what it opened."""
+    agent.nvml.close()
+    task.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await task
+    if agent.podresources is not None:
+        await agent.podresources.close()

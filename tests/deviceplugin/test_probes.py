@@ -13,7 +13,7 @@ import yaml
 from gpushare.deviceplugin.agent import Agent
 from gpushare.deviceplugin.main import serve
 from tests import cluster
-from tests.deviceplugin.conftest import AgentFactory, FakeControl
+from tests.deviceplugin.conftest import AgentFactory, FakeControl, stop
 from tests.deviceplugin.kubelet import TestKubelet
 
 DAEMONSET = Path(__file__).resolve().parents[2] / "manifests" / "device-plugin" / "daemonset.yaml"
@@ -30,12 +30,7 @@ async def listening(agent: Agent) -> AsyncIterator[str]:
         await until(lambda: get(f"{base}/healthz"), lambda answer: answer[0] == 200, task)
         yield base
     finally:
-        agent.nvml.close()
-        task.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await task
-        if agent.podresources is not None:
-            await agent.podresources.close()
+        await stop(agent, task)
 
 
 async def get(url: str) -> tuple[int, str]:

@@ -10,11 +10,12 @@ import urllib.error
 import urllib.request
 from collections.abc import Iterator, Mapping
 from pathlib import Path
-from typing import Final
+from typing import Any, Final
 
 import pytest
 import yaml
 
+from gpushare import names
 from tests import cluster
 
 ROOT: Final = Path(__file__).resolve().parents[2]
@@ -141,3 +142,33 @@ def install_kserve_crds(cp: cluster.ControlPlane) -> None:
     """KServe's InferenceService (and ClusterServingRuntime) CRDs from ``tests/data/kserve``."""
     kserve = require(SHARED / "kserve", "KServe's CRDs (tests/data/kserve)")
     apply_crds(cp, [require(kserve / name, "KServe CRD") for name in KSERVE_CRDS])
+
+
+def mutated_pod(
+    name: str, namespace: str, units: int, *, labels: Mapping[str, str] | None = None
+) -> dict[str, Any]:
+    """A vLLM pod as the webhook leaves it: gpushare's scheduler, the resource in units."""
+    return {
+        "apiVersion": "v1",
+        "kind": "Pod",
+        "metadata": {
+            "name": name,
+            "namespace": namespace,
+            **({"labels": dict(labels)} if labels else {}),
+            "annotations": {
+                names.ANNOTATION_GPU_MEMORY: f"{units}Gi",
+                names.ANNOTATION_MUTATED: str(units),
+            },
+        },
+        "spec": {
+            "schedulerName": names.SCHEDULER_NAME,
+            "containers": [
+                {
+                    "name": "kserve-container",
+                    "image": "vllm/vllm-openai:latest",
+                    "args": ["--model", "/mnt/models", names.VLLM_UTILIZATION_ARG],
+                    "resources": {"limits": {names.RESOURCE_GPU_MEMORY: str(units)}},
+                }
+            ],
+        },
+    }

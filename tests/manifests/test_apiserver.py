@@ -247,33 +247,6 @@ def test_every_service_account_of_the_manifests_is_checked() -> None:
 # --- Each part, under its own ServiceAccount ---------------------------------------------------
 
 
-def _pod(name: str, namespace: str, units: int) -> dict[str, Any]:
-    """A pod as the webhook leaves it."""
-    return {
-        "apiVersion": "v1",
-        "kind": "Pod",
-        "metadata": {
-            "name": name,
-            "namespace": namespace,
-            "annotations": {
-                names.ANNOTATION_GPU_MEMORY: f"{units}Gi",
-                names.ANNOTATION_MUTATED: str(units),
-            },
-        },
-        "spec": {
-            "schedulerName": names.SCHEDULER_NAME,
-            "containers": [
-                {
-                    "name": "kserve-container",
-                    "image": "vllm/vllm-openai:latest",
-                    "args": ["--model", "/mnt/models", names.VLLM_UTILIZATION_ARG],
-                    "resources": {"limits": {names.RESOURCE_GPU_MEMORY: str(units)}},
-                }
-            ],
-        },
-    }
-
-
 def scheduler_config(objects: Any, *, extender: str, kubeconfig: Path) -> dict[str, Any]:
     """The manifests' KubeSchedulerConfiguration, its extender at ``extender`` (``host:port``)."""
     configmap = find(objects, "ConfigMap", "gpushare-scheduler-config")
@@ -308,7 +281,8 @@ def test_kube_scheduler_and_the_extender_bind_a_pod_under_their_account(
             render(MANIFESTS), extender=f"127.0.0.1:{port}", kubeconfig=kubeconfig
         )
         with cp.start_scheduler(config) as scheduler:
-            cp.kubectl("create", "-f", "-", input=json.dumps(_pod("shared", namespace, 20)))
+            shared = json.dumps(parts.mutated_pod("shared", namespace, 20))
+            cp.kubectl("create", "-f", "-", input=shared)
 
             def bound() -> dict[str, Any] | None:
                 extender.check_alive()

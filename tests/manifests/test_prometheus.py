@@ -100,33 +100,12 @@ def _write_nvml(path: Path, processes: list[dict[str, Any]]) -> None:
     path.write_text(yaml.safe_dump({"cards": cards, "processes": processes}))
 
 
-def _pod(name: str, namespace: str, units: int) -> dict[str, Any]:
-    return {
-        "apiVersion": "v1",
-        "kind": "Pod",
-        "metadata": {
-            "name": name,
-            "namespace": namespace,
-            "labels": {
-                "serving.kserve.io/inferenceservice": name.split("-predictor-", maxsplit=1)[0]
-            },
-            "annotations": {
-                names.ANNOTATION_GPU_MEMORY: f"{units}Gi",
-                names.ANNOTATION_MUTATED: str(units),
-            },
-        },
-        "spec": {
-            "schedulerName": names.SCHEDULER_NAME,
-            "containers": [
-                {
-                    "name": CONTAINER,
-                    "image": "vllm/vllm-openai:latest",
-                    "args": ["--model", "/mnt/models", names.VLLM_UTILIZATION_ARG],
-                    "resources": {"limits": {names.RESOURCE_GPU_MEMORY: str(units)}},
-                }
-            ],
-        },
-    }
+def _isvc_pod(name: str, namespace: str, units: int) -> dict[str, Any]:
+    """The predictor pod of the InferenceService its name starts with."""
+    service = name.split("-predictor-", maxsplit=1)[0]
+    return parts.mutated_pod(
+        name, namespace, units, labels={"serving.kserve.io/inferenceservice": service}
+    )
 
 
 def _review(resource: tuple[str, str, str], kind: str, obj: dict[str, Any]) -> bytes:
@@ -340,8 +319,8 @@ def _drive(
     extender_port: int,
 ) -> None:
     """Bind a pod, admit it, run it over its grant; a pod that fits nowhere; a malformed call."""
-    cp.kubectl("create", "-f", "-", input=json.dumps(_pod(POD, namespace, 20)))
-    cp.kubectl("create", "-f", "-", input=json.dumps(_pod(TOO_LARGE, namespace, 100)))
+    cp.kubectl("create", "-f", "-", input=json.dumps(_isvc_pod(POD, namespace, 20)))
+    cp.kubectl("create", "-f", "-", input=json.dumps(_isvc_pod(TOO_LARGE, namespace, 100)))
 
     def bound() -> dict[str, Any] | None:
         pod = json.loads(cp.kubectl("get", "pod", POD, "-n", namespace, "-o", "json").stdout)
