@@ -130,14 +130,12 @@ def test_a_deployment_pod_keeps_its_sidecar_untouched() -> None:
     assert sidecar == pod["spec"]["containers"][1]
 
 
-def test_a_vllm_container_without_a_gpu_still_gets_the_grant() -> None:
+def test_a_vllm_container_without_a_gpu_is_left_unchanged_and_told_why() -> None:
     pod = builders.pod_of(builders.deployment())
     del pod["spec"]["containers"][0]["resources"]
-    server = mutated(pod)["spec"]["containers"][0]
-    assert server["resources"] == {
-        "limits": {names.RESOURCE_GPU_MEMORY: "16"},
-        "requests": {names.RESOURCE_GPU_MEMORY: "16"},
-    }
+    result = mutate(pod)
+    assert result.allowed and result.patch == ()
+    assert "container server, which runs vLLM, requests no nvidia.com/gpu" in result.warnings[0]
 
 
 def test_a_pod_without_gpu_or_vllm_is_left_unchanged_with_a_warning() -> None:
