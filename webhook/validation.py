@@ -219,10 +219,11 @@ def annotations(
             settings=settings,
             largest_cuda_total_bytes=largest_cuda_total_bytes,
         )
-        reasons += more
+        reasons += [Reason(reason.code, where + reason.message) for reason in more]
         warnings += warned
     if names.ANNOTATION_POLICY in values:
-        reasons += policy(values[names.ANNOTATION_POLICY])
+        more = policy(values[names.ANNOTATION_POLICY])
+        reasons += [Reason(reason.code, where + reason.message) for reason in more]
     return Verdict(tuple(reasons), tuple(warnings))
 
 
