@@ -208,7 +208,7 @@ def describe(request: Mapping[str, Any]) -> str:
     """``namespace/name`` of a request's object, for logs (``generateName*`` before a name)."""
     body = request.get("object") or request.get("oldObject") or {}
     metadata = body.get("metadata") or {}
-    name = request.get("name") or metadata.get("name") or f"{metadata.get('generateName') or ''}*"
+    name = metadata.get("name") or request.get("name") or f"{metadata.get('generateName') or ''}*"
     return printable(f"{request.get('namespace') or metadata.get('namespace') or '-'}/{name}")
 
 
