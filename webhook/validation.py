@@ -163,16 +163,16 @@ def annotation_keys(
 ) -> list[Reason]:
     """Refuse keys that look like gpushare's but are not one a user writes.
 
-    A key looks like gpushare's when its prefix (before ``/``; all of it without one) says
+    A key looks like gpushare's when its prefix (before ``/``; all of it without one) starts with
     ``gpushare``: ``gpushare.io/gpu_memory``, ``gpushare/gpu-memory``, ``gpushare.io.gpu-memory``;
-    ``example.com/gpushare-enabled`` is someone else's. ``ours``: system annotations that may be
+    ``example.com/gpushare-enabled`` and ``tests.gpushare.io/x`` are someone else's. ``ours``: system annotations that may be
     there already (the webhook's own mark on a pod it is asked about again).
     """
     reasons = []
     for key in annotations:
         if key in USER_ANNOTATIONS or key in ours:
             continue
-        if "gpushare" not in key.split("/", 1)[0].lower():
+        if not key.split("/", 1)[0].lower().startswith("gpushare"):
             continue
         if key in names.SYSTEM_ANNOTATIONS:
             message = (
