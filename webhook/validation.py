@@ -165,8 +165,9 @@ def annotation_keys(
 
     A key looks like gpushare's when its prefix (before ``/``; all of it without one) starts with
     ``gpushare``: ``gpushare.io/gpu_memory``, ``gpushare/gpu-memory``, ``gpushare.io.gpu-memory``;
-    ``example.com/gpushare-enabled`` and ``tests.gpushare.io/x`` are someone else's. ``ours``: system annotations that may be
-    there already (the webhook's own mark on a pod it is asked about again).
+    ``example.com/gpushare-enabled`` and ``tests.gpushare.io/x`` are someone else's. ``ours``:
+    system annotations that may be there already (the webhook's own mark on a pod it is asked
+    about again).
     """
     reasons = []
     for key in annotations:
