@@ -60,25 +60,23 @@ def pod(
         return Mutation(reasons=tuple(reasons))
     spec: Mapping[str, Any] = body["spec"]
     containers: list[Mapping[str, Any]] = spec["containers"]
-    for group in ("initContainers", "containers"):
-        for container in spec.get(group) or []:
-            where = f"container {container['name']}"
-            reasons += validation.other_gpu_reasons(where, container)
-            refused, warned = validation.environment_reasons(where, container)
-            reasons += refused
-            warnings += warned
-    if reasons:
-        return Mutation(reasons=tuple(reasons))
     plans = [vllm.plan(container) for container in containers]
     target, refusal = _target(spec, containers, plans)
     if refusal is not None:
         return Mutation(reasons=(refusal,))
     if target is None:
         return Mutation(warnings=(_unchanged(containers, plans),))
+    for group in ("initContainers", "containers"):
+        for other in spec.get(group) or []:
+            where = f"container {other['name']}"
+            reasons += validation.other_gpu_reasons(where, other)
+            refused, warned = validation.environment_reasons(where, other)
+            reasons += refused
+            warnings += warned
     container, plan = containers[target], plans[target]
     where = f"container {container['name']}"
     gpus = validation.gpu_count(container)
-    reasons = validation.container_reasons(where, container, gpus=gpus, holder=True)
+    reasons += validation.container_reasons(where, container, gpus=gpus, holder=True)
     if reasons:
         return Mutation(reasons=tuple(reasons))
     units = quantities.to_units(requested, settings.unit_bytes)

@@ -285,6 +285,7 @@ def _inference_service(
         count = gpu_count(container)
         wants_gpu = wants_gpu or count > 0
         reasons += container_reasons(where, container, gpus=count, holder=count > 0)
+        reasons += other_gpu_reasons(where, container)
         more, warned = environment_reasons(where, container)
         reasons += more
         warnings += warned
@@ -317,7 +318,7 @@ def container_reasons(
     where: str, container: Mapping[str, Any], *, gpus: int, holder: bool
 ) -> list[Reason]:
     """Refusals for the container of an annotated object that holds (``holder``) or asks for the
-    GPU: GPU count and other GPU resources, parallelism, vLLM's own sizing, its command line."""
+    GPU: GPU count, parallelism, vLLM's own sizing, its command line."""
     reasons = []
     if gpus > 1:
         message = (
@@ -327,7 +328,6 @@ def container_reasons(
             f" {gpus} whole cards"
         )
         reasons.append(Reason("multi-gpu", message))
-    reasons += other_gpu_reasons(where, container)
     plan = vllm.plan(container)
     argv = _strings(container.get("command")) + _strings(container.get("args"))
     parallel = vllm.parallel_sizes(argv) | plan.parallel
