@@ -16,6 +16,7 @@ with its value even where ``command`` ends with the flag and ``args`` starts wit
 :data:`gpushare.names.VLLM_UTILIZATION_ARG` is added once, last.
 """
 
+import itertools
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Final
@@ -110,12 +111,12 @@ def plan(container: Mapping[str, Any]) -> Plan:
                     ' command: ["vllm", "serve"], args: ["MODEL", ...]'
                 ),
             )
-        return _unseen() if any(_names_server(token) for token in argv) else NOT_VLLM
+        return _unseen() if _mentions(argv) else NOT_VLLM
     if _is_vllm_image(image):
         how = f"the entrypoint of {image}"
     elif _is_hf_image(image):
         how = f"the entrypoint of {image} (python -m {_HF_MODULE})"
-    elif any(_names_server(token) for token in argv):
+    elif _mentions(argv):
         return _unseen()
     else:
         return NOT_VLLM
@@ -223,8 +224,7 @@ def _plan_shell(argv: list[str], *, split: int, at: int, image: str) -> Plan:
         if (hit := _server_at(seen := cmd.literals(), program(seen))) is not None
     ]
     if not found:
-        texts = [w.literal or w.prefix for cmd in commands for w in cmd.words]
-        if _is_vllm_image(image) or any(_names_server(text) for text in texts):
+        if _is_vllm_image(image) or any(_mentions(cmd.literals()) for cmd in commands):
             return _unseen(image=image)
         return NOT_VLLM
     how = f"{_basename(argv[at])} -c script: {found[0][1][1]}"
@@ -331,6 +331,23 @@ def _script_index(argv: list[str]) -> int | None:
     if index < len(argv) and argv[index] == "--":
         index += 1
     return index if reads_string and index < len(argv) else None
+
+
+def _mentions(words: Sequence[str | None]) -> bool:
+    """Whether a command line names a vLLM server without gpushare seeing it start: its program
+    is ``vllm`` (or KServe's server), a nested shell whose script names one, or ``vllm serve`` or
+    ``-m <server module>`` stand somewhere among its words (``uv run vllm serve``)."""
+    at = program(words)
+    name = _basename(words[at] or "") if at < len(words) else ""
+    if name in ("vllm", _HF_MODULE):
+        return True
+    if name in _SHELLS and any(word is not None and _names_server(word) for word in words[at:]):
+        return True
+    return any(
+        (word is not None and _basename(word) == "vllm" and after == "serve")
+        or (word == "-m" and after in SERVER_MODULES)
+        for word, after in itertools.pairwise(words)
+    )
 
 
 def _names_server(word: str) -> bool:

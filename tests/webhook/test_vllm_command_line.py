@@ -324,3 +324,15 @@ def test_the_kv_cache_dtype_is_no_kv_cache_size() -> None:
         vllm.plan(container(command=["vllm", "serve", "m", "--kv-cache-dtype", "fp8"])).kv_cache
         is None
     )
+
+
+@pytest.mark.parametrize(
+    "command",
+    [
+        ["python", "train.py", "--output", "/data/vllm"],
+        ["sh", "-c", "python train.py --output /data/vllm && echo done"],
+    ],
+    ids=["list", "shell"],
+)
+def test_a_path_named_vllm_is_no_mention_of_the_server(command: list[str]) -> None:
+    assert vllm.plan(container(command=command)) == vllm.NOT_VLLM
