@@ -316,7 +316,8 @@ class Agent:
         Reads only the pod cache and kubelet's PodResources: never the API server, so kubelet's
         admission (which waits on this call with no deadline) never waits on it.
         """
-        self.check_advertised([*available, *must_include])
+        self.check_advertised(available)
+        self.check_advertised(must_include)
         target: CardUUID | None = None
         if self.pods is not None:
             await self.refresh_holdings()
@@ -341,7 +342,9 @@ class Agent:
         return allocation.preferred(available, must_include, size, target=target)
 
     def check_advertised(self, device_ids: Sequence[str]) -> None:
-        """Refuse IDs this plugin never listed (or spelled otherwise), naming the first."""
+        """Refuse IDs this plugin never listed (or spelled otherwise, or twice), naming one."""
+        if len(set(device_ids)) != len(device_ids):
+            raise errors.BadRequest(f"device IDs {list(device_ids)} name a unit twice")
         listed = {d for d, _ in self._devices}
         for device in device_ids:
             devices.parse(device)
@@ -363,8 +366,6 @@ class Agent:
 
     async def _allocate(self, device_ids: Sequence[str]) -> allocation.ContainerSetup:
         self.check_advertised(device_ids)
-        if len(set(device_ids)) != len(device_ids):
-            raise errors.BadRequest(f"device IDs {list(device_ids)} name a unit twice")
         grant = allocation.grant_of(device_ids, unit_bytes=self.settings.unit_bytes)
         await self._check_not_held(grant)
         card = self.cards.get(grant.card)
@@ -408,8 +409,9 @@ class Agent:
         """Refuse IDs a live container holds; grant nothing before PodResources has been read.
 
         Until kubelet has said which IDs are held (after a restart), the card's grants are unknown
-        and a grant could overcommit it. IDs that the last reading shows held are read again once:
-        kubelet frees a finished pod's IDs just before it hands them out anew.
+        and a grant could overcommit it. IDs already granted (booked, or held at the last reading)
+        are checked against a fresh reading: kubelet frees a finished pod's IDs just before it
+        hands them out anew, and lists a live container's until it ends.
         """
         if self.holdings is None and not await self.refresh_holdings():
             raise errors.Conflict(
@@ -417,7 +419,8 @@ class Agent:
                 f" already on card {grant.card} are unknown, so none is made; kubelet retries"
             )
         ids = set(grant.devices)
-        if any(ids & set(h.devices) for h in self.holdings or []):
+        granted = [b.grant.devices for b in self.book.values()]
+        if any(ids & set(d) for d in [*granted, *(h.devices for h in self.holdings or [])]):
             await self.refresh_holdings()
         for holding in self.holdings or []:
             taken = sorted(ids & set(holding.devices), key=devices.sort_key)

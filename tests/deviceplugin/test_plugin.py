@@ -254,3 +254,21 @@ async def test_stops_an_mps_daemon_once_its_pod_is_gone(
         await agent.reconcile()
         assert f"{pipe} quit" in mps_control.lines()
         assert agent.mode.servers_on(CARD_A) == 0  # type: ignore[arg-type]
+
+
+async def test_a_card_that_vanishes_from_nvml_goes_unhealthy(
+    make_agent: AgentFactory, kubelet: TestKubelet, nvml_file: Path
+) -> None:
+    async with running(make_agent(isolation="none"), kubelet) as agent:
+        write_fake(nvml_file, [card(CARD_A, 0)])
+        await kubelet.wait_for(
+            lambda: all(
+                h == "Unhealthy" for d, h in kubelet.devices.items() if d.startswith(CARD_B)
+            )
+        )
+        assert len(kubelet.devices) == 2 * UNITS_PER_H100  # its IDs stay listed, as Unhealthy
+        await agent.published()
+        (report_b,) = [c for c in agent.card_reports() if c.uuid == CARD_B]
+        assert not report_b.healthy and report_b.free_bytes == 0
+        write_fake(nvml_file, [card(CARD_A, 0), card(CARD_B, 1)])
+        await kubelet.wait_for(lambda: set(kubelet.devices.values()) == {"Healthy"})
