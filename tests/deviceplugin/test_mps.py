@@ -155,15 +155,18 @@ async def test_daemons_are_moved_into_the_named_cgroup(
     hierarchy.mkdir()
     (hierarchy / "cgroup.controllers").write_text("cpu memory pids\n")
     keep = hierarchy / "gpushare-mps"
-    for name in ("mps", "mps-shared"):
-        mode = mps.make(name, short_tmp / name, control=str(mps_control.path), cgroup=keep)  # type: ignore[arg-type]
+    modes: tuple[Isolation, ...] = ("mps", "mps-shared")
+    for name in modes:
+        mode = mps.make(name, short_tmp / name, control=str(mps_control.path), cgroup=keep)
         await mode.start()
         pipe = await mode.prepare(grant(CARD_A, 0))
         assert pipe is not None
         pid = (pipe / mps.PID_FILE).read_text().strip()
         assert pid in (keep / "cgroup.procs").read_text()
     # Not a cgroup v2 hierarchy: the daemon runs, and the log says it ends with the agent's pod.
-    plain = mps.make("mps", short_tmp / "plain", control=str(mps_control.path), cgroup=short_tmp / "x")
+    plain = mps.make(
+        "mps", short_tmp / "plain", control=str(mps_control.path), cgroup=short_tmp / "x"
+    )
     await plain.start()
     assert mps.alive(await plain.prepare(grant(CARD_B, 0)))  # type: ignore[arg-type]
     assert "ends with its pod" in caplog.text

@@ -99,9 +99,9 @@ def test_the_request_size_must_match() -> None:
 def test_pods_of_other_nodes_cards_not_pending_or_terminating_are_skipped() -> None:
     assert choose([pod("elsewhere", card="GPU-other")]) is None
     assert choose([pod("running", phase="Running")]) is None
-    assert choose([pod("going", deleting=True), pod("staying", created="2031-01-01T00:00:00Z")]) == (
-        "staying/c"
-    )
+    assert choose(
+        [pod("going", deleting=True), pod("staying", created="2031-01-01T00:00:00Z")]
+    ) == ("staying/c")
 
 
 def test_only_readable_allocation_annotations_count() -> None:

@@ -36,7 +36,14 @@ async def refused(call: object) -> grpc.aio.AioRpcError:
         ([f"{CARD_A}-\u0663"], "not of the form"),  # ARABIC-INDIC DIGIT THREE
         ([f"{CARD_A}-\u00b2"], "not of the form"),  # SUPERSCRIPT TWO: int() refuses it
     ],
-    ids=["unit past the card", "unknown card", "two spellings", "twice", "indic digit", "superscript"],
+    ids=[
+        "unit past the card",
+        "unknown card",
+        "two spellings",
+        "twice",
+        "indic digit",
+        "superscript",
+    ],
 )
 async def test_ids_never_issued_are_refused_and_poison_nothing(
     make_agent: AgentFactory, kubelet: TestKubelet, ids: list[str], says: str
