@@ -249,7 +249,7 @@ class _Control:
             self.cgroup.mkdir(exist_ok=True)
             pid = (pipe / PID_FILE).read_text().strip()
             with (self.cgroup / "cgroup.procs").open("a") as procs:
-                procs.write(pid)
+                procs.write(f"{pid}\n")
         except OSError as exc:
             logger.error(
                 "MPS daemon of %s stays in the agent's cgroup and ends with its pod: %s", pipe, exc
