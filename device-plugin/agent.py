@@ -84,6 +84,7 @@ class Agent:
         self._publishing: asyncio.Task[None] | None = None
         self.devices_changed = asyncio.Condition()
         self._devices: list[tuple[DeviceID, bool]] = []
+        self._listed: frozenset[str] = frozenset()
         self._allocating = asyncio.Lock()
         self.reporter = (
             Reporter(
@@ -138,6 +139,7 @@ class Agent:
         if fresh == self._devices:
             return False
         self._devices = fresh
+        self._listed = frozenset(d for d, _ in fresh)
         async with self.devices_changed:
             self.devices_changed.notify_all()
         return True
@@ -345,10 +347,9 @@ class Agent:
         """Refuse IDs this plugin never listed (or spelled otherwise, or twice), naming one."""
         if len(set(device_ids)) != len(device_ids):
             raise errors.BadRequest(f"device IDs {list(device_ids)} name a unit twice")
-        listed = {d for d, _ in self._devices}
         for device in device_ids:
             devices.parse(device)
-            if device not in listed:
+            if device not in self._listed:
                 raise errors.BadRequest(
                     f"device ID {device!r} was never advertised by this plugin on node {self.node}"
                 )
