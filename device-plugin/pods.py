@@ -1,12 +1,13 @@
 """Pods of this node as the plugin needs them, and which container kubelet is admitting now.
 
 ``GetPreferredAllocation`` is not told its pod. kubelet admits a batch of new pods in creation-time
-order (``HandlePodAdditions`` sorts them; pods created within the same second keep the order kubelet
-received them in, which is their bind order) and a pod's containers in spec order, calling the
-plugin once per container that asks for memory. The guess follows that: the first pending,
-non-terminating pod bound to one of our cards, in that order, whose next container without devices
-asks for the requested units; its card is the one the extender recorded for that container. A wrong
-guess costs only a preference: the IDs decide the card, and reconciliation corrects the annotations.
+order (``HandlePodAdditions`` sorts them by a timestamp of whole seconds; within one second the
+plugin takes bind order, the order in which kubelet usually receives them) and a pod's containers
+in spec order, calling the plugin once per container that asks for memory. The guess follows that:
+the first pending, non-terminating pod bound to one of our cards, in that order, whose next
+container without devices asks for the requested units; its card is the one the extender recorded
+for that container. A wrong guess costs only a preference: the IDs decide the card, and
+reconciliation corrects the annotations.
 """
 
 from collections.abc import Collection, Iterable, Mapping
