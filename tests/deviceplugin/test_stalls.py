@@ -16,6 +16,7 @@ from kubernetes_asyncio import client
 from gpushare import names
 from gpushare.deviceplugin import kube
 from gpushare.deviceplugin.nvml import FakeNvml, Snapshot, XidEvent
+from gpushare.deviceplugin.pods import PodInfo
 from tests.deviceplugin.conftest import (
     CARD_A,
     CARD_B,
@@ -68,6 +69,7 @@ async def test_every_api_call_ends_at_its_deadline(silent_api: str) -> None:
             api.patch_pod_annotations("ns", "p", {"a": "b"}),
             api.list_pods("n"),
             api.evict("ns", "p"),
+            api.post_event(PodInfo(namespace="ns", name="p"), reason="Test", message="m"),
         ]
         for call in calls:
             with pytest.raises(kube.ApiError) as caught:
