@@ -27,7 +27,6 @@ official, pydantic-typed ``kubernetes`` client).
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import datetime as dt
 import ipaddress
 import itertools
@@ -247,17 +246,20 @@ def free_port() -> int:
         return port
 
 
-try:
-    _LIBC: ctypes.CDLL | None = ctypes.CDLL("libc.so.6", use_errno=True)
-except OSError:  # not glibc Linux: children just will not die with the test process
-    _LIBC = None
+_SETPRIV = shutil.which("setpriv")
 
 
-def _die_with_parent() -> None:
-    """In the child before exec: get SIGKILL when the test process dies, even by SIGKILL."""
-    pr_set_pdeathsig = 1
-    if _LIBC is not None:
-        _LIBC.prctl(pr_set_pdeathsig, signal.SIGKILL)
+def _dying_with_parent(argv: Sequence[str]) -> list[str]:
+    """``argv`` run so that it gets SIGKILL when the test process dies, even by SIGKILL.
+
+    util-linux's ``setpriv --pdeathsig`` sets the signal before it execs the command, so the child
+    needs no ``preexec_fn``: a fork that runs Python code in the child can trip gRPC's fork handlers
+    (seen: ``epoll_wait error: Bad file descriptor`` aborting the child) once a test has used gRPC.
+    Without setpriv, children just do not die with the test process.
+    """
+    if _SETPRIV is None:
+        return list(argv)
+    return [_SETPRIV, "--pdeathsig", "KILL", "--", *argv]
 
 
 def tail(path: Path, max_lines: int = 60) -> str:
@@ -283,11 +285,10 @@ class Process:
         self.log_path = log_path
         self._log: IO[bytes] = log_path.open("ab")
         self.popen: subprocess.Popen[bytes] = subprocess.Popen(
-            self.argv,
+            _dying_with_parent(self.argv),
             stdin=subprocess.DEVNULL,
             stdout=self._log,
             stderr=subprocess.STDOUT,
-            preexec_fn=_die_with_parent,  # noqa: PLW1509 - only a prctl() call
         )
 
     @property
