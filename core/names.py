@@ -61,6 +61,10 @@ ENV_VLLM_UTILIZATION: Final = "GPUSHARE_VLLM_GPU_MEMORY_UTILIZATION"
 ENV_MPS_PIPE_DIRECTORY: Final = "CUDA_MPS_PIPE_DIRECTORY"
 ENV_MPS_LOG_DIRECTORY: Final = "CUDA_MPS_LOG_DIRECTORY"
 ENV_MPS_MEM_LIMIT: Final = "CUDA_MPS_PINNED_DEVICE_MEM_LIMIT"
+ENV_GPU_MEMORY_REQUEST: Final = "NVIDIA_GPU_MEMORY_REQUEST"
+ENV_GPU_MEMORY_LIMIT: Final = "NVIDIA_GPU_MEMORY_LIMIT"
+"""Read (in MiB) by the NVIDIA container toolkit's CDI hook ``apply-cuda-memory-limits`` (toolkit
+1.20.1 and later), which sets the container's per-cgroup limit on drivers r615 and later."""
 
 SYSTEM_ENV: Final = frozenset(
     {
@@ -71,6 +75,8 @@ SYSTEM_ENV: Final = frozenset(
         ENV_MPS_PIPE_DIRECTORY,
         ENV_MPS_LOG_DIRECTORY,
         ENV_MPS_MEM_LIMIT,
+        ENV_GPU_MEMORY_REQUEST,
+        ENV_GPU_MEMORY_LIMIT,
         "CUDA_VISIBLE_DEVICES",
     }
 )
