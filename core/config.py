@@ -18,7 +18,7 @@ Policy = Literal["binpack", "spread"]
 Isolation = Literal["cgroup", "mps", "mps-shared", "none"]
 """A node's isolation: per-cgroup driver limits, an MPS daemon per container or per node, none."""
 IsolationSetting = Literal["auto", "cgroup", "mps", "mps-shared", "none"]
-"""The configured isolation: ``auto`` is the strongest the node supports (``cgroup``, else ``mps``)."""
+"""The configured isolation: ``auto`` is the strongest the node supports (``cgroup`` or ``mps``)."""
 
 
 def _bytes(value: object) -> int:

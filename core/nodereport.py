@@ -70,9 +70,7 @@ class NodeReport(pydantic.BaseModel):
 
     def same_state(self, other: "NodeReport | None") -> bool:
         """Whether ``other`` reports the same cards (heartbeat aside)."""
-        return (
-            other is not None and self.cards == other.cards and self.isolation == other.isolation
-        )
+        return other is not None and self.cards == other.cards and self.isolation == other.isolation
 
 
 def decode(text: str) -> NodeReport:

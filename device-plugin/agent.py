@@ -15,7 +15,16 @@ from typing import Final
 
 from gpushare import errors
 from gpushare.config import Settings
-from gpushare.deviceplugin import allocation, devices, health, kube, mps, reconcile
+from gpushare.deviceplugin import (
+    allocation,
+    cgrouplimit,
+    devices,
+    escapes,
+    health,
+    kube,
+    mps,
+    reconcile,
+)
 from gpushare.deviceplugin.metrics import CardState, Metrics
 from gpushare.deviceplugin.nvml import CardReading, Nvml, Snapshot
 from gpushare.deviceplugin.podresources import Holding, PodResourcesClient, PodResourcesError
@@ -80,6 +89,7 @@ class Agent:
             Reporter(
                 api,
                 node=node,
+                isolation=mode.name,
                 change_bytes=settings.agent.report_change_bytes,
                 heartbeat_seconds=settings.agent.heartbeat_seconds,
                 on_sent=metrics.reports.inc,
@@ -96,6 +106,10 @@ class Agent:
             on_violation=metrics.violation,
             clock=clock,
         )
+        self.escapes = escapes.Guard(
+            api, node=node, action=settings.agent.escape_action, on_escape=metrics.escape
+        )
+        metrics.isolation = mode.name
 
     # --- devices ----------------------------------------------------------------------------
 
@@ -174,6 +188,7 @@ class Agent:
                     used_bytes=card.used_bytes,
                     free_bytes=0 if broken else card.free_bytes,
                     healthy=self.health.healthy(card.uuid),
+                    memory_limits=card.memory_limits,
                 )
             )
         return reports
@@ -208,12 +223,31 @@ class Agent:
             for h in self.holdings or []
             if _single_card(h.devices)
         }
-        usages = usage(
+        held = {k: (g.card, g.granted_bytes) for k, g in grants.items()}
+        pods = self.pods.pods()
+        if isinstance(self.mode, cgrouplimit.CgroupLimit):
+            containers = {
+                (pod.uid, cid): (pod.key, name)
+                for pod in pods
+                for cid, name in pod.container_ids.items()
+            }
+            await asyncio.to_thread(
+                self.mode.enforce,
+                snapshot.processes,
+                locator=self.locator,
+                grants=held,
+                containers=containers,
+            )
+        found = escapes.find(
             snapshot.processes,
+            isolation=self.mode.name,
             locator=self.locator,
-            pods=self.pods.pods(),
-            grants={k: (g.card, g.granted_bytes) for k, g in grants.items()},
+            pods=pods,
+            grants=held,
+            slack_bytes=self.settings.agent.escape_slack_bytes,
         )
+        await self.escapes.check(found)
+        usages = usage(snapshot.processes, locator=self.locator, pods=pods, grants=held)
         self.metrics.set_containers(usages)
         await self.watchdog.check(usages)
 
