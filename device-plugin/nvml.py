@@ -244,7 +244,7 @@ class RealNvml:
             return []
         try:
             clients = list(nvml.nvmlDeviceGetMPSComputeRunningProcesses(handle))
-        except nvml.NVMLError as exc:
+        except (nvml.NVMLError, getattr(nvml, "NVMLLibraryMismatchError", nvml.NVMLError)) as exc:
             logger.debug("card %s: MPS clients not listed apart (%s)", uuid, exc)
             clients = None
         mps = {int(p.pid) for p in clients or []}

@@ -170,18 +170,22 @@ def make_agent(short_tmp: Path, nvml_file: Path, mps_control: FakeControl) -> Ag
         settings: Settings | None = None,
         clock: Callable[[], float] = time.monotonic,
         registry: prometheus_client.CollectorRegistry | None = None,
+        cgroup_v2: bool = True,
         **agent_settings: Any,
     ) -> Agent:
         settings = settings or make_settings(short_tmp, isolation=isolation, **agent_settings)
+        nvml = FakeNvml(path=nvml_file)
         return Agent(
             settings,
             node=node,
-            nvml=FakeNvml(path=nvml_file),
+            nvml=nvml,
             mode=mps.make(
                 settings.isolation,
                 settings.agent.mps_root,
                 control=str(mps_control.path),
                 clock=clock,
+                nvml=nvml,
+                cgroup_v2=cgroup_v2,
             ),
             metrics=Metrics(registry or prometheus_client.CollectorRegistry(), node=node),
             api=api,
