@@ -216,6 +216,10 @@ class Agent:
     async def _watch_usage(self, snapshot: Snapshot) -> None:
         if self.locator is None or self.pods is None:
             return
+        if self._unheld_pod_on_card(snapshot):
+            # A container may start within one reconcile of its Allocate: ask kubelet now, so its
+            # processes are judged against its grant on this poll, not the next.
+            await self.refresh_holdings()
         grants = {
             (h.pod, h.container): (
                 allocation.grant_of(h.devices, unit_bytes=self.settings.unit_bytes)
@@ -250,6 +254,16 @@ class Agent:
         usages = usage(snapshot.processes, locator=self.locator, pods=pods, grants=held)
         self.metrics.set_containers(usages)
         await self.watchdog.check(usages)
+
+    def _unheld_pod_on_card(self, snapshot: Snapshot) -> bool:
+        assert self.locator is not None and self.pods is not None
+        held = self.holders()
+        uids = {pod.uid for pod in self.pods.pods() if pod.key not in held}
+        for process in snapshot.processes:
+            where = self.locator.locate(process.pid)
+            if where is not None and where.pod_uid in uids:
+                return True
+        return False
 
     async def watch_events(self) -> None:
         """Forward NVML XID events to health as they come."""
