@@ -514,6 +514,7 @@ class Node:
                 while time.time() < until and not self.api.of(key, "evict"):
                     await asyncio.sleep(0.05)
                 await asyncio.sleep(0.2)
+            row["nvml"] = self.seen_by_agent(f"{uid}/{cid}")
         finally:
             await kill_child(child, f"{uid}/{cid}", self.control, agents=self.mps_root)
             self.kubelet.release(key)
@@ -530,6 +531,16 @@ class Node:
             row, grant_mib=self.opts.grant_bytes // MI, poll_seconds=self.opts.poll_seconds
         )
         return row
+
+    def seen_by_agent(self, marker: str) -> list[Json]:
+        """The pod's processes in the agent's last NVML reading: how each held the card."""
+        uid, _, cid = marker.partition("/")
+        locator = MarkerLocator()
+        return [
+            {"pid": p.pid, "kind": p.kind, "used_mib": p.used_bytes // MI}
+            for p in self.agent.last_snapshot.processes
+            if locator.locate(p.pid) == Location(uid, cid)
+        ]
 
     def environment(self, escape: str, envs: dict[str, str], *, marker: str) -> dict[str, str]:
         """The container's environment: Allocate's, changed the escape's way."""
@@ -586,13 +597,25 @@ class Node:
 async def kill_child(
     child: asyncio.subprocess.Process, marker: str, control: str, *, agents: Path
 ) -> None:
-    """Kill the child and everything it left (its own MPS daemon included), as kubelet would."""
-    for pipe in own_pipes(marker, besides=agents):
-        quit_daemon(pipe, control)
+    """End the child, then what it left (its own MPS daemon included), as kubelet would.
+
+    The child first gets to exit by itself (its stdin closes), so an MPS server sees its client
+    leave rather than vanish; what is left after a few seconds is killed.
+    """
+    pipes = own_pipes(marker, besides=agents)
+    if child.stdin is not None:
+        child.stdin.close()
+    try:
+        await asyncio.wait_for(child.wait(), 5)
+    except TimeoutError:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(child.pid, signal.SIGKILL)
+        with contextlib.suppress(Exception):
+            await asyncio.wait_for(child.wait(), 10)
+    for pipe in pipes:
+        await asyncio.to_thread(quit_daemon, pipe, control)
     with contextlib.suppress(ProcessLookupError):
         os.killpg(child.pid, signal.SIGKILL)
-    with contextlib.suppress(Exception):
-        await asyncio.wait_for(child.wait(), 10)
     for pid in marked(marker):
         with contextlib.suppress(ProcessLookupError, PermissionError):
             os.kill(pid, signal.SIGKILL)

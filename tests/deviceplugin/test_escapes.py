@@ -190,3 +190,37 @@ async def test_the_agent_catches_an_escape_on_its_next_poll_without_grace(
                 break
             await asyncio.sleep(0.02)
     assert count == 1
+
+
+async def test_a_process_of_a_pod_kubelet_has_not_listed_yet_is_judged_on_the_first_poll(
+    make_agent: AgentFactory, kubelet: TestKubelet, nvml_file: Path, short_tmp: Path
+) -> None:
+    # Allocate has answered and the container started before the agent's next reconcile: the poll
+    # that first sees its process asks kubelet for the holdings itself.
+    kubelet.assigned[("ns", "bloom")] = {
+        "kserve-container": ("gpushare.io/gpu-memory", [f"{CARD_A}-{u}" for u in range(10)])
+    }
+    write_proc(short_tmp / "proc", 4242, UID, CID)
+    write_fake(
+        nvml_file,
+        [card(CARD_A, 0), card(CARD_B, 1)],
+        processes=[{"pid": 4242, "card": CARD_A, "used": "2Gi", "kind": "cuda"}],
+    )
+    agent = make_agent(
+        isolation="mps",
+        pods=StaticPods([vllm_pod()]),
+        locator=watchdog.CgroupLocator(short_tmp / "proc"),
+    )
+    try:
+        await agent.poll()
+    finally:
+        if agent.podresources is not None:
+            await agent.podresources.close()
+    labels = {
+        "node": "gpu-node",
+        "namespace": "ns",
+        "pod": "bloom",
+        "container": "kserve-container",
+        "escape": "outside-mps",
+    }
+    assert agent.metrics.registry.get_sample_value("gpushare_isolation_escapes_total", labels) == 1
