@@ -115,7 +115,7 @@ ESCAPES: Final = (
 UNKNOWN_UUID: Final = "GPU-00000000-0000-4000-8000-000000000000"
 DEFAULT_PIPE: Final = Path("/tmp/nvidia-mps")
 """Where CUDA looks for a daemon when ``CUDA_MPS_PIPE_DIRECTORY`` is unset."""
-START_SECONDS: Final = 90.0
+START_SECONDS: Final = 60.0
 """A child must have allocated (or failed) this long after it starts: torch's import and CUDA's
 start take seconds; a wedged child is killed and recorded."""
 DRY_CARD: Final = "GPU-00000000-0000-4000-8000-0000000000d7"
@@ -493,21 +493,12 @@ class Node:
         allocated = await self.kubelet.allocate(key, "main", units)
         env = self.environment(escape, dict(allocated.envs), marker=f"{uid}/{cid}")
         row: Json = {"mode": self.mode, "escape": escape}
-        child = await asyncio.create_subprocess_exec(
-            self.opts.python,
-            "-c",
-            CHILD.replace("    ALLOCATE\n", DRY_ALLOCATE if self.opts.dry_run else REAL_ALLOCATE),
-            str(self.opts.chunk_bytes),
-            str(self.opts.cap_bytes),
-            self.control,
-            env=env,
-            stdin=asyncio.subprocess.PIPE,
-            stdout=asyncio.subprocess.PIPE,
-            stderr=asyncio.subprocess.PIPE,
-            start_new_session=True,
-        )
+        # A file, not a pipe: a child that writes much to stderr must never block on it.
+        log = self.work / f"{escape}.stderr"
+        with log.open("wb") as stderr:
+            child = await self._spawn(env, stderr.fileno())
         try:
-            await self._follow(child, row)
+            await self._follow(child, row, log)
             if row.get("context_at") is not None:
                 # Give the agent its chance: a poll, then one second, after the first allocation.
                 until = row["context_at"] + self.opts.poll_seconds + 1.0
@@ -565,7 +556,24 @@ class Node:
                 env["ISOLATION_ESCAPES_SHARED"] = "1"
         return env
 
-    async def _follow(self, child: asyncio.subprocess.Process, row: Json) -> None:
+    async def _spawn(self, env: Mapping[str, str], stderr: int) -> asyncio.subprocess.Process:
+        """Start the container's process, in a session of its own."""
+        code = CHILD.replace("    ALLOCATE\n", DRY_ALLOCATE if self.opts.dry_run else REAL_ALLOCATE)
+        return await asyncio.create_subprocess_exec(
+            self.opts.python,
+            "-c",
+            code,
+            str(self.opts.chunk_bytes),
+            str(self.opts.cap_bytes),
+            self.control,
+            env=env,
+            stdin=asyncio.subprocess.PIPE,
+            stdout=asyncio.subprocess.PIPE,
+            stderr=stderr,
+            start_new_session=True,
+        )
+
+    async def _follow(self, child: asyncio.subprocess.Process, row: Json, log: Path) -> None:
         """Read the child's lines until it is done, stopped or past its time."""
         assert child.stdout is not None
         deadline = time.monotonic() + START_SECONDS
@@ -577,9 +585,9 @@ class Node:
                 row["error"] = f"no answer within {START_SECONDS:.0f} s"
                 return
             if not line:
-                assert child.stderr is not None
-                err = (await child.stderr.read()).decode(errors="replace")
-                row.setdefault("error", f"exited: {err[-400:]}")
+                await child.wait()
+                err = log.read_text(errors="replace")
+                row.setdefault("error", f"exited ({child.returncode}): {err[-400:]}")
                 return
             message = json.loads(line)
             phase = message.get("phase")

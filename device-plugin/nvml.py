@@ -143,6 +143,7 @@ class RealNvml:
         self._events: Any = None
         self._ready = False
         self._limits = False
+        self._no_mps_list: set[CardUUID] = set()
 
     def _init(self) -> None:
         nvml = self._nvml
@@ -245,7 +246,14 @@ class RealNvml:
         try:
             clients = list(nvml.nvmlDeviceGetMPSComputeRunningProcesses(handle))
         except (nvml.NVMLError, getattr(nvml, "NVMLLibraryMismatchError", nvml.NVMLError)) as exc:
-            logger.debug("card %s: MPS clients not listed apart (%s)", uuid, exc)
+            if uuid not in self._no_mps_list:
+                self._no_mps_list.add(uuid)
+                logger.warning(
+                    "card %s: NVML lists no MPS clients apart (%s): a CUDA context outside MPS"
+                    " cannot be told from an MPS client there",
+                    uuid,
+                    exc,
+                )
             clients = None
         mps = {int(p.pid) for p in clients or []}
         listed = {int(p.pid) for p in running}
