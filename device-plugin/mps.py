@@ -1,6 +1,6 @@
 """MPS isolation: the driver refuses a container's allocations past its grant.
 
-Three modes, named in configuration (``isolation``):
+The MPS modes and ``none``, named in configuration (``isolation``):
 
 ``mps`` (default)
     One ``nvidia-cuda-mps-control`` daemon per allocated container, with its own pipe directory
@@ -445,19 +445,18 @@ def make(
     ``cgroup_v2`` says whether the node runs cgroup v2 (default: look at ``/sys/fs/cgroup``).
     Without ``nvml`` no card is known to support per-cgroup limits.
     """
-    reason = "no NVML to ask"
+    reason: str | None = "no NVML to ask"
     if nvml is not None and isolation in ("auto", "cgroup"):
-        cards = nvml.snapshot().cards
         v2 = cgrouplimit.cgroup_v2() if cgroup_v2 is None else cgroup_v2
-        reason = cgrouplimit.unsupported(cards, cgroup_v2=v2) or ""
-    chosen = cgrouplimit.choose(isolation, reason=reason or None)
+        reason = cgrouplimit.unsupported(nvml.snapshot().cards, cgroup_v2=v2)
+    chosen = cgrouplimit.choose(isolation, reason=reason)
     if isolation == "auto":
         logger.info("isolation auto: %s%s", chosen, f" ({reason})" if reason else "")
     runner = runner or SubprocessRunner()
     if chosen == "cgroup":
         if nvml is None:
             raise errors.ConfigError("isolation 'cgroup' needs NVML to set and check its limits")
-        return cgrouplimit.CgroupLimit(nvml, reason=reason or None)
+        return cgrouplimit.CgroupLimit(nvml, reason=reason)
     if chosen == "mps":
         return PerContainer(root, runner=runner, control=control, clock=clock)
     if chosen == "mps-shared":
