@@ -139,7 +139,8 @@ if own:
     os.makedirs(log, exist_ok=True)
     os.environ.update(CUDA_MPS_PIPE_DIRECTORY=own, CUDA_MPS_LOG_DIRECTORY=log)
     os.environ.pop("CUDA_MPS_PINNED_DEVICE_MEM_LIMIT", None)
-    rc = subprocess.run([control, "-d"], stdin=subprocess.DEVNULL).returncode
+    quiet = dict(stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    rc = subprocess.run([control, "-d"], **quiet).returncode  # keeps no pipe of ours open
     say(phase="own-daemon", rc=rc)
 held = 0
 try:
@@ -589,7 +590,10 @@ class Node:
                 err = log.read_text(errors="replace")
                 row.setdefault("error", f"exited ({child.returncode}): {err[-400:]}")
                 return
-            message = json.loads(line)
+            try:
+                message = json.loads(line)
+            except ValueError:
+                continue  # not one of the child's own lines
             phase = message.get("phase")
             if phase == "context":
                 row["context_at"] = message["t"]
