@@ -728,6 +728,14 @@ async def run(opts: Options) -> Json:
     return results.data
 
 
+async def _until_terminated(opts: Options) -> Json:
+    """Run; on SIGTERM stop what was started (every ``finally``) before exiting."""
+    task = asyncio.current_task()
+    assert task is not None
+    asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, task.cancel)
+    return await run(opts)
+
+
 def line(row: Json) -> str:
     def figure(value: Any, unit: str = "") -> str:
         return "-" if value is None else f"{value}{unit}"
@@ -782,7 +790,11 @@ def main(argv: list[str] | None = None) -> int:
     if not opts.dry_run and (os.geteuid() != 0 or shutil.which(mps.CONTROL) is None):
         print(f"needs root and {mps.CONTROL} on PATH (or --dry-run)", file=sys.stderr)
         return 2
-    data = asyncio.run(run(opts))
+    try:
+        data = asyncio.run(_until_terminated(opts))
+    except asyncio.CancelledError:
+        print("terminated: daemons and processes stopped; partial figures in the JSON")
+        return 1
     print()
     print(table(data))
     print(f"\npoll {opts.poll_seconds} s; JSON: {opts.out / 'isolation-escapes.json'}")
