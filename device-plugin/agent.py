@@ -250,7 +250,8 @@ class Agent:
             grants=held,
             slack_bytes=self.settings.agent.escape_slack_bytes,
         )
-        await self.escapes.check(found)
+        if snapshot.error is None:  # no reading is not the end of an episode
+            await self.escapes.check(found)
         usages = usage(snapshot.processes, locator=self.locator, pods=pods, grants=held)
         self.metrics.set_containers(usages)
         await self.watchdog.check(usages)
