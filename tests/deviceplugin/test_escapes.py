@@ -224,3 +224,36 @@ async def test_a_process_of_a_pod_kubelet_has_not_listed_yet_is_judged_on_the_fi
         "escape": "outside-mps",
     }
     assert agent.metrics.registry.get_sample_value("gpushare_isolation_escapes_total", labels) == 1
+
+
+async def test_a_failed_nvml_reading_does_not_report_an_escape_twice(
+    make_agent: AgentFactory, kubelet: TestKubelet, nvml_file: Path, short_tmp: Path
+) -> None:
+    kubelet.assigned[("ns", "bloom")] = {
+        "kserve-container": ("gpushare.io/gpu-memory", [f"{CARD_A}-{u}" for u in range(10)])
+    }
+    write_proc(short_tmp / "proc", 4242, UID, CID)
+    escaping = [{"pid": 4242, "card": CARD_A, "used": "2Gi", "kind": "cuda"}]
+    write_fake(nvml_file, [card(CARD_A, 0), card(CARD_B, 1)], processes=escaping)
+    agent = make_agent(
+        isolation="mps",
+        pods=StaticPods([vllm_pod()]),
+        locator=watchdog.CgroupLocator(short_tmp / "proc"),
+    )
+    labels = {
+        "node": "gpu-node",
+        "namespace": "ns",
+        "pod": "bloom",
+        "container": "kserve-container",
+        "escape": "outside-mps",
+    }
+    try:
+        await agent.poll()
+        write_fake(nvml_file, [card(CARD_A, 0), card(CARD_B, 1)], error="driver gone")
+        await agent.poll()
+        write_fake(nvml_file, [card(CARD_A, 0), card(CARD_B, 1)], processes=escaping)
+        await agent.poll()
+    finally:
+        if agent.podresources is not None:
+            await agent.podresources.close()
+    assert agent.metrics.registry.get_sample_value("gpushare_isolation_escapes_total", labels) == 1
