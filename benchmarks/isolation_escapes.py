@@ -42,6 +42,8 @@ kubernetes_asyncio with their own needs) travels as wheels, as for ``benchmarks/
 (docs/gpu-proof.md, "Repeating the run"): ``PYTHONPATH=/tmp/gs python3 benchmarks/...``.
 """
 
+import atexit
+import shutil
 import sys
 import tempfile
 from pathlib import Path
@@ -56,6 +58,7 @@ def _importable_from_checkout() -> None:
     except ImportError:
         tree = Path(tempfile.mkdtemp(prefix="gpushare-tree-")) / "gpushare"
         tree.mkdir()
+        atexit.register(shutil.rmtree, tree.parent, True)
         for entry in (ROOT / "core").iterdir():
             (tree / entry.name).symlink_to(entry)
         for name, folder in (
@@ -76,7 +79,6 @@ import contextlib  # noqa: E402
 import dataclasses  # noqa: E402
 import json  # noqa: E402
 import os  # noqa: E402
-import shutil  # noqa: E402
 import signal  # noqa: E402
 import subprocess  # noqa: E402
 import time  # noqa: E402
