@@ -65,6 +65,9 @@ ENV_GPU_MEMORY_REQUEST: Final = "NVIDIA_GPU_MEMORY_REQUEST"
 ENV_GPU_MEMORY_LIMIT: Final = "NVIDIA_GPU_MEMORY_LIMIT"
 """Read (in MiB) by the NVIDIA container toolkit's CDI hook ``apply-cuda-memory-limits`` (toolkit
 1.20.1 and later), which sets the container's per-cgroup limit on drivers r615 and later."""
+ENV_GPU_MEMORY_REQUESTS: Final = "NVIDIA_GPU_MEMORY_REQUESTS"
+ENV_GPU_MEMORY_LIMITS: Final = "NVIDIA_GPU_MEMORY_LIMITS"
+"""The per-GPU forms the same hook reads: gpushare never sets them, and no pod spec may."""
 
 SYSTEM_ENV: Final = frozenset(
     {
@@ -77,6 +80,8 @@ SYSTEM_ENV: Final = frozenset(
         ENV_MPS_MEM_LIMIT,
         ENV_GPU_MEMORY_REQUEST,
         ENV_GPU_MEMORY_LIMIT,
+        ENV_GPU_MEMORY_REQUESTS,
+        ENV_GPU_MEMORY_LIMITS,
         "CUDA_VISIBLE_DEVICES",
     }
 )
