@@ -61,7 +61,7 @@ from gpushare.deviceplugin.main import serve
 from gpushare.deviceplugin.metrics import Metrics
 from gpushare.deviceplugin.podresources import PodResourcesClient
 from gpushare.deviceplugin.watchdog import Location
-from gpushare.ids import pod_key
+from gpushare.ids import CardUUID, pod_key
 from gpushare.scheduler.kube import Kube
 from gpushare.scheduler.service import Extender
 from gpushare.simulator import apiserver, kserve, kubelet, mpsfake, scheduling
@@ -188,6 +188,11 @@ class DryNvml:
     def wait_events(self, timeout_seconds: float) -> list[nvml.XidEvent]:
         time.sleep(timeout_seconds)
         return []
+
+    def set_memory_limit(
+        self, card: CardUUID, namespace: str, *, soft_bytes: int, hard_bytes: int
+    ) -> None:
+        raise nvml.LimitError("the stand-in card has no per-cgroup memory limits")
 
     def close(self) -> None:
         return None

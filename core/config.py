@@ -15,7 +15,10 @@ import yaml
 from gpushare import errors, names, quantities
 
 Policy = Literal["binpack", "spread"]
-Isolation = Literal["mps", "mps-shared", "none"]
+Isolation = Literal["cgroup", "mps", "mps-shared", "none"]
+"""A node's isolation: per-cgroup driver limits, an MPS daemon per container or per node, none."""
+IsolationSetting = Literal["auto", "cgroup", "mps", "mps-shared", "none"]
+"""The configured isolation: ``auto`` is the strongest the node supports (``cgroup`` or ``mps``)."""
 
 
 def _bytes(value: object) -> int:
@@ -68,6 +71,13 @@ class AgentSettings(_Section):
     """A card's used memory must move this much before a report goes out early."""
     overuse_grace_seconds: float = pydantic.Field(default=30.0, ge=0)
     overuse_action: Literal["event", "evict"] = "event"
+    escape_action: Literal["event", "evict"] = "evict"
+    """What the agent does at once to a container that leaves its isolation (a CUDA context outside
+    MPS, an MPS daemon of its own, a process past its MPS limit): an Event, and by default an
+    eviction. Unlike over-use, an escape has no grace: nothing inside the grant explains it."""
+    escape_slack_bytes: ByteSize = 512 * quantities.MI
+    """How far one MPS client may read over its container's grant in NVML before its limit counts as
+    broken: the limit includes the CUDA context, and NVML's figure ran at most 256 MiB over it."""
     cdi: bool = False
     """Name the card as a CDI device (``nvidia.com/gpu=<uuid>``) in Allocate's response."""
 
@@ -80,7 +90,7 @@ class Settings(_Section):
     policy: Policy = "binpack"
     reserve_bytes: ByteSize = 716 * quantities.MI
     """Per-instance memory outside vLLM's budget (CUDA context ~620 MiB measured, plus margin)."""
-    isolation: Isolation = "mps"
+    isolation: IsolationSetting = "auto"
     scheduler: SchedulerSettings = SchedulerSettings()
     webhook: WebhookSettings = WebhookSettings()
     agent: AgentSettings = AgentSettings()
@@ -91,10 +101,10 @@ class Settings(_Section):
 
         In ``mps`` isolation every allocation runs its own ``nvidia-cuda-mps-server``, which holds
         ``agent.mps_server_bytes`` of the card. A shared daemon (``mps-shared``) is one process per
-        card whatever the number of pods, and the agent reports its memory as used; ``none`` runs
-        no daemon.
+        card whatever the number of pods, and the agent reports its memory as used; ``cgroup`` and
+        ``none`` run no daemon. Under ``auto`` a node may pick ``mps``, so its overhead is counted.
         """
-        return self.agent.mps_server_bytes if self.isolation == "mps" else 0
+        return self.agent.mps_server_bytes if self.isolation in ("auto", "mps") else 0
 
     @pydantic.field_validator("unit_bytes")
     @classmethod

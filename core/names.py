@@ -77,6 +77,13 @@ ENV_VLLM_UTILIZATION: Final = "GPUSHARE_VLLM_GPU_MEMORY_UTILIZATION"
 ENV_MPS_PIPE_DIRECTORY: Final = "CUDA_MPS_PIPE_DIRECTORY"
 ENV_MPS_LOG_DIRECTORY: Final = "CUDA_MPS_LOG_DIRECTORY"
 ENV_MPS_MEM_LIMIT: Final = "CUDA_MPS_PINNED_DEVICE_MEM_LIMIT"
+ENV_GPU_MEMORY_REQUEST: Final = "NVIDIA_GPU_MEMORY_REQUEST"
+ENV_GPU_MEMORY_LIMIT: Final = "NVIDIA_GPU_MEMORY_LIMIT"
+"""Read (in MiB) by the NVIDIA container toolkit's CDI hook ``apply-cuda-memory-limits`` (toolkit
+1.20.1 and later), which sets the container's per-cgroup limit on drivers r615 and later."""
+ENV_GPU_MEMORY_REQUESTS: Final = "NVIDIA_GPU_MEMORY_REQUESTS"
+ENV_GPU_MEMORY_LIMITS: Final = "NVIDIA_GPU_MEMORY_LIMITS"
+"""The per-GPU forms the same hook reads: gpushare never sets them, and no pod spec may."""
 
 SYSTEM_ENV: Final = frozenset(
     {
@@ -87,6 +94,10 @@ SYSTEM_ENV: Final = frozenset(
         ENV_MPS_PIPE_DIRECTORY,
         ENV_MPS_LOG_DIRECTORY,
         ENV_MPS_MEM_LIMIT,
+        ENV_GPU_MEMORY_REQUEST,
+        ENV_GPU_MEMORY_LIMIT,
+        ENV_GPU_MEMORY_REQUESTS,
+        ENV_GPU_MEMORY_LIMITS,
         "CUDA_VISIBLE_DEVICES",
     }
 )

@@ -3,6 +3,9 @@
 It travels as JSON in the Node annotation :data:`gpushare.names.ANNOTATION_NODE_REPORT`. Both sides
 use this one model, so they agree byte for byte. ``version`` grows when a field changes meaning; a
 reader rejects a report newer than it understands instead of misreading it.
+
+Version 2 adds the node's ``isolation`` and each card's ``memory_limits`` (per-cgroup driver limits
+supported); a version-1 report still reads, with ``isolation`` unknown and no card supporting them.
 """
 
 import json
@@ -12,9 +15,10 @@ from typing import Annotated, Final
 import pydantic
 
 from gpushare import errors
+from gpushare.config import Isolation
 from gpushare.ids import CardUUID
 
-VERSION: Final = 1
+VERSION: Final = 2
 """The report version this code writes and the newest it reads."""
 
 NonNegative = Annotated[int, pydantic.Field(ge=0)]
@@ -35,6 +39,8 @@ class CardReport(pydantic.BaseModel):
     used_bytes: NonNegative
     free_bytes: NonNegative
     healthy: bool = True
+    memory_limits: bool = False
+    """The driver can hold a container to its grant by cgroup (``nvmlDeviceSetMemoryLimits_v1``)."""
 
     @property
     def cuda_total_bytes(self) -> int:
@@ -51,6 +57,8 @@ class NodeReport(pydantic.BaseModel):
     heartbeat: pydantic.AwareDatetime
     """When the agent wrote the report; a time without a timezone is refused (it cannot be aged)."""
     cards: tuple[CardReport, ...]
+    isolation: Isolation | None = None
+    """How the node holds containers to their grants (``None``: a version-1 report)."""
 
     def encode(self) -> str:
         """The annotation value: compact JSON, fields in declaration order."""
@@ -62,7 +70,7 @@ class NodeReport(pydantic.BaseModel):
 
     def same_state(self, other: "NodeReport | None") -> bool:
         """Whether ``other`` reports the same cards (heartbeat aside)."""
-        return other is not None and self.cards == other.cards
+        return other is not None and self.cards == other.cards and self.isolation == other.isolation
 
 
 def decode(text: str) -> NodeReport:

@@ -4,6 +4,9 @@ vLLM's ``--gpu-memory-utilization`` is a fraction of the card's CUDA-visible tot
 minus the driver's reserved part). Its budget holds weights, activations, CUDA graphs and the KV
 cache; the process's CUDA context (~0.6 GiB measured on an H100) lies outside it. The driver (MPS)
 enforces the grant including that context, so the budget is ``grant - reserve``.
+
+Under per-cgroup driver limits (isolation ``cgroup``) CUDA reports the container's limit as the
+device's total, so there the fraction is of the grant itself (:func:`cuda_total_seen`).
 """
 
 import math
@@ -11,6 +14,7 @@ from decimal import Decimal
 from typing import Final
 
 from gpushare import errors
+from gpushare.config import Isolation
 from gpushare.quantities import format_bytes
 
 PRECISION: Final = 4
@@ -18,6 +22,12 @@ PRECISION: Final = 4
 
 _STEP: Final = Decimal(1).scaleb(-PRECISION)
 _LARGEST: Final = 1 - _STEP
+
+
+def cuda_total_seen(*, isolation: Isolation, granted_bytes: int, cuda_total_bytes: int) -> int:
+    """The total CUDA shows a granted container: its grant under ``cgroup`` (the hard limit is the
+    device's total there), else the card's CUDA total."""
+    return granted_bytes if isolation == "cgroup" else cuda_total_bytes
 
 
 def utilization(*, granted_bytes: int, reserve_bytes: int, cuda_total_bytes: int) -> Decimal:

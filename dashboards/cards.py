@@ -95,6 +95,34 @@ def build() -> models.Dashboard:
         stacked=True,
     )
 
+    board.row("Isolation")
+    board.table(
+        "Isolation per node",
+        "How each node holds containers to their grants: cgroup (the driver's per-cgroup limit, "
+        "drivers r615+), mps (a daemon per container), mps-shared (one per node) or none; "
+        "isolation auto picks the strongest the node supports. Cards whose driver has per-cgroup "
+        "limits, of all cards.",
+        query('max by (node, isolation) (gpushare_node_isolation{node=~"$node"})', instant=True),
+        query(
+            f"sum by (node) (gpushare_card_memory_limits_supported{{{CARD}}})",
+            instant=True,
+        ),
+        query(f"count by (node) (gpushare_card_total_bytes{{{CARD}}})", instant=True),
+        columns=("running", "cards with cgroup limits", "cards"),
+        width=12,
+    )
+    board.timeseries(
+        "Escapes caught",
+        "Containers caught leaving their isolation (a CUDA context outside MPS, an MPS daemon of "
+        "their own, a process past its limit): each gets an Event and, by default, an eviction.",
+        query(
+            f"sum by (namespace, pod, container, escape)"
+            f' (increase(gpushare_isolation_escapes_total{{node=~"$node"}}[{RATE}]))',
+            "{{namespace}}/{{pod}}/{{container}} {{escape}}",
+        ),
+        width=12,
+    )
+
     board.row("Health")
     board.timeseries(
         "Compute utilization",

@@ -15,7 +15,16 @@ from typing import Final
 
 from gpushare import errors
 from gpushare.config import Settings
-from gpushare.deviceplugin import allocation, devices, health, kube, mps, reconcile
+from gpushare.deviceplugin import (
+    allocation,
+    cgrouplimit,
+    devices,
+    escapes,
+    health,
+    kube,
+    mps,
+    reconcile,
+)
 from gpushare.deviceplugin.metrics import CardState, Metrics
 from gpushare.deviceplugin.nvml import CardReading, Nvml, Snapshot
 from gpushare.deviceplugin.podresources import Holding, PodResourcesClient, PodResourcesError
@@ -90,6 +99,7 @@ class Agent:
             Reporter(
                 api,
                 node=node,
+                isolation=mode.name,
                 change_bytes=settings.agent.report_change_bytes,
                 heartbeat_seconds=settings.agent.heartbeat_seconds,
                 on_sent=metrics.reports.inc,
@@ -106,6 +116,10 @@ class Agent:
             on_violation=metrics.violation,
             clock=clock,
         )
+        self.escapes = escapes.Guard(
+            api, node=node, action=settings.agent.escape_action, on_escape=metrics.escape
+        )
+        metrics.isolation = mode.name
 
     # --- devices ----------------------------------------------------------------------------
 
@@ -209,6 +223,7 @@ class Agent:
                     used_bytes=card.used_bytes,
                     free_bytes=0 if broken else card.free_bytes,
                     healthy=self.health.healthy(card.uuid),
+                    memory_limits=card.memory_limits,
                 )
             )
         return reports
@@ -236,6 +251,10 @@ class Agent:
     async def _watch_usage(self, snapshot: Snapshot) -> None:
         if self.locator is None or self.pods is None:
             return
+        if self._unheld_pod_on_card(snapshot):
+            # A container may start within one reconcile of its Allocate: ask kubelet now, so its
+            # processes are judged against its grant on this poll, not the next.
+            await self.refresh_holdings()
         grants = {
             (h.pod, h.container): (
                 allocation.grant_of(h.devices, unit_bytes=self.settings.unit_bytes)
@@ -243,14 +262,44 @@ class Agent:
             for h in self.holdings or []
             if _single_card(h.devices)
         }
-        usages = usage(
+        held = {k: (g.card, g.granted_bytes) for k, g in grants.items()}
+        pods = self.pods.pods()
+        if isinstance(self.mode, cgrouplimit.CgroupLimit):
+            containers = {
+                (pod.uid, cid): (pod.key, name)
+                for pod in pods
+                for cid, name in pod.container_ids.items()
+            }
+            await asyncio.to_thread(
+                self.mode.enforce,
+                snapshot.processes,
+                locator=self.locator,
+                grants=held,
+                containers=containers,
+            )
+        found = escapes.find(
             snapshot.processes,
+            isolation=self.mode.name,
             locator=self.locator,
-            pods=self.pods.pods(),
-            grants={k: (g.card, g.granted_bytes) for k, g in grants.items()},
+            pods=pods,
+            grants=held,
+            slack_bytes=self.settings.agent.escape_slack_bytes,
         )
+        if snapshot.error is None:  # no reading is not the end of an episode
+            await self.escapes.check(found)
+        usages = usage(snapshot.processes, locator=self.locator, pods=pods, grants=held)
         self.metrics.set_containers(usages)
         await self.watchdog.check(usages)
+
+    def _unheld_pod_on_card(self, snapshot: Snapshot) -> bool:
+        assert self.locator is not None and self.pods is not None
+        held = {pod for pod, _container in self.holders()}
+        uids = {pod.uid for pod in self.pods.pods() if pod.key not in held}
+        for process in snapshot.processes:
+            where = self.locator.locate(process.pid)
+            if where is not None and where.pod_uid in uids:
+                return True
+        return False
 
     async def watch_events(self) -> None:
         """Forward NVML XID events to health as they come."""

@@ -106,17 +106,27 @@ def setup(
         value = sizing.utilization(
             granted_bytes=grant.granted_bytes,
             reserve_bytes=settings.reserve_bytes,
-            cuda_total_bytes=cuda_total_bytes,
+            cuda_total_bytes=sizing.cuda_total_seen(
+                isolation=isolation,
+                granted_bytes=grant.granted_bytes,
+                cuda_total_bytes=cuda_total_bytes,
+            ),
         )
         envs[names.ENV_VLLM_UTILIZATION] = sizing.format_utilization(value)
     mounts: tuple[Mount, ...] = ()
-    if isolation != "none":
+    if isolation == "cgroup":
+        # NVIDIA's CDI hook sets the container's limit from these (MiB); soft = hard = grant.
+        envs[names.ENV_GPU_MEMORY_REQUEST] = str(grant.limit_mib)
+        envs[names.ENV_GPU_MEMORY_LIMIT] = str(grant.limit_mib)
+    elif isolation != "none":
         if pipe_directory is None:
             raise errors.Conflict(f"isolation {isolation!r} has no MPS daemon for {grant.card}")
         envs[names.ENV_MPS_PIPE_DIRECTORY] = str(pipe_directory)
         envs[names.ENV_MPS_MEM_LIMIT] = f"{grant.card}={grant.limit_mib}M"
         mounts = (Mount(container_path=str(pipe_directory), host_path=str(pipe_directory)),)
-    cdi = (f"{names.CDI_KIND}={grant.card}",) if settings.agent.cdi else ()
+    # The toolkit's hooks, the memory limit's among them, run for CDI devices.
+    named = settings.agent.cdi or isolation == "cgroup"
+    cdi = (f"{names.CDI_KIND}={grant.card}",) if named else ()
     return ContainerSetup(envs=envs, mounts=mounts, cdi_devices=cdi)
 
 

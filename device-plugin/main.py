@@ -15,6 +15,7 @@ import logging
 import os
 import signal
 from pathlib import Path
+from typing import get_args
 
 import prometheus_client
 
@@ -44,7 +45,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--node-name", help="this node's name (default: $NODE_NAME)")
     parser.add_argument(
         "--isolation",
-        choices=["mps", "mps-shared", "none"],
+        choices=list(get_args(config.IsolationSetting)),
         help="override the configured isolation",
     )
     parser.add_argument(
@@ -90,11 +91,13 @@ async def _main(
         settings,
         node=node,
         nvml=backend,
-        mode=mps.make(
+        mode=await asyncio.to_thread(
+            mps.make,
             settings.isolation,
             settings.agent.mps_root,
             control=args.mps_control,
             cgroup=args.mps_cgroup,
+            nvml=backend,
         ),
         metrics=metrics,
         api=api,

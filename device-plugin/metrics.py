@@ -13,6 +13,8 @@ import prometheus_client
 from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
+from gpushare.config import Isolation
+from gpushare.deviceplugin.escapes import Finding
 from gpushare.deviceplugin.nvml import CardReading
 from gpushare.deviceplugin.watchdog import ContainerUsage
 
@@ -39,6 +41,8 @@ class Metrics:
         self._lock = threading.Lock()
         self._cards: list[CardState] = []
         self._containers: list[ContainerUsage] = []
+        self.isolation: Isolation | None = None
+        """The node's isolation, once the agent has chosen it."""
         self.registered = prometheus_client.Gauge(
             "gpushare_device_plugin_registered",
             "1 while the device plugin is registered with kubelet",
@@ -55,6 +59,13 @@ class Metrics:
             "gpushare_grant_violations",
             "Containers found over their grant past the grace period",
             ["node", "namespace", "pod", "container"],
+            registry=registry,
+        )
+        self.escapes = prometheus_client.Counter(
+            "gpushare_isolation_escapes",
+            "Containers caught leaving their isolation, by escape (outside-mps, own-mps-daemon,"
+            " over-limit)",
+            ["node", "namespace", "pod", "container", "escape"],
             registry=registry,
         )
         self.allocations = prometheus_client.Counter(
@@ -91,6 +102,13 @@ class Metrics:
     def violation(self, item: ContainerUsage) -> None:
         """Count a container found over its grant."""
         self.violations.labels(self.node, item.pod.namespace, item.pod.name, item.container).inc()
+
+    def escape(self, finding: Finding) -> None:
+        """Count a container caught leaving its isolation."""
+        pod = finding.pod
+        self.escapes.labels(
+            self.node, pod.namespace, pod.name, finding.container, finding.escape
+        ).inc()
 
     def snapshot(self) -> tuple[list[CardState], list[ContainerUsage]]:
         """The state shown now."""
@@ -136,6 +154,11 @@ class _StateCollector(Collector):
             "servers": GaugeMetricFamily(
                 "gpushare_card_mps_servers", "MPS servers counted on the card", labels=CARD_LABELS
             ),
+            "limits": GaugeMetricFamily(
+                "gpushare_card_memory_limits_supported",
+                "1 if the driver holds per-cgroup memory limits on the card (r615+, no MIG)",
+                labels=CARD_LABELS,
+            ),
         }
         for card in cards:
             r = card.reading
@@ -143,6 +166,7 @@ class _StateCollector(Collector):
             families["healthy"].add_metric(labels, 1.0 if card.healthy else 0.0)
             families["granted"].add_metric(labels, card.granted_bytes)
             families["servers"].add_metric(labels, card.mps_servers)
+            families["limits"].add_metric(labels, 1.0 if r.memory_limits else 0.0)
             if r.error is None:
                 families["total"].add_metric(labels, r.total_bytes)
                 families["reserved"].add_metric(labels, r.reserved_bytes)
@@ -172,6 +196,14 @@ class _StateCollector(Collector):
             ]
             used.add_metric(labels, item.used_bytes)
             granted.add_metric(labels, item.granted_bytes)
+        isolation = GaugeMetricFamily(
+            "gpushare_node_isolation",
+            "1 for the isolation this node's agent runs (cgroup, mps, mps-shared or none)",
+            labels=("node", "isolation"),
+        )
+        if self._metrics.isolation is not None:
+            isolation.add_metric([node, self._metrics.isolation], 1.0)
         yield from families.values()
         yield used
         yield granted
+        yield isolation

@@ -1,6 +1,6 @@
 """MPS isolation: the driver refuses a container's allocations past its grant.
 
-Three modes, named in configuration (``isolation``):
+The MPS modes and ``none``, named in configuration (``isolation``):
 
 ``mps`` (default)
     One ``nvidia-cuda-mps-control`` daemon per allocated container, with its own pipe directory
@@ -16,6 +16,9 @@ Three modes, named in configuration (``isolation``):
     different pods run side by side.
 ``none``
     No MPS: grants are bookkeeping, the watchdog the only backstop.
+
+``cgroup`` (per-cgroup driver limits, :mod:`.cgrouplimit`) needs no daemon; ``auto`` (the default)
+picks it where every card supports it, else ``mps`` (:func:`make`).
 
 Each MPS server takes card memory (``agent.mps_server_bytes``, 66 MiB measured);
 :meth:`Mode.servers_on` counts them so that grants plus servers never exceed a card. Without a
@@ -35,8 +38,10 @@ from pathlib import Path
 from typing import Final, Protocol
 
 from gpushare import errors
-from gpushare.config import Isolation
+from gpushare.config import Isolation, IsolationSetting
+from gpushare.deviceplugin import cgrouplimit
 from gpushare.deviceplugin.allocation import Grant
+from gpushare.deviceplugin.nvml import Nvml
 from gpushare.ids import CardUUID
 
 logger = logging.getLogger(__name__)
@@ -494,20 +499,39 @@ class Shared:
 
 
 def make(
-    isolation: Isolation,
+    isolation: IsolationSetting,
     root: Path,
     *,
     runner: Runner | None = None,
     control: str = CONTROL,
     cgroup: Path | None = None,
     clock: Callable[[], float] = time.monotonic,
+    nvml: Nvml | None = None,
+    cgroup_v2: bool | None = None,
 ) -> Mode:
-    """The mode named ``isolation``; with ``cgroup``, its daemons are moved there (see
-    :meth:`_Control.adopt_into_cgroup`) so that they outlive the agent's pod."""
+    """The mode named ``isolation``; under ``auto`` the strongest that ``nvml``'s cards support.
+
+    With ``cgroup``, MPS daemons are moved there (see :meth:`_Control.adopt_into_cgroup`) so that
+    they outlive the agent's pod.
+
+    ``cgroup_v2`` says whether the node runs cgroup v2 (default: look at ``/sys/fs/cgroup``).
+    Without ``nvml`` no card is known to support per-cgroup limits.
+    """
+    reason: str | None = "no NVML to ask"
+    if nvml is not None and isolation in ("auto", "cgroup"):
+        v2 = cgrouplimit.cgroup_v2() if cgroup_v2 is None else cgroup_v2
+        reason = cgrouplimit.unsupported(nvml.snapshot().cards, cgroup_v2=v2)
+    chosen = cgrouplimit.choose(isolation, reason=reason)
+    if isolation == "auto":
+        logger.info("isolation auto: %s%s", chosen, f" ({reason})" if reason else "")
     runner = runner or SubprocessRunner()
-    if isolation == "mps":
+    if chosen == "cgroup":
+        if nvml is None:
+            raise errors.ConfigError("isolation 'cgroup' needs NVML to set and check its limits")
+        return cgrouplimit.CgroupLimit(nvml, reason=reason)
+    if chosen == "mps":
         return PerContainer(root, runner=runner, control=control, cgroup=cgroup, clock=clock)
-    if isolation == "mps-shared":
+    if chosen == "mps-shared":
         return Shared(root, runner=runner, control=control, cgroup=cgroup)
     return Off()
 

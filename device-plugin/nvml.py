@@ -11,8 +11,11 @@ it again whenever it changes, so a test or the simulator scripts usage and fault
     - {uuid: GPU-0a..., index: 0, model: NVIDIA H100 80GB HBM3, total: 81559Mi, reserved: 480Mi}
     - {uuid: GPU-1b..., index: 1, model: NVIDIA H100 80GB HBM3, total: 81559Mi,
        error: "GPU is lost"}            # NVML fails on this card
+    - {uuid: GPU-2c..., index: 2, total: 81559Mi, memory_limits: true}   # a driver of r615+
     processes:
-    - {pid: 4242, card: GPU-0a..., used: 20Gi}
+    - {pid: 4242, card: GPU-0a..., used: 20Gi, kind: mps-client}
+    - {pid: 4243, card: GPU-0a..., used: 66Mi, kind: mps-server}
+    - {pid: 4244, card: GPU-0a..., used: 2Gi, kind: cuda}   # a context outside MPS
     xid:                                # each delivered once, in order
     - {card: GPU-0a..., xid: 79}
 """
@@ -23,7 +26,7 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Annotated, Any, Final, Protocol
+from typing import Annotated, Any, Final, Literal, Protocol
 
 import pydantic
 import yaml
@@ -39,6 +42,18 @@ they leave the card healthy, as NVIDIA's device plugin also decides."""
 
 FILE_CHECK_SECONDS: Final = 0.1
 """How often a waiting fake looks at its file: fast enough for tests, cheap for one stat call."""
+MPS_SERVER: Final = "nvidia-cuda-mps-server"
+"""The process name of an MPS server (each control daemon starts one per card it serves)."""
+SET_MEMORY_LIMITS: Final = "nvmlDeviceSetMemoryLimits_v1"
+"""The per-cgroup limit call of drivers r615 and later (nvidia-ml-py 13.615); absent before."""
+
+ProcessKind = Literal["cuda", "mps-client", "mps-server", "unknown"]
+"""How a process holds the card: a plain CUDA context (outside MPS), a client of an MPS server, an
+MPS server itself, or ``unknown`` where NVML does not list MPS clients apart."""
+
+
+class LimitError(errors.Conflict):
+    """NVML refused a per-cgroup memory limit (or the driver has none)."""
 
 
 @dataclass(frozen=True)
@@ -55,6 +70,8 @@ class CardReading:
     utilization: float | None = None
     """Fraction of the last sample period in which a kernel ran (0..1); ``None`` if unknown."""
     error: str | None = None
+    memory_limits: bool = False
+    """The driver holds per-cgroup memory limits on this card (r615+, not in MIG mode)."""
 
     @property
     def cuda_total_bytes(self) -> int:
@@ -69,6 +86,7 @@ class ProcessUsage:
     pid: int
     card: CardUUID
     used_bytes: int
+    kind: ProcessKind = "unknown"
 
 
 @dataclass(frozen=True)
@@ -99,6 +117,12 @@ class Nvml(Protocol):
         """Block up to ``timeout_seconds`` for critical XID events; ``[]`` where unsupported."""
         ...
 
+    def set_memory_limit(
+        self, card: CardUUID, namespace: str, *, soft_bytes: int, hard_bytes: int
+    ) -> None:
+        """Limit the cgroup ``namespace`` on ``card``; raises :class:`LimitError` if refused."""
+        ...
+
     def close(self) -> None:
         """Release the library."""
         ...
@@ -118,6 +142,8 @@ class RealNvml:
         self._handles: list[tuple[Any, CardUUID, int, str]] = []
         self._events: Any = None
         self._ready = False
+        self._limits = False
+        self._no_mps_list: set[CardUUID] = set()
 
     def _init(self) -> None:
         nvml = self._nvml
@@ -130,6 +156,26 @@ class RealNvml:
         self._handles = handles
         self._ready = True
         self._events = self._register_events()
+        self._limits = self._has_memory_limits()
+
+    def _has_memory_limits(self) -> bool:
+        """Whether both nvidia-ml-py and the driver's library have the per-cgroup limit call."""
+        nvml = self._nvml
+        if not hasattr(nvml, SET_MEMORY_LIMITS):
+            return False
+        try:
+            nvml._nvmlGetFunctionPointer(SET_MEMORY_LIMITS)  # how pynvml itself finds a symbol
+        except nvml.NVMLError:
+            return False
+        return True
+
+    def _in_mig_mode(self, handle: Any) -> bool:
+        nvml = self._nvml
+        try:
+            current, _ = nvml.nvmlDeviceGetMigMode(handle)
+        except nvml.NVMLError:
+            return False
+        return bool(current == nvml.NVML_DEVICE_MIG_ENABLE)
 
     def _register_events(self) -> Any:
         nvml = self._nvml
@@ -186,17 +232,70 @@ class RealNvml:
             used_bytes=int(memory.used),
             free_bytes=int(memory.free),
             utilization=utilization,
+            # NVIDIA: per-cgroup limits do not apply to MIG.
+            memory_limits=self._limits and not self._in_mig_mode(handle),
         )
 
     def _read_processes(self, handle: Any, uuid: CardUUID) -> list[ProcessUsage]:
         nvml = self._nvml
         try:
-            running = nvml.nvmlDeviceGetComputeRunningProcesses(handle)
+            running = list(nvml.nvmlDeviceGetComputeRunningProcesses(handle))
         except nvml.NVMLError as exc:
             logger.warning("card %s: cannot list processes: %s", uuid, exc)
             return []
-        # usedGpuMemory is None where the driver withholds it (no permission, some vGPU setups).
-        return [ProcessUsage(int(p.pid), uuid, int(p.usedGpuMemory or 0)) for p in running]
+        try:
+            clients = list(nvml.nvmlDeviceGetMPSComputeRunningProcesses(handle))
+        except (nvml.NVMLError, getattr(nvml, "NVMLLibraryMismatchError", nvml.NVMLError)) as exc:
+            if uuid not in self._no_mps_list:
+                self._no_mps_list.add(uuid)
+                logger.warning(
+                    "card %s: NVML lists no MPS clients apart (%s): a CUDA context outside MPS"
+                    " cannot be told from an MPS client there",
+                    uuid,
+                    exc,
+                )
+            clients = None
+        mps = {int(p.pid) for p in clients or []}
+        listed = {int(p.pid) for p in running}
+        running.extend(p for p in clients or [] if int(p.pid) not in listed)
+        result = []
+        for p in running:
+            pid = int(p.pid)
+            kind: ProcessKind
+            if self._process_name(pid).rsplit("/", 1)[-1] == MPS_SERVER:
+                kind = "mps-server"
+            elif pid in mps:
+                kind = "mps-client"
+            else:
+                kind = "cuda" if clients is not None else "unknown"
+            # usedGpuMemory is None where the driver withholds it (no permission, some vGPU setups).
+            result.append(ProcessUsage(pid, uuid, int(p.usedGpuMemory or 0), kind))
+        return result
+
+    def _process_name(self, pid: int) -> str:
+        nvml = self._nvml
+        try:
+            return _text(nvml.nvmlSystemGetProcessName(pid))
+        except nvml.NVMLError:
+            return ""  # the process ended between the two calls
+
+    def set_memory_limit(
+        self, card: CardUUID, namespace: str, *, soft_bytes: int, hard_bytes: int
+    ) -> None:
+        """``nvmlDeviceSetMemoryLimits_v1`` on the card for the cgroup ``namespace``."""
+        nvml = self._nvml
+        with self._lock:
+            handle = next((h for h, uuid, _, _ in self._handles if uuid == card), None)
+            if handle is None or not self._limits:
+                raise LimitError(f"card {card}: the driver has no per-cgroup memory limits")
+            limits = nvml.c_nvmlSetMemoryLimits_v1_t()
+            limits.nameSpace = namespace.encode()
+            limits.softLimit = soft_bytes
+            limits.hardLimit = hard_bytes
+            try:
+                nvml.nvmlDeviceSetMemoryLimits_v1(handle, limits)
+            except nvml.NVMLError as exc:
+                raise LimitError(f"card {card}: cannot limit cgroup {namespace}: {exc}") from exc
 
     def wait_events(self, timeout_seconds: float) -> list[XidEvent]:
         """Wait for XID events; returns ``[]`` on timeout or where events are unsupported."""
@@ -257,6 +356,8 @@ class FakeCard(_Strict):
     """Memory in use besides the listed processes (the driver's, an MPS server's)."""
     utilization: Annotated[float, pydantic.Field(ge=0, le=1)] = 0.0
     error: str | None = None
+    memory_limits: bool = False
+    """The card's driver has per-cgroup memory limits."""
 
 
 class FakeProcess(_Strict):
@@ -265,6 +366,7 @@ class FakeProcess(_Strict):
     pid: Annotated[int, pydantic.Field(gt=0)]
     card: CardUUID
     used: Bytes
+    kind: ProcessKind = "unknown"
 
 
 class FakeXid(_Strict):
@@ -324,6 +426,8 @@ class FakeNvml:
         self._delivered = 0
         self._closed = False
         self._changed = threading.Condition()
+        self.limits: dict[tuple[CardUUID, str], tuple[int, int]] = {}
+        """Per-cgroup limits set: (card, cgroup) to (soft, hard) bytes."""
         if path is not None:
             self._reload()
 
@@ -387,13 +491,25 @@ class FakeNvml:
                     used_bytes=used,
                     free_bytes=card.total - card.reserved - used,
                     utilization=card.utilization,
+                    memory_limits=card.memory_limits,
                 )
             )
         broken = {card.uuid for card in state.cards if card.error is not None}
         processes = tuple(
-            ProcessUsage(p.pid, p.card, p.used) for p in state.processes if p.card not in broken
+            ProcessUsage(p.pid, p.card, p.used, p.kind)
+            for p in state.processes
+            if p.card not in broken
         )
         return Snapshot(cards=tuple(cards), processes=processes)
+
+    def set_memory_limit(
+        self, card: CardUUID, namespace: str, *, soft_bytes: int, hard_bytes: int
+    ) -> None:
+        """Record the limit where the card supports limits, as the real call would set it."""
+        found = next((c for c in self.state.cards if c.uuid == card), None)
+        if found is None or not found.memory_limits:
+            raise LimitError(f"card {card}: the driver has no per-cgroup memory limits")
+        self.limits[(card, namespace)] = (soft_bytes, hard_bytes)
 
     def wait_events(self, timeout_seconds: float) -> list[XidEvent]:
         """XID events added to the state since the last call (each delivered once)."""

@@ -11,6 +11,7 @@ from collections.abc import Callable, Iterable
 from datetime import UTC, datetime
 
 from gpushare import names
+from gpushare.config import Isolation
 from gpushare.deviceplugin import kube
 from gpushare.nodereport import CardReport, NodeReport
 
@@ -24,7 +25,15 @@ def significant(
     if old is None or len(old.cards) != len(cards):
         return True
     for before, after in zip(old.cards, cards, strict=True):
-        fixed = ("uuid", "index", "model", "total_bytes", "reserved_bytes", "healthy")
+        fixed = (
+            "uuid",
+            "index",
+            "model",
+            "total_bytes",
+            "reserved_bytes",
+            "healthy",
+            "memory_limits",
+        )
         if any(getattr(before, f) != getattr(after, f) for f in fixed):
             return True
         if abs(before.used_bytes - after.used_bytes) >= change_bytes:
@@ -40,6 +49,7 @@ class Reporter:
         api: kube.NodeApi,
         *,
         node: str,
+        isolation: Isolation | None = None,
         change_bytes: int,
         heartbeat_seconds: float,
         on_sent: Callable[[], None] = lambda: None,
@@ -47,6 +57,7 @@ class Reporter:
     ) -> None:
         self._api = api
         self._node = node
+        self._isolation = isolation
         self._change = change_bytes
         self._heartbeat = heartbeat_seconds
         self._on_sent = on_sent
@@ -66,7 +77,7 @@ class Reporter:
         stale = self._last is None or now - self._last_at >= self._heartbeat
         if not stale and not significant(self._last, ordered, change_bytes=self._change):
             return False
-        report = NodeReport(heartbeat=datetime.now(UTC), cards=ordered)
+        report = NodeReport(heartbeat=datetime.now(UTC), cards=ordered, isolation=self._isolation)
         try:
             await self._api.patch_node_annotations(
                 self._node, {names.ANNOTATION_NODE_REPORT: report.encode()}

@@ -35,10 +35,12 @@ _CONTAINER: Final = re.compile(r"(?:^|[-/])([0-9a-f]{64})(?:\.scope)?$")
 
 @dataclass(frozen=True)
 class Location:
-    """Where a process runs: its pod's UID and its container's runtime ID."""
+    """Where a process runs: its pod's UID, its container's runtime ID and its cgroup's path."""
 
     pod_uid: str
     container_id: str
+    cgroup: str = ""
+    """The path of the process's cgroup below the hierarchy's root (as ``/proc/<pid>/cgroup``)."""
 
 
 class ProcessLocator(Protocol):
@@ -71,7 +73,7 @@ def parse_cgroup(text: str) -> Location | None:
         pod = _POD.search(path)
         container = _CONTAINER.search(path)
         if pod and container:
-            return Location(pod.group(1).replace("_", "-"), container.group(1))
+            return Location(pod.group(1).replace("_", "-"), container.group(1), path)
     return None
 
 

@@ -5,10 +5,11 @@ with their own strategies.
 """
 
 from datetime import UTC, datetime, timedelta, timezone
+from typing import get_args
 
 from hypothesis import strategies as st
 
-from gpushare import nodereport, placement, quantities
+from gpushare import config, nodereport, placement, quantities
 from gpushare.ids import CardUUID, NodeName
 
 GI = quantities.GI
@@ -104,6 +105,7 @@ def card_reports(draw: st.DrawFn, *, index: int | None = None) -> nodereport.Car
         used_bytes=used,
         free_bytes=free,
         healthy=draw(st.booleans()),
+        memory_limits=draw(st.booleans()),
     )
 
 
@@ -112,7 +114,8 @@ def node_reports(draw: st.DrawFn, *, max_cards: int = 8) -> nodereport.NodeRepor
     """A node's report with cards indexed 0..n-1."""
     count = draw(st.integers(min_value=0, max_value=max_cards))
     cards = tuple(draw(card_reports(index=i)) for i in range(count))
-    return nodereport.NodeReport(heartbeat=draw(heartbeats()), cards=cards)
+    isolation = draw(st.sampled_from([None, *get_args(config.Isolation)]))
+    return nodereport.NodeReport(heartbeat=draw(heartbeats()), cards=cards, isolation=isolation)
 
 
 @st.composite

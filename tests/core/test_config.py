@@ -31,7 +31,7 @@ def test_defaults_need_no_configuration() -> None:
     assert settings.unit_bytes == GI
     assert settings.reserve_bytes == 716 * MI
     assert settings.policy == "binpack"
-    assert settings.isolation == "mps"
+    assert settings.isolation == "auto"
 
 
 @pytest.mark.parametrize(
@@ -53,7 +53,7 @@ def test_defaults_need_no_configuration() -> None:
         ),
         (
             {"isolation": "full"},
-            "isolation: 'full' is not allowed; input should be 'mps', 'mps-shared'",
+            "isolation: 'full' is not allowed; input should be 'auto', 'cgroup', 'mps',",
         ),
         (
             {"agent": {"overuse_action": "kill"}},

@@ -19,20 +19,40 @@ H100 = nodereport.CardReport(
     used_bytes=0,
     free_bytes=84_967_161_856,
 )
-REPORT = nodereport.NodeReport(heartbeat=datetime(2024, 5, 1, 12, 0, tzinfo=UTC), cards=(H100,))
+REPORT = nodereport.NodeReport(
+    heartbeat=datetime(2024, 5, 1, 12, 0, tzinfo=UTC), cards=(H100,), isolation="mps"
+)
 
 # The wire format is a contract between two programs of possibly different versions: pin it.
 WIRE = (
+    '{"version":2,"heartbeat":"2024-05-01T12:00:00Z","cards":[{"uuid":'
+    '"GPU-5d3c1a2b-0000-4000-8000-000000000001","index":0,"model":"NVIDIA H100 80GB HBM3",'
+    '"total_bytes":85520809984,"reserved_bytes":553648128,"used_bytes":0,'
+    '"free_bytes":84967161856,"healthy":true,"memory_limits":false}],"isolation":"mps"}'
+)
+WIRE_V1 = (
     '{"version":1,"heartbeat":"2024-05-01T12:00:00Z","cards":[{"uuid":'
     '"GPU-5d3c1a2b-0000-4000-8000-000000000001","index":0,"model":"NVIDIA H100 80GB HBM3",'
     '"total_bytes":85520809984,"reserved_bytes":553648128,"used_bytes":0,'
     '"free_bytes":84967161856,"healthy":true}]}'
 )
+"""What agents before version 2 wrote: no isolation, no per-cgroup limit support."""
 
 
 def test_the_wire_format_is_pinned() -> None:
     assert REPORT.encode() == WIRE
     assert nodereport.decode(WIRE) == REPORT
+
+
+def test_a_version_1_report_still_reads() -> None:
+    decoded = nodereport.decode(WIRE_V1)
+    assert decoded.version == 1
+    assert decoded.isolation is None
+    assert decoded.cards == (H100,) and not decoded.cards[0].memory_limits
+
+
+def test_the_isolation_is_part_of_the_state() -> None:
+    assert not REPORT.same_state(REPORT.model_copy(update={"isolation": "cgroup"}))
 
 
 @given(strategies.node_reports())
@@ -61,12 +81,12 @@ def _with_card(**changes: object) -> str:
 
 @pytest.mark.parametrize(
     "text",
-    [_with(version=2), _with(version=99, cards="a new shape", gpus=[])],
-    ids=["version-2", "version-99-with-new-fields"],
+    [_with(version=3), _with(version=99, cards="a new shape", gpus=[])],
+    ids=["version-3", "version-99-with-new-fields"],
 )
 def test_a_newer_report_is_rejected_not_misread(text: str) -> None:
     with pytest.raises(
-        errors.ReportVersionError, match=r"newer than this reader understands \(1\)"
+        errors.ReportVersionError, match=r"newer than this reader understands \(2\)"
     ):
         nodereport.decode(text)
 

@@ -97,3 +97,19 @@ def test_a_budget_under_one_step_of_the_card_is_refused() -> None:
 def test_a_card_without_memory_is_refused(total: int) -> None:
     with pytest.raises(errors.BadRequest, match="card total must be positive"):
         sizing.utilization(granted_bytes=20 * GI, reserve_bytes=RESERVE, cuda_total_bytes=total)
+
+
+@pytest.mark.parametrize(
+    ("isolation", "expected"),
+    [("cgroup", "0.9650"), ("mps", "0.2437"), ("mps-shared", "0.2437"), ("none", "0.2437")],
+)
+def test_under_a_cgroup_limit_the_fraction_is_of_the_grant(isolation: str, expected: str) -> None:
+    # CUDA reports a cgroup's hard limit as the device total: (20 GiB - 716 MiB) / 20 GiB = 0.96503.
+    total = sizing.cuda_total_seen(
+        isolation=isolation,  # type: ignore[arg-type]
+        granted_bytes=20 * GI,
+        cuda_total_bytes=H100_CUDA_TOTAL,
+    )
+    value = sizing.utilization(granted_bytes=20 * GI, reserve_bytes=RESERVE, cuda_total_bytes=total)
+    assert sizing.format_utilization(value) == expected
+    assert sizing.budget_bytes(value, total) + RESERVE <= 20 * GI

@@ -185,19 +185,23 @@ def make_agent(short_tmp: Path, nvml_file: Path, mps_control: FakeControl) -> Ag
         nvml: Nvml | None = None,
         cgroup: Path | None = None,
         stall_seconds: float | None = None,
+        cgroup_v2: bool = True,
         **agent_settings: Any,
     ) -> Agent:
         settings = settings or make_settings(short_tmp, isolation=isolation, **agent_settings)
+        nvml = nvml or FakeNvml(path=nvml_file)
         return Agent(
             settings,
             node=node,
-            nvml=nvml or FakeNvml(path=nvml_file),
+            nvml=nvml,
             mode=mps.make(
                 settings.isolation,
                 settings.agent.mps_root,
                 control=str(mps_control.path),
                 cgroup=cgroup,
                 clock=clock,
+                nvml=nvml,
+                cgroup_v2=cgroup_v2,
             ),
             metrics=Metrics(registry or prometheus_client.CollectorRegistry(), node=node),
             api=api,

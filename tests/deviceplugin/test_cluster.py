@@ -11,7 +11,7 @@ import pytest
 
 from gpushare import allocations, names, nodereport
 from gpushare.allocations import Allocation
-from gpushare.deviceplugin import kube, reconcile, watchdog
+from gpushare.deviceplugin import escapes, kube, reconcile, watchdog
 from gpushare.deviceplugin.agent import Agent
 from gpushare.deviceplugin.watchdog import CgroupLocator
 from gpushare.ids import CardUUID
@@ -159,6 +159,7 @@ async def test_annotations_that_disagree_with_kubelet_are_corrected(
     }
     agent = make_agent(isolation="none", api=api, pods=pods, node=node)
     await agent.poll()
+    await agent.published()
     await agent.reconcile()
     pod = control_plane.rest().get(f"/api/v1/namespaces/{namespace}/pods/bloom")
     annotations = pod["metadata"]["annotations"]
@@ -319,3 +320,112 @@ async def test_a_container_over_its_grant_gets_an_event_or_an_eviction(
         "container": "kserve-container",
     }
     assert agent.metrics.registry.get_sample_value("gpushare_grant_violations_total", labels) == 1
+
+
+@pytest.mark.parametrize(
+    ("isolation", "kind", "used", "escape", "action"),
+    [
+        ("mps", "cuda", "2Gi", "outside-mps", "evict"),
+        ("mps-shared", "mps-server", "66Mi", "own-mps-daemon", "evict"),
+        ("mps", "mps-client", "9Gi", "over-limit", "evict"),
+        ("mps", "cuda", "2Gi", "outside-mps", "event"),
+    ],
+    ids=["outside-mps", "own-mps-daemon", "over-limit", "outside-mps-event-only"],
+)
+async def test_an_escape_gets_an_event_naming_the_container_and_an_eviction_at_once(
+    control_plane: cluster.ControlPlane,
+    api: kube.KubeApi,
+    namespace: str,
+    node: str,
+    make_agent: AgentFactory,
+    kubelet: TestKubelet,
+    nvml_file: Path,
+    short_tmp: Path,
+    isolation: str,
+    kind: str,
+    used: str,
+    escape: str,
+    action: str,
+) -> None:
+    pod = create_pod(
+        control_plane, namespace, "tenant", node, 4, **{names.ANNOTATION_CARD_UUID: CARD_A}
+    )
+    uid = pod["metadata"]["uid"]
+    control_plane.rest().patch(
+        f"/api/v1/namespaces/{namespace}/pods/tenant/status",
+        {
+            "status": {
+                "phase": "Running",
+                "containerStatuses": [
+                    {
+                        "name": "kserve-container",
+                        "containerID": f"containerd://{CID}",
+                        "image": "vllm",
+                        "imageID": "",
+                        "ready": True,
+                        "restartCount": 0,
+                        "state": {"running": {}},
+                    },
+                ],
+            }
+        },
+        "strategic",
+    )
+    kubelet.assigned[(namespace, "tenant")] = {
+        "kserve-container": (names.RESOURCE_GPU_MEMORY, [f"{CARD_A}-{u}" for u in range(4)])
+    }
+    write_proc(short_tmp / "proc", 778, uid, CID)
+    write_fake(
+        nvml_file,
+        [card(CARD_A, 0), card(CARD_B, 1)],
+        processes=[{"pid": 778, "card": CARD_A, "used": used, "kind": kind}],
+    )
+    pods = kube.PodCache(api, node)
+    await pods.refresh()
+    agent = make_agent(
+        isolation=isolation,
+        api=api,
+        pods=pods,
+        node=node,
+        locator=CgroupLocator(short_tmp / "proc"),
+        overuse_grace_seconds=3600,  # an escape is not over-use: no grace applies
+        escape_action=action,
+    )
+    await agent.reconcile()
+    await agent.poll()
+    await agent.published()
+    (event,) = events(control_plane, namespace, escapes.REASON)
+    assert event["type"] == "Warning"
+    assert event["involvedObject"]["uid"] == uid
+    assert "container kserve-container" in event["message"]
+    assert f"[{escape}]" in event["message"] and "778" in event["message"]
+    after = control_plane.rest().get(f"/api/v1/namespaces/{namespace}/pods/tenant")
+    assert ("deletionTimestamp" in after["metadata"]) == (action == "evict")
+    await agent.poll()
+    await agent.published()
+    assert len(events(control_plane, namespace, escapes.REASON)) == 1  # once per episode
+    labels = {
+        "node": node,
+        "namespace": namespace,
+        "pod": "tenant",
+        "container": "kserve-container",
+        "escape": escape,
+    }
+    assert agent.metrics.registry.get_sample_value("gpushare_isolation_escapes_total", labels) == 1
+
+
+async def test_the_node_report_names_the_isolation_and_the_cards_with_cgroup_limits(
+    control_plane: cluster.ControlPlane,
+    api: kube.KubeApi,
+    node: str,
+    make_agent: AgentFactory,
+    nvml_file: Path,
+) -> None:
+    write_fake(nvml_file, [card(CARD_A, 0, memory_limits=True), card(CARD_B, 1)])
+    agent = make_agent(isolation="auto", api=api, node=node)
+    await agent.poll()
+    await agent.published()
+    report = read_report(control_plane, node)
+    assert report.version == nodereport.VERSION == 2
+    assert report.isolation == "mps"  # one card lacks per-cgroup limits
+    assert [(c.uuid, c.memory_limits) for c in report.cards] == [(CARD_A, True), (CARD_B, False)]

@@ -29,7 +29,10 @@ CID2 = "b" * 64
     ids=["cgroup-v1", "v2-systemd-containerd", "v2-crio-guaranteed", "v2-cgroupfs"],
 )
 def test_a_cgroup_names_pod_and_container(text: str) -> None:
-    assert watchdog.parse_cgroup(text) == watchdog.Location(UID, CID)
+    location = watchdog.parse_cgroup(text)
+    assert location is not None
+    assert (location.pod_uid, location.container_id) == (UID, CID)
+    assert location.cgroup.endswith(CID) or location.cgroup.endswith(f"{CID}.scope")
 
 
 @pytest.mark.parametrize(

@@ -34,6 +34,7 @@ import yaml
 
 from dashboards import generate
 from gpushare import names
+from gpushare.simulator import mpsfake
 from tests import cluster
 from tests.manifests import panels, parts
 from tests.manifests.render import MANIFESTS, render
@@ -201,9 +202,17 @@ def prometheus(
     namespace = cluster.create_namespace(cp, cluster.unique_name("observe"))
     for kind in ("mutatingwebhookconfiguration", "validatingwebhookconfiguration"):
         cp.kubectl("delete", kind, "gpushare-webhook", "--ignore-not-found")
+    # One node-wide MPS daemon (the simulator's stand-in program), so that the container's process,
+    # a CUDA context outside it, is caught as an escape (an Event only: the pod stays).
     settings = {
-        "isolation": "none",
-        "agent": {"poll_seconds": 0.2, "heartbeat_seconds": 1, "overuse_grace_seconds": 0},
+        "isolation": "mps-shared",
+        "agent": {
+            "poll_seconds": 0.2,
+            "heartbeat_seconds": 1,
+            "overuse_grace_seconds": 0,
+            "escape_action": "event",
+            "mps_root": str(short / "mps"),
+        },
     }
     config_file = work / "config.yaml"
     config_file.write_text(yaml.safe_dump(settings))
@@ -252,6 +261,7 @@ def prometheus(
                 f"--metrics-listen=127.0.0.1:{agent_port}",
                 f"--node-name={node}",
                 f"--proc-root={proc}",
+                f"--mps-control={mpsfake.install(short / 'bin')}",
                 log=work / "agent.log",
                 env=env,
             ) as agent,
@@ -362,14 +372,18 @@ def _drive(
     (proc / str(PID) / "cgroup").write_text(
         f"0::/kubepods.slice/kubepods-pod{uid}.slice/cri-containerd-{CONTAINER_ID}.scope\n"
     )
-    _write_nvml(nvml, [{"pid": PID, "card": card, "used": f"{21 * GI}"}])
+    _write_nvml(nvml, [{"pid": PID, "card": card, "used": f"{21 * GI}", "kind": "cuda"}])
 
     def exported() -> bool:
         agent.check_alive()
         metrics = parts.get(f"http://127.0.0.1:{agent_port}/metrics")[1]
         return all(
             any(line.startswith(metric) for line in metrics.splitlines())
-            for metric in ("gpushare_container_granted_bytes{", "gpushare_grant_violations_total{")
+            for metric in (
+                "gpushare_container_granted_bytes{",
+                "gpushare_grant_violations_total{",
+                "gpushare_isolation_escapes_total{",
+            )
         )
 
     try:
