@@ -12,9 +12,8 @@ from typing import Annotated, Any, Literal
 import pydantic
 import yaml
 
-from gpushare import errors, names, quantities
+from gpushare import errors, names, placement, quantities
 
-Policy = Literal["binpack", "spread"]
 Isolation = Literal["mps", "mps-shared", "none"]
 
 
@@ -73,7 +72,8 @@ class Settings(_Section):
 
     unit_bytes: ByteSize = quantities.GI
     """The memory unit of ``gpushare.io/gpu-memory``; requests round up to whole units."""
-    policy: Policy = "binpack"
+    policy: placement.Policy = placement.DEFAULT_POLICY
+    """Card choice: ``fill`` (cards in use first, by share filled), ``binpack`` or ``spread``."""
     reserve_bytes: ByteSize = 716 * quantities.MI
     """Per-instance memory outside vLLM's budget (CUDA context ~620 MiB measured, plus margin)."""
     isolation: Isolation = "mps"

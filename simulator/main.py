@@ -1,6 +1,6 @@
 """``gpushare simulate``: the whole system on one machine, as a capacity planner.
 
-    gpushare simulate [--nodes 4x8xH100-80GB,...] [--trace FILE|DIR] [--policy binpack|spread]
+    gpushare simulate [--nodes 4x8xH100-80GB,...] [--trace FILE|DIR] [--policy fill|binpack|spread]
                       [--churn N] [--seed N] [--json] [--report report.png]
 
 It starts the real webhook, extender and one device plugin per simulated node on loopback, drives
@@ -34,7 +34,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         " (default: a built-in trace of 60 vLLM services from 0.5B to 72B parameters)",
     )
     parser.add_argument(
-        "--policy", choices=placement.POLICIES, help="placement (default: configured, binpack)"
+        "--policy", choices=placement.POLICIES, help="placement (default: configured, fill)"
     )
     parser.add_argument(
         "--isolation", choices=["mps", "mps-shared", "none"],
