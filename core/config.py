@@ -77,6 +77,9 @@ class Settings(_Section):
     reserve_bytes: ByteSize = 716 * quantities.MI
     """Per-instance memory outside vLLM's budget (CUDA context ~620 MiB measured, plus margin)."""
     isolation: Isolation = "mps"
+    card_costs: dict[str, pydantic.PositiveFloat] = {}
+    """What one card of a GPU model weighs in the simulator's cost figures, by NVML product name
+    (``NVIDIA H100 80GB HBM3: 3.0``); a model not named weighs its usable memory in GiB."""
     scheduler: SchedulerSettings = SchedulerSettings()
     webhook: WebhookSettings = WebhookSettings()
     agent: AgentSettings = AgentSettings()
@@ -91,6 +94,10 @@ class Settings(_Section):
         no daemon.
         """
         return self.agent.mps_server_bytes if self.isolation == "mps" else 0
+
+    def card_cost(self, model: str, capacity_bytes: int) -> float:
+        """The configured cost of a card of ``model``, else its usable memory in GiB."""
+        return self.card_costs.get(model, capacity_bytes / quantities.GI)
 
     @pydantic.field_validator("unit_bytes")
     @classmethod
