@@ -1,11 +1,12 @@
-"""The offline optimum: the cheapest cards that hold the same requests, by exact bin packing (CP-SAT).
+"""The offline optimum: the cheapest cards that hold the same requests, by exact bin packing.
 
 Sizes are divided by their greatest common divisor, so the integer model is exact, not rounded.
 The objective is lexicographic: place as many requests as possible, then spend the least on the
 cards used (each card weighs its :attr:`Bin.cost`; on a fleet of one model that is the fewest
-cards), then use as few cards as possible. Requests of one size are counted per card rather than named, and cards of one model
-fill in order, which takes both symmetries out of the search: the solver proves optimality in
-seconds for the built-in trace on a few dozen cards.
+cards), then use as few cards as possible. CP-SAT solves it. Requests of one size are counted
+per card rather than named, and cards of one model fill in order, which takes both symmetries
+out of the search: the solver proves optimality in seconds for the built-in trace on a few dozen
+cards of one model.
 """
 
 import itertools
@@ -147,7 +148,9 @@ def solve(
     if len(set(costs)) == 1:
         cards_bound = -(-least // costs[0])
     else:  # cards of several costs: what the placed bytes fill on the largest cards
-        placed_bytes = sum(size * int(solver.value(n)) for size, n in zip(sizes, placed, strict=True))
+        placed_bytes = sum(
+            size * int(solver.value(n)) for size, n in zip(sizes, placed, strict=True)
+        )
         cards_bound = -(-placed_bytes // max(caps, default=1))
     return Packing(
         status, cards_used, min(cards_bound, cards_used), n_placed, assignment, solver.wall_time,
