@@ -24,7 +24,15 @@ from gpushare.quantities import format_bytes
 from gpushare.simulator import optimum
 from gpushare.simulator.cluster import Simulation
 from gpushare.simulator.fleet import Fleet, describe
-from gpushare.simulator.outcome import Failure, Outcome, Placement, Rollout, Round, stranded
+from gpushare.simulator.outcome import (
+    Failure,
+    Outcome,
+    Placement,
+    Rollout,
+    RolloutLanding,
+    Round,
+    stranded,
+)
 from gpushare.simulator.workload import MAX_NAME_LENGTH, Service
 
 CHURN_SHARE: Final = 0.1
@@ -166,7 +174,7 @@ async def _roll(
         used = sum(1 for card in before if card.services)
         return Rollout(key, old.requested_bytes, "stuck", used, used, placed.reason), results
     peak = sum(1 for card in await sim.cards() if card.services)
-    landed = (
+    landed: RolloutLanding = (
         "same-card" if placed.card_uuid == old.card_uuid
         else "card-in-use" if placed.card_uuid in in_use
         else "empty-card"
