@@ -97,6 +97,8 @@ class Grant:
     state: GrantState
     since: float
     """Clock time of the last change of state."""
+    priority: int = 0
+    """The pod's priority, for preemption."""
 
 
 _NO_ROOM: Final = -1
@@ -373,7 +375,9 @@ class Ledger:
             )
             for demand, fit in placed
         )
-        grant = Grant(request.uid, request.key, name, allocations, "reserved", moment)
+        grant = Grant(
+            request.uid, request.key, name, allocations, "reserved", moment, request.priority
+        )
         self._add(grant)
         return grant
 
@@ -395,25 +399,33 @@ class Ledger:
         return grant
 
     def observe(
-        self, uid: str, pod: PodKey, name: NodeName, allocations: tuple[Allocation, ...]
+        self,
+        uid: str,
+        pod: PodKey,
+        name: NodeName,
+        allocations: tuple[Allocation, ...],
+        *,
+        priority: int = 0,
     ) -> None:
         """Record what the API says a bound pod holds (its annotations are the truth)."""
         self._requests.pop(uid, None)
         existing = self._grants.get(uid)
         if existing is not None and existing.node == name and existing.allocations == allocations:
+            existing.priority = priority
             if existing.state != "observed":
                 existing.state = "observed"
                 existing.since = self.clock()
             return
         if existing is not None:
             self.release(uid)
-        self._add(Grant(uid, pod, name, allocations, "observed", self.clock()))
+        self._add(Grant(uid, pod, name, allocations, "observed", self.clock(), priority))
 
     def resync(
         self,
         listed: Mapping[str, tuple[PodKey, NodeName, tuple[Allocation, ...]]],
         *,
         listed_at: float,
+        priorities: Mapping[str, int] | None = None,
     ) -> None:
         """Replace observed grants by a fresh listing of every bound pod's allocations.
 
@@ -422,7 +434,7 @@ class Ledger:
         flight stay (their bind settles them), and so do pods bound after the listing began.
         """
         for uid, (pod, name, allocations) in listed.items():
-            self.observe(uid, pod, name, allocations)
+            self.observe(uid, pod, name, allocations, priority=(priorities or {}).get(uid, 0))
         for uid, grant in list(self._grants.items()):
             if uid in listed:
                 continue
@@ -445,6 +457,16 @@ class Ledger:
 
     def grant_count(self) -> int:
         return len(self._grants)
+
+    def grants_on(self, name: NodeName) -> list[Grant]:
+        """The grants held on one node."""
+        return list(self._by_node.get(name, {}).values())
+
+    def node_cards(self, name: NodeName) -> tuple[placement.Card, ...]:
+        """One node's cards as placement sees them now (none for an unknown node)."""
+        self._settle(self.clock())
+        node = self._nodes.get(name)
+        return () if node is None else node.views
 
     # --- requests of pods not yet bound -----------------------------------------------------------
 

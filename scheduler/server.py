@@ -1,6 +1,7 @@
-"""The extender's HTTP routes: ``<prefix>/filter``, ``/prioritize``, ``/bind``, probes, metrics.
+"""The extender's routes: ``<prefix>/filter``, ``/prioritize``, ``/bind``, ``/preempt``, probes.
 
-Routes only: each handler parses, calls :mod:`filtering`, :mod:`scoring` or :mod:`binding`, and
+Routes only: each handler parses, calls :mod:`filtering`, :mod:`scoring`, :mod:`binding` or
+:mod:`preemption`, and
 writes the answer. A malformed call gets ``400`` with the reason as text; a well-formed call about a
 pod that cannot be placed gets ``200`` with the reason in the answer, where kube-scheduler shows it
 in the pod's FailedScheduling Event.
@@ -15,7 +16,7 @@ from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from gpushare import config, errors
-from gpushare.scheduler import filtering, ledger, scoring, wire
+from gpushare.scheduler import filtering, ledger, preemption, scoring, wire
 from gpushare.scheduler.binding import Binder
 from gpushare.scheduler.metrics import Metrics
 from gpushare.scheduler.priorities import PriorityLists
@@ -92,6 +93,14 @@ def make_app(
         result = wire.ExtenderBindingResult.model_construct(error=error)
         return web.Response(body=wire.encode(result), content_type=_JSON)
 
+    async def preempt(request: web.Request) -> web.Response:
+        args = preemption.parse(await request.read())
+        if not ready():  # no node can be vouched for: kube-scheduler preempts nothing
+            result = wire.ExtenderPreemptionResult()
+        else:
+            result = preemption.preempt(book, args, unit_bytes=settings.unit_bytes)
+        return web.Response(body=wire.encode(result), content_type=_JSON)
+
     async def healthz(_: web.Request) -> web.Response:
         return web.Response(text="ok\n")
 
@@ -109,6 +118,7 @@ def make_app(
     app.router.add_post(f"{prefix}/filter", timed("filter", filter_nodes))
     app.router.add_post(f"{prefix}/prioritize", timed("prioritize", prioritize))
     app.router.add_post(f"{prefix}/bind", timed("bind", bind))
+    app.router.add_post(f"{prefix}/preempt", timed("preempt", preempt))
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/readyz", readyz)
     app.router.add_get("/metrics", scrape)

@@ -119,7 +119,7 @@ def test_kube_scheduler_reaches_the_extender_over_loopback(base: Objects) -> Non
     listen_port = int(_flag(sidecar, "--listen").rsplit(":", 1)[1])
     assert url.port == listen_port
     assert url.path == config.Settings().scheduler.url_prefix
-    assert {"name": names.RESOURCE_GPU_MEMORY, "ignoredByScheduler": True} in extender[
+    assert {"name": names.RESOURCE_GPU_MEMORY, "ignoredByScheduler": False} in extender[
         "managedResources"
     ]
     assert "kubeconfig" not in (parsed.get("clientConnection") or {}), "in-cluster config expected"
