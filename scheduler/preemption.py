@@ -26,6 +26,7 @@ containers then fit, and the node is left out otherwise. PDBs are not read here:
 import dataclasses
 import itertools
 import logging
+from collections import Counter
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Final
@@ -99,9 +100,18 @@ def choose_on_card(
 
 
 def preempt(
-    book: ledger.Ledger, args: wire.ExtenderPreemptionArgs, *, unit_bytes: int
+    book: ledger.Ledger,
+    args: wire.ExtenderPreemptionArgs,
+    *,
+    unit_bytes: int,
+    outcomes: Counter[str] | None = None,
 ) -> wire.ExtenderPreemptionResult:
-    """Answer one ``preempt`` call: per node, victims that free one card, or no entry."""
+    """Answer one ``preempt`` call: per node, victims that free one card, or no entry.
+
+    ``outcomes`` counts the nodes ``kept`` (kube-scheduler's victims stand), ``chosen`` (others
+    on one card) and ``refused``.
+    """
+    counted: Counter[str] = Counter() if outcomes is None else outcomes
     request = demand.from_pod(args.pod, unit_bytes=unit_bytes)
     answer: dict[str, wire.MetaVictims] = {}
     for name, proposed in args.victims().items():
@@ -109,16 +119,20 @@ def preempt(
         uids = [pod.uid for pod in proposed.pods]
         chosen = _victims(book, node, request, uids)
         if chosen is None:
+            counted["refused"] += 1
             logger.info(
                 "preempt %s: node %s refused: no card there frees enough for the pod",
                 request.key, name,
             )
             continue
         if chosen != uids:
+            counted["chosen"] += 1
             logger.info(
                 "preempt %s: node %s: victims %s instead of kube-scheduler's %s",
                 request.key, name, chosen, uids,
             )
+        else:
+            counted["kept"] += 1
         answer[name] = wire.MetaVictims(
             pods=[wire.MetaPod(uid=uid) for uid in chosen],
             num_pdb_violations=proposed.num_pdb_violations,

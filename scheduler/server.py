@@ -9,6 +9,7 @@ in the pod's FailedScheduling Event.
 
 import logging
 import time
+from collections import Counter
 from collections.abc import Awaitable, Callable
 from typing import Final
 
@@ -95,11 +96,11 @@ def make_app(
 
     async def preempt(request: web.Request) -> web.Response:
         args = preemption.parse(await request.read())
-        if not ready():  # no node can be vouched for: kube-scheduler preempts nothing
-            result = wire.ExtenderPreemptionResult()
-        else:
-            result = preemption.preempt(book, args, unit_bytes=settings.unit_bytes)
-        return web.Response(body=wire.encode(result), content_type=_JSON)
+        # Not synced: no node can be vouched for, and kube-scheduler preempts nothing.
+        result = _preempt(book, args, settings, metrics) if ready() else None
+        return web.Response(
+            body=wire.encode(result or wire.ExtenderPreemptionResult()), content_type=_JSON
+        )
 
     async def healthz(_: web.Request) -> web.Response:
         return web.Response(text="ok\n")
@@ -123,3 +124,14 @@ def make_app(
     app.router.add_get("/readyz", readyz)
     app.router.add_get("/metrics", scrape)
     return app
+
+
+def _preempt(
+    book: ledger.Ledger, args: wire.ExtenderPreemptionArgs, settings: config.Settings,
+    metrics: Metrics,
+) -> wire.ExtenderPreemptionResult:
+    outcomes: Counter[str] = Counter()
+    result = preemption.preempt(book, args, unit_bytes=settings.unit_bytes, outcomes=outcomes)
+    for outcome, count in outcomes.items():
+        metrics.preempt_nodes.labels(outcome).inc(count)
+    return result
