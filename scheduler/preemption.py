@@ -125,7 +125,7 @@ def preempt(
                 request.key, name,
             )
             continue
-        if chosen != uids:
+        if set(chosen) != set(uids):
             counted["chosen"] += 1
             logger.info(
                 "preempt %s: node %s: victims %s instead of kube-scheduler's %s",

@@ -225,7 +225,7 @@ def test_a_hundred_pods_are_bound_with_their_cards(
     # The extender's ledger agrees with the API, card by card.
     text = extender.metrics()
     assert metric_sum(text, "gpushare_scheduler_card_granted_bytes") == sum(granted.values())
-    # binpack: the 24 GiB cards take what fits them before the big ones open new cards.
+    # fill: a pod that opens a card opens the smallest that fits, so the 24 GiB cards take some.
     assert sum(1 for p in pods if p["spec"]["nodeName"].endswith(("-l0", "-l1", "-l2", "-l3"))) > 0
     cluster.wait_for(
         lambda: len(events(rest, namespace, "GPUMemoryGranted")) >= 100,
@@ -233,7 +233,7 @@ def test_a_hundred_pods_are_bound_with_their_cards(
         what="an Event per pod",
     )
     note = events(rest, namespace, "GPUMemoryGranted")[0]["note"]
-    assert note.startswith("granted ") and "binpack chose the fullest card that fits" in note
+    assert note.startswith("granted ") and "fill chose the fullest share of a card in use" in note
 
 
 def test_a_pod_larger_than_any_card_stays_pending_with_the_reason(
