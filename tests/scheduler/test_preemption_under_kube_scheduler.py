@@ -6,6 +6,7 @@ No kubelet runs here, so the test finishes each deletion that preemption starts 
 ``deletionTimestamp`` is deleted at once, as kubelet does once its containers stop).
 """
 
+import functools
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -85,7 +86,7 @@ def _one_by_one(
     for name, gib, priority_class in pods:
         _create(rest, namespace, name, gib, priority_class)
         bound = cluster.wait_for(
-            lambda n=name: _placed(rest, namespace, n), timeout=60, what=f"{name} bound"
+            functools.partial(_placed, rest, namespace, name), timeout=60, what=f"{name} bound"
         )
         cards[name] = bound["metadata"]["annotations"][names.ANNOTATION_CARD_INDEX]
     return cards
