@@ -45,7 +45,7 @@ EVENT_BACKLOG: Final = 2000
 CLOSE_SECONDS: Final = 5.0
 
 _WHY: Final = {
-    "fill": "fill chose the fullest share of a card in use, or the empty card the pod fills most",
+    "fill": "fill chose the card in use left fullest, else the smallest empty card that fits",
     "binpack": "binpack chose the fullest card that fits",
     "spread": "spread chose the emptiest card",
 }

@@ -3,8 +3,12 @@
 from datetime import UTC, datetime
 from typing import Any
 
+import itertools
+
 import aiohttp
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from gpushare import placement
 from gpushare.ids import CardUUID, NodeName, pod_key
@@ -56,6 +60,38 @@ def test_victims_on_a_card_are_the_fewest_then_the_lowest_priority(
         card, [_holder(*h) for h in holders], cost_gib * GI
     )
     assert (None if choice is None else sorted(h.uid for h in choice.victims)) == victims
+
+
+@given(
+    granted=st.integers(0, 80),
+    holders=st.lists(st.tuples(st.integers(1, 40), st.integers(0, 3)), max_size=8),
+    cost=st.integers(1, 80),
+)
+def test_a_choice_frees_enough_with_the_fewest_lowest_pods_each_of_them_needed(
+    granted: int, holders: list[tuple[int, int]], cost: int
+) -> None:
+    card = _card(granted, capacity=80 * GI)
+    pool = [_holder(f"h{i}", gib, priority) for i, (gib, priority) in enumerate(holders)]
+    need = cost * GI - card.room_bytes
+    choice = preemption.choose_on_card(card, pool, cost * GI)
+    enough = [
+        combo
+        for count in range(1, len(pool) + 1)
+        for combo in itertools.combinations(pool, count)
+        if sum(h.freed_bytes for h in combo) >= need
+    ]
+    if need <= 0 or not enough:
+        assert choice is None
+        return
+    assert choice is not None
+    freed = sum(h.freed_bytes for h in choice.victims)
+    assert freed >= need
+    fewest = [combo for combo in enough if len(combo) == min(map(len, enough))]
+    assert len(choice.victims) == len(fewest[0])
+    assert max(h.priority for h in choice.victims) == min(
+        max(h.priority for h in combo) for combo in fewest
+    )
+    assert all(freed - h.freed_bytes < need for h in choice.victims)  # none could stay
 
 
 def test_a_card_with_room_needs_no_victim() -> None:

@@ -233,7 +233,7 @@ def test_a_hundred_pods_are_bound_with_their_cards(
         what="an Event per pod",
     )
     note = events(rest, namespace, "GPUMemoryGranted")[0]["note"]
-    assert note.startswith("granted ") and "fill chose the fullest share of a card in use" in note
+    assert note.startswith("granted ") and "fill chose the card in use left fullest" in note
 
 
 def test_a_pod_larger_than_any_card_stays_pending_with_the_reason(
