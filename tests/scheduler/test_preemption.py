@@ -1,9 +1,8 @@
 """Preemption: kube-scheduler's victims checked against card memory, chosen again on one card."""
 
+import itertools
 from datetime import UTC, datetime
 from typing import Any
-
-import itertools
 
 import aiohttp
 import pytest
