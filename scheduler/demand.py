@@ -93,7 +93,7 @@ def policy_of(annotations: Mapping[str, str]) -> placement.Policy | None:
     for policy in placement.POLICIES:
         if value.strip() == policy:
             return policy
-    allowed = " or ".join(placement.POLICIES)
+    allowed = ", ".join(placement.POLICIES[:-1]) + f" or {placement.POLICIES[-1]}"
     raise errors.BadRequest(
         f"annotation {names.ANNOTATION_POLICY}={value!r} is not a policy: write {allowed}"
     )
