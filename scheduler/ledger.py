@@ -463,10 +463,14 @@ class Ledger:
         return list(self._by_node.get(name, {}).values())
 
     def node_cards(self, name: NodeName) -> tuple[placement.Card, ...]:
-        """One node's cards as placement sees them now (none for an unknown node)."""
-        self._settle(self.clock())
+        """One node's cards as placement sees them now; none where the node may take no pod
+        (unknown, without a report, or its agent silent)."""
+        moment = self.clock()
+        self._settle(moment)
         node = self._nodes.get(name)
-        return () if node is None else node.views
+        if node is None or self._node_failure(node, moment) is not None:
+            return ()
+        return node.views
 
     # --- requests of pods not yet bound -----------------------------------------------------------
 

@@ -182,3 +182,14 @@ async def test_a_malformed_preempt_call_is_a_400(
         assert resp.status == 400
         assert "ExtenderPreemptionArgs: Pod: Field required" in await resp.text()
 
+
+
+async def test_a_node_whose_agent_went_silent_is_refused(
+    extender: Extender, http: aiohttp.ClientSession
+) -> None:
+    # Evicting there would free memory that no pod could be placed on: the filter refuses the node.
+    _two_cards(extender, guard_priority=100)
+    stale = report("n", 2, total=40 * GI, heartbeat=datetime(2020, 1, 1, tzinfo=UTC))
+    extender.book.set_node(NODE, stale)
+    answer = await _preempt(http, extender, _preemptor(30, 1000), ["p", "q"])
+    assert answer == {"NodeNameToMetaVictims": {}}
