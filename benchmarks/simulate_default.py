@@ -2,6 +2,7 @@
 
     python benchmarks/simulate_default.py            # every case, binpack and fill side by side
     python benchmarks/simulate_default.py --runs 3   # each case three times (wall time: min/max)
+    python benchmarks/simulate_default.py --seed 2   # another arrival order (and churn, rollouts)
 
 Each case is the installed command in a fresh process (``gpushare simulate --json``), so the wall
 time includes the Python start, the parts' start, the services and the offline optimum. Cases: the
@@ -71,6 +72,7 @@ def _row(name: str, policy: str, walls: list[float], data: dict[str, Any]) -> st
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--runs", type=int, default=1, help="runs per case (default 1)")
+    parser.add_argument("--seed", type=int, default=0, help="gpushare simulate --seed (default 0)")
     args = parser.parse_args()
     print(
         f"{'case':38} {'policy':8} {'wall s':>9} {'GPUs':>5} {'opt':>5} {'cost':>8} {'opt':>8}"
@@ -85,7 +87,7 @@ def main() -> None:
         walls: list[float] = []
         data: dict[str, Any] = {}
         for _ in range(args.runs):
-            wall, data = _run(extra)
+            wall, data = _run([*extra, "--seed", str(args.seed)])
             walls.append(wall)
         print(_row(name, policy, walls, data), flush=True)
 
