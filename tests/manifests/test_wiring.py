@@ -40,9 +40,8 @@ def _keys(model: type[BaseModel], prefix: str = "") -> set[str]:
 def _flatten(data: dict[str, Any], prefix: str = "") -> set[str]:
     keys = set()
     for key, value in data.items():
-        keys |= (
-            _flatten(value, f"{prefix}{key}.") if isinstance(value, dict) else {f"{prefix}{key}"}
-        )
+        section = isinstance(value, dict) and value  # an empty mapping is a setting (card_costs)
+        keys |= _flatten(value, f"{prefix}{key}.") if section else {f"{prefix}{key}"}
     return keys
 
 
