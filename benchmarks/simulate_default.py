@@ -1,13 +1,18 @@
-"""``gpushare simulate`` as a person runs it: wall time and figures of a few fleets and policies.
+"""``gpushare simulate`` as a person runs it: the old and the new default policy, case by case.
 
-    python benchmarks/simulate_default.py            # the defaults, then spread, then a mixed fleet
+    python benchmarks/simulate_default.py            # every case, binpack and fill side by side
     python benchmarks/simulate_default.py --runs 3   # each case three times (wall time: min/max)
+    python benchmarks/simulate_default.py --seed 2   # another arrival order (and churn, rollouts)
 
 Each case is the installed command in a fresh process (``gpushare simulate --json``), so the wall
-time includes the Python start, the parts' start, the 60 services and the offline optimum: what
-the README promises to finish in under a minute. Prints, per case: wall time, the run's own time,
-GPUs used with sharing, the one-model-per-GPU baseline, the offline optimum and its status, the
-ratio, services placed, stranded memory, and how many services landed on the extender's card.
+time includes the Python start, the parts' start, the services and the offline optimum. Cases: the
+defaults (4 x 8 H100, the built-in trace), a mixed fleet (16 H100 + 16 L4 + 4 H200), five rounds of
+churn on each fleet, ten rolling updates (maxSurge 1) on a fleet just large enough for the trace
+(5 x 4 H100), and spread for reference. Each runs under ``binpack`` (the old default) and ``fill``
+(the new one). Printed per run: wall time, GPUs used and the optimum's, their cost (a card weighs
+its usable memory in GiB unless the configuration says otherwise) and the optimum's, the ratios to
+the optimum in cost and in GPUs (none when the two place different numbers of services), services
+placed, stranded memory, and for the rollouts how many got stuck or opened an empty card.
 """
 
 import argparse
@@ -18,12 +23,17 @@ import time
 from pathlib import Path
 from typing import Any
 
+MIXED = "2x8xH100-80GB,2x8xL4-24GB,1x4xH200-141GB"
 CASES = {
-    "default (4x8xH100-80GB, binpack)": [],
-    "spread": ["--policy", "spread"],
-    "mixed fleet": ["--nodes", "2x8xH100-80GB,2x8xL4-24GB,1x4xH200-141GB"],
+    "default (4x8xH100-80GB)": [],
+    "mixed fleet (16 H100, 16 L4, 4 H200)": ["--nodes", MIXED],
     "churn 5": ["--churn", "5"],
+    "mixed fleet, churn 5": ["--nodes", MIXED, "--churn", "5"],
+    "10 rollouts, full fleet (5x4xH100)": ["--nodes", "5x4xH100-80GB", "--rollouts", "10"],
 }
+POLICIES = ("binpack", "fill")
+"""The old default and the new one."""
+REFERENCE = {"spread": ["--policy", "spread"]}
 
 
 def _run(args: list[str]) -> tuple[float, dict[str, Any]]:
@@ -36,27 +46,50 @@ def _run(args: list[str]) -> tuple[float, dict[str, Any]]:
     return wall, json.loads(done.stdout)
 
 
+def _ratio(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:.3f}"
+
+
+def _row(name: str, policy: str, walls: list[float], data: dict[str, Any]) -> str:
+    s = data["summary"]
+    opt = s["optimum"] or {}
+    wall_text = f"{min(walls):.1f}" + (f"-{max(walls):.1f}" if len(walls) > 1 else "")
+    rollouts = (
+        f"{s['rollouts_stuck']} stuck, {s['rollouts_on_empty_cards']} opened a card"
+        if s["rollouts"]
+        else ""
+    )
+    note = "" if s["comparison"] == "same services placed" else f"  ({s['comparison']})"
+    return (
+        f"{name:38} {policy:8} {wall_text:>9} {s['cards_used']:>5} {opt.get('cards_used')!s:>5}"
+        f" {s['cost_used']:>8.0f} {opt.get('cost') or 0:>8.0f} {opt.get('status', '?'):>8}"
+        f" {_ratio(s['ratio_to_optimum']):>6} {_ratio(s['card_ratio_to_optimum']):>6}"
+        f" {s['running']:>3}/{s['running'] + s['failed']:<3}"
+        f" {s['stranded_bytes'] / 2**30:>9.1f}  {rollouts}{note}"
+    )
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--runs", type=int, default=1, help="runs per case (default 1)")
+    parser.add_argument("--seed", type=int, default=0, help="gpushare simulate --seed (default 0)")
     args = parser.parse_args()
-    print(f"{'case':34} {'wall s':>13} {'run s':>6} {'GPUs':>5} {'base':>5} {'opt':>10}"
-          f" {'ratio':>6} {'placed':>7} {'stranded GiB':>13} {'steered':>8}")
-    for name, extra in CASES.items():
+    print(
+        f"{'case':38} {'policy':8} {'wall s':>9} {'GPUs':>5} {'opt':>5} {'cost':>8} {'opt':>8}"
+        f" {'solver':>8} {'xcost':>6} {'xGPUs':>6} {'placed':>7} {'stranded GiB':>9}  rollouts"
+    )
+    runs = [
+        (name, policy, [*extra, "--policy", policy])
+        for name, extra in CASES.items()
+        for policy in POLICIES
+    ] + [(f"{name} (reference)", name, extra) for name, extra in REFERENCE.items()]
+    for name, policy, extra in runs:
         walls: list[float] = []
         data: dict[str, Any] = {}
         for _ in range(args.runs):
-            wall, data = _run(extra)
+            wall, data = _run([*extra, "--seed", str(args.seed)])
             walls.append(wall)
-        s = data["summary"]
-        opt = s["optimum"]
-        wall_text = f"{min(walls):.1f}" + (f"-{max(walls):.1f}" if len(walls) > 1 else "")
-        print(
-            f"{name:34} {wall_text:>13} {data['seconds']:>6.1f} {s['cards_used']:>5}"
-            f" {s['baseline_cards']:>5} {str(opt['cards_used']) + ' ' + opt['status']:>10}"
-            f" {s['ratio_to_optimum']:>6.2f} {s['running']:>3}/{s['running'] + s['failed']:<3}"
-            f" {s['stranded_bytes'] / 2**30:>13.1f} {s['on_extenders_card']:>8}"
-        )
+        print(_row(name, policy, walls, data), flush=True)
 
 
 if __name__ == "__main__":

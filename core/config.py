@@ -12,9 +12,8 @@ from typing import Annotated, Any, Literal
 import pydantic
 import yaml
 
-from gpushare import errors, names, quantities
+from gpushare import errors, names, placement, quantities
 
-Policy = Literal["binpack", "spread"]
 Isolation = Literal["cgroup", "mps", "mps-shared", "none"]
 """A node's isolation: per-cgroup driver limits, an MPS daemon per container or per node, none."""
 IsolationSetting = Literal["auto", "cgroup", "mps", "mps-shared", "none"]
@@ -87,10 +86,14 @@ class Settings(_Section):
 
     unit_bytes: ByteSize = quantities.GI
     """The memory unit of ``gpushare.io/gpu-memory``; requests round up to whole units."""
-    policy: Policy = "binpack"
+    policy: placement.Policy = placement.DEFAULT_POLICY
+    """Card choice: ``fill`` (cards in use first, by share filled), ``binpack`` or ``spread``."""
     reserve_bytes: ByteSize = 716 * quantities.MI
     """Per-instance memory outside vLLM's budget (CUDA context ~620 MiB measured, plus margin)."""
     isolation: IsolationSetting = "auto"
+    card_costs: dict[str, pydantic.PositiveFloat] = {}
+    """What one card of a GPU model weighs in the simulator's cost figures, by NVML product name
+    (``NVIDIA H100 80GB HBM3: 3.0``); a model not named weighs its usable memory in GiB."""
     scheduler: SchedulerSettings = SchedulerSettings()
     webhook: WebhookSettings = WebhookSettings()
     agent: AgentSettings = AgentSettings()
@@ -105,6 +108,10 @@ class Settings(_Section):
         ``none`` run no daemon. Under ``auto`` a node may pick ``mps``, so its overhead is counted.
         """
         return self.agent.mps_server_bytes if self.isolation in ("auto", "mps") else 0
+
+    def card_cost(self, model: str, capacity_bytes: int) -> float:
+        """The configured cost of a card of ``model``, else its usable memory in GiB."""
+        return self.card_costs.get(model, capacity_bytes / quantities.GI)
 
     @pydantic.field_validator("unit_bytes")
     @classmethod

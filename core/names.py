@@ -23,7 +23,7 @@ ANNOTATION_GPU_MEMORY: Final = f"{DOMAIN}/gpu-memory"
 """The only line a user adds: a Kubernetes quantity (``20Gi``), rounded up to units."""
 
 ANNOTATION_POLICY: Final = f"{DOMAIN}/policy"
-"""Per-pod override of the placement policy (``binpack`` or ``spread``)."""
+"""Per-pod override of the placement policy (``fill``, ``binpack`` or ``spread``)."""
 
 # --- Annotations written at bind time (on the Binding, so they land with the node) ----------------
 ANNOTATION_CARD_UUID: Final = f"{DOMAIN}/card-uuid"

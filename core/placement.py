@@ -2,7 +2,13 @@
 
 A card's room is what the ledger has not granted, less memory in use beyond every grant (another
 process the agent sees), less the per-allocation overhead (one MPS server per grant in ``mps``
-mode). Binpack and spread are two orderings over the same fit.
+mode). Binpack, spread and fill are orderings over the same fit.
+
+``fill`` (the default) packs by share of the card, and opens a card only when no card in use
+holds the request: it fills the cards that already hold grants, fullest share first, and of the
+empty cards it opens the one the request fills most (the smallest that fits). ``binpack`` takes
+the card with the fewest bytes left; on a fleet of mixed sizes that sends small requests to
+small empty cards while larger cards in use still have room, so more cards end up in use.
 """
 
 from collections.abc import Callable, Iterable, Sequence
@@ -12,8 +18,9 @@ from typing import Final, Literal
 from gpushare.ids import CardUUID, NodeName
 from gpushare.quantities import format_bytes
 
-Policy = Literal["binpack", "spread"]
-POLICIES: Final[tuple[Policy, ...]] = ("binpack", "spread")
+Policy = Literal["fill", "binpack", "spread"]
+POLICIES: Final[tuple[Policy, ...]] = ("fill", "binpack", "spread")
+DEFAULT_POLICY: Final[Policy] = "fill"
 MAX_SCORE: Final = 10
 """kube-scheduler's extender scores run from 0 to 10 (MaxExtenderPriority)."""
 
@@ -44,6 +51,11 @@ class Card:
     def room_bytes(self) -> int:
         """What a new grant may still take."""
         return max(0, self.capacity_bytes - self.granted_bytes - self.foreign_bytes)
+
+    @property
+    def in_use(self) -> bool:
+        """Whether the card holds a grant already (opening it costs nothing more)."""
+        return self.granted_bytes > 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -117,7 +129,14 @@ def _spread_key(fit: Fit) -> tuple[float, str, int]:
     return (-fit.room_after / fit.card.capacity_bytes, fit.card.node, fit.card.index)
 
 
+def _fill_key(fit: Fit) -> tuple[bool, float, str, int]:
+    # A card in use before an empty one; then the least share of the card left after placement.
+    return (not fit.card.in_use, fit.room_after / fit.card.capacity_bytes, fit.card.node,
+            fit.card.index)
+
+
 ORDERINGS: Final[dict[Policy, Callable[[Fit], tuple[object, ...]]]] = {
+    "fill": _fill_key,
     "binpack": _binpack_key,
     "spread": _spread_key,
 }
@@ -133,8 +152,23 @@ def best(fits: Iterable[Fit], policy: Policy) -> Fit | None:
     return min(fits, key=ORDERINGS[policy], default=None)
 
 
+FILL_OPEN_SCORES: Final = 6
+"""``fill`` scores a card in use from 4 to 10 by its share filled, an empty card from 0 to 3 (by
+the share the request fills): any card in use outranks any empty one, and the 11 scores
+kube-scheduler allows are shared so that both halves keep some resolution."""
+
+
 def score(fit: Fit, policy: Policy) -> int:
-    """An integer 0–10: binpack scores a fuller card higher, spread an emptier one."""
+    """An integer 0–10: how much ``policy`` likes the card (the higher, the sooner it is chosen).
+
+    binpack scores a fuller card higher, spread an emptier one; fill any card in use above any
+    empty one, and within each the fuller share higher.
+    """
     filled = 1 - fit.room_after / fit.card.capacity_bytes
+    if policy == "fill":
+        opened = MAX_SCORE - FILL_OPEN_SCORES
+        if fit.card.in_use:
+            return opened + max(0, min(FILL_OPEN_SCORES, round(filled * FILL_OPEN_SCORES)))
+        return max(0, min(opened - 1, round(filled * (opened - 1))))
     share = filled if policy == "binpack" else 1 - filled
     return max(0, min(MAX_SCORE, round(share * MAX_SCORE)))

@@ -45,6 +45,7 @@ EVENT_BACKLOG: Final = 2000
 CLOSE_SECONDS: Final = 5.0
 
 _WHY: Final = {
+    "fill": "fill chose the card in use left fullest, else the smallest empty card that fits",
     "binpack": "binpack chose the fullest card that fits",
     "spread": "spread chose the emptiest card",
 }

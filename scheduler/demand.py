@@ -39,6 +39,8 @@ class PodRequest:
     demands: tuple[Demand, ...]
     policy: placement.Policy | None = None
     """The pod's own policy (annotation :data:`names.ANNOTATION_POLICY`), if it names one."""
+    priority: int = 0
+    """The pod's priority (``spec.priority``): preemption evicts only pods below its preemptor."""
 
     @property
     def namespace(self) -> str:
@@ -79,6 +81,7 @@ def from_pod(pod: wire.Pod, *, unit_bytes: int, read_policy: bool = True) -> Pod
         key=pod_key(meta.namespace, meta.name),
         demands=tuple(demands),
         policy=policy_of(meta.annotations) if read_policy else None,
+        priority=pod.spec.priority or 0,
     )
 
 
@@ -90,7 +93,7 @@ def policy_of(annotations: Mapping[str, str]) -> placement.Policy | None:
     for policy in placement.POLICIES:
         if value.strip() == policy:
             return policy
-    allowed = " or ".join(placement.POLICIES)
+    allowed = ", ".join(placement.POLICIES[:-1]) + f" or {placement.POLICIES[-1]}"
     raise errors.BadRequest(
         f"annotation {names.ANNOTATION_POLICY}={value!r} is not a policy: write {allowed}"
     )

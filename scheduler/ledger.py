@@ -85,6 +85,8 @@ class Grant:
     state: GrantState
     since: float
     """Clock time of the last change of state."""
+    priority: int = 0
+    """The pod's priority, for preemption."""
 
 
 _NO_ROOM: Final = -1
@@ -150,6 +152,8 @@ class Ledger:
         """Per slot, each healthy card's room (-1: unhealthy, or no such card), for scoring."""
         self._card_sizes = np.ones((_FIRST_SLOTS, _FIRST_CARDS), dtype=np.int64)
         """Per slot, each card's capacity (1 where there is no card, never divided by zero)."""
+        self._card_in_use = np.zeros((_FIRST_SLOTS, _FIRST_CARDS), dtype=np.bool_)
+        """Per slot, whether each card holds a grant already (for ``fill``)."""
         self._next_sweep = math.inf
         """When the next node's heartbeat runs out (or earlier)."""
         self._scores: dict[tuple[placement.Policy, int], Scores] = {}
@@ -305,7 +309,13 @@ class Ledger:
         missing = np.flatnonzero(result == _UNSCORED)
         if missing.size:
             rows = slots[missing]
-            fresh = _best_scores(self._card_rooms[rows], self._card_sizes[rows], cost, policy)
+            fresh = _best_scores(
+                self._card_rooms[rows],
+                self._card_sizes[rows],
+                self._card_in_use[rows],
+                cost,
+                policy,
+            )
             result[missing] = cache[rows] = fresh
         return result
 
@@ -353,7 +363,9 @@ class Ledger:
             )
             for demand, fit in placed
         )
-        grant = Grant(request.uid, request.key, name, allocations, "reserved", moment)
+        grant = Grant(
+            request.uid, request.key, name, allocations, "reserved", moment, request.priority
+        )
         self._add(grant)
         return grant
 
@@ -375,25 +387,33 @@ class Ledger:
         return grant
 
     def observe(
-        self, uid: str, pod: PodKey, name: NodeName, allocations: tuple[Allocation, ...]
+        self,
+        uid: str,
+        pod: PodKey,
+        name: NodeName,
+        allocations: tuple[Allocation, ...],
+        *,
+        priority: int = 0,
     ) -> None:
         """Record what the API says a bound pod holds (its annotations are the truth)."""
         self._requests.pop(uid, None)
         existing = self._grants.get(uid)
         if existing is not None and existing.node == name and existing.allocations == allocations:
+            existing.priority = priority
             if existing.state != "observed":
                 existing.state = "observed"
                 existing.since = self.clock()
             return
         if existing is not None:
             self.release(uid)
-        self._add(Grant(uid, pod, name, allocations, "observed", self.clock()))
+        self._add(Grant(uid, pod, name, allocations, "observed", self.clock(), priority))
 
     def resync(
         self,
         listed: Mapping[str, tuple[PodKey, NodeName, tuple[Allocation, ...]]],
         *,
         listed_at: float,
+        priorities: Mapping[str, int] | None = None,
     ) -> None:
         """Replace observed grants by a fresh listing of every bound pod's allocations.
 
@@ -402,7 +422,7 @@ class Ledger:
         flight stay (their bind settles them), and so do pods bound after the listing began.
         """
         for uid, (pod, name, allocations) in listed.items():
-            self.observe(uid, pod, name, allocations)
+            self.observe(uid, pod, name, allocations, priority=(priorities or {}).get(uid, 0))
         for uid, grant in list(self._grants.items()):
             if uid in listed:
                 continue
@@ -425,6 +445,20 @@ class Ledger:
 
     def grant_count(self) -> int:
         return len(self._grants)
+
+    def grants_on(self, name: NodeName) -> list[Grant]:
+        """The grants held on one node."""
+        return list(self._by_node.get(name, {}).values())
+
+    def node_cards(self, name: NodeName) -> tuple[placement.Card, ...]:
+        """One node's cards as placement sees them now; none where the node may take no pod
+        (unknown, without a report, or its agent silent)."""
+        moment = self.clock()
+        self._settle(moment)
+        node = self._nodes.get(name)
+        if node is None or self._node_failure(node, moment) is not None:
+            return ()
+        return node.views
 
     # --- requests of pods not yet bound -----------------------------------------------------------
 
@@ -520,6 +554,9 @@ class Ledger:
         self._rooms = np.concatenate([self._rooms, np.full(size, _NO_ROOM, dtype=np.int64)])
         self._card_rooms = np.concatenate([self._card_rooms, np.full_like(self._card_rooms, -1)])
         self._card_sizes = np.concatenate([self._card_sizes, np.ones_like(self._card_sizes)])
+        self._card_in_use = np.concatenate(
+            [self._card_in_use, np.zeros_like(self._card_in_use)]
+        )
         for key, cache in self._scores.items():
             self._scores[key] = np.concatenate([cache, np.full(size, _UNSCORED, dtype=np.int8)])
 
@@ -537,14 +574,18 @@ class Ledger:
             extra = len(views) - width
             self._card_rooms = np.pad(self._card_rooms, ((0, 0), (0, extra)), constant_values=-1)
             self._card_sizes = np.pad(self._card_sizes, ((0, 0), (0, extra)), constant_values=1)
+            self._card_in_use = np.pad(self._card_in_use, ((0, 0), (0, extra)))
         rooms = self._card_rooms[slot]
         sizes = self._card_sizes[slot]
+        in_use = self._card_in_use[slot]
         rooms[:] = _NO_ROOM
         sizes[:] = 1
+        in_use[:] = False
         for column, card in enumerate(views):
             if card.healthy:
                 rooms[column] = card.room_bytes
                 sizes[column] = card.capacity_bytes
+                in_use[column] = card.in_use
 
     def _slots_of(self, candidates: Candidates) -> Slots:
         """Each candidate's slot, in order (0 for names never seen), mapped once per list."""
@@ -650,17 +691,35 @@ class Ledger:
 
 
 def _best_scores(
-    rooms: npt.NDArray[np.int64], sizes: npt.NDArray[np.int64], cost: int, policy: placement.Policy
+    rooms: npt.NDArray[np.int64],
+    sizes: npt.NDArray[np.int64],
+    in_use: npt.NDArray[np.bool_],
+    cost: int,
+    policy: placement.Policy,
 ) -> Scores:
     """Per row of cards, :func:`placement.score` of the card :func:`placement.best` would pick.
 
-    The same choice and the same arithmetic, for thousands of nodes in a few NumPy steps: binpack
-    takes the least room left after the grant, and of those the largest card; spread the largest
-    share of its card left after. Cards that cannot hold ``cost`` (room -1 when unhealthy) score
-    nothing; a row without one scores 0.
+    The same choice and the same arithmetic, for thousands of nodes in a few NumPy steps: fill
+    takes the least share left after the grant among the cards in use, else among the empty
+    ones; binpack the least room left after the grant, and of those the largest card; spread the
+    largest share of its card left after. Cards that cannot hold ``cost`` (room -1 when unhealthy)
+    score nothing; a row without one scores 0.
     """
     fits = rooms >= cost
     after = np.where(fits, rooms - cost, 0)
+    if policy == "fill":
+        left = np.where(fits, after / sizes, np.inf)
+        opened_left = np.where(in_use, left, np.inf).min(axis=1)
+        empty_left = left.min(axis=1)
+        opened = np.isfinite(opened_left)
+        top = placement.MAX_SCORE - placement.FILL_OPEN_SCORES
+        scores = np.where(
+            opened,
+            top + np.clip(np.rint((1 - opened_left) * placement.FILL_OPEN_SCORES), 0,
+                          placement.FILL_OPEN_SCORES),
+            np.clip(np.rint((1 - empty_left) * (top - 1)), 0, top - 1),
+        )
+        return np.where(fits.any(axis=1), scores, 0).astype(np.int8)
     if policy == "binpack":
         least = np.where(fits, after, np.iinfo(np.int64).max).min(axis=1)
         size = np.where(fits & (after == least[:, None]), sizes, 0).max(axis=1)

@@ -25,7 +25,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="path before /filter, /prioritize and /bind (default /gpushare-scheduler)",
     )
     parser.add_argument(
-        "--policy", choices=placement.POLICIES, help="cluster-wide placement (default binpack)"
+        "--policy", choices=placement.POLICIES, help="cluster-wide placement (default fill)"
     )
     parser.add_argument(
         "--kubeconfig",

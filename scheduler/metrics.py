@@ -14,9 +14,10 @@ from prometheus_client.registry import Collector
 
 from gpushare.scheduler import ledger
 
-__all__ = ["BIND_RESULTS", "WATCHED", "WATCH_CAUSES", "Metrics"]
+__all__ = ["BIND_RESULTS", "PREEMPT_OUTCOMES", "WATCHED", "WATCH_CAUSES", "Metrics"]
 
 BIND_RESULTS: Final = ("bound", "no-fit", "conflict", "api-error", "bad-request")
+PREEMPT_OUTCOMES: Final = ("kept", "chosen", "refused")
 """Values of the ``result`` label of ``gpushare_scheduler_binds_total``."""
 WATCHED: Final = ("nodes", "pods")
 WATCH_CAUSES: Final = ("end", "expired", "error")
@@ -33,7 +34,7 @@ class Metrics:
         self.registry = registry
         self.request_seconds = Histogram(
             "gpushare_scheduler_request_duration_seconds",
-            "Time to answer one extender call, by verb (filter, prioritize, bind).",
+            "Time to answer one extender call, by verb (filter, prioritize, bind, preempt).",
             ["verb"],
             buckets=_BUCKETS,
             registry=registry,
@@ -62,8 +63,17 @@ class Metrics:
             ["resource", "cause"],
             registry=registry,
         )
-        for verb in ("filter", "prioritize", "bind"):
+        self.preempt_nodes = Counter(
+            "gpushare_scheduler_preempt_nodes_total",
+            "Nodes of preempt calls, by outcome: kept (kube-scheduler's victims free a card),"
+            " chosen (other victims on one card), refused (no card can be freed).",
+            ["outcome"],
+            registry=registry,
+        )
+        for verb in ("filter", "prioritize", "bind", "preempt"):
             self.request_seconds.labels(verb)
+        for outcome in PREEMPT_OUTCOMES:
+            self.preempt_nodes.labels(outcome)
         for result in BIND_RESULTS:
             self.binds.labels(result)
         for reason in ledger.Reason:

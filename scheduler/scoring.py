@@ -1,7 +1,10 @@
 """Prioritize: a score from 0 to 10 for each candidate node under the pod's policy.
 
-``binpack`` (the default) scores a node by how full its best card would be after the grant, so
-pods fill cards before opening new ones; ``spread`` scores the emptiest card highest. A pod picks
+``fill`` (the default) scores a node whose best card already holds grants above any node that
+would have to open an empty card, and within each the fuller share of the card higher, so pods
+fill the cards in use before opening new ones, and a new card is the smallest that fits;
+``binpack`` scores by the share filled of the card with the fewest bytes left; ``spread`` scores
+the emptiest card highest (see :mod:`gpushare.placement`). A pod picks
 its own policy with the annotation :data:`gpushare.names.ANNOTATION_POLICY`. Nodes that cannot take
 the pod score 0.
 """

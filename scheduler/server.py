@@ -1,6 +1,7 @@
-"""The extender's HTTP routes: ``<prefix>/filter``, ``/prioritize``, ``/bind``, probes, metrics.
+"""The extender's routes: ``<prefix>/filter``, ``/prioritize``, ``/bind``, ``/preempt``, probes.
 
-Routes only: each handler parses, calls :mod:`filtering`, :mod:`scoring` or :mod:`binding`, and
+Routes only: each handler parses, calls :mod:`filtering`, :mod:`scoring`, :mod:`binding` or
+:mod:`preemption`, and
 writes the answer. A malformed call gets ``400`` with the reason as text; a well-formed call about a
 pod that cannot be placed gets ``200`` with the reason in the answer, where kube-scheduler shows it
 in the pod's FailedScheduling Event.
@@ -8,6 +9,7 @@ in the pod's FailedScheduling Event.
 
 import logging
 import time
+from collections import Counter
 from collections.abc import Awaitable, Callable
 from typing import Final
 
@@ -15,7 +17,7 @@ from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from gpushare import config, errors
-from gpushare.scheduler import filtering, ledger, scoring, wire
+from gpushare.scheduler import filtering, ledger, preemption, scoring, wire
 from gpushare.scheduler.binding import Binder
 from gpushare.scheduler.metrics import Metrics
 from gpushare.scheduler.priorities import PriorityLists
@@ -92,6 +94,14 @@ def make_app(
         result = wire.ExtenderBindingResult.model_construct(error=error)
         return web.Response(body=wire.encode(result), content_type=_JSON)
 
+    async def preempt(request: web.Request) -> web.Response:
+        args = preemption.parse(await request.read())
+        # Not synced: no node can be vouched for, and kube-scheduler preempts nothing.
+        result = _preempt(book, args, settings, metrics) if ready() else None
+        return web.Response(
+            body=wire.encode(result or wire.ExtenderPreemptionResult()), content_type=_JSON
+        )
+
     async def healthz(_: web.Request) -> web.Response:
         return web.Response(text="ok\n")
 
@@ -109,7 +119,19 @@ def make_app(
     app.router.add_post(f"{prefix}/filter", timed("filter", filter_nodes))
     app.router.add_post(f"{prefix}/prioritize", timed("prioritize", prioritize))
     app.router.add_post(f"{prefix}/bind", timed("bind", bind))
+    app.router.add_post(f"{prefix}/preempt", timed("preempt", preempt))
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/readyz", readyz)
     app.router.add_get("/metrics", scrape)
     return app
+
+
+def _preempt(
+    book: ledger.Ledger, args: wire.ExtenderPreemptionArgs, settings: config.Settings,
+    metrics: Metrics,
+) -> wire.ExtenderPreemptionResult:
+    outcomes: Counter[str] = Counter()
+    result = preemption.preempt(book, args, unit_bytes=settings.unit_bytes, outcomes=outcomes)
+    for outcome, count in outcomes.items():
+        metrics.preempt_nodes.labels(outcome).inc(count)
+    return result

@@ -215,6 +215,7 @@ class Watcher:
 
     def _replace_pods(self, items: list[dict[str, Any]], listed_at: float) -> None:
         listed: dict[str, tuple[PodKey, NodeName, tuple[ledger.Allocation, ...]]] = {}
+        priorities: dict[str, int] = {}
         pending: list[str] = []
         for item in items:
             parsed = self._parse_pod(item)
@@ -228,7 +229,8 @@ class Watcher:
             allocations = self._allocations(pod, request)
             if allocations is not None:
                 listed[request.uid] = (request.key, NodeName(pod.spec.node_name), allocations)
-        self._book.resync(listed, listed_at=listed_at)
+                priorities[request.uid] = request.priority
+        self._book.resync(listed, listed_at=listed_at, priorities=priorities)
         self._book.forget_requests(pending, before=listed_at)
 
     def _apply_pod(self, kind: str, obj: dict[str, Any]) -> None:
@@ -248,7 +250,13 @@ class Watcher:
             return
         allocations = self._allocations(pod, request)
         if allocations is not None:
-            self._book.observe(request.uid, request.key, NodeName(pod.spec.node_name), allocations)
+            self._book.observe(
+                request.uid,
+                request.key,
+                NodeName(pod.spec.node_name),
+                allocations,
+                priority=request.priority,
+            )
 
     def _parse_pod(self, obj: dict[str, Any]) -> tuple[wire.Pod, demand.PodRequest] | None:
         try:

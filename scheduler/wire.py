@@ -101,6 +101,8 @@ class PodSpec(_Model):
     init_containers: Containers = pydantic.Field(default=[], alias="initContainers")
     node_name: str = pydantic.Field(default="", alias="nodeName")
     scheduler_name: str = pydantic.Field(default="", alias="schedulerName")
+    priority: int | None = None
+    """Set by the Priority admission plugin from the pod's PriorityClass (none: 0)."""
 
 
 class PodStatus(_Model):
@@ -183,6 +185,59 @@ class ExtenderBindingArgs(_Model):
 
 class ExtenderBindingResult(_Model):
     error: str = pydantic.Field(default="", alias="Error")
+
+
+class MetaPod(_Model):
+    uid: str = pydantic.Field(alias="UID")
+
+
+class MetaVictims(_Model):
+    """Victims on one node by UID, the form a ``nodeCacheCapable`` extender is sent and answers."""
+
+    pods: Annotated[list[MetaPod], pydantic.BeforeValidator(_none_to_list)] = pydantic.Field(
+        default=[], alias="Pods"
+    )
+    num_pdb_violations: int = pydantic.Field(default=0, alias="NumPDBViolations")
+
+
+class Victims(_Model):
+    """Victims on one node as whole pods, the form an extender without a node cache is sent."""
+
+    pods: Annotated[list[Pod], pydantic.BeforeValidator(_none_to_list)] = pydantic.Field(
+        default=[], alias="Pods"
+    )
+    num_pdb_violations: int = pydantic.Field(default=0, alias="NumPDBViolations")
+
+
+class ExtenderPreemptionArgs(_Model):
+    """What kube-scheduler sends to ``preempt``: the preemptor and its victims per node."""
+
+    pod: Pod = pydantic.Field(alias="Pod")
+    node_name_to_victims: Annotated[
+        dict[str, Victims], pydantic.BeforeValidator(_none_to_empty)
+    ] = pydantic.Field(default={}, alias="NodeNameToVictims")
+    node_name_to_meta_victims: Annotated[
+        dict[str, MetaVictims], pydantic.BeforeValidator(_none_to_empty)
+    ] = pydantic.Field(default={}, alias="NodeNameToMetaVictims")
+
+    def victims(self) -> dict[str, MetaVictims]:
+        """The victims per node by UID, from whichever form was sent."""
+        by_uid = {
+            node: MetaVictims(
+                pods=[MetaPod(uid=pod.metadata.uid) for pod in victims.pods],
+                num_pdb_violations=victims.num_pdb_violations,
+            )
+            for node, victims in self.node_name_to_victims.items()
+        }
+        return {**by_uid, **self.node_name_to_meta_victims}
+
+
+class ExtenderPreemptionResult(_Model):
+    """The answer to ``preempt``: the nodes where preemption may go on, and their victims."""
+
+    node_name_to_meta_victims: dict[str, MetaVictims] = pydantic.Field(
+        default={}, alias="NodeNameToMetaVictims"
+    )
 
 
 def encode_filter_names(

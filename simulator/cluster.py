@@ -584,6 +584,9 @@ class Simulation:
                         used_bytes=node_gpus.used_bytes(card.uuid),
                         overhead_bytes=holding * overhead,
                         services=tuple(sorted(holders.get(card.uuid, ()))),
+                        cost=self.settings.card_cost(
+                            card.model.product, card.model.cuda_total_bytes
+                        ),
                     )
                 )
         return states

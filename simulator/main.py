@@ -1,7 +1,7 @@
 """``gpushare simulate``: the whole system on one machine, as a capacity planner.
 
-    gpushare simulate [--nodes 4x8xH100-80GB,...] [--trace FILE|DIR] [--policy binpack|spread]
-                      [--churn N] [--seed N] [--json] [--report report.png]
+    gpushare simulate [--nodes 4x8xH100-80GB,...] [--trace FILE|DIR] [--policy fill|binpack|spread]
+                      [--churn N] [--rollouts N] [--seed N] [--json] [--report report.png]
 
 It starts the real webhook, extender and one device plugin per simulated node on loopback, drives
 them as kube-apiserver, kube-scheduler and kubelet do for every InferenceService of the trace, and
@@ -34,7 +34,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         " (default: a built-in trace of 60 vLLM services from 0.5B to 72B parameters)",
     )
     parser.add_argument(
-        "--policy", choices=placement.POLICIES, help="placement (default: configured, binpack)"
+        "--policy", choices=placement.POLICIES, help="placement (default: configured, fill)"
     )
     parser.add_argument(
         "--isolation", choices=["mps", "mps-shared", "none"],
@@ -43,6 +43,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--churn", type=_non_negative, default=0, metavar="N",
         help="rounds of random departures and arrivals after the trace (default 0)",
+    )
+    parser.add_argument(
+        "--rollouts", type=_non_negative, default=0, metavar="N",
+        help="rolling updates (maxSurge 1) of N running services, one after another, at the end"
+        " (default 0)",
     )
     parser.add_argument("--seed", type=int, default=0, help="arrival order and churn (default 0)")
     parser.add_argument("--json", action="store_true", help="print the outcome as JSON only")
@@ -90,7 +95,8 @@ def run(args: argparse.Namespace) -> int:
     if args.report is not None and not args.report.parent.resolve().is_dir():
         raise errors.BadRequest(f"--report {args.report}: no such folder {args.report.parent}")
     options = scenario.Options(
-        seed=args.seed, churn=args.churn, optimum_seconds=args.optimum_seconds
+        seed=args.seed, churn=args.churn, rollouts=args.rollouts,
+        optimum_seconds=args.optimum_seconds,
     )
     console = Console(stderr=True)
     with Progress(
@@ -98,7 +104,7 @@ def run(args: argparse.Namespace) -> int:
         TextColumn("{task.description}"), console=console, transient=True,
         disable=not console.is_terminal,
     ) as progress:
-        task = progress.add_task("starting", total=len(services) + args.churn)
+        task = progress.add_task("starting", total=len(services) + args.churn + args.rollouts)
         outcome = asyncio.run(
             scenario.run(
                 the_fleet, services, options, settings=settings,

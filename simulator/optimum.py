@@ -1,10 +1,12 @@
-"""The offline optimum: the fewest cards that hold the same requests, by exact bin packing (CP-SAT).
+"""The offline optimum: the cheapest cards that hold the same requests, by exact bin packing.
 
 Sizes are divided by their greatest common divisor, so the integer model is exact, not rounded.
-The objective is lexicographic: place as many requests as possible, then use as few cards as
-possible. Requests of one size are counted per card rather than named, and cards of one model
-fill in order, which takes both symmetries out of the search: the solver proves optimality in
-seconds for the built-in trace on a few dozen cards.
+The objective is lexicographic: place as many requests as possible, then spend the least on the
+cards used (each card weighs its :attr:`Bin.cost`; on a fleet of one model that is the fewest
+cards), then use as few cards as possible. CP-SAT solves it. Requests of one size are counted
+per card rather than named, and cards of one model fill in order, which takes both symmetries
+out of the search: the solver proves optimality in seconds for the built-in trace on a few dozen
+cards of one model.
 """
 
 import itertools
@@ -18,6 +20,8 @@ Status = Literal["optimal", "feasible", "unknown", "infeasible"]
 DEFAULT_TIME_LIMIT: Final = 10.0
 """Seconds CP-SAT may search; the answer says whether it proved optimality in that time."""
 
+_COST_SCALE: Final = 1000
+"""Costs are rounded to thousandths for the integer model."""
 _STATUS: Final[dict[str, Status]] = {
     "OPTIMAL": "optimal",
     "FEASIBLE": "feasible",
@@ -40,6 +44,8 @@ class Bin:
     name: str
     group: str
     capacity_bytes: int
+    cost: float = 1.0
+    """What using the card weighs (the configured cost of its model; 1 counts cards)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -56,6 +62,10 @@ class Packing:
     assignment: dict[str, str]
     """Request name → card name."""
     seconds: float
+    cost: float | None = None
+    """Summed cost of the cards used in the best packing found."""
+    cost_bound: float = 0.0
+    """A proven lower bound on that cost, for the placed requests."""
 
 
 def solve(
@@ -69,7 +79,7 @@ def solve(
     from ortools.sat.python import cp_model  # noqa: PLC0415 - OR-tools takes a second to load
 
     if not items:
-        return Packing("optimal", 0, 0, 0, {}, 0.0)
+        return Packing("optimal", 0, 0, 0, {}, 0.0, 0.0, 0.0)
     scale = math.gcd(*(item.cost_bytes for item in items), *(b.capacity_bytes for b in bins))
     scale = max(scale, 1)
     # Requests of one size are interchangeable: count them per card rather than name them, which
@@ -107,8 +117,14 @@ def solve(
         sum(cap * used[j] for j, cap in enumerate(caps))
         >= sum(size * var for size, var in zip(sizes, placed, strict=True))
     )
-    weight = len(bins) + 1
-    model.maximize(weight * sum(placed) - sum(used))
+    # Lexicographic in one integer objective: each placed request outweighs every card's cost,
+    # and each unit of cost (a thousandth) outweighs using every card.
+    costs = [max(1, round(b.cost * _COST_SCALE)) for b in bins]
+    per_cost = len(bins) + 1
+    weight = per_cost * sum(costs) + len(bins) + 1
+    model.maximize(
+        weight * sum(placed) - sum((per_cost * c + 1) * u for c, u in zip(costs, used, strict=True))
+    )
 
     solver = cp_model.CpSolver()
     solver.parameters.max_time_in_seconds = time_limit
@@ -121,9 +137,22 @@ def solve(
     for (k, j), var in sorted(count.items()):
         for _ in range(int(solver.value(var))):
             assignment[classes[sizes[k]].pop().name] = bins[j].name
-    cards_used = len(set(assignment.values()))
-    # The objective bound is weight * placed - cards; with placed fixed, it bounds cards from below.
-    bound = math.ceil(weight * n_placed - solver.best_objective_bound)
+    held = set(assignment.values())
+    cards_used = len(held)
+    cost = sum(b.cost for b in bins if b.name in held)
+    # The objective bound is weight * placed - (per_cost * cost + cards); with placed fixed, it
+    # bounds the cost from below (cards add at most len(bins)).
+    penalty = math.ceil(weight * n_placed - solver.best_objective_bound)
+    least = max(0, math.ceil((penalty - len(bins)) / per_cost))
+    cost_bound = min(least / _COST_SCALE, cost)
+    if len(set(costs)) == 1:
+        cards_bound = -(-least // costs[0])
+    else:  # cards of several costs: what the placed bytes fill on the largest cards
+        placed_bytes = sum(
+            size * int(solver.value(n)) for size, n in zip(sizes, placed, strict=True)
+        )
+        cards_bound = -(-placed_bytes // max(caps, default=1))
     return Packing(
-        status, cards_used, max(0, min(bound, cards_used)), n_placed, assignment, solver.wall_time
+        status, cards_used, min(cards_bound, cards_used), n_placed, assignment, solver.wall_time,
+        cost, cost_bound,
     )

@@ -1,7 +1,10 @@
 """What a simulation found: every card's occupants, the failures with their reasons, the figures.
 
 Figures: cards used (holding at least one running InferenceService) against the one-model-per-GPU
-baseline (one whole card per admitted InferenceService) and against the offline optimum; memory
+baseline (one whole card per admitted InferenceService) and against the offline optimum, in cards
+and in cost (each card weighs its model's configured cost, its usable memory in GiB by default,
+so that fewer cards cannot hide more expensive ones); the ratio to the optimum only when both
+place the same services; memory
 granted and in use; stranded memory, the free room on cards too small for the smallest request
 still waiting (or, when nothing waits, the smallest request of the trace).
 """
@@ -78,6 +81,8 @@ class CardState:
     overhead_bytes: int
     """Per-allocation overheads included in ``granted_bytes``."""
     services: tuple[str, ...]
+    cost: float = 0.0
+    """What using this card weighs (``card_costs`` of the configuration; memory in GiB)."""
 
     @property
     def room_bytes(self) -> int:
@@ -100,6 +105,25 @@ class Round:
     stranded_bytes: int
 
 
+RolloutLanding = Literal["same-card", "card-in-use", "empty-card", "stuck"]
+
+
+@dataclass(frozen=True, slots=True)
+class Rollout:
+    """One rolling update (surge of one): where the new pod landed while the old one ran."""
+
+    service: str
+    requested_bytes: int
+    landed: RolloutLanding
+    """``stuck``: no card had room for the second copy, so the rollout waits."""
+    cards_at_peak: int
+    """Cards used while both copies ran (or, when stuck, before)."""
+    cards_after: int
+    """Cards used once the old copy went."""
+    reason: str
+    """Why the new pod found no card, when stuck."""
+
+
 @dataclass(slots=True)
 class Outcome:
     """The whole run."""
@@ -115,6 +139,7 @@ class Outcome:
     failures: list[Failure] = field(default_factory=list)
     cards: list[CardState] = field(default_factory=list)
     rounds: list[Round] = field(default_factory=list)
+    rollouts: list[Rollout] = field(default_factory=list)
     optimum: "Packing | None" = None
     seconds: float = 0.0
     api_requests: dict[str, int] = field(default_factory=dict)
@@ -129,6 +154,16 @@ class Outcome:
     @property
     def cards_used(self) -> int:
         return sum(1 for card in self.cards if card.services)
+
+    @property
+    def cost_used(self) -> float:
+        """Summed cost of the cards used."""
+        return sum(card.cost for card in self.cards if card.services)
+
+    @property
+    def comparable(self) -> bool:
+        """Whether the optimum placed as many services as run here (else no ratio is fair)."""
+        return self.optimum is not None and self.optimum.placed == len(self.placements)
 
     @property
     def baseline(self) -> int:
@@ -168,10 +203,29 @@ class Outcome:
 
     @property
     def ratio(self) -> float | None:
-        """Cards used online over the optimum's, for the same requests."""
-        if self.optimum is None or not self.optimum.cards_used:
+        """Cost of the cards used online over the optimum's, when both place the same services."""
+        if self.optimum is None or not self.optimum.cost or not self.comparable:
+            return None
+        return self.cost_used / self.optimum.cost
+
+    @property
+    def card_ratio(self) -> float | None:
+        """Cards used online over the optimum's, when both place the same services."""
+        if self.optimum is None or not self.optimum.cards_used or not self.comparable:
             return None
         return self.cards_used / self.optimum.cards_used
+
+    @property
+    def comparison(self) -> str:
+        """Why there is no ratio, or the empty string when there is one."""
+        if self.optimum is None or self.optimum.cards_used is None:
+            return "no optimum found"
+        if not self.comparable:
+            return (
+                f"not comparable: {len(self.placements)} services run here, the optimum places"
+                f" {self.optimum.placed}"
+            )
+        return ""
 
     def to_json(self) -> dict[str, Any]:
         """Everything, as plain JSON types."""
@@ -181,6 +235,8 @@ class Outcome:
                 "status": self.optimum.status,
                 "cards_used": self.optimum.cards_used,
                 "cards_lower_bound": self.optimum.cards_bound,
+                "cost": None if self.optimum.cost is None else round(self.optimum.cost, 3),
+                "cost_lower_bound": round(self.optimum.cost_bound, 3),
                 "placed": self.optimum.placed,
                 "seconds": round(self.optimum.seconds, 3),
             }
@@ -198,18 +254,27 @@ class Outcome:
                 "cards_used": self.cards_used,
                 "baseline_cards": self.baseline,
                 "optimum": optimum,
+                "cost_used": round(self.cost_used, 3),
                 "ratio_to_optimum": None if self.ratio is None else round(self.ratio, 4),
+                "card_ratio_to_optimum": (
+                    None if self.card_ratio is None else round(self.card_ratio, 4)
+                ),
+                "comparison": self.comparison or "same services placed",
                 "capacity_bytes": self.capacity_bytes,
                 "granted_bytes": self.granted_bytes,
                 "used_bytes": self.used_bytes,
                 "stranded_bytes": self.stranded_bytes,
                 "on_extenders_card": sum(p.steered for p in self.placements),
                 "smallest_waiting_bytes": self.smallest_waiting_bytes,
+                "rollouts": len(self.rollouts),
+                "rollouts_stuck": sum(r.landed == "stuck" for r in self.rollouts),
+                "rollouts_on_empty_cards": sum(r.landed == "empty-card" for r in self.rollouts),
             },
             "cards": [asdict(card) for card in self.cards],
             "placements": [asdict(p) for p in self.placements],
             "failures": [asdict(f) for f in self.failures],
             "rounds": [asdict(r) for r in self.rounds],
+            "rollouts": [asdict(r) for r in self.rollouts],
             "api_requests": dict(sorted(self.api_requests.items())),
             "extender_requests": dict(sorted(self.extender_requests.items())),
         }

@@ -21,6 +21,8 @@ def render(outcome: Outcome) -> RenderableType:
     parts: list[RenderableType] = [_header(outcome), _cards(outcome), _summary(outcome)]
     if outcome.rounds:
         parts.append(_rounds(outcome))
+    if outcome.rollouts:
+        parts.append(_rollouts(outcome))
     if outcome.failures:
         parts.append(_failures(outcome))
     return Group(*parts)
@@ -111,8 +113,18 @@ def _summary(outcome: Outcome) -> Table:
             f"{opt.cards_used if opt.cards_used is not None else '?'}"
             f" (CP-SAT {opt.status}, lower bound {opt.cards_bound}, {opt.seconds:.1f} s{placed})",
         )
-    if outcome.ratio is not None:
-        table.add_row("online / optimum", f"{outcome.ratio:.2f}")
+    table.add_row("cost of the GPUs used", f"{outcome.cost_used:,.1f}")
+    if outcome.optimum is not None and outcome.optimum.cost is not None:
+        table.add_row(
+            "cost, offline optimum",
+            f"{outcome.optimum.cost:,.1f} (lower bound {outcome.optimum.cost_bound:,.1f})",
+        )
+    if outcome.ratio is not None and outcome.card_ratio is not None:
+        table.add_row(
+            "online / optimum", f"{outcome.ratio:.2f} in cost, {outcome.card_ratio:.2f} in GPUs"
+        )
+    elif outcome.optimum is not None:
+        table.add_row("online / optimum", outcome.comparison)
     if outcome.cards_used:
         table.add_row(
             "InferenceServices per used GPU", f"{len(outcome.placements) / outcome.cards_used:.2f}"
@@ -152,6 +164,21 @@ def _rounds(outcome: Outcome) -> Table:
         table.add_row(
             str(r.number), str(r.departed), str(r.arrived), str(r.placed), str(r.failed),
             str(r.running), str(r.cards_used), format_bytes(r.stranded_bytes),
+        )
+    return table
+
+
+def _rollouts(outcome: Outcome) -> Table:
+    table = Table(title="Rollouts (maxSurge 1)", box=box.SIMPLE_HEAD, title_justify="left",
+                  pad_edge=False)
+    for column in ("InferenceService", "request", "new pod", "GPUs at peak", "GPUs after"):
+        table.add_column(column, justify="left" if column in ("InferenceService", "new pod")
+                         else "right")
+    for r in outcome.rollouts:
+        table.add_row(
+            r.service.split("/", 1)[-1], format_bytes(r.requested_bytes),
+            "stuck: no card has room for a second copy" if r.landed == "stuck" else r.landed,
+            str(r.cards_at_peak), str(r.cards_after),
         )
     return table
 

@@ -3,6 +3,12 @@
 Churn rounds model a cluster over time: a random tenth of the running services leave (at least
 one), pods that were waiting are tried again (kube-scheduler retries unschedulable pods when a pod
 is deleted), and as many new services arrive, drawn from the trace.
+
+Rollouts model a Deployment's rolling update with ``maxSurge: 1, maxUnavailable: 0`` (the
+default for one replica): the new pod must be placed while the old one still holds its grant, and
+only then does the old one go. A surge that finds no card leaves the rollout stuck (the new pod
+waits, the old keeps running); the run notes it and withdraws the new pod so the next rollout
+starts from the same fleet.
 """
 
 import asyncio
@@ -18,7 +24,15 @@ from gpushare.quantities import format_bytes
 from gpushare.simulator import optimum
 from gpushare.simulator.cluster import Simulation
 from gpushare.simulator.fleet import Fleet, describe
-from gpushare.simulator.outcome import Failure, Outcome, Placement, Round, stranded
+from gpushare.simulator.outcome import (
+    Failure,
+    Outcome,
+    Placement,
+    Rollout,
+    RolloutLanding,
+    Round,
+    stranded,
+)
 from gpushare.simulator.workload import MAX_NAME_LENGTH, Service
 
 CHURN_SHARE: Final = 0.1
@@ -31,6 +45,7 @@ class Options:
 
     seed: int = 0
     churn: int = 0
+    rollouts: int = 0
     optimum_seconds: float = optimum.DEFAULT_TIME_LIMIT
 
 
@@ -132,7 +147,44 @@ async def _drive(
             )
         )
         advance(1)
+    running = sorted(key for key, r in results.items() if isinstance(r, Placement))
+    for key in rng.sample(running, min(options.rollouts, len(running))):
+        step(f"rolling out {key}")
+        rollout, results = await _roll(sim, results, key)
+        outcome.rollouts.append(rollout)
+        advance(1)
     return results
+
+
+async def _roll(
+    sim: Simulation, results: dict[str, Placement | Failure], key: str
+) -> tuple[Rollout, dict[str, Placement | Failure]]:
+    """One rolling update of ``key`` with a surge of one: new pod first, then the old one goes."""
+    old = results[key]
+    assert isinstance(old, Placement)
+    service = sim.submitted[key]
+    suffix = "-r"
+    surge = service.renamed(service.name[: MAX_NAME_LENGTH - len(suffix)] + suffix)
+    before = await sim.cards()
+    in_use = {card.uuid for card in before if card.services}
+    placed = await sim.submit(surge)
+    if isinstance(placed, Failure):
+        await sim.remove(surge)
+        await sim.settle()
+        used = sum(1 for card in before if card.services)
+        return Rollout(key, old.requested_bytes, "stuck", used, used, placed.reason), results
+    peak = sum(1 for card in await sim.cards() if card.services)
+    landed: RolloutLanding = (
+        "same-card" if placed.card_uuid == old.card_uuid
+        else "card-in-use" if placed.card_uuid in in_use
+        else "empty-card"
+    )
+    await sim.remove(service)
+    await sim.settle()
+    del results[key]
+    results[surge.key] = placed
+    after = sum(1 for card in await sim.cards() if card.services)
+    return Rollout(key, old.requested_bytes, landed, peak, after, ""), results
 
 
 async def _churn(
@@ -186,7 +238,7 @@ def _check_no_overcommit(sim: Simulation, outcome: Outcome) -> None:
 def _optimum(
     fleet: Fleet, outcome: Outcome, sim: Simulation, seconds: float
 ) -> optimum.Packing:
-    """The fewest cards for the services admitted (running or waiting), solved offline."""
+    """The cheapest cards for the services admitted (running or waiting), solved offline."""
     items = []
     results: list[Placement | Failure] = [*outcome.placements, *outcome.failures]
     for result in results:
@@ -197,7 +249,12 @@ def _optimum(
         units = -(-result.requested_bytes // sim.unit_bytes)
         items.append(optimum.Item(result.service, units * sim.unit_bytes + sim.overhead_bytes))
     bins = [
-        optimum.Bin(f"{card.node}/{card.index}", card.model.name, card.model.cuda_total_bytes)
+        optimum.Bin(
+            f"{card.node}/{card.index}",
+            card.model.name,
+            card.model.cuda_total_bytes,
+            sim.settings.card_cost(card.model.product, card.model.cuda_total_bytes),
+        )
         for card in fleet.cards
     ]
     return optimum.solve(items, bins, time_limit=seconds)

@@ -2,8 +2,9 @@
 
 As the ``gpushare-scheduler`` profile configures it (``nodeCacheCapable: true``, so ``NodeNames``
 travel instead of whole Nodes; ``bindVerb`` set, so the extender binds). The in-tree plugins pass
-every node here: the simulated nodes have CPU and memory to spare and no taints, and the extender's
-resource is ``ignoredByScheduler``. Among the best-scored nodes one is picked at random, as
+every node here: the simulated nodes have CPU and memory to spare and no taints, and a node's total
+of the extender's resource (which ``NodeResourcesFit`` counts) is never short where a card has room.
+Among the best-scored nodes one is picked at random, as
 kube-scheduler's ``selectHost`` does.
 """
 

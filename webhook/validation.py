@@ -9,7 +9,7 @@ from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any, Final
 
-from gpushare import config, errors, names, quantities
+from gpushare import config, errors, names, placement, quantities
 from gpushare.webhook import vllm
 
 USER_ANNOTATIONS: Final = (names.ANNOTATION_GPU_MEMORY, names.ANNOTATION_POLICY)
@@ -19,7 +19,6 @@ COMPONENTS: Final = ("transformer", "explainer")
 """InferenceService components other than the predictor: KServe copies the annotations to their
 pods too."""
 
-POLICIES: Final = ("binpack", "spread")
 
 FRAMEWORKS: Final = (
     "huggingface",
@@ -151,9 +150,9 @@ def _above_largest_grant(
 
 def policy(value: object) -> list[Reason]:
     """Check the ``gpushare.io/policy`` value."""
-    if value in POLICIES:
+    if value in placement.POLICIES:
         return []
-    allowed = ", ".join(POLICIES)
+    allowed = ", ".join(placement.POLICIES)
     message = f"{names.ANNOTATION_POLICY}: {value!r} is not a policy; write one of {allowed}"
     return [Reason("bad-policy", message)]
 

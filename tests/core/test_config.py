@@ -1,5 +1,6 @@
 """Configuration: file, then environment, then flags; every bad key named with what it accepts."""
 
+import typing
 from pathlib import Path
 from typing import Any
 
@@ -30,7 +31,7 @@ def test_defaults_need_no_configuration() -> None:
     assert settings == config.Settings()
     assert settings.unit_bytes == GI
     assert settings.reserve_bytes == 716 * MI
-    assert settings.policy == "binpack"
+    assert settings.policy == "fill"
     assert settings.isolation == "auto"
 
 
@@ -49,7 +50,7 @@ def test_defaults_need_no_configuration() -> None:
         ({"agent": {"nvml": "fake"}}, "agent.nvml: unknown key; allowed: kubelet_dir, mps_root,"),
         (
             {"policy": "pack"},
-            "policy: 'pack' is not allowed; input should be 'binpack' or 'spread'",
+            "policy: 'pack' is not allowed; input should be 'fill', 'binpack' or 'spread'",
         ),
         (
             {"isolation": "full"},
@@ -131,7 +132,9 @@ _SCALAR_KEYS = [
     (section, name)
     for section, model in SECTIONS.items()
     for name, field in model.model_fields.items()
-    if field.annotation not in SECTIONS.values() and field.annotation not in (str,)
+    if field.annotation not in SECTIONS.values()
+    and field.annotation not in (str,)
+    and typing.get_origin(field.annotation) is not dict  # card_costs: a mapping, tested below
 ]
 
 
@@ -275,3 +278,11 @@ def test_listen_addresses(text: str, expected: tuple[str, int]) -> None:
 def test_a_bad_listen_address_is_a_configuration_error(text: str) -> None:
     with pytest.raises(errors.ConfigError, match="is not HOST:PORT"):
         config.parse_listen(text)
+
+
+def test_card_costs_weigh_named_models_and_memory_otherwise() -> None:
+    settings = config.validate({"card_costs": {"NVIDIA H100 80GB HBM3": 3}})
+    assert settings.card_cost("NVIDIA H100 80GB HBM3", 79 * GI) == 3.0
+    assert settings.card_cost("NVIDIA L4", 22 * GI) == 22.0
+    with pytest.raises(errors.ConfigError, match=r"card_costs\.NVIDIA L4: .*greater than 0"):
+        config.validate({"card_costs": {"NVIDIA L4": 0}})

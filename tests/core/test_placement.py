@@ -231,3 +231,36 @@ def test_scores_stay_in_range_and_follow_the_order(
     assert all(0 <= s <= placement.MAX_SCORE for s in scores)
     if policy == "spread" or len({fit.card.capacity_bytes for fit in fits}) <= 1:
         assert scores == sorted(scores, reverse=True)
+
+
+@pytest.mark.parametrize(
+    ("cards", "request_gi", "fill", "binpack"),
+    [
+        # A card in use with room comes before an empty card, even one it would fill better.
+        ([card(0, capacity=L4), card(1, granted=50 * GI)], 12, [1, 0], [0, 1]),
+        # Among cards in use, the least share left after; then among empty ones, the same.
+        (
+            [card(0), card(1, capacity=L4), card(2, granted=40 * GI), card(3, granted=60 * GI)],
+            8,
+            [3, 2, 1, 0],
+            [3, 1, 2, 0],
+        ),
+        # Nothing in use: the empty card the request fills most, the smallest that fits.
+        ([card(0), card(1, capacity=L4)], 20, [1, 0], [1, 0]),
+    ],
+    ids=["in-use-first", "share-left-within-each", "smallest-empty-card"],
+)
+def test_fill_opens_a_card_only_when_none_in_use_fits(
+    cards: list[Card], request_gi: int, fill: list[int], binpack: list[int]
+) -> None:
+    fits, _ = placement.split(cards, request_gi * GI)
+    assert _indices(placement.order(fits, "fill")) == fill
+    assert _indices(placement.order(fits, "binpack")) == binpack
+
+
+def test_fill_scores_any_card_in_use_above_any_empty_card() -> None:
+    # After 8 GiB: 72/80 left on the empty H100 (score 0), 14/24 on the empty L4 (1);
+    # the cards in use keep 48/80 (4 + round(0.4 * 6) = 6) and 2/80 (10).
+    cards = [card(0), card(1, capacity=L4), card(2, granted=24 * GI), card(3, granted=70 * GI)]
+    fits, _ = placement.split(cards, 8 * GI)
+    assert [placement.score(fit, "fill") for fit in fits] == [0, 1, 6, 10]

@@ -40,9 +40,8 @@ def _keys(model: type[BaseModel], prefix: str = "") -> set[str]:
 def _flatten(data: dict[str, Any], prefix: str = "") -> set[str]:
     keys = set()
     for key, value in data.items():
-        keys |= (
-            _flatten(value, f"{prefix}{key}.") if isinstance(value, dict) else {f"{prefix}{key}"}
-        )
+        section = isinstance(value, dict) and value  # an empty mapping is a setting (card_costs)
+        keys |= _flatten(value, f"{prefix}{key}.") if section else {f"{prefix}{key}"}
     return keys
 
 
@@ -119,7 +118,7 @@ def test_kube_scheduler_reaches_the_extender_over_loopback(base: Objects) -> Non
     listen_port = int(_flag(sidecar, "--listen").rsplit(":", 1)[1])
     assert url.port == listen_port
     assert url.path == config.Settings().scheduler.url_prefix
-    assert {"name": names.RESOURCE_GPU_MEMORY, "ignoredByScheduler": True} in extender[
+    assert {"name": names.RESOURCE_GPU_MEMORY, "ignoredByScheduler": False} in extender[
         "managedResources"
     ]
     assert "kubeconfig" not in (parsed.get("clientConnection") or {}), "in-cluster config expected"

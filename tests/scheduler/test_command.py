@@ -15,12 +15,10 @@ def test_the_manifest_sends_gpu_memory_pods_to_the_sidecar() -> None:
     assert [p["schedulerName"] for p in config["profiles"]] == [names.SCHEDULER_NAME]
     (extender,) = config["extenders"]
     assert extender["urlPrefix"] == "http://127.0.0.1:8888/gpushare-scheduler"
-    assert (extender["filterVerb"], extender["prioritizeVerb"], extender["bindVerb"]) == (
-        "filter",
-        "prioritize",
-        "bind",
-    )
+    verbs = ("filterVerb", "prioritizeVerb", "bindVerb", "preemptVerb")
+    assert [extender[verb] for verb in verbs] == ["filter", "prioritize", "bind", "preempt"]
     assert extender["nodeCacheCapable"] is True
+    # Counted against node totals, so that kube-scheduler's preemption finds victims at all.
     assert extender["managedResources"] == [
-        {"name": names.RESOURCE_GPU_MEMORY, "ignoredByScheduler": True}
+        {"name": names.RESOURCE_GPU_MEMORY, "ignoredByScheduler": False}
     ]

@@ -284,7 +284,7 @@ async def test_a_binding_carries_the_card_and_an_event_says_which(
     assert events[0]["regarding"]["uid"] == "u-p1"
     assert events[0]["note"] == (
         f"granted 10 GiB for 'kserve-container' on GPU {card.index} ({card.card}, 80 GiB) of node"
-        " n2: binpack chose the fullest card that fits"
+        " n2: fill chose the card in use left fullest, else the smallest empty card that fits"
     )
     assert _binds(extender, "bound") == 1
 

@@ -88,7 +88,7 @@ async def test_a_pod_larger_than_any_card_is_unresolvable_everywhere(
         (pod("a", "lots"), "'lots' is not a whole number of units"),
         (
             pod("a", 8, annotations={names.ANNOTATION_POLICY: "random"}),
-            "is not a policy: write binpack or spread",
+            "is not a policy: write fill, binpack or spread",
         ),
     ],
     ids=["garbage-quantity", "unknown-policy"],
@@ -106,14 +106,21 @@ async def test_a_malformed_pod_fails_every_node_with_the_reason(
     assert reason in answer["FailedAndUnresolvableNodes"]["big"]
 
 
-async def test_prioritize_scores_binpack_and_a_pods_own_policy(
+async def test_prioritize_scores_fill_and_a_pods_own_policy(
     extender: Extender, http: aiohttp.ClientSession
 ) -> None:
     _fill(extender)
     args = {"Pod": pod("a", 20), "NodeNames": ["small", "big"]}
     status, answer = await _post(http, f"{extender.url}/prioritize", args)
     assert status == 200
-    # binpack: 20 GiB fills a 24 GiB card to 84% (score 8), an 80 GiB card to 25% (score 3).
+    # fill, every card empty: 20 GiB fills a 24 GiB card to 84% (score 3 of the 0-3 that empty
+    # cards get), an 80 GiB card to 25% (score 1).
+    assert answer == [{"Host": "small", "Score": 3}, {"Host": "big", "Score": 1}]
+    binpack = pod("a", 20, annotations={names.ANNOTATION_POLICY: "binpack"})
+    _, answer = await _post(
+        http, f"{extender.url}/prioritize", {"Pod": binpack, "NodeNames": ["small", "big"]}
+    )
+    # binpack: 84% full scores 8, 25% full scores 3.
     assert answer == [{"Host": "small", "Score": 8}, {"Host": "big", "Score": 3}]
     spread = pod("a", 20, annotations={names.ANNOTATION_POLICY: "spread"})
     _, answer = await _post(
@@ -131,7 +138,7 @@ async def test_prioritize_escapes_names_that_are_no_node_names(
         http, f"{extender.url}/prioritize", {"Pod": pod("a", 20), "NodeNames": names}
     )
     assert answer == [
-        {"Host": "big", "Score": 3},
+        {"Host": "big", "Score": 1},
         {"Host": names[1], "Score": 0},
         {"Host": names[2], "Score": 0},
     ]

@@ -250,3 +250,48 @@ def test_nodes_scored_together_score_as_each_alone(
         expected.append(0 if best is None else placement.score(best, policy))
     together = book.scores([*names, "ghost"], request(units), policy=policy).tolist()
     assert together == [*expected, 0]
+
+
+FILLERS = 1030
+"""More nodes than the ledger's first arrays hold (1,024 slots): the drawn ones sit past them."""
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    reports=st.lists(strategies.node_reports(max_cards=12), min_size=1, max_size=4),
+    steps=st.lists(
+        st.tuples(st.booleans(), st.integers(0, 3), st.integers(1, 90)), max_size=12
+    ),
+    units=st.integers(1, 90),
+    policy=st.sampled_from(placement.POLICIES),
+)
+def test_cached_scores_follow_reserves_and_releases_past_the_first_slots(
+    reports: list[nodereport.NodeReport],
+    steps: list[tuple[bool, int, int]],
+    units: int,
+    policy: placement.Policy,
+) -> None:
+    book = ledger.Ledger(overhead_bytes=OVERHEAD, heartbeat_timeout_seconds=1e12, clock=lambda: 0)
+    fillers = [NodeName(f"filler-{i}") for i in range(FILLERS)]
+    for name in fillers:
+        book.set_node(name, report(name, 2))
+    names = [NodeName(f"n{i}") for i in range(len(reports))]
+    for name, rep in zip(names, reports, strict=True):
+        book.set_node(name, rep)
+    everyone = [*fillers, *names]
+    held: list[str] = []
+    for serial, (release, which, size) in enumerate(steps):
+        book.scores(everyone, request(units), policy=policy)  # fills the caches the step changes
+        if release and held:
+            book.release(held.pop(which % len(held)))
+        else:
+            uid = f"held-{serial}"
+            with contextlib.suppress(errors.NoFit):
+                book.reserve(request(size, uid=uid), names[which % len(names)], policy=policy)
+                held.append(uid)
+    scores = book.scores(everyone, request(units), policy=policy).tolist()
+    for position, name in [(0, fillers[0]), *enumerate(names, start=FILLERS)]:
+        cards = [card for card in book.cards() if card.node == name]
+        fits, _ = placement.split(cards, units * GI, overhead_bytes=OVERHEAD)
+        best = placement.best(fits, policy)
+        assert scores[position] == (0 if best is None else placement.score(best, policy)), name

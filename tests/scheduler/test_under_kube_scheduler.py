@@ -225,7 +225,7 @@ def test_a_hundred_pods_are_bound_with_their_cards(
     # The extender's ledger agrees with the API, card by card.
     text = extender.metrics()
     assert metric_sum(text, "gpushare_scheduler_card_granted_bytes") == sum(granted.values())
-    # binpack: the 24 GiB cards take what fits them before the big ones open new cards.
+    # fill: a pod that opens a card opens the smallest that fits, so the 24 GiB cards take some.
     assert sum(1 for p in pods if p["spec"]["nodeName"].endswith(("-l0", "-l1", "-l2", "-l3"))) > 0
     cluster.wait_for(
         lambda: len(events(rest, namespace, "GPUMemoryGranted")) >= 100,
@@ -233,7 +233,7 @@ def test_a_hundred_pods_are_bound_with_their_cards(
         what="an Event per pod",
     )
     note = events(rest, namespace, "GPUMemoryGranted")[0]["note"]
-    assert note.startswith("granted ") and "binpack chose the fullest card that fits" in note
+    assert note.startswith("granted ") and "fill chose the card in use left fullest" in note
 
 
 def test_a_pod_larger_than_any_card_stays_pending_with_the_reason(
@@ -259,17 +259,19 @@ def test_deleting_pods_frees_their_memory_for_new_ones(
     control_plane: cluster.ControlPlane, namespace: str, extender: ExtenderProcess
 ) -> None:
     rest = control_plane.rest()
-    reports = gpu_nodes(control_plane, namespace, {"l0": (1, CARD_24)})
+    # Two 24 GiB cards, 14 GiB on each: the node's total keeps 20 units, so kube-scheduler's own
+    # count lets a 12 GiB pod through to the extender, which finds no card with room.
+    reports = gpu_nodes(control_plane, namespace, {"l0": (2, CARD_24)})
     with kube_scheduler(control_plane, extender):
-        create_pods(rest, namespace, [20], prefix="first")
-        wait_bound(rest, namespace, 1)
-        create_pods(rest, namespace, [20], prefix="second")
+        create_pods(rest, namespace, [14, 14], prefix="first")
+        wait_bound(rest, namespace, 2)
+        create_pods(rest, namespace, [12], prefix="second")
         event = cluster.wait_for(
             lambda: events(rest, namespace, "FailedScheduling") or None,
             timeout=60,
             what="FailedScheduling",
         )[0]
-        assert "no card with 20.1 GiB free: best is GPU 0 with 3.9 GiB" in event["note"]
+        assert "no card with 12.1 GiB free: best is GPU 0 with 9.9 GiB" in event["note"]
         (node,) = reports
         held = granted_on(extender, node)
         assert held > 0
@@ -283,8 +285,8 @@ def test_deleting_pods_frees_their_memory_for_new_ones(
         # has released it; in a cluster the agent's next report (its card's use dropped) is the
         # Node update that requeues it. Write that report, as the agent would.
         cluster.set_node_report(control_plane, node, cluster.node_report(reports[node].cards))
-        pods = wait_bound(rest, namespace, 1)
-    assert pods[0]["metadata"]["name"] == "second0"
+        pods = wait_bound(rest, namespace, 2)
+    assert {p["metadata"]["name"] for p in pods} == {"first1", "second0"}
     check_grants(pods, reports)
 
 

@@ -42,11 +42,13 @@ def _write_trace(path: Path, *, memory: str | None = None) -> Path:
     return path
 
 
-def test_json_output_is_machine_readable_and_churn_is_reported(tmp_path: Path) -> None:
+def test_json_output_is_machine_readable_and_churn_and_rollouts_are_reported(
+    tmp_path: Path,
+) -> None:
     trace = _write_trace(tmp_path / "trace.yaml")
     picture = tmp_path / "report.png"
     run = _gpushare("--nodes", "1x2xH100-80GB", "--trace", str(trace), "--churn", "2",
-                    "--seed", "3", "--json", "--report", str(picture))
+                    "--rollouts", "2", "--seed", "3", "--json", "--report", str(picture))
     assert run.returncode == 0, run.stderr
     data = json.loads(run.stdout)
     summary = data["summary"]
@@ -58,6 +60,13 @@ def test_json_output_is_machine_readable_and_churn_is_reported(tmp_path: Path) -
     assert summary["optimum"]["status"] == "optimal"
     assert summary["cards_used"] >= summary["optimum"]["cards_used"]
     assert data["extender_requests"]["filter"] >= len(TRACE)
+    # Each rollout placed its new pod while the old one ran, or got stuck; a service stays one.
+    assert len(data["rollouts"]) == summary["rollouts"] == 2
+    for rollout in data["rollouts"]:
+        assert rollout["landed"] in ("same-card", "card-in-use", "empty-card", "stuck")
+        assert rollout["cards_at_peak"] >= rollout["cards_after"]
+    used = sum(card["cost"] for card in data["cards"] if card["services"])
+    assert summary["cost_used"] == pytest.approx(used, abs=1e-3)  # rounded to thousandths
     for card in data["cards"]:
         assert card["granted_bytes"] <= card["capacity_bytes"]
     assert picture.read_bytes()[:4] == b"\x89PNG"

@@ -50,6 +50,19 @@ def test_requests_that_fit_nowhere_are_left_out_not_failed() -> None:
     assert "s0" not in packing.assignment
 
 
+def test_the_cost_of_cards_decides_before_their_number() -> None:
+    # Three 20s: one 80 GiB card (cost 80) or three 24 GiB cards (cost 72).
+    items = _items(20, 20, 20)
+    bins = [optimum.Bin(f"H100/{i}", "H100", 80 * GI, 80.0) for i in range(2)] + [
+        optimum.Bin(f"L4/{i}", "L4", 24 * GI, 24.0) for i in range(3)
+    ]
+    packing = optimum.solve(items, bins)
+    assert packing.status == "optimal"
+    assert (packing.cards_used, packing.cost, packing.cost_bound) == (3, 72.0, 72.0)
+    by_count = optimum.solve(items, [optimum.Bin(b.name, b.group, b.capacity_bytes) for b in bins])
+    assert (by_count.cards_used, by_count.cost) == (1, 1.0)
+
+
 def test_nothing_to_place_uses_no_cards() -> None:
     assert optimum.solve([], _bins(2, 80)).cards_used == 0
 

@@ -20,7 +20,7 @@ def _card(index: int, granted_gib: int, services: tuple[str, ...]) -> CardState:
         node="h100-80gb-0", index=index, uuid=CardUUID(f"GPU-{index}"), model="H100-80GB",
         total_bytes=80 * GI, reserved_bytes=GI, capacity_bytes=CAPACITY,
         granted_bytes=granted_gib * GI, used_bytes=max(0, granted_gib - 1) * GI,
-        overhead_bytes=0, services=services,
+        overhead_bytes=0, services=services, cost=79.0,
     )
 
 
@@ -45,7 +45,7 @@ def outcome() -> Outcome:
     ]
     result.cards = [_card(0, 75, ("default/a", "default/b")), _card(1, 70, ("default/c",)),
                     _card(2, 0, ())]
-    result.optimum = optimum.Packing("optimal", 2, 2, 4, {}, 0.1)
+    result.optimum = optimum.Packing("optimal", 2, 2, 4, {}, 0.1, cost=158.0, cost_bound=158.0)
     return result
 
 
@@ -55,7 +55,28 @@ def test_the_figures_count_cards_baseline_and_stranded_memory(outcome: Outcome) 
     assert outcome.smallest_waiting_bytes == 20 * GI
     # Card 0 has 4 GiB and card 1 has 9 GiB left, both under the waiting 20 GiB; card 2 is empty.
     assert outcome.stranded_bytes == 13 * GI
-    assert outcome.ratio == 1.0
+    assert outcome.cost_used == 158.0
+
+
+def test_no_ratio_compares_unequal_workloads(outcome: Outcome) -> None:
+    # The optimum also places the waiting d: four services against three here.
+    assert outcome.ratio is None and outcome.card_ratio is None
+    assert outcome.comparison == "not comparable: 3 services run here, the optimum places 4"
+    console = Console(width=160, record=True)
+    report.print_report(outcome, console)
+    assert "not comparable: 3 services run here, the optimum places 4" in console.export_text()
+
+
+def test_the_ratio_counts_cost_so_fewer_cards_cannot_hide_dearer_ones(outcome: Outcome) -> None:
+    # Same three services; the optimum uses three cheap cards (24 each) where this run used two
+    # H100s (79 each): more cards, less cost.
+    outcome.failures = outcome.failures[1:]
+    outcome.optimum = optimum.Packing("optimal", 3, 3, 3, {}, 0.1, cost=72.0, cost_bound=72.0)
+    assert outcome.card_ratio == pytest.approx(2 / 3)
+    assert outcome.ratio == pytest.approx(158 / 72)
+    data = outcome.to_json()["summary"]
+    assert data["ratio_to_optimum"] == round(158 / 72, 4)
+    assert data["comparison"] == "same services placed"
 
 
 def test_stranded_memory_never_counts_a_card_that_could_take_the_request() -> None:
@@ -69,7 +90,8 @@ def test_the_json_is_plain_and_complete(outcome: Outcome) -> None:
     assert data["summary"]["cards_used"] == 2
     assert data["summary"]["baseline_cards"] == 4
     assert data["summary"]["optimum"]["status"] == "optimal"
-    assert data["summary"]["ratio_to_optimum"] == 1.0
+    assert data["summary"]["ratio_to_optimum"] is None
+    assert data["summary"]["cost_used"] == 158.0
     assert [f["stage"] for f in data["failures"]] == ["scheduling", "admission"]
     assert len(data["cards"]) == 3 and len(data["placements"]) == 3
 

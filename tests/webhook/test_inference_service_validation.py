@@ -85,7 +85,7 @@ ANNOTATION_REFUSALS = [
     ("far off", {"gpushare.io/zzz": "1"}, "gpushare reads only gpushare.io/gpu-memory and"),
     ("extra key beside", {KEY: "20Gi", "gpushare.io/gpu-memroy": "2Gi"}, "did you mean"),
     ("system key", {KEY: "20Gi", names.ANNOTATION_CARD_UUID: "GPU-1"}, "written by gpushare"),
-    ("bad policy", {KEY: "20Gi", names.ANNOTATION_POLICY: "packed"}, "binpack, spread"),
+    ("bad policy", {KEY: "20Gi", names.ANNOTATION_POLICY: "packed"}, "fill, binpack, spread"),
 ]
 
 
@@ -101,6 +101,12 @@ def test_bad_annotations_are_refused_saying_what_to_write(
     verdict = check(body)
     assert not verdict.allowed
     assert says in verdict.message
+
+
+@pytest.mark.parametrize("policy", ["fill", "binpack", "spread"])
+def test_every_placement_policy_is_a_valid_annotation(policy: str) -> None:
+    body = builders.isvc(builders.FIXTURES[1], **{names.ANNOTATION_POLICY: policy})
+    assert check(body).allowed
 
 
 def _custom(edit: Any) -> dict[str, Any]:
