@@ -16,6 +16,7 @@ from gpushare import errors, names, quantities
 
 Policy = Literal["binpack", "spread"]
 Isolation = Literal["mps", "mps-shared", "none"]
+Backend = Literal["extender", "dra"]
 
 
 def _bytes(value: object) -> int:
@@ -77,6 +78,8 @@ class Settings(_Section):
     reserve_bytes: ByteSize = 716 * quantities.MI
     """Per-instance memory outside vLLM's budget (CUDA context ~620 MiB measured, plus margin)."""
     isolation: Isolation = "mps"
+    backend: Backend = "extender"
+    """Who places pods: the extender (extended resource), or kube-scheduler's DRA allocator."""
     scheduler: SchedulerSettings = SchedulerSettings()
     webhook: WebhookSettings = WebhookSettings()
     agent: AgentSettings = AgentSettings()
