@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from typing import Any, Final
 
 from gpushare import config, names, quantities
-from gpushare.webhook import validation, vllm
+from gpushare.webhook import dra, validation, vllm
 from gpushare.webhook.validation import Reason
 
 _DEFAULT_SCHEDULER: Final = "default-scheduler"
@@ -36,6 +36,8 @@ def pod(
     metadata: Mapping[str, Any] = body.get("metadata") or {}
     annotations: Mapping[str, Any] = metadata.get("annotations") or {}
     if names.ANNOTATION_GPU_MEMORY not in annotations:
+        return Mutation()
+    if settings.backend == "dra" and dra.holds_claim(body):
         return Mutation()
     requested, reasons, warnings = validation.memory_bytes(
         annotations[names.ANNOTATION_GPU_MEMORY],
@@ -65,7 +67,7 @@ def pod(
     if reasons:
         return Mutation(reasons=tuple(reasons))
     units = quantities.to_units(requested, settings.unit_bytes)
-    return _patch(
+    result = _patch(
         body,
         index=target,
         plan=plan,
@@ -73,6 +75,12 @@ def pod(
         settings=settings,
         warnings=warnings,
     )
+    if settings.backend == "dra":  # the second output: a ResourceClaim (see .dra)
+        ops, notes = dra.rewrite(
+            body, result.patch, result.warnings, index=target, units=units, settings=settings
+        )
+        return Mutation(patch=ops, warnings=notes)
+    return result
 
 
 def _target(

@@ -1,0 +1,106 @@
+"""With ``backend: dra`` the annotation becomes a ResourceClaim instead of the extended resource."""
+
+from typing import Any
+
+import pytest
+
+from gpushare import config, dra, names
+from gpushare.webhook import mutation
+from tests.webhook import builders
+from tests.webhook.test_pod_mutation import H100, kserve_pods
+
+DRA = config.Settings(backend="dra")
+EXTENDER = config.Settings()
+
+
+def mutate(pod: dict[str, Any], settings: config.Settings = DRA) -> mutation.Mutation:
+    return mutation.pod(pod, settings=settings, largest_cuda_total_bytes=H100)
+
+
+def mutated(pod: dict[str, Any]) -> dict[str, Any]:
+    result = mutate(pod)
+    assert result.allowed, result.message
+    after = builders.apply(pod, result.patch)
+    builders.check_pod(after)
+    return after
+
+
+@pytest.fixture(params=range(4), ids=["api_server", "vllm-openai", "vllmserver", "hf-vllm"])
+def kserve_pod(request: pytest.FixtureRequest) -> dict[str, Any]:
+    pod: dict[str, Any] = kserve_pods()[request.param][1]
+    return pod
+
+
+def _gpu_container(pod: dict[str, Any]) -> dict[str, Any]:
+    holders: list[dict[str, Any]] = [
+        c for c in pod["spec"]["containers"] if c.get("resources", {}).get("claims")
+    ]
+    assert len(holders) == 1
+    return holders[0]
+
+
+def test_the_gpu_container_names_a_claim_from_the_template_of_its_grant(
+    kserve_pod: dict[str, Any],
+) -> None:
+    after = mutated(kserve_pod)
+    container = _gpu_container(after)
+    resources = container["resources"]
+    for kind in ("limits", "requests"):
+        assert names.NVIDIA_GPU_RESOURCE not in resources.get(kind, {})
+        assert names.RESOURCE_GPU_MEMORY not in resources.get(kind, {})
+    assert resources["claims"] == [{"name": names.DRA_CLAIM_NAME}]
+    assert after["spec"]["resourceClaims"] == [
+        {"name": names.DRA_CLAIM_NAME, "resourceClaimTemplateName": "gpushare-gpu-memory-20gi"}
+    ]
+    assert names.VLLM_UTILIZATION_ARG in container.get("command", []) + container.get("args", [])
+    assert "schedulerName" not in after["spec"]
+    assert after["metadata"]["annotations"][names.ANNOTATION_MUTATED] == "20"
+
+
+def test_the_warnings_speak_of_the_claim_not_of_the_extender(kserve_pod: dict[str, Any]) -> None:
+    result = mutate(kserve_pod)
+    assert any("ResourceClaimTemplate gpushare-gpu-memory-20gi" in w for w in result.warnings)
+    assert not any(names.RESOURCE_GPU_MEMORY in w for w in result.warnings)
+    assert not any("schedulerName" in w for w in result.warnings)
+
+
+def test_the_mutation_is_idempotent(kserve_pod: dict[str, Any]) -> None:
+    once = mutated(kserve_pod)
+    assert mutate(once).patch == ()
+
+
+def test_a_job_pod_gets_the_claim_and_keeps_its_other_claims() -> None:
+    pod = builders.job_pod("12Gi")
+    pod["spec"]["resourceClaims"] = [{"name": "scratch", "resourceClaimName": "scratch"}]
+    pod["spec"]["containers"][0]["resources"]["claims"] = [{"name": "scratch"}]
+    after = mutated(pod)
+    assert after["spec"]["resourceClaims"][-1] == {
+        "name": names.DRA_CLAIM_NAME,
+        "resourceClaimTemplateName": "gpushare-gpu-memory-12gi",
+    }
+    assert after["spec"]["resourceClaims"][0]["name"] == "scratch"
+    assert _gpu_container(after)["resources"]["claims"] == [
+        {"name": "scratch"},
+        {"name": names.DRA_CLAIM_NAME},
+    ]
+
+
+def test_the_template_named_is_the_one_the_core_builds() -> None:
+    after = mutated(builders.predictor_pod(builders.isvc("isvc-vllm-openai.yaml", memory="17.5Gi")))
+    name = after["spec"]["resourceClaims"][0]["resourceClaimTemplateName"]
+    template = dra.claim_template(
+        "ns", 18 * 1024**3, unit_bytes=DRA.unit_bytes, overhead_bytes=DRA.allocation_overhead_bytes
+    )
+    assert name == template["metadata"]["name"]
+
+
+def test_the_extender_backend_is_unchanged(kserve_pod: dict[str, Any]) -> None:
+    after = builders.apply(kserve_pod, mutate(kserve_pod, EXTENDER).patch)
+    assert "resourceClaims" not in after["spec"]
+    assert after["spec"]["schedulerName"] == names.SCHEDULER_NAME
+
+
+def test_bad_annotations_are_refused_as_with_the_extender() -> None:
+    result = mutate(builders.predictor_pod(builders.isvc("isvc-vllm-openai.yaml", memory="lots")))
+    assert not result.allowed
+    assert "20Gi" in result.message
