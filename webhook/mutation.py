@@ -76,10 +76,18 @@ def pod(
         warnings=warnings,
     )
     if settings.backend == "dra":  # the second output: a ResourceClaim (see .dra)
-        ops, notes = dra.rewrite(
-            body, result.patch, result.warnings, index=target, units=units, settings=settings
+        rewritten = dra.rewrite(
+            body,
+            result.patch,
+            result.warnings,
+            index=target,
+            units=units,
+            settings=settings,
+            largest_cuda_total_bytes=largest_cuda_total_bytes,
         )
-        return Mutation(patch=ops, warnings=notes)
+        if rewritten.refusal is not None:
+            return Mutation(reasons=(rewritten.refusal,))
+        return Mutation(patch=rewritten.patch, warnings=rewritten.warnings)
     return result
 
 

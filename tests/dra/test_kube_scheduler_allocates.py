@@ -62,7 +62,8 @@ def _pod(rest: cluster.Rest, namespace: str, memory: str, fixture: str) -> dict[
     isvc = builders.isvc(fixture, memory=memory)
     isvc["metadata"]["namespace"] = namespace
     pod = builders.predictor_pod(isvc)
-    result = mutation.pod(pod, settings=SETTINGS, largest_cuda_total_bytes=None)
+    largest = quantities.parse_bytes(H100_TOTAL) - quantities.parse_bytes(H100_RESERVED)
+    result = mutation.pod(pod, settings=SETTINGS, largest_cuda_total_bytes=largest)
     assert result.allowed, result.message
     pod = builders.apply(pod, result.patch)
     granted = quantities.to_units(quantities.parse_bytes(memory), SETTINGS.unit_bytes)

@@ -4,7 +4,7 @@ from typing import Any
 
 import pytest
 
-from gpushare import config, dra, names
+from gpushare import config, dra, names, sizing
 from gpushare.webhook import mutation
 from tests.webhook import builders
 from tests.webhook.test_pod_mutation import H100, kserve_pods
@@ -13,8 +13,10 @@ DRA = config.Settings(backend="dra")
 EXTENDER = config.Settings()
 
 
-def mutate(pod: dict[str, Any], settings: config.Settings = DRA) -> mutation.Mutation:
-    return mutation.pod(pod, settings=settings, largest_cuda_total_bytes=H100)
+def mutate(
+    pod: dict[str, Any], settings: config.Settings = DRA, *, largest: int | None = H100
+) -> mutation.Mutation:
+    return mutation.pod(pod, settings=settings, largest_cuda_total_bytes=largest)
 
 
 def mutated(pod: dict[str, Any]) -> dict[str, Any]:
@@ -52,7 +54,14 @@ def test_the_gpu_container_names_a_claim_from_the_template_of_its_grant(
     assert after["spec"]["resourceClaims"] == [
         {"name": names.DRA_CLAIM_NAME, "resourceClaimTemplateName": "gpushare-gpu-memory-20gi"}
     ]
-    assert names.VLLM_UTILIZATION_ARG in container.get("command", []) + container.get("args", [])
+    # kubelet never sees a DRA driver's environment (CDI is read by the runtime), so the value is
+    # written out, for the largest card: (20 GiB - 716 MiB) / H100's CUDA total.
+    line = container.get("command", []) + container.get("args", [])
+    assert not any("$(" in item for item in line)
+    expected = sizing.utilization(
+        granted_bytes=20 * 1024**3, reserve_bytes=DRA.reserve_bytes, cuda_total_bytes=H100
+    )
+    assert f"--gpu-memory-utilization={sizing.format_utilization(expected)}" in " ".join(line)
     assert "schedulerName" not in after["spec"]
     assert after["metadata"]["annotations"][names.ANNOTATION_MUTATED] == "20"
 
@@ -104,3 +113,21 @@ def test_bad_annotations_are_refused_as_with_the_extender() -> None:
     result = mutate(builders.predictor_pod(builders.isvc("isvc-vllm-openai.yaml", memory="lots")))
     assert not result.allowed
     assert "20Gi" in result.message
+
+
+def test_a_vllm_pod_is_refused_while_no_node_reports_a_card(kserve_pod: dict[str, Any]) -> None:
+    result = mutate(kserve_pod, largest=None)
+    assert not result.allowed
+    assert "no GPU node has reported its cards yet" in result.message
+
+
+def test_a_pod_that_does_not_run_vllm_needs_no_card_report() -> None:
+    result = mutate(builders.job_pod("12Gi"), largest=None)
+    assert result.allowed, result.message
+
+
+def test_a_user_written_reference_to_the_variable_is_written_out_too() -> None:
+    pod = builders.predictor_pod(builders.isvc("isvc-vllm-openai.yaml"))
+    pod["spec"]["containers"][0]["args"].append(names.VLLM_UTILIZATION_ARG)
+    after = mutated(pod)
+    assert not any("$(" in item for item in after["spec"]["containers"][0]["args"])
