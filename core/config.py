@@ -67,6 +67,8 @@ class AgentSettings(_Section):
     overuse_action: Literal["event", "evict"] = "event"
     cdi: bool = False
     """Name the card as a CDI device (``nvidia.com/gpu=<uuid>``) in Allocate's response."""
+    cdi_spec_dir: Path = Path("/var/run/cdi")
+    """Where the DRA backend writes each prepared claim's CDI spec (the runtime reads it)."""
 
 
 class Settings(_Section):

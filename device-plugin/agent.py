@@ -296,17 +296,25 @@ class Agent:
 
     async def allocate(self, device_ids: Sequence[str]) -> allocation.ContainerSetup:
         """Grant a container its IDs: check the card, start its isolation, build its environment."""
+        try:
+            grant = allocation.grant_of(device_ids, unit_bytes=self.settings.unit_bytes)
+        except errors.GpushareError:
+            self.metrics.allocations.labels(self.node, "refused").inc()
+            raise
+        return await self.grant(grant)
+
+    async def grant(self, grant: allocation.Grant) -> allocation.ContainerSetup:
+        """Hand out ``grant`` (from IDs, or from a DRA claim's allocation) as :meth:`allocate`."""
         async with self._allocating:
             try:
-                setup = await self._allocate(device_ids)
+                setup = await self._grant(grant)
             except errors.GpushareError:
                 self.metrics.allocations.labels(self.node, "refused").inc()
                 raise
             self.metrics.allocations.labels(self.node, "ok").inc()
             return setup
 
-    async def _allocate(self, device_ids: Sequence[str]) -> allocation.ContainerSetup:
-        grant = allocation.grant_of(device_ids, unit_bytes=self.settings.unit_bytes)
+    async def _grant(self, grant: allocation.Grant) -> allocation.ContainerSetup:
         card = self.cards.get(grant.card)
         if card is None:
             raise errors.BadRequest(f"card {grant.card} is not on node {self.node}")

@@ -12,14 +12,20 @@ from typing import Any, Final
 
 import yaml
 
-from gpushare import dra, names
+from gpushare import config, dra, names, quantities
 from gpushare.nodereport import CardReport
+from gpushare.webhook import mutation
 from tests import cluster
+from tests.webhook import builders
 
 RESOURCE: Final = f"/apis/{names.DRA_API_VERSION}"
 DEVICE_CLASS_MANIFEST: Final = (
     Path(__file__).resolve().parents[2] / "manifests" / "dra" / "deviceclass.yaml"
 )
+H100_TOTAL: Final = "81559Mi"
+H100_RESERVED: Final = "480Mi"
+"""An H100 80GB as NVML reports it (measured)."""
+
 POD_CLAIM_NAME_ANNOTATION: Final = "resource.kubernetes.io/pod-claim-name"
 """What the ResourceClaim controller writes on each claim it makes (k8s.io/api resource/v1)."""
 
@@ -97,3 +103,41 @@ def claims(rest: cluster.Rest, namespace: str) -> list[dict[str, Any]]:
         "items"
     ]
     return found
+
+
+def create_pod(
+    rest: cluster.Rest,
+    namespace: str,
+    memory: str,
+    fixture: str,
+    *,
+    settings: config.Settings | None = None,
+) -> dict[str, Any]:
+    """A fixture's predictor pod, mutated by the webhook for the DRA backend, with its claim.
+
+    The template of its size is created as the webhook does; the claim as the ResourceClaim
+    controller does.
+    """
+    settings = settings or config.Settings(backend="dra")
+    isvc = builders.isvc(fixture, memory=memory)
+    isvc["metadata"]["namespace"] = namespace
+    pod = builders.predictor_pod(isvc)
+    largest = quantities.parse_bytes(H100_TOTAL) - quantities.parse_bytes(H100_RESERVED)
+    result = mutation.pod(pod, settings=settings, largest_cuda_total_bytes=largest)
+    assert result.allowed, result.message
+    pod = builders.apply(pod, result.patch)
+    units = quantities.to_units(quantities.parse_bytes(memory), settings.unit_bytes)
+    template = dra.claim_template(
+        namespace,
+        units * settings.unit_bytes,
+        unit_bytes=settings.unit_bytes,
+        overhead_bytes=settings.allocation_overhead_bytes,
+    )
+    try:
+        rest.create(f"{RESOURCE}/namespaces/{namespace}/resourceclaimtemplates", template)
+    except cluster.ApiError as exc:
+        if exc.status != 409:
+            raise
+    created = rest.create(f"/api/v1/namespaces/{namespace}/pods", pod)
+    create_pod_claims(rest, created)
+    return created

@@ -14,15 +14,14 @@ from typing import Any
 import pytest
 
 from gpushare import config, dra, names, quantities
-from gpushare.webhook import mutation
 from tests import cluster
 from tests.dra import objects
 from tests.webhook import builders
 
 SETTINGS = config.Settings(backend="dra")
 OVERHEAD = SETTINGS.allocation_overhead_bytes
-H100_TOTAL = "81559Mi"
-H100_RESERVED = "480Mi"
+H100_TOTAL = objects.H100_TOTAL
+H100_RESERVED = objects.H100_RESERVED
 SIZES = ("20Gi", "12Gi", "30Gi", "8Gi", "16Gi")
 
 
@@ -57,32 +56,6 @@ def _nodes(
     return nodes, capacity
 
 
-def _pod(rest: cluster.Rest, namespace: str, memory: str, fixture: str) -> dict[str, Any]:
-    """A fixture's predictor pod, mutated by the webhook, created with its claim."""
-    isvc = builders.isvc(fixture, memory=memory)
-    isvc["metadata"]["namespace"] = namespace
-    pod = builders.predictor_pod(isvc)
-    largest = quantities.parse_bytes(H100_TOTAL) - quantities.parse_bytes(H100_RESERVED)
-    result = mutation.pod(pod, settings=SETTINGS, largest_cuda_total_bytes=largest)
-    assert result.allowed, result.message
-    pod = builders.apply(pod, result.patch)
-    granted = quantities.to_units(quantities.parse_bytes(memory), SETTINGS.unit_bytes)
-    template = dra.claim_template(
-        namespace,
-        granted * SETTINGS.unit_bytes,
-        unit_bytes=SETTINGS.unit_bytes,
-        overhead_bytes=OVERHEAD,
-    )
-    try:
-        rest.create(f"{objects.RESOURCE}/namespaces/{namespace}/resourceclaimtemplates", template)
-    except cluster.ApiError as exc:
-        if exc.status != 409:
-            raise
-    created = rest.create(f"/api/v1/namespaces/{namespace}/pods", pod)
-    objects.create_pod_claims(rest, created)
-    return created
-
-
 def _bound(rest: cluster.Rest, namespace: str, expected: int) -> list[dict[str, Any]] | None:
     pods: list[dict[str, Any]] = rest.get(f"/api/v1/namespaces/{namespace}/pods")["items"]
     placed = [p for p in pods if p["spec"].get("nodeName")]
@@ -109,7 +82,7 @@ def test_the_fixture_pods_get_memory_on_cards_from_kube_scheduler_alone(
     nodes, capacity = _nodes(rest, namespace, count=2, cards=2)
     try:
         pods = [
-            _pod(rest, namespace, memory, fixture)
+            objects.create_pod(rest, namespace, memory, fixture)
             for memory, fixture in zip(SIZES, itertools.cycle(builders.FIXTURES), strict=False)
         ]
         placed = cluster.wait_for(
@@ -146,7 +119,7 @@ def test_a_burst_never_puts_more_on_a_card_than_it_has(
     try:
         sizes = list(itertools.islice(itertools.cycle(SIZES), 40))
         for memory in sizes:
-            _pod(rest, namespace, memory, builders.FIXTURES[1])
+            objects.create_pod(rest, namespace, memory, builders.FIXTURES[1])
         held = sum(capacity.values())
         asked = sum(quantities.parse_bytes(m) + OVERHEAD for m in sizes)
         assert asked > held
@@ -179,9 +152,9 @@ def test_a_pod_that_fits_no_card_stays_pending_with_the_schedulers_reason(
     rest = control_plane.rest()
     nodes, _ = _nodes(rest, namespace, count=1, cards=1)
     try:
-        first = _pod(rest, namespace, "40Gi", builders.FIXTURES[0])
+        first = objects.create_pod(rest, namespace, "40Gi", builders.FIXTURES[0])
         cluster.wait_for(lambda: _bound(rest, namespace, 1), timeout=60, what="the first pod bound")
-        second = _pod(rest, namespace, "60Gi", builders.FIXTURES[1])
+        second = objects.create_pod(rest, namespace, "60Gi", builders.FIXTURES[1])
         path = f"/api/v1/namespaces/{namespace}/pods/{second['metadata']['name']}"
         message = cluster.wait_for(
             lambda: _unschedulable(rest.get(path)), timeout=60, what="the scheduler's verdict"
