@@ -11,10 +11,11 @@ from typing import Any, Final
 import jsonpatch
 import kopf
 
-from gpushare import config, names
+from gpushare import config, errors, names
 from gpushare.ids import NodeName
 from gpushare.webhook import inventory, mutation, paths, server, validation
 from gpushare.webhook.metrics import WebhookMetrics
+from gpushare.webhook.templates import Templates
 
 logger = logging.getLogger(__name__)
 
@@ -28,8 +29,12 @@ def register(
     settings: config.Settings,
     metrics: WebhookMetrics,
     cards: inventory.Cards,
+    templates: Templates | None = None,
 ) -> None:
-    """Register the Node watch and the admission handlers into ``registry``."""
+    """Register the Node watch and the admission handlers into ``registry``.
+
+    ``templates`` (the DRA backend) creates the claim template a mutated pod names.
+    """
 
     @kopf.on.event("v1", "nodes", registry=registry)
     async def watch_node(
@@ -69,16 +74,33 @@ def register(
             _deny(paths.VALIDATE_INFERENCE_SERVICES, body, verdict.reasons, metrics)
 
     @kopf.on.mutate("v1", "pods", id=paths.MUTATE_PODS, operations=["CREATE"], registry=registry)
-    async def mutate_pod(body: kopf.Body, patch: kopf.Patch, warnings: list[str], **_: Any) -> None:
+    async def mutate_pod(
+        body: kopf.Body, patch: kopf.Patch, warnings: list[str], dryrun: bool, **_: Any
+    ) -> None:
         result = mutation.pod(body, settings=settings, largest_cuda_total_bytes=cards.largest())
         warnings.extend(result.warnings)
         if not result.allowed:
             _deny(paths.MUTATE_PODS, body, result.reasons, metrics)
         if result.patch:
             ops = [dict(op) for op in result.patch]
+            if templates is not None and not dryrun:
+                await _ensure_template(templates, body, ops, metrics)
             if not server.offer_patch(ops):  # kopf's own server: it diffs the patched copy
                 patch.fns.append(lambda raw: jsonpatch.apply_patch(raw, ops, in_place=True))
             logger.info("pod %s: %s", _describe(body), "; ".join(result.warnings))
+
+
+async def _ensure_template(
+    templates: Templates,
+    body: Mapping[str, Any],
+    ops: list[dict[str, Any]],
+    metrics: WebhookMetrics,
+) -> None:
+    try:
+        await templates.ensure(jsonpatch.apply_patch(body, ops))
+    except errors.Conflict as exc:
+        reason = validation.Reason("claim-template", str(exc))
+        _deny(paths.MUTATE_PODS, body, (reason,), metrics)
 
 
 def _deny(

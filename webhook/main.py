@@ -22,6 +22,7 @@ from prometheus_client import CollectorRegistry
 from gpushare import config, errors
 from gpushare.webhook import handlers, inventory, login, paths, server
 from gpushare.webhook.metrics import WebhookMetrics
+from gpushare.webhook.templates import Templates
 
 logger = logging.getLogger(__name__)
 
@@ -98,7 +99,10 @@ async def serve(
 
     registry = kopf.OperatorRegistry()
     kopf.on.login(registry=registry)(login.handler(kubeconfig))
-    handlers.register(registry, settings=settings, metrics=metrics, cards=cards)
+    templates = await Templates.connect(kubeconfig, settings) if settings.backend == "dra" else None
+    handlers.register(
+        registry, settings=settings, metrics=metrics, cards=cards, templates=templates
+    )
     admission = server.AdmissionServer(
         routes=ROUTES,
         metrics=metrics,
@@ -134,3 +138,5 @@ async def serve(
         logger.info("admission stopped; exiting")
     finally:
         await runner.cleanup()
+        if templates is not None:
+            await templates.close()
