@@ -16,7 +16,7 @@ three fleets of ``--nodes`` nodes of 8 x 80 GiB cards, one per phase:
 
 The clock runs from the first creation to the last pod seen bound. Cards used: distinct cards
 holding a pod (whole GPUs: one per pod; extender: the card annotation the Binding wrote; DRA: the
-devices in the claims' allocations).
+devices in the claims' allocations, each checked to hold no more than its capacity).
 """
 
 import argparse
@@ -157,8 +157,17 @@ def extender_cards(cp: cluster.ControlPlane, namespace: str) -> int:
 
 
 def dra_cards(cp: cluster.ControlPlane, namespace: str) -> int:
-    claims = objects.claims(cp.rest(), namespace)
-    return len({(r.pool, r.device) for claim in claims for r in dra.allocated(claim)})
+    """Cards holding a claim; raises if any card's claims consume more than its capacity."""
+    used: dict[tuple[str, str], int] = {}
+    for claim in objects.claims(cp.rest(), namespace):
+        for result in dra.allocated(claim):
+            key = (result.pool, result.device)
+            used[key] = used.get(key, 0) + result.consumed_bytes
+    capacity = dra.capacity_bytes(CUDA_TOTAL, DRA.unit_bytes)
+    over = {key: value for key, value in used.items() if value > capacity}
+    if over:
+        raise AssertionError(f"cards over their capacity: {over}")
+    return len(used)
 
 
 def start_extender(cp: cluster.ControlPlane, work: Path) -> tuple[cluster.Process, int]:
