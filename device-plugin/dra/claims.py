@@ -73,7 +73,14 @@ class Claims:
         )
         grant = Grant(card=card, devices=(cdi.grant_of(uid),), granted_bytes=granted)
         setup = await self._agent.grant(grant)
-        cdi.write(self._cdi_dir, uid, cdi.spec(uid, grant, setup))
+        try:
+            cdi.write(self._cdi_dir, uid, cdi.spec(uid, grant, setup))
+        except OSError as exc:
+            self._agent.book.pop(grant.key, None)
+            raise errors.Conflict(
+                f"cannot write the CDI spec of claim {namespace}/{name} in {self._cdi_dir}:"
+                f" {exc.strerror}"
+            ) from exc
         prepared = Prepared(
             grant=grant,
             request=result.request,
