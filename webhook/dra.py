@@ -44,15 +44,6 @@ def holds_claim(body: Mapping[str, Any]) -> bool:
     )
 
 
-def template_of(body: Mapping[str, Any]) -> str | None:
-    """The ResourceClaimTemplate the pod's gpushare claim names, if any."""
-    for claim in (body.get("spec") or {}).get("resourceClaims") or []:
-        if isinstance(claim, Mapping) and claim.get("name") == names.DRA_CLAIM_NAME:
-            template = claim.get("resourceClaimTemplateName")
-            return template if isinstance(template, str) else None
-    return None
-
-
 def rewrite(
     body: Mapping[str, Any],
     patch: Patch,

@@ -30,10 +30,6 @@ class DraApi(Protocol):
         """Create or update a ResourceSlice (server-side apply)."""
         ...
 
-    async def delete_slice(self, name: str) -> None:
-        """Delete a ResourceSlice; an absent one is not an error."""
-        ...
-
     async def slice_exists(self, name: str) -> bool:
         """Whether a ResourceSlice of that name exists."""
         ...
@@ -70,17 +66,6 @@ class KubeDraApi:
                 _content_type="application/apply-patch+yaml",
                 _request_timeout=REQUEST_SECONDS,
             )
-
-    async def delete_slice(self, name: str) -> None:
-        """Delete the slice; 404 means done."""
-        try:
-            async with kube._Translated(f"delete resourceslice {name}"):
-                await self._objects.delete_cluster_custom_object(
-                    _GROUP, _VERSION, "resourceslices", name, _request_timeout=REQUEST_SECONDS
-                )
-        except kube.ApiError as exc:
-            if exc.status != 404:
-                raise
 
     async def slice_exists(self, name: str) -> bool:
         """GET the slice; 404 means no."""

@@ -27,7 +27,11 @@ async def serve(
     """Start ``agent``; publish its slice and serve the DRA plugin until cancelled."""
     publisher = Publisher(api, node=agent.node, settings=agent.settings)
     claims = Claims(agent, api, cdi_dir=agent.settings.agent.cdi_spec_dir)
-    server = DraServer(claims, kubelet_dir=kubelet_dir)
+    server = DraServer(
+        claims,
+        kubelet_dir=kubelet_dir,
+        on_registration=lambda ok: agent.metrics.registered.set(1 if ok else 0),
+    )
 
     def not_ready() -> str | None:
         if not publisher.published:

@@ -10,6 +10,7 @@ reports it on the pod) while the other claims of the call go on.
 import asyncio
 import contextlib
 import logging
+from collections.abc import Callable
 from pathlib import Path
 from typing import Final
 
@@ -79,8 +80,11 @@ class DraPlugin(api_pb2_grpc.DRAPluginServicer):
 class Registration(reg_grpc.RegistrationServicer):
     """What kubelet's plugin watcher asks on the registration socket."""
 
-    def __init__(self, endpoint: Path) -> None:
+    def __init__(
+        self, endpoint: Path, *, on_change: Callable[[bool], None] = lambda registered: None
+    ) -> None:
         self._endpoint = endpoint
+        self._on_change = on_change
         self.registered = asyncio.Event()
 
     async def GetInfo(  # noqa: N802
@@ -106,17 +110,24 @@ class Registration(reg_grpc.RegistrationServicer):
         else:
             logger.error("kubelet refused DRA driver %s: %s", names.DRA_DRIVER, request.error)
             self.registered.clear()
+        self._on_change(self.registered.is_set())
         return reg_pb2.RegistrationStatusResponse()
 
 
 class DraServer:
     """Serves the DRA service and the registration socket, again if either socket vanishes."""
 
-    def __init__(self, claims: Claims, *, kubelet_dir: Path) -> None:
+    def __init__(
+        self,
+        claims: Claims,
+        *,
+        kubelet_dir: Path,
+        on_registration: Callable[[bool], None] = lambda registered: None,
+    ) -> None:
         self.socket = kubelet_dir / "plugins" / names.DRA_DRIVER / "dra.sock"
         self.registration_socket = kubelet_dir / "plugins_registry" / f"{names.DRA_DRIVER}-reg.sock"
         self._plugin = DraPlugin(claims)
-        self.registration = Registration(self.socket)
+        self.registration = Registration(self.socket, on_change=on_registration)
         self._server: grpc.aio.Server | None = None
 
     async def serve(self) -> None:

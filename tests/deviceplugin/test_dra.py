@@ -172,6 +172,11 @@ async def test_a_claim_kube_scheduler_allocated_is_prepared_with_the_device_plug
 
             info = await dra_kubelet.register()
             assert info.name == names.DRA_DRIVER
+            registry = dra_agent.metrics.registry
+            registered = registry.get_sample_value(
+                "gpushare_device_plugin_registered", {"node": node}
+            )
+            assert registered == 1  # the alert on an unregistered plugin stays quiet
             answer = await dra_kubelet.prepare(namespace, name, uid)
             assert answer.error == ""
             (device,) = answer.devices

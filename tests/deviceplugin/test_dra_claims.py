@@ -48,9 +48,6 @@ class Claimed:
     async def apply_slice(self, body: Any) -> None:
         raise AssertionError("not used")
 
-    async def delete_slice(self, name: str) -> None:
-        raise AssertionError("not used")
-
     async def slice_exists(self, name: str) -> bool:
         raise AssertionError("not used")
 
