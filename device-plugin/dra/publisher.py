@@ -4,6 +4,8 @@ The slice is written by server-side apply whenever the offered devices change (a
 goes, or changes health), never for used-memory noise: kube-scheduler's allocator, not the
 agent, accounts for what claims consume. The pool's generation starts at the agent's start time
 in seconds and grows by one per change, so it keeps growing across restarts as the API asks.
+The slice stays when the agent stops, so a restart does not take the node's cards away from new
+claims for long; handing the node to the extender backend means deleting it (docs/install.md).
 """
 
 import logging
