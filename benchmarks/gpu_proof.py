@@ -881,6 +881,7 @@ async def watchdog_and_exporter(stack: Stack) -> Json:
     )
     await stack.agent.refresh_holdings()
     await stack.agent.poll()
+    await stack.agent.published()  # the container metrics come from the poll's own task
     samples = exporter_samples(stack)
     snap = await snapshot(stack)
     used, _ = per_instance_use(stack, snap)

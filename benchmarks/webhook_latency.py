@@ -66,7 +66,7 @@ async def admission_load(webhook: Webhook, *, rate: float, seconds: float) -> di
         total = int(rate * seconds)
         # Serialized beforehand (each with its own uid): the client spends its time sending.
         bodies = [json.dumps(strategies.review(pod)).encode() for _ in range(total + 50)]
-        for body in bodies[total:]:  # warm-up: TLS handshakes, kopf's first calls
+        for body in bodies[total:]:  # warm-up: TLS handshakes, first calls
             await one(body, time.perf_counter())
         latencies.clear()
         before = webhook.metrics()

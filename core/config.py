@@ -48,6 +48,10 @@ class WebhookSettings(_Section):
     listen: str = "0.0.0.0:9443"
     scheduler_name: str = names.SCHEDULER_NAME
     """``schedulerName`` set on mutated pods."""
+    largest_card_bytes: ByteSize = pydantic.Field(default=288 * quantities.GI, gt=0, le=2**60)
+    """The largest card's CUDA memory assumed until a node reports its cards: a larger request is
+    refused even then. 288 GiB covers every NVIDIA card made so far (a B300 has 288 GB); the
+    bound of 1 EiB keeps every unit count far inside int64."""
 
 
 class AgentSettings(_Section):

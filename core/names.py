@@ -15,6 +15,9 @@ RESOURCE_GPU_MEMORY: Final = f"{DOMAIN}/gpu-memory"
 NVIDIA_GPU_RESOURCE: Final = "nvidia.com/gpu"
 """NVIDIA's whole-card resource, which the webhook replaces for shared pods."""
 
+NVIDIA_RESOURCE_PREFIX: Final = "nvidia.com/"
+"""NVIDIA's other GPU resources (``nvidia.com/mig-1g.10gb``, ``nvidia.com/gpu.shared``...)."""
+
 # --- Annotations written by users -----------------------------------------------------------------
 ANNOTATION_GPU_MEMORY: Final = f"{DOMAIN}/gpu-memory"
 """The only line a user adds: a Kubernetes quantity (``20Gi``), rounded up to units."""
@@ -41,6 +44,19 @@ ANNOTATION_MUTATED: Final = f"{DOMAIN}/mutated"
 
 ANNOTATION_NODE_REPORT: Final = f"{DOMAIN}/node-report"
 """On Nodes: the agent's JSON report of every card (see :mod:`gpushare.nodereport`)."""
+
+SYSTEM_ANNOTATIONS: Final = frozenset(
+    {
+        ANNOTATION_MUTATED,
+        ANNOTATION_CARD_UUID,
+        ANNOTATION_CARD_INDEX,
+        ANNOTATION_CARD_TOTAL,
+        ANNOTATION_GRANTED_BYTES,
+        ANNOTATION_BIND_TIME,
+        ANNOTATION_ALLOCATIONS,
+    }
+)
+"""Pod annotations gpushare writes itself; a user never sets them."""
 
 # --- Labels ---------------------------------------------------------------------------------------
 LABEL_ENABLED: Final = f"{DOMAIN}/enabled"
@@ -76,6 +92,9 @@ SYSTEM_ENV: Final = frozenset(
 )
 """Variables the system sets: user environment must not declare them."""
 
+SYSTEM_ENV_PREFIXES: Final = ("CUDA_MPS_", "GPUSHARE_")
+"""Prefixes of variables MPS and gpushare read: user environment must not declare them either."""
+
 # --- Environment read by gpushare itself ----------------------------------------------------------
 ENV_CONFIG_FILE: Final = "GPUSHARE_CONFIG"
 """Path of the shared configuration file (the mounted ConfigMap)."""
@@ -87,6 +106,8 @@ ENV_PREFIX: Final = "GPUSHARE_"
 VLLM_UTILIZATION_FLAG: Final = "--gpu-memory-utilization"
 VLLM_UTILIZATION_ARG: Final = f"{VLLM_UTILIZATION_FLAG}=$({ENV_VLLM_UTILIZATION})"
 """The argument the webhook injects; kubelet expands ``$(VAR)`` from Allocate's environment."""
+VLLM_KV_CACHE_FLAG: Final = "--kv-cache-memory-bytes"
+"""A fixed KV-cache size: with it vLLM ignores ``--gpu-memory-utilization``."""
 
 # --- CDI ------------------------------------------------------------------------------------------
 CDI_KIND: Final = "nvidia.com/gpu"

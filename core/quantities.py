@@ -24,7 +24,8 @@ _SUB_UNIT: Final = ("m", "u", "n")
 # Kubernetes' grammar: sign, digits with an optional fraction, then a binary suffix, a decimal
 # suffix or a decimal exponent (``2e9``).
 _QUANTITY: Final = re.compile(
-    r"^(?P<number>[+-]?(?:\d+\.?\d*|\.\d+))(?:(?P<suffix>Ki|Mi|Gi|Ti|Pi|Ei|[numkMGTPE])|[eE](?P<exp>[+-]?\d+))?$"
+    r"^(?P<number>[+-]?(?:\d+\.?\d*|\.\d+))(?:(?P<suffix>Ki|Mi|Gi|Ti|Pi|Ei|[numkMGTPE])|[eE](?P<exp>[+-]?\d+))?$",
+    re.ASCII,  # Kubernetes reads only 0-9: "٢٠Gi" and "２０Gi" are no quantities
 )
 
 MIN_UNIT_BYTES: Final = 64 * MI

@@ -19,7 +19,7 @@ from gpushare.deviceplugin import allocation, devices, health, kube, mps, reconc
 from gpushare.deviceplugin.metrics import CardState, Metrics
 from gpushare.deviceplugin.nvml import CardReading, Nvml, Snapshot
 from gpushare.deviceplugin.podresources import Holding, PodResourcesClient, PodResourcesError
-from gpushare.deviceplugin.pods import PodSource, choose_pod
+from gpushare.deviceplugin.pods import PodSource, next_wanted
 from gpushare.deviceplugin.report import Reporter
 from gpushare.deviceplugin.watchdog import ProcessLocator, Watchdog, usage
 from gpushare.ids import CardUUID, DeviceID, PodKey
@@ -31,6 +31,10 @@ EVENT_WAIT_SECONDS: Final = 1.0
 """An NVML event wait returns at least this often, so the agent can stop promptly."""
 RESTART_SECONDS: Final = 5.0
 """A loop that crashed is restarted after this pause (and its crash logged)."""
+STALL_SECONDS: Final = 60.0
+"""A poll loop that has not finished a round this long (or ten periods, if longer) is stuck:
+``/healthz`` fails and kubelet restarts the agent. A round reads NVML and may start an MPS daemon
+(five seconds at worst); the API is never awaited in it."""
 
 
 @dataclass(frozen=True)
@@ -57,6 +61,7 @@ class Agent:
         podresources: PodResourcesClient | None = None,
         locator: ProcessLocator | None = None,
         clock: Callable[[], float] = time.monotonic,
+        stall_seconds: float | None = None,
     ) -> None:
         self.settings = settings
         self.node = node
@@ -72,9 +77,14 @@ class Agent:
         self.cards: dict[CardUUID, CardReading] = {}
         self.book: dict[str, Booked] = {}
         self.holdings: list[Holding] | None = None
+        """Which containers hold our IDs (kubelet's PodResources); ``None`` until first read."""
         self.last_snapshot = Snapshot(cards=())
+        self.polled_at = clock()
+        self.stall_seconds = stall_seconds or max(STALL_SECONDS, 10 * settings.agent.poll_seconds)
+        self._publishing: asyncio.Task[None] | None = None
         self.devices_changed = asyncio.Condition()
         self._devices: list[tuple[DeviceID, bool]] = []
+        self._listed: frozenset[str] = frozenset()
         self._allocating = asyncio.Lock()
         self.reporter = (
             Reporter(
@@ -129,6 +139,7 @@ class Agent:
         if fresh == self._devices:
             return False
         self._devices = fresh
+        self._listed = frozenset(d for d, _ in fresh)
         async with self.devices_changed:
             self.devices_changed.notify_all()
         return True
@@ -136,7 +147,11 @@ class Agent:
     # --- polling ----------------------------------------------------------------------------
 
     async def poll(self) -> Snapshot:
-        """Read NVML and update health, metrics, the node report and the watchdog."""
+        """Read NVML and update health, devices and metrics; publish in the background.
+
+        What goes to the API server (the node report, the watchdog's Events and evictions) runs
+        in its own task, one at a time, so a slow or silent API never holds up health.
+        """
         started = time.perf_counter()
         snapshot = await asyncio.to_thread(self.nvml.snapshot)
         self.last_snapshot = snapshot
@@ -152,18 +167,38 @@ class Agent:
         self.health.isolation(self.mode.down_reason())
         await self.refresh_devices()
         self._update_card_metrics()
-        await self._watch_usage(snapshot)
         self.metrics.poll_seconds.observe(time.perf_counter() - started)
-        if self.reporter is not None:
-            await self.reporter.offer(self.card_reports())
+        self.polled_at = self.clock()
+        if self._publishing is None or self._publishing.done():
+            self._publishing = asyncio.get_running_loop().create_task(self._publish(snapshot))
         return snapshot
+
+    async def _publish(self, snapshot: Snapshot) -> None:
+        try:
+            await self._watch_usage(snapshot)
+            if self.reporter is not None:
+                await self.reporter.offer(self.card_reports())
+        except Exception:
+            logger.exception("publishing the poll's results failed; the next poll tries again")
+
+    async def published(self) -> None:
+        """Wait for the last poll's report and watchdog round (for callers that need them)."""
+        if self._publishing is not None:
+            await self._publishing
+
+    def stalled(self) -> str | None:
+        """Why the poll loop counts as stuck, or ``None`` while it keeps its pace."""
+        since = self.clock() - self.polled_at
+        if since <= self.stall_seconds:
+            return None
+        return f"no poll finished for {since:.0f} s (limit {self.stall_seconds:.0f} s)"
 
     def card_reports(self) -> list[CardReport]:
         """The node report's cards: the latest readings, or the last good one of a broken card."""
-        errors_now = {r.uuid for r in self.last_snapshot.cards if r.error is not None}
+        good_now = {r.uuid for r in self.last_snapshot.cards if r.error is None}
         reports = []
         for card in self.cards.values():
-            broken = card.uuid in errors_now or self.last_snapshot.error is not None
+            broken = card.uuid not in good_now or self.last_snapshot.error is not None
             reports.append(
                 CardReport(
                     uuid=card.uuid,
@@ -228,12 +263,22 @@ class Agent:
     # --- reconciliation ---------------------------------------------------------------------
 
     async def reconcile(self) -> None:
-        """Read kubelet's PodResources: rebuild the book, stop idle daemons, fix pod annotations."""
-        if not await self.refresh_holdings():
+        """Rebook from kubelet's PodResources, then correct pod annotations through the API."""
+        if not await self.rebook():
             return
+        if self.api is not None and self.pods is not None:
+            unit = self.settings.unit_bytes
+            by_pod = reconcile.grants_by_pod(self.holdings or [], unit_bytes=unit)
+            fixes = reconcile.corrections(self.pods.pods(), by_pod, self.cards)
+            await reconcile.apply(self.api, fixes, node=self.node)
+
+    async def rebook(self) -> bool:
+        """Read kubelet's PodResources: rebuild the book, stop idle daemons; ``False`` if unread."""
+        if not await self.refresh_holdings():
+            return False
         unit = self.settings.unit_bytes
         by_pod = reconcile.grants_by_pod(self.holdings or [], unit_bytes=unit)
-        held = {g.key: g for grants in by_pod.values() for g in grants}
+        held = {h.grant.key: h.grant for grants in by_pod.values() for h in grants}
         now = self.clock()
         book = {k: b for k, b in self.book.items() if now - b.at <= mps.RELEASE_GRACE_SECONDS}
         for key, grant in held.items():
@@ -242,14 +287,16 @@ class Agent:
         await self.mode.release(held)
         await self.refresh_devices()
         self._update_card_metrics()
-        if self.api is not None and self.pods is not None:
-            fixes = reconcile.corrections(self.pods.pods(), by_pod, self.cards)
-            await reconcile.apply(self.api, fixes, node=self.node)
+        return True
 
     async def refresh_holdings(self) -> bool:
-        """Read which containers hold our IDs from kubelet; ``False`` if it did not answer."""
+        """Read which containers hold our IDs from kubelet; ``False`` if it did not answer.
+
+        Without a PodResources client (an agent embedded with no kubelet) nothing is held.
+        """
         if self.podresources is None:
-            return False
+            self.holdings = []
+            return True
         try:
             self.holdings = await self.podresources.holdings()
         except PodResourcesError as exc:
@@ -257,57 +304,80 @@ class Agent:
             return False
         return True
 
-    def holders(self) -> set[PodKey]:
-        """Pods that hold devices (PodResources) now."""
-        return {h.pod for h in self.holdings or []}
+    def holders(self) -> set[tuple[PodKey, str]]:
+        """Pods and containers that hold devices (PodResources) now."""
+        return {(h.pod, h.container) for h in self.holdings or []}
 
     # --- the device plugin calls ------------------------------------------------------------
 
     async def preferred(
         self, available: Sequence[str], must_include: Sequence[str], size: int
     ) -> list[DeviceID]:
-        """Steer ``size`` IDs to the card the extender chose for the pod being admitted."""
-        unit = self.settings.unit_bytes
+        """Steer ``size`` IDs to the card the extender chose for the container being admitted.
+
+        Reads only the pod cache and kubelet's PodResources: never the API server, so kubelet's
+        admission (which waits on this call with no deadline) never waits on it.
+        """
+        self.check_advertised(available)
+        self.check_advertised(must_include)
         target: CardUUID | None = None
         if self.pods is not None:
             await self.refresh_holdings()
-            pick = choose_pod(
+            wanted = next_wanted(
                 self.pods.pods(),
                 units=size,
-                unit_bytes=unit,
+                unit_bytes=self.settings.unit_bytes,
                 cards=self.cards,
-                holders=self.holders(),
+                held=self.holders(),
             )
-            if pick is None:
-                try:
-                    fresh = await self.pods.refresh()
-                except kube.ApiError as exc:
-                    logger.warning("cannot list pods for a preference: %s", exc)
-                    fresh = []
-                pick = choose_pod(
-                    fresh, units=size, unit_bytes=unit, cards=self.cards, holders=self.holders()
+            if wanted is not None:
+                target = wanted.card
+                logger.info(
+                    "preferring card %s for %d unit(s): pod %s container %s",
+                    target,
+                    size,
+                    wanted.pod.key,
+                    wanted.container,
                 )
-            if pick is not None:
-                target = pick.card
-                logger.info("preferring card %s for %d unit(s): pod %s", target, size, pick.key)
             else:
                 logger.info("no bound pod asks for %d unit(s): preferring the fullest card", size)
         return allocation.preferred(available, must_include, size, target=target)
 
+    def check_advertised(self, device_ids: Sequence[str]) -> None:
+        """Refuse IDs this plugin never listed (or spelled otherwise, or twice), naming one."""
+        if len(set(device_ids)) != len(device_ids):
+            raise errors.BadRequest(f"device IDs {list(device_ids)} name a unit twice")
+        for device in device_ids:
+            devices.parse(device)
+            if device not in self._listed:
+                raise errors.BadRequest(
+                    f"device ID {device!r} was never advertised by this plugin on node {self.node}"
+                )
+
     async def allocate(self, device_ids: Sequence[str]) -> allocation.ContainerSetup:
-        """Grant a container its IDs: check the card, start its isolation, build its environment."""
-        try:
+        """Grant a container its IDs: check the IDs and the card, start its isolation, build its
+        environment."""
+
+        async def checked() -> allocation.ContainerSetup:
+            self.check_advertised(device_ids)
             grant = allocation.grant_of(device_ids, unit_bytes=self.settings.unit_bytes)
-        except errors.GpushareError:
-            self.metrics.allocations.labels(self.node, "refused").inc()
-            raise
-        return await self.grant(grant)
+            await self._check_not_held(grant)
+            return await self._grant(grant)
+
+        return await self._counted(checked)
 
     async def grant(self, grant: allocation.Grant) -> allocation.ContainerSetup:
-        """Hand out ``grant`` (from IDs, or from a DRA claim's allocation) as :meth:`allocate`."""
+        """Hand out a DRA claim's ``grant`` as :meth:`allocate` does once its IDs are checked
+        (the claim's allocation names the card; its ID is the claim's, never advertised)."""
+        return await self._counted(lambda: self._grant(grant))
+
+    async def _counted(
+        self, make: Callable[[], Awaitable[allocation.ContainerSetup]]
+    ) -> allocation.ContainerSetup:
+        """Run one grant under the allocation lock, counting it as made or refused."""
         async with self._allocating:
             try:
-                setup = await self._grant(grant)
+                setup = await make()
             except errors.GpushareError:
                 self.metrics.allocations.labels(self.node, "refused").inc()
                 raise
@@ -352,9 +422,35 @@ class Agent:
         self._update_card_metrics()
         return setup
 
+    async def _check_not_held(self, grant: allocation.Grant) -> None:
+        """Refuse IDs a live container holds; grant nothing before PodResources has been read.
+
+        Until kubelet has said which IDs are held (after a restart), the card's grants are unknown
+        and a grant could overcommit it. IDs already granted (booked, or held at the last reading)
+        are checked against a fresh reading: kubelet frees a finished pod's IDs just before it
+        hands them out anew, and lists a live container's until it ends.
+        """
+        if self.holdings is None and not await self.refresh_holdings():
+            raise errors.Conflict(
+                "kubelet's PodResources has not answered since the plugin started: the grants"
+                f" already on card {grant.card} are unknown, so none is made; kubelet retries"
+            )
+        ids = set(grant.devices)
+        granted = [b.grant.devices for b in self.book.values()]
+        if any(ids & set(d) for d in [*granted, *(h.devices for h in self.holdings or [])]):
+            await self.refresh_holdings()
+        for holding in self.holdings or []:
+            taken = sorted(ids & set(holding.devices), key=devices.sort_key)
+            if taken:
+                raise errors.BadRequest(
+                    f"device ID(s) {', '.join(taken)} are held by container {holding.container}"
+                    f" of pod {holding.pod}"
+                )
+
     async def pre_start(self, device_ids: Sequence[str]) -> None:
         """Before a container starts: its MPS daemon must be running (restart it if it died)."""
         async with self._allocating:
+            self.check_advertised(device_ids)
             grant = allocation.grant_of(device_ids, unit_bytes=self.settings.unit_bytes)
             down = self.mode.down_reason()
             if down is not None:
@@ -365,18 +461,22 @@ class Agent:
     # --- running ----------------------------------------------------------------------------
 
     async def start(self) -> None:
-        """Adopt isolation state and take a first reading."""
+        """Adopt isolation state, take a first reading and read PodResources (no API call)."""
         await self.mode.start()
         await self.poll()
-        await self.reconcile()
+        await self.rebook()
 
     async def run_loops(self) -> None:
         """Poll, watch events and reconcile until cancelled."""
         period = self.settings.agent.poll_seconds
-        async with asyncio.TaskGroup() as group:
-            group.create_task(guard("poll", lambda: _every(period, self.poll)))
-            group.create_task(guard("reconcile", lambda: _every(period, self.reconcile)))
-            group.create_task(guard("nvml-events", self.watch_events))
+        try:
+            async with asyncio.TaskGroup() as group:
+                group.create_task(guard("poll", lambda: _every(period, self.poll)))
+                group.create_task(guard("reconcile", lambda: _every(period, self.reconcile)))
+                group.create_task(guard("nvml-events", self.watch_events))
+        finally:
+            if self._publishing is not None:
+                self._publishing.cancel()
 
 
 async def guard(name: str, loop: Callable[[], Awaitable[object]]) -> None:

@@ -35,7 +35,8 @@ def device_id(card: CardUUID, unit: int) -> DeviceID:
 def parse(device: str) -> tuple[CardUUID, int]:
     """Split an ID into its card and unit; a malformed ID raises :class:`BadRequest`."""
     card, sep, unit = device.rpartition("-")
-    if not sep or not card or not unit.isdigit():
+    # Only the spelling device_id writes: ASCII digits, no leading zero ("A-03" is not "A-3").
+    if not sep or not card or not (unit.isascii() and unit.isdigit()) or str(int(unit)) != unit:
         raise errors.BadRequest(
             f"device ID {device!r} is not of the form <card uuid>-<unit>: it was not issued by"
             " this plugin"

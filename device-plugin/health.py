@@ -1,9 +1,10 @@
 """Card health with both transitions: a card that recovers is offered again.
 
-A card is unhealthy while any reason holds: NVML cannot read it, a critical XID arrived less than
-:data:`XID_HOLD_SECONDS` ago, or the isolation it would be granted under is down (an MPS mode whose
-daemon is not running: without one, the memory limit is silently ignored). Each change of state is
-returned as a :class:`Transition` and logged once; the device list is re-sent on each.
+A card is unhealthy while any reason holds: NVML cannot read it or no longer lists it, a critical
+XID arrived less than :data:`XID_HOLD_SECONDS` ago, or the isolation it would be granted under is
+down (an MPS mode whose daemon is not running: without one, the memory limit is silently ignored).
+Each change of state is returned as a :class:`Transition` and logged once; the device list is
+re-sent on each.
 """
 
 import logging
@@ -21,6 +22,9 @@ XID_HOLD_SECONDS: Final = 300.0
 """A critical XID keeps its card out of new grants this long. Lasting faults (a card off the bus,
 XID 79) also fail every NVML read and so stay unhealthy; transient ones (an ECC error the driver
 corrected by retiring a page) clear, and five minutes of calm is the evidence we wait for."""
+
+
+GONE: Final = "NVML no longer lists the card (off the bus, or the driver dropped it)"
 
 
 @dataclass(frozen=True)
@@ -73,6 +77,11 @@ class HealthTracker:
     def observe(self, snapshot: nvml.Snapshot) -> list[Transition]:
         """Take a poll's readings (and let expired XID holds lapse)."""
         self._nvml_down = snapshot.error
+        listed = {reading.uuid for reading in snapshot.cards}
+        if snapshot.error is None:
+            for card, state in self._cards.items():
+                if card not in listed:
+                    state.nvml_error = GONE
         for reading in snapshot.cards:
             self._cards.setdefault(
                 reading.uuid, _Card(healthy=False, reason="new")

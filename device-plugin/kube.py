@@ -29,6 +29,10 @@ COMPONENT: Final = "gpushare-device-plugin"
 WATCH_SECONDS: Final = 300
 """A watch is renewed this often, as client-go's reflector does (it picks 5 to 10 minutes)."""
 
+CALL_SECONDS: Final = 10.0
+"""Deadline of every API call but the watch: an apiserver answers in milliseconds, and one that
+accepts connections and never answers must not hold any of the agent's loops for longer."""
+
 RETRY_SECONDS: Final = (1.0, 2.0, 5.0, 10.0)
 """Backoff after a failed list or watch: quick first, then every 10 s (a restarting apiserver)."""
 
@@ -83,12 +87,15 @@ class NodeApi(Protocol):
 class KubeApi:
     """:class:`NodeApi` over kubernetes_asyncio."""
 
-    def __init__(self, api_client: client.ApiClient) -> None:
+    def __init__(self, api_client: client.ApiClient, *, call_seconds: float = CALL_SECONDS) -> None:
         self._client = api_client
         self._core = client.CoreV1Api(api_client)
+        self._deadline = call_seconds
 
     @classmethod
-    async def connect(cls, kubeconfig: Path | None = None) -> "KubeApi":
+    async def connect(
+        cls, kubeconfig: Path | None = None, *, call_seconds: float = CALL_SECONDS
+    ) -> "KubeApi":
         """From ``kubeconfig``, else KUBECONFIG or ~/.kube/config, else the in-cluster account."""
         configuration = client.Configuration()
         try:
@@ -103,7 +110,7 @@ class KubeApi:
                     await config.load_kube_config(client_configuration=configuration)
         except (ConfigException, OSError) as exc:
             raise errors.ConfigError(f"no Kubernetes credentials: {exc}") from exc
-        return cls(client.ApiClient(configuration))
+        return cls(client.ApiClient(configuration), call_seconds=call_seconds)
 
     @property
     def api_client(self) -> client.ApiClient:
@@ -120,7 +127,7 @@ class KubeApi:
         """Merge-patch the Node's annotations."""
         body = {"metadata": {"annotations": dict(annotations)}}
         async with _Translated(f"patch node {node}"):
-            await self._core.patch_node(node, body)
+            await self._core.patch_node(node, body, _request_timeout=self._deadline)
 
     async def patch_pod_annotations(
         self, namespace: str, name: str, annotations: Mapping[str, str | None]
@@ -128,15 +135,19 @@ class KubeApi:
         """Merge-patch the Pod's annotations."""
         body = {"metadata": {"annotations": dict(annotations)}}
         async with _Translated(f"patch pod {namespace}/{name}"):
-            await self._core.patch_namespaced_pod(name, namespace, body)
+            await self._core.patch_namespaced_pod(
+                name, namespace, body, _request_timeout=self._deadline
+            )
 
     async def list_pods(self, node: str) -> tuple[list[PodInfo], str]:
         """One list of the node's pods (all namespaces)."""
         async with _Translated(f"list pods of node {node}"):
             response = await self._core.list_pod_for_all_namespaces(
-                field_selector=f"spec.nodeName={node}", _preload_content=False
+                field_selector=f"spec.nodeName={node}",
+                _preload_content=False,
+                _request_timeout=self._deadline,
             )
-            raw = await _json(response)
+            raw = await asyncio.wait_for(_json(response), self._deadline)
         pods = [PodInfo.from_api(item) for item in raw.get("items") or []]
         return pods, str((raw.get("metadata") or {}).get("resourceVersion") or "")
 
@@ -151,7 +162,12 @@ class KubeApi:
                 resource_version=resource_version,
                 allow_watch_bookmarks=True,
                 timeout_seconds=WATCH_SECONDS,
-                _request_timeout=WATCH_SECONDS + 30,
+                # Connecting (and the TLS handshake) within the call deadline; then the stream.
+                _request_timeout=aiohttp.ClientTimeout(
+                    total=WATCH_SECONDS + 30,
+                    connect=self._deadline,
+                    sock_connect=self._deadline,
+                ),
                 _preload_content=False,
             )
             if not 200 <= response.status <= 299:
@@ -191,13 +207,17 @@ class KubeApi:
             count=1,
         )
         async with _Translated(f"post event on {pod.key}"):
-            await self._core.create_namespaced_event(pod.namespace, body)
+            await self._core.create_namespaced_event(
+                pod.namespace, body, _request_timeout=self._deadline
+            )
 
     async def evict(self, namespace: str, name: str) -> None:
         """POST an Eviction."""
         body = client.V1Eviction(metadata=client.V1ObjectMeta(name=name, namespace=namespace))
         async with _Translated(f"evict pod {namespace}/{name}"):
-            await self._core.create_namespaced_pod_eviction(name, namespace, body)
+            await self._core.create_namespaced_pod_eviction(
+                name, namespace, body, _request_timeout=self._deadline
+            )
 
 
 class _Translated:

@@ -59,6 +59,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--mps-control", default=mps.CONTROL, help=f"MPS control program (default {mps.CONTROL})"
     )
+    parser.add_argument(
+        "--mps-cgroup",
+        type=Path,
+        help="a cgroup v2 folder (as mounted from the host) to move MPS daemons into, so that"
+        " they outlive this pod (default: none; they end with the pod)",
+    )
 
 
 def run(args: argparse.Namespace) -> int:
@@ -87,7 +93,12 @@ async def _main(
         settings,
         node=node,
         nvml=backend,
-        mode=mps.make(settings.isolation, settings.agent.mps_root, control=args.mps_control),
+        mode=mps.make(
+            settings.isolation,
+            settings.agent.mps_root,
+            control=args.mps_control,
+            cgroup=args.mps_cgroup,
+        ),
         metrics=metrics,
         api=api,
         pods=pods,
@@ -132,7 +143,9 @@ async def serve(
     async with contextlib.AsyncExitStack() as stack:
         if listen is not None:
             application = probes.app(
-                agent.metrics.registry, not_ready=lambda: probes.not_ready(agent, plugin)
+                agent.metrics.registry,
+                not_ready=lambda: probes.not_ready(agent, plugin),
+                not_live=agent.stalled,
             )
             await stack.enter_async_context(probes.listening(application, *listen))
         await agent.start()

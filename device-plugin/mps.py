@@ -46,6 +46,10 @@ PID_FILE: Final = "nvidia-cuda-mps-control.pid"
 """Written by the control daemon into its pipe directory."""
 GRANT_FILE: Final = "gpushare-grant.json"
 """Ours: what a per-container daemon was started for, so a restarted agent adopts it."""
+PROBE: Final = "probe"
+"""The pipe directory of a trial daemon, started after a failed start to learn when starts work."""
+_KEPT: Final = frozenset({GRANT_FILE, "log"})
+"""What a daemon's restart keeps in its pipe directory (the rest is the dead daemon's)."""
 SHARED: Final = "shared"
 """The pipe directory's name of the ``mps-shared`` daemon."""
 LIMIT_DEVICE: Final = "0"
@@ -184,9 +188,10 @@ class Daemon:
 class _Control:
     """Starting, commanding and stopping control daemons."""
 
-    def __init__(self, runner: Runner, control: str) -> None:
+    def __init__(self, runner: Runner, control: str, cgroup: Path | None) -> None:
         self.runner = runner
         self.control = control
+        self.cgroup = cgroup
 
     def available(self) -> str | None:
         if shutil.which(self.control) is None:
@@ -204,8 +209,16 @@ class _Control:
         return env
 
     async def launch(self, pipe: Path, card: CardUUID | None) -> None:
+        """Start a daemon in ``pipe``, keeping the folder itself (containers mount its inode)."""
         (pipe / "log").mkdir(parents=True, exist_ok=True)
         pipe.chmod(0o755)
+        for stale in pipe.iterdir():
+            if stale.name in _KEPT:
+                continue
+            if stale.is_dir() and not stale.is_symlink():
+                shutil.rmtree(stale, ignore_errors=True)
+            else:
+                stale.unlink(missing_ok=True)
         try:
             rc, _ = await self.runner.run([self.control, "-d"], env=self.env(pipe, card))
         except (OSError, TimeoutError) as exc:
@@ -219,6 +232,28 @@ class _Control:
                     f"{self.control} in {pipe} wrote no live pid within {START_SECONDS:.0f} s"
                 )
             await asyncio.sleep(0.05)
+        if self.cgroup is not None:
+            self.adopt_into_cgroup(pipe)
+
+    def adopt_into_cgroup(self, pipe: Path) -> None:
+        """Move the daemon out of the agent's container into :attr:`cgroup` (cgroup v2).
+
+        The container runtime kills every process of a container's cgroup when its pod goes (the
+        agent shares the host's PID namespace, so nothing else would end them); a daemon moved out
+        outlives the agent's pod, and its MPS servers, forked later, start in its cgroup.
+        """
+        assert self.cgroup is not None
+        try:
+            if not (self.cgroup.parent / "cgroup.controllers").exists():
+                raise OSError(f"{self.cgroup.parent} is not a cgroup v2 hierarchy")
+            self.cgroup.mkdir(exist_ok=True)
+            pid = (pipe / PID_FILE).read_text().strip()
+            with (self.cgroup / "cgroup.procs").open("a") as procs:
+                procs.write(f"{pid}\n")
+        except OSError as exc:
+            logger.error(
+                "MPS daemon of %s stays in the agent's cgroup and ends with its pod: %s", pipe, exc
+            )
 
     async def command(self, pipe: Path, card: CardUUID | None, line: str) -> None:
         try:
@@ -236,7 +271,6 @@ class _Control:
                 await self.command(pipe, None, "quit")
             except MpsError as exc:
                 logger.warning("%s", exc)
-        shutil.rmtree(pipe, ignore_errors=True)
 
 
 def alive(pipe: Path) -> bool:
@@ -260,12 +294,15 @@ class PerContainer:
         *,
         runner: Runner,
         control: str = CONTROL,
+        cgroup: Path | None = None,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self._root = root
-        self._control = _Control(runner, control)
+        self._control = _Control(runner, control, cgroup)
         self._clock = clock
         self._daemons: dict[str, Daemon] = {}
+        self._failed: tuple[CardUUID, str] | None = None
+        """The card of the last daemon that would not start, and why (cleared by one that does)."""
 
     @property
     def daemons(self) -> Mapping[str, Daemon]:
@@ -279,27 +316,45 @@ class PerContainer:
             grant = _read_grant(pipe)
             if grant is None:
                 continue
-            if alive(pipe):
-                self._daemons[grant.key] = Daemon(pipe, grant, self._clock())
-                logger.info("adopted MPS daemon %s (%s)", pipe, grant.card)
-            else:
-                shutil.rmtree(pipe, ignore_errors=True)
+            # A dead one too: its container may still mount the folder; check() restarts it there,
+            # and release() stops it if no pod holds its IDs any more.
+            self._daemons[grant.key] = Daemon(pipe, grant, self._clock())
+            logger.info("adopted MPS daemon %s (%s)", pipe, grant.card)
 
     async def check(self) -> None:
-        """Restart any daemon that died, with its grant as before."""
-        for key, daemon in list(self._daemons.items()):
+        """Restart any daemon that died, in its own pipe directory and with its grant as before;
+        after a failed start, try a trial daemon until one starts again."""
+        for daemon in list(self._daemons.values()):
             if alive(daemon.pipe_directory) or daemon.grant is None:
                 continue
             logger.error("MPS daemon %s died; restarting it", daemon.pipe_directory)
-            del self._daemons[key]
             try:
-                await self.prepare(daemon.grant)
+                await self._launch(daemon.pipe_directory, daemon.grant)
             except MpsError as exc:
                 logger.error("%s", exc)
+        if self._failed is not None:
+            await self._trial(self._failed[0])
+
+    async def _trial(self, card: CardUUID) -> None:
+        pipe = self._root / PROBE
+        try:
+            await self._control.launch(pipe, card)
+        except MpsError as exc:
+            self._failed = (card, str(exc))
+        else:
+            logger.info("MPS daemons start again (trial daemon on %s)", card)
+            self._failed = None
+        finally:
+            await self._control.quit(pipe)
+            shutil.rmtree(pipe, ignore_errors=True)
 
     def down_reason(self) -> str | None:
-        """Down when the control program is missing."""
-        return self._control.available()
+        """Down when the control program is missing, or the last daemon start failed."""
+        missing = self._control.available()
+        if missing is not None or self._failed is None:
+            return missing
+        card, why = self._failed
+        return f"an MPS daemon for card {card} would not start: {why}"
 
     def servers_on(self, card: CardUUID) -> int:
         """One server per daemon on the card."""
@@ -329,8 +384,18 @@ class PerContainer:
             if key != grant.key and other.grant is not None and ids & set(other.grant.devices):
                 await self._stop(key, "kubelet handed its devices to a new container")
         pipe = self._root / grant.key
+        try:
+            await self._launch(pipe, grant)
+        except MpsError:
+            if existing is None:
+                shutil.rmtree(pipe, ignore_errors=True)
+            raise
+        self._daemons[grant.key] = Daemon(pipe, grant, self._clock())
+        return pipe
+
+    async def _launch(self, pipe: Path, grant: Grant) -> None:
+        """(Re)start the daemon of ``pipe`` in place, its limit set before any client."""
         await self._control.quit(pipe)
-        pipe.mkdir(parents=True, exist_ok=True)
         try:
             await self._control.launch(pipe, grant.card)
             # Before the first client: the server takes the default when it starts.
@@ -339,13 +404,13 @@ class PerContainer:
                 grant.card,
                 f"set_default_device_pinned_mem_limit {LIMIT_DEVICE} {grant.limit_mib}M",
             )
-        except MpsError:
+        except MpsError as exc:
             await self._control.quit(pipe)
+            self._failed = (grant.card, str(exc))
             raise
         _write_grant(pipe, grant)
-        self._daemons[grant.key] = Daemon(pipe, grant, self._clock())
+        self._failed = None
         logger.info("MPS daemon %s started for %s, limit %d MiB", pipe, grant.card, grant.limit_mib)
-        return pipe
 
     async def release(self, held: Collection[str]) -> None:
         """Stop daemons that no pod holds any more, once past the grace."""
@@ -357,6 +422,7 @@ class PerContainer:
     async def _stop(self, key: str, why: str) -> None:
         daemon = self._daemons.pop(key)
         await self._control.quit(daemon.pipe_directory)
+        shutil.rmtree(daemon.pipe_directory, ignore_errors=True)
         logger.info("MPS daemon %s stopped: %s", daemon.pipe_directory, why)
 
 
@@ -365,9 +431,11 @@ class Shared:
 
     name: Isolation = "mps-shared"
 
-    def __init__(self, root: Path, *, runner: Runner, control: str = CONTROL) -> None:
+    def __init__(
+        self, root: Path, *, runner: Runner, control: str = CONTROL, cgroup: Path | None = None
+    ) -> None:
         self._pipe = root / SHARED
-        self._control = _Control(runner, control)
+        self._control = _Control(runner, control, cgroup)
         self._down: str | None = "shared MPS daemon not started yet"
 
     @property
@@ -431,14 +499,16 @@ def make(
     *,
     runner: Runner | None = None,
     control: str = CONTROL,
+    cgroup: Path | None = None,
     clock: Callable[[], float] = time.monotonic,
 ) -> Mode:
-    """The mode named ``isolation``."""
+    """The mode named ``isolation``; with ``cgroup``, its daemons are moved there (see
+    :meth:`_Control.adopt_into_cgroup`) so that they outlive the agent's pod."""
     runner = runner or SubprocessRunner()
     if isolation == "mps":
-        return PerContainer(root, runner=runner, control=control, clock=clock)
+        return PerContainer(root, runner=runner, control=control, cgroup=cgroup, clock=clock)
     if isolation == "mps-shared":
-        return Shared(root, runner=runner, control=control)
+        return Shared(root, runner=runner, control=control, cgroup=cgroup)
     return Off()
 
 

@@ -1,8 +1,13 @@
-"""Pods of this node as the plugin needs them, and the guess of which pod kubelet is admitting.
+"""Pods of this node as the plugin needs them, and which container kubelet is admitting now.
 
-``GetPreferredAllocation`` is not told its pod. The guess: the oldest pod bound to this node (by
-the bind time the extender wrote) whose request matches and that holds no devices yet. A wrong guess
-costs only a preference: the IDs decide the card, and reconciliation corrects the annotations.
+``GetPreferredAllocation`` is not told its pod. kubelet admits a batch of new pods in creation-time
+order (``HandlePodAdditions`` sorts them by a timestamp of whole seconds; within one second the
+plugin takes bind order, the order in which kubelet usually receives them) and a pod's containers
+in spec order, calling the plugin once per container that asks for memory. The guess follows that:
+the first pending, non-terminating pod bound to one of our cards, in that order, whose next
+container without devices asks for the requested units; its card is the one the extender recorded
+for that container. A wrong guess costs only a preference: the IDs decide the card, and
+reconciliation corrects the annotations.
 """
 
 from collections.abc import Collection, Iterable, Mapping
@@ -10,7 +15,8 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any, Protocol
 
-from gpushare import errors, names, quantities
+from gpushare import allocations, errors, names, quantities
+from gpushare.allocations import Allocation
 from gpushare.ids import CardUUID, PodKey, pod_key
 
 _EPOCH = datetime.fromtimestamp(0, UTC)
@@ -31,29 +37,26 @@ class PodInfo:
     container_ids: Mapping[str, str] = field(default_factory=dict)
     """Runtime container ID (scheme stripped) to container name, from the pod's status."""
     created: datetime = _EPOCH
+    deleting: bool = False
+    """The pod has a deletion timestamp: kubelet will not start it."""
 
     @property
     def key(self) -> PodKey:
         """``namespace/name``."""
         return pod_key(self.namespace, self.name)
 
-    @property
-    def card(self) -> CardUUID | None:
-        """The card the extender chose, if it wrote one."""
-        value = self.annotations.get(names.ANNOTATION_CARD_UUID)
-        return CardUUID(value) if value else None
+    def allocations(self) -> dict[str, Allocation]:
+        """The extender's allocations by container name (none when absent or unreadable)."""
+        try:
+            found = allocations.decode(self.annotations, list(self.requests))
+        except errors.BadRequest:
+            return {}
+        return {a.container: a for a in found or ()}
 
     @property
     def bind_time(self) -> datetime:
         """The extender's bind time, else the creation time."""
         return _parse_time(self.annotations.get(names.ANNOTATION_BIND_TIME)) or self.created
-
-    def granted_bytes(self) -> int | None:
-        """The grant the extender wrote, if it parses."""
-        try:
-            return int(self.annotations[names.ANNOTATION_GRANTED_BYTES])
-        except (KeyError, ValueError):
-            return None
 
     @classmethod
     def from_api(cls, pod: Mapping[str, Any]) -> "PodInfo":
@@ -87,41 +90,59 @@ class PodInfo:
             requests=requests,
             container_ids=container_ids,
             created=_parse_time(_as_text(meta.get("creationTimestamp"))) or _EPOCH,
+            deleting=meta.get("deletionTimestamp") is not None,
         )
 
 
 class PodSource(Protocol):
-    """Pods bound to this node; :meth:`refresh` reads them afresh from the API."""
+    """Pods bound to this node, as known now (no call to the API server)."""
 
     def pods(self) -> list[PodInfo]:
         """The pods known now."""
         ...
 
-    async def refresh(self) -> list[PodInfo]:
-        """Read the pods from the API now (when the cache may lag a bind)."""
-        ...
+
+@dataclass(frozen=True)
+class Wanted:
+    """The container the plugin believes kubelet is admitting, and the card chosen for it."""
+
+    pod: PodInfo
+    container: str
+    card: CardUUID
 
 
-def choose_pod(
+def admission_order(pod: PodInfo) -> tuple[datetime, datetime, str]:
+    """kubelet's order: creation time, then (same second) bind order, then the name."""
+    return (pod.created, pod.bind_time, pod.key)
+
+
+def next_wanted(
     pods: Iterable[PodInfo],
     *,
     units: int,
     unit_bytes: int,
     cards: Collection[CardUUID],
-    holders: Collection[PodKey],
-) -> PodInfo | None:
-    """The oldest pending pod bound to one of ``cards`` that asks for ``units`` and holds none."""
-    matching = [
-        pod
-        for pod in pods
-        if pod.phase == "Pending"
-        and pod.card in cards
-        and pod.key not in holders
-        and (units in pod.requests.values() or pod.granted_bytes() == units * unit_bytes)
-    ]
-    if not matching:
-        return None
-    return min(matching, key=lambda pod: (pod.bind_time, pod.created, pod.key))
+    held: Collection[tuple[PodKey, str]],
+) -> Wanted | None:
+    """The first container, in kubelet's admission order, that may be asking for ``units`` now.
+
+    Only each pod's next container without devices (``held``: pod and container names that
+    kubelet's PodResources lists) can be the one admitted; it must ask for ``units`` (or have
+    been granted that much) and have a card of ours recorded.
+    """
+    for pod in sorted(pods, key=admission_order):
+        if pod.phase != "Pending" or pod.deleting:
+            continue
+        waiting = [c for c in pod.requests if (pod.key, c) not in held]
+        if not waiting:
+            continue
+        container = waiting[0]
+        recorded = pod.allocations().get(container)
+        if recorded is None or recorded.card not in cards:
+            continue
+        if pod.requests[container] == units or recorded.granted_bytes == units * unit_bytes:
+            return Wanted(pod, container, recorded.card)
+    return None
 
 
 def _as_text(value: object) -> str | None:

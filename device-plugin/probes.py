@@ -1,6 +1,8 @@
 """The agent's HTTP listener: ``/metrics`` for Prometheus, ``/healthz`` and ``/readyz`` for kubelet.
 
-``/healthz`` answers while the agent's event loop does, so a wedged loop fails the liveness probe.
+``/healthz`` answers 200 while the agent's event loop answers and its poll loop keeps its pace; a
+poll loop stuck past :data:`agent.STALL_SECONDS` answers 503 with the reason, so kubelet's liveness
+probe restarts the agent (a wedged event loop answers nothing, which fails the probe too).
 ``/readyz`` answers once the plugin is registered with kubelet and its isolation is up (in an MPS
 mode nothing is granted while the daemon or its control program is missing); until then it
 answers 503 with the reason.
@@ -27,12 +29,18 @@ def not_ready(agent: Agent, plugin: PluginServer) -> str | None:
 
 
 def app(
-    registry: prometheus_client.CollectorRegistry, *, not_ready: Callable[[], str | None]
+    registry: prometheus_client.CollectorRegistry,
+    *,
+    not_ready: Callable[[], str | None],
+    not_live: Callable[[], str | None] = lambda: None,
 ) -> aiohttp.web.Application:
-    """``/metrics`` of ``registry``, ``/healthz``, and ``/readyz`` from ``not_ready``."""
+    """``/metrics`` of ``registry``; ``/healthz`` and ``/readyz`` answer from their callables."""
 
     async def healthz(_: aiohttp.web.Request) -> aiohttp.web.Response:
-        return aiohttp.web.Response(text="ok\n")
+        reason = not_live()
+        if reason is None:
+            return aiohttp.web.Response(text="ok\n")
+        return aiohttp.web.Response(status=503, text=f"{reason}\n")
 
     async def readyz(_: aiohttp.web.Request) -> aiohttp.web.Response:
         reason = not_ready()

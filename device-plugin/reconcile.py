@@ -1,8 +1,10 @@
 """Reconciliation: pod annotations follow the device IDs kubelet actually gave.
 
-The extender writes the card it chose on the Binding; kubelet may still have handed other IDs (a
-wrong preference guess, a node restart). The IDs are the truth, so annotations that disagree are
-patched, and the extender's ledger, which reads them, converges.
+The extender writes the card it chose for each container on the Binding; kubelet may still have
+handed other IDs (a wrong preference guess, a node restart). The IDs are the truth, so annotations
+that disagree are rewritten with the core's codec (the pod-level keys and, for a pod with several
+memory containers, ``gpushare.io/allocations``), and the extender's ledger, which reads them back,
+converges.
 """
 
 import logging
@@ -10,7 +12,8 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Final
 
-from gpushare import errors, names
+from gpushare import allocations, errors
+from gpushare.allocations import Allocation
 from gpushare.deviceplugin import allocation, kube
 from gpushare.deviceplugin.nvml import CardReading
 from gpushare.deviceplugin.podresources import Holding
@@ -31,48 +34,73 @@ class Correction:
     message: str
 
 
-def grants_by_pod(
-    holdings: Iterable[Holding], *, unit_bytes: int
-) -> dict[PodKey, list[allocation.Grant]]:
+@dataclass(frozen=True)
+class Held:
+    """One container's grant, as kubelet's devices say."""
+
+    container: str
+    grant: allocation.Grant
+
+
+def grants_by_pod(holdings: Iterable[Holding], *, unit_bytes: int) -> dict[PodKey, list[Held]]:
     """Each pod's grants, one per container (IDs spanning cards, refused by Allocate, skipped)."""
-    result: dict[PodKey, list[allocation.Grant]] = {}
+    result: dict[PodKey, list[Held]] = {}
     for holding in holdings:
         try:
             grant = allocation.grant_of(holding.devices, unit_bytes=unit_bytes)
         except errors.BadRequest as exc:
             logger.warning("pod %s container %s: %s", holding.pod, holding.container, exc)
             continue
-        result.setdefault(holding.pod, []).append(grant)
+        result.setdefault(holding.pod, []).append(Held(holding.container, grant))
     return result
 
 
 def corrections(
     pods: Iterable[PodInfo],
-    grants: Mapping[PodKey, Sequence[allocation.Grant]],
+    grants: Mapping[PodKey, Sequence[Held]],
     cards: Mapping[CardUUID, CardReading],
 ) -> list[Correction]:
-    """Pods whose card or grant annotations disagree with their devices."""
+    """Pods whose allocation annotations disagree with their devices, container by container."""
     result = []
     for pod in pods:
-        held = grants.get(pod.key)
-        if not held:
+        held = {h.container: h.grant for h in grants.get(pod.key, ())}
+        truth = _allocations(pod, held, cards)
+        if truth is None:
             continue
-        card = held[0].card
-        expected = {
-            names.ANNOTATION_CARD_UUID: card,
-            names.ANNOTATION_GRANTED_BYTES: str(sum(g.granted_bytes for g in held)),
-        }
-        reading = cards.get(card)
-        if reading is not None:
-            expected[names.ANNOTATION_CARD_INDEX] = str(reading.index)
-            # The CUDA-visible total, as the extender writes it: what vLLM's utilization divides by.
-            expected[names.ANNOTATION_CARD_TOTAL] = str(reading.cuda_total_bytes)
+        expected = allocations.encode(truth)
         changed = {k: v for k, v in expected.items() if pod.annotations.get(k) != v}
         if changed:
             was = ", ".join(f"{k}={pod.annotations.get(k)!r}" for k in sorted(changed))
             now = ", ".join(f"{k}={v!r}" for k, v in sorted(changed.items()))
             result.append(Correction(pod, changed, f"kubelet's devices say {now} (was {was})"))
     return result
+
+
+def _allocations(
+    pod: PodInfo, held: Mapping[str, allocation.Grant], cards: Mapping[CardUUID, CardReading]
+) -> list[Allocation] | None:
+    """Every memory container's allocation from its devices; ``None`` until all are known."""
+    containers = list(pod.requests) or list(held)
+    if not containers or any(c not in held for c in containers):
+        return None
+    truth = []
+    for container in containers:
+        grant = held[container]
+        reading = cards.get(grant.card)
+        if reading is None:
+            return None
+        # card-total-bytes is the CUDA-visible total, as the extender writes it: what vLLM's
+        # utilization divides by.
+        truth.append(
+            Allocation(
+                container=container,
+                card=grant.card,
+                index=reading.index,
+                card_total_bytes=reading.cuda_total_bytes,
+                granted_bytes=grant.granted_bytes,
+            )
+        )
+    return truth
 
 
 async def apply(api: kube.NodeApi, fixes: Iterable[Correction], *, node: str) -> int:

@@ -71,7 +71,8 @@ class DevicePlugin(api_pb2_grpc.DevicePluginServicer):
         request: api_pb2.PreferredAllocationRequest,
         context: grpc.aio.ServicerContext[object, object],
     ) -> api_pb2.PreferredAllocationResponse:
-        """One preference per container: its units on the extender's card."""
+        """One preference per container: its units on the extender's card; IDs this plugin never
+        listed are refused (``INVALID_ARGUMENT``)."""
         responses = []
         for container in request.container_requests:
             try:
@@ -81,8 +82,8 @@ class DevicePlugin(api_pb2_grpc.DevicePluginServicer):
                     container.allocation_size,
                 )
             except errors.GpushareError as exc:
-                logger.warning("GetPreferredAllocation: %s", exc)
-                ids = []
+                logger.warning("GetPreferredAllocation refused: %s", exc)
+                await context.abort(status_of(exc), str(exc))
             responses.append(api_pb2.ContainerPreferredAllocationResponse(deviceIDs=ids))
         return api_pb2.PreferredAllocationResponse(container_responses=responses)
 

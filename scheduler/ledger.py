@@ -32,6 +32,7 @@ import numpy as np
 import numpy.typing as npt
 
 from gpushare import errors, placement
+from gpushare.allocations import Allocation
 from gpushare.ids import CardUUID, NodeName, PodKey
 from gpushare.nodereport import NodeReport
 from gpushare.quantities import format_bytes
@@ -71,19 +72,6 @@ class Failure:
 
     reason: Reason
     message: str
-
-
-@dataclass(frozen=True, slots=True)
-class Allocation:
-    """One container's memory on one card."""
-
-    container: str
-    card: CardUUID
-    index: int
-    card_total_bytes: int
-    """The card's CUDA-visible total when the grant was made."""
-    granted_bytes: int
-    """The grant itself, without the per-allocation overhead."""
 
 
 @dataclass(slots=True)

@@ -1,7 +1,7 @@
-"""kopf glue: the Node watch and the two admission handlers. The decisions live elsewhere.
+"""Glue: the Node watch (kopf) and the two admission routes. The decisions live elsewhere.
 
-Handler ids are the URL paths the webhook configurations call (:mod:`.paths`): kopf routes a
-request to the handler named by its path.
+Each decision is logged once: a refusal at INFO with its reasons, a mutation at INFO with what
+changed; values are escaped so that a newline in an object cannot forge a log line.
 """
 
 import logging
@@ -23,18 +23,8 @@ DENIAL_CODE: Final = 403
 """The status of a refusal: kubectl prints ``Error from server (Forbidden)``."""
 
 
-def register(
-    registry: kopf.OperatorRegistry,
-    *,
-    settings: config.Settings,
-    metrics: WebhookMetrics,
-    cards: inventory.Cards,
-    templates: Templates | None = None,
-) -> None:
-    """Register the Node watch and the admission handlers into ``registry``.
-
-    ``templates`` (the DRA backend) creates the claim template a mutated pod names.
-    """
+def register(registry: kopf.OperatorRegistry, *, cards: inventory.Cards) -> None:
+    """Register the Node watch that feeds ``cards`` into ``registry``."""
 
     @kopf.on.event("v1", "nodes", registry=registry)
     async def watch_node(
@@ -48,75 +38,75 @@ def register(
         else:
             cards.update(NodeName(name), annotations.get(names.ANNOTATION_NODE_REPORT))
 
-    @kopf.on.validate(  # type: ignore[arg-type]  # kopf's protocol lacks old and operation
-        "serving.kserve.io",
-        "v1beta1",
-        "inferenceservices",
-        id=paths.VALIDATE_INFERENCE_SERVICES,
-        operations=["CREATE", "UPDATE"],
-        registry=registry,
-    )
-    async def validate_inference_service(
-        body: kopf.Body,
-        old: kopf.Body | None,
-        operation: str,
-        warnings: list[str],
-        **_: Any,
-    ) -> None:
+
+def routes(
+    *,
+    settings: config.Settings,
+    metrics: WebhookMetrics,
+    cards: inventory.Cards,
+    templates: Templates | None = None,
+) -> dict[str, server.Route]:
+    """The admission routes, by URL path (without its ``/``).
+
+    ``templates`` (the DRA backend) creates the claim template a mutated pod names, except on a
+    dry run; a template it cannot create refuses the pod.
+    """
+
+    async def mutate_pod(request: Mapping[str, Any]) -> server.Answer:
+        body = request["object"]
+        result = mutation.pod(body, settings=settings, largest_cuda_total_bytes=cards.largest())
+        if not result.allowed:
+            return _deny(paths.MUTATE_PODS, request, result, metrics)
+        if result.patch and templates is not None and not request.get("dryRun"):
+            mutated = jsonpatch.apply_patch(body, [dict(op) for op in result.patch])
+            try:
+                await templates.ensure(mutated)
+            except errors.Conflict as exc:
+                refusal = validation.Verdict(
+                    reasons=(validation.Reason("claim-template", str(exc)),),
+                    warnings=result.warnings,
+                )
+                return _deny(paths.MUTATE_PODS, request, refusal, metrics)
+        if result.patch:
+            logger.info(
+                "pod %s mutated: %s",
+                server.describe(request),
+                server.printable("; ".join(result.warnings)),
+            )
+        return server.Answer(patch=result.patch, warnings=result.warnings)
+
+    async def validate_inference_service(request: Mapping[str, Any]) -> server.Answer:
+        old = request.get("oldObject") if request["operation"] == "UPDATE" else None
         verdict = validation.inference_service(
-            body,
+            request["object"],
             settings=settings,
             largest_cuda_total_bytes=cards.largest(),
-            old=old if operation == "UPDATE" else None,
+            old=old,
         )
-        warnings.extend(verdict.warnings)
         if not verdict.allowed:
-            _deny(paths.VALIDATE_INFERENCE_SERVICES, body, verdict.reasons, metrics)
+            return _deny(paths.VALIDATE_INFERENCE_SERVICES, request, verdict, metrics)
+        return server.Answer(warnings=verdict.warnings)
 
-    @kopf.on.mutate("v1", "pods", id=paths.MUTATE_PODS, operations=["CREATE"], registry=registry)
-    async def mutate_pod(
-        body: kopf.Body, patch: kopf.Patch, warnings: list[str], dryrun: bool, **_: Any
-    ) -> None:
-        result = mutation.pod(body, settings=settings, largest_cuda_total_bytes=cards.largest())
-        warnings.extend(result.warnings)
-        if not result.allowed:
-            _deny(paths.MUTATE_PODS, body, result.reasons, metrics)
-        if result.patch:
-            ops = [dict(op) for op in result.patch]
-            if templates is not None and not dryrun:
-                await _ensure_template(templates, body, ops, metrics)
-            if not server.offer_patch(ops):  # kopf's own server: it diffs the patched copy
-                patch.fns.append(lambda raw: jsonpatch.apply_patch(raw, ops, in_place=True))
-            logger.info("pod %s: %s", _describe(body), "; ".join(result.warnings))
-
-
-async def _ensure_template(
-    templates: Templates,
-    body: Mapping[str, Any],
-    ops: list[dict[str, Any]],
-    metrics: WebhookMetrics,
-) -> None:
-    try:
-        await templates.ensure(jsonpatch.apply_patch(body, ops))
-    except errors.Conflict as exc:
-        reason = validation.Reason("claim-template", str(exc))
-        _deny(paths.MUTATE_PODS, body, (reason,), metrics)
+    return {
+        paths.MUTATE_PODS: server.Route(("", "v1", "pods"), frozenset({"CREATE"}), mutate_pod),
+        paths.VALIDATE_INFERENCE_SERVICES: server.Route(
+            ("serving.kserve.io", "v1beta1", "inferenceservices"),
+            frozenset({"CREATE", "UPDATE"}),
+            validate_inference_service,
+        ),
+    }
 
 
 def _deny(
     webhook: str,
-    body: Mapping[str, Any],
-    reasons: tuple[validation.Reason, ...],
+    request: Mapping[str, Any],
+    verdict: validation.Verdict,
     metrics: WebhookMetrics,
-) -> None:
-    for reason in reasons:
+) -> server.Answer:
+    for reason in verdict.reasons:
         metrics.denials.labels(webhook, reason.code).inc()
-    message = "; ".join(reason.message for reason in reasons)
-    logger.info("%s %s refused: %s", webhook, _describe(body), message)
-    raise kopf.AdmissionError(message, code=DENIAL_CODE)
-
-
-def _describe(body: Mapping[str, Any]) -> str:
-    metadata = body.get("metadata") or {}
-    name = metadata.get("name") or f"{metadata.get('generateName') or ''}*"
-    return f"{metadata.get('namespace') or '-'}/{name}"
+    message = verdict.message
+    logger.info("/%s %s refused: %s", webhook, server.describe(request), server.printable(message))
+    return server.Answer(
+        allowed=False, code=DENIAL_CODE, message=message, warnings=verdict.warnings
+    )

@@ -1,10 +1,11 @@
-"""``gpushare webhook``: the admission webhook process (kopf).
+"""``gpushare webhook``: the admission webhook process.
 
 It serves admission over HTTPS on ``--listen`` with the pair from ``--tls-cert``/``--tls-key``
-(files, such as a mounted Secret; kopf reloads them when they change) and ``/healthz``, ``/readyz``
-and ``/metrics`` over HTTP on ``--probe-listen``. It watches Nodes (for the largest card the agents
-report) with the Kubernetes API from ``--kubeconfig``, ``KUBECONFIG`` or the pod's service account.
-The webhook configurations are installed from ``manifests/webhook/``; kopf does not manage them.
+(files, such as a mounted Secret, read again when they change; :mod:`.server`) and ``/healthz``,
+``/readyz`` and ``/metrics`` over HTTP on ``--probe-listen``. kopf watches Nodes (for the largest
+card the agents report) with the Kubernetes API from ``--kubeconfig``, ``KUBECONFIG`` or the pod's
+service account, and handles SIGTERM and SIGINT. The webhook configurations are installed from
+``manifests/webhook/``.
 """
 
 import argparse
@@ -20,18 +21,13 @@ import kopf
 from prometheus_client import CollectorRegistry
 
 from gpushare import config, errors
-from gpushare.webhook import handlers, inventory, login, paths, server
+from gpushare.webhook import handlers, inventory, login, server
 from gpushare.webhook.metrics import WebhookMetrics
 from gpushare.webhook.templates import Templates
 
 logger = logging.getLogger(__name__)
 
 DEFAULT_PROBE_LISTEN: Final = "0.0.0.0:8080"
-
-ROUTES: Final[dict[str, server.Resource]] = {
-    paths.MUTATE_PODS: ("", "v1", "pods"),
-    paths.VALIDATE_INFERENCE_SERVICES: ("serving.kserve.io", "v1beta1", "inferenceservices"),
-}
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -65,10 +61,8 @@ def run(args: argparse.Namespace) -> int:
     for path in (args.tls_cert, args.tls_key):
         if not path.is_file():
             raise errors.ConfigError(f"{path} is not a readable file (make a pair: gpushare certs)")
-    # kopf logs every handler call and aiohttp every request at INFO (a third of a request's
-    # time at 200/s); our handlers log each decision once themselves.
-    for name in ("kopf", "aiohttp.access"):
-        logging.getLogger(name).setLevel(max(logging.WARNING, logging.getLogger().level))
+    # kopf logs every Node event at INFO; our handlers log each admission decision once.
+    logging.getLogger("kopf").setLevel(max(logging.WARNING, logging.getLogger().level))
     pair = {"tls_cert": args.tls_cert, "tls_key": args.tls_key}
     asyncio.run(serve(settings, **pair, probe_listen=args.probe_listen, kubeconfig=args.kubeconfig))
     return 0
@@ -100,19 +94,18 @@ async def serve(
     registry = kopf.OperatorRegistry()
     kopf.on.login(registry=registry)(login.handler(kubeconfig))
     templates = await Templates.connect(kubeconfig, settings) if settings.backend == "dra" else None
-    handlers.register(
-        registry, settings=settings, metrics=metrics, cards=cards, templates=templates
-    )
+    handlers.register(registry, cards=cards)
     admission = server.AdmissionServer(
-        routes=ROUTES,
+        routes=handlers.routes(
+            settings=settings, metrics=metrics, cards=cards, templates=templates
+        ),
         metrics=metrics,
-        addr=host,
+        host=host,
         port=port,
-        certfile=str(tls_cert),
-        pkeyfile=str(tls_key),
+        cert=tls_cert,
+        key=tls_key,
     )
     kopf_settings = kopf.OperatorSettings()
-    kopf_settings.admission.server = admission
     kopf_settings.posting.enabled = False  # decisions go to the admission response and our log
 
     runner = aiohttp.web.AppRunner(
@@ -121,6 +114,7 @@ async def serve(
     await runner.setup()
     try:
         await aiohttp.web.TCPSite(runner, probe_host or None, probe_port).start()
+        await admission.start()
         logger.info(
             "admission on https://%s:%d, probes and metrics on http://%s:%d",
             host or "*",
@@ -137,6 +131,7 @@ async def serve(
             )
         logger.info("admission stopped; exiting")
     finally:
+        await admission.stop()
         await runner.cleanup()
         if templates is not None:
             await templates.close()

@@ -1,11 +1,20 @@
 """The Pod mutation: a pod carrying ``gpushare.io/gpu-memory`` becomes a shared-GPU pod. Pure.
 
-The container that holds the GPU (``nvidia.com/gpu``; failing that, the one container that runs
-vLLM) gets ``gpushare.io/gpu-memory: <units>`` in place of ``nvidia.com/gpu``; if it runs vLLM,
-its command line gets :data:`gpushare.names.VLLM_UTILIZATION_ARG` in place of any user value.
-The pod gets gpushare's ``schedulerName`` and the :data:`gpushare.names.ANNOTATION_MUTATED` mark.
-The result is a JSON patch (RFC 6902) computed from the pod as it is, so a mutated pod yields an
-empty patch: re-invocation (``reinvocationPolicy: IfNeeded``) changes nothing.
+The one container that holds the GPU (``nvidia.com/gpu``, or a grant set by hand) gets
+``gpushare.io/gpu-memory: <units>`` in place of ``nvidia.com/gpu``; if it is shown to run vLLM
+(:mod:`.vllm`), its command line gets :data:`gpushare.names.VLLM_UTILIZATION_ARG` in place of any
+user value; otherwise a warning says that nothing sizes the server to the grant. A pod in which
+no container asks for a GPU is left as it is (KServe copies the annotation to a transformer's
+CPU pods too). The pod gets gpushare's ``schedulerName`` and the
+:data:`gpushare.names.ANNOTATION_MUTATED` mark. The result is a JSON patch (RFC 6902) computed
+from the pod as it is, so a mutated pod yields an empty patch: re-invocation
+(``reinvocationPolicy: IfNeeded``) changes nothing.
+
+Refused: system annotations set by hand (the mark excepted: it is the webhook's own on
+re-invocation) and near misses of the user's; environment that would override what the device
+plugin sets (see :func:`.validation.environment_reasons`), in any container; NVIDIA resources
+other than ``nvidia.com/gpu``; several GPU containers or GPU init containers; ``nodeName``; and,
+on the GPU container, what :func:`.validation.container_reasons` refuses.
 """
 
 from collections.abc import Mapping
@@ -17,6 +26,7 @@ from gpushare.webhook import dra, validation, vllm
 from gpushare.webhook.validation import Reason
 
 _DEFAULT_SCHEDULER: Final = "default-scheduler"
+_OURS: Final = frozenset({names.ANNOTATION_MUTATED})
 
 
 @dataclass(frozen=True)
@@ -35,15 +45,17 @@ def pod(
         return _refuse("malformed", f"the pod is malformed: {shape}")
     metadata: Mapping[str, Any] = body.get("metadata") or {}
     annotations: Mapping[str, Any] = metadata.get("annotations") or {}
+    reasons = validation.annotation_keys(annotations, ours=_OURS)
     if names.ANNOTATION_GPU_MEMORY not in annotations:
-        return Mutation()
+        return Mutation(reasons=tuple(reasons))
     if settings.backend == "dra" and dra.holds_claim(body):
-        return Mutation()
-    requested, reasons, warnings = validation.memory_bytes(
+        return Mutation(reasons=tuple(reasons))
+    requested, more, warnings = validation.memory_bytes(
         annotations[names.ANNOTATION_GPU_MEMORY],
         settings=settings,
         largest_cuda_total_bytes=largest_cuda_total_bytes,
     )
+    reasons += more
     if names.ANNOTATION_POLICY in annotations:
         reasons += validation.policy(annotations[names.ANNOTATION_POLICY])
     if requested is None or reasons:
@@ -55,15 +67,18 @@ def pod(
     if refusal is not None:
         return Mutation(reasons=(refusal,))
     if target is None:
-        return Mutation(
-            warnings=(
-                f"gpushare: {names.ANNOTATION_GPU_MEMORY} is set, but no container requests"
-                f" {names.NVIDIA_GPU_RESOURCE} or runs vLLM: the pod is left unchanged",
-            )
-        )
+        return Mutation(warnings=(_unchanged(containers, plans),))
+    for group in ("initContainers", "containers"):
+        for other in spec.get(group) or []:
+            where = f"container {other['name']}"
+            reasons += validation.other_gpu_reasons(where, other)
+            refused, warned = validation.environment_reasons(where, other)
+            reasons += refused
+            warnings += warned
     container, plan = containers[target], plans[target]
     where = f"container {container['name']}"
-    reasons = validation.container_reasons(where, container, gpus=validation.gpu_count(container))
+    gpus = validation.gpu_count(container)
+    reasons += validation.container_reasons(where, container, gpus=gpus, holder=True)
     if reasons:
         return Mutation(reasons=tuple(reasons))
     units = quantities.to_units(requested, settings.unit_bytes)
@@ -94,7 +109,8 @@ def pod(
 def _target(
     spec: Mapping[str, Any], containers: list[Mapping[str, Any]], plans: list[vllm.Plan]
 ) -> tuple[int | None, Reason | None]:
-    """The index of the container that gets the grant, or why the pod is refused."""
+    """The index of the container that gets the grant (``None``: none asks for a GPU), or why
+    the pod is refused."""
     for init in spec.get("initContainers") or []:
         if validation.gpu_count(init) > 0 or _has_grant(init):
             message = (
@@ -114,7 +130,6 @@ def _target(
         for index, container in enumerate(containers)
         if validation.gpu_count(container) > 0 or _has_grant(container)
     ]
-    servers = [index for index, plan in enumerate(plans) if plan.runs_vllm]
     if len(holders) > 1:
         listed = ", ".join(str(containers[index]["name"]) for index in holders)
         message = (
@@ -123,19 +138,38 @@ def _target(
         )
         return None, Reason("multi-gpu", message)
     if not holders:
-        return (servers[0], None) if len(servers) == 1 else (None, None)
+        return None, None
     target = holders[0]
-    others = [index for index in servers if index != target]
+    others = [i for i, plan in enumerate(plans) if plan.runs_vllm and i != target]
     if others:
         message = (
             f"container {containers[others[0]]['name']} runs vLLM but container"
             f" {containers[target]['name']} holds the GPU: put nvidia.com/gpu on the vLLM container"
         )
         return None, Reason("gpu-elsewhere", message)
-    problem = plans[target].problem
-    if problem is not None:
-        return None, Reason("shell", f"container {containers[target]['name']}: {problem}")
     return target, None
+
+
+def _unchanged(containers: list[Mapping[str, Any]], plans: list[vllm.Plan]) -> str:
+    """The warning for an annotated pod in which no container asks for a GPU."""
+    servers = [str(c["name"]) for c, plan in zip(containers, plans, strict=True) if plan.runs_vllm]
+    head = f"gpushare: {names.ANNOTATION_GPU_MEMORY} is set, but"
+    if not servers:
+        return (
+            f"{head} no container requests {names.NVIDIA_GPU_RESOURCE}: the pod is left unchanged"
+            " (a CPU pod, such as KServe's transformer, needs no slice)"
+        )
+    if len(servers) == 1:
+        return (
+            f"{head} container {servers[0]}, which runs vLLM, requests no"
+            f" {names.NVIDIA_GPU_RESOURCE}: the pod is left unchanged; to share a card, give it"
+            f" {names.NVIDIA_GPU_RESOURCE}: 1"
+        )
+    return (
+        f"{head} containers {', '.join(servers)} run vLLM and none requests"
+        f" {names.NVIDIA_GPU_RESOURCE}: the pod is left unchanged; one container of a pod gets a"
+        f" slice: give {names.NVIDIA_GPU_RESOURCE}: 1 to that one"
+    )
 
 
 def _patch(
@@ -154,13 +188,29 @@ def _patch(
     ops: list[dict[str, Any]] = []
     notes = list(warnings)
 
-    resources = _resources(container.get("resources") or {}, units)
+    current = container.get("resources") or {}
+    for kind in ("limits", "requests"):
+        preset = (current.get(kind) or {}).get(names.RESOURCE_GPU_MEMORY)
+        if preset is not None and str(preset) != str(units):
+            notes.append(
+                f"gpushare: container {name}: resources.{kind} {names.RESOURCE_GPU_MEMORY}:"
+                f" {preset} is replaced by {units}: the annotation {names.ANNOTATION_GPU_MEMORY}"
+                " decides the grant"
+            )
+    resources = _resources(current, units)
     if resources != container.get("resources"):
         ops.append(_add(f"{base}/resources", resources))
         size = quantities.format_bytes(units * settings.unit_bytes)
         notes.append(
             f"gpushare: container {name}: {names.NVIDIA_GPU_RESOURCE} replaced by"
             f" {names.RESOURCE_GPU_MEMORY}: {units} ({size})"
+        )
+    if not plan.runs_vllm and ops:
+        size = quantities.format_bytes(units * settings.unit_bytes)
+        notes.append(
+            f"gpushare: container {name} gets {size}, but gpushare sees no vLLM server in its"
+            " command, args or image, so nothing sizes the server to the grant: make it use at"
+            f" most {size} of GPU memory itself"
         )
     if plan.runs_vllm:
         changed = False
@@ -269,8 +319,22 @@ def _container_shape(container: object) -> str | None:
             if not isinstance(resources.get(kind) or {}, Mapping):
                 return f"resources.{kind} must be an object"
     env = container.get("env")
-    if env is not None and not (
-        isinstance(env, list) and all(isinstance(item, Mapping) for item in env)
-    ):
-        return "env must be a list of objects"
+    if env is not None:
+        if not isinstance(env, list):
+            return "env must be a list"
+        for position, item in enumerate(env):
+            if not isinstance(item, Mapping) or not isinstance(item.get("name"), str):
+                return f"env[{position}] must be an object whose name is a string"
+    sources = container.get("envFrom")
+    if sources is not None:
+        if not isinstance(sources, list):
+            return "envFrom must be a list"
+        for position, item in enumerate(sources):
+            if not isinstance(item, Mapping) or not isinstance(item.get("prefix", ""), str):
+                return f"envFrom[{position}] must be an object whose prefix is a string"
+            for ref in ("configMapRef", "secretRef"):
+                if not isinstance(item.get(ref) or {}, Mapping):
+                    return f"envFrom[{position}].{ref} must be an object"
+    if not isinstance(container.get("image", ""), str):
+        return "image must be a string"
     return None

@@ -15,17 +15,9 @@ from gpushare.webhook import vllm
 USER_ANNOTATIONS: Final = (names.ANNOTATION_GPU_MEMORY, names.ANNOTATION_POLICY)
 """The annotations a user writes."""
 
-SYSTEM_ANNOTATIONS: Final = frozenset(
-    {
-        names.ANNOTATION_MUTATED,
-        names.ANNOTATION_CARD_UUID,
-        names.ANNOTATION_CARD_INDEX,
-        names.ANNOTATION_CARD_TOTAL,
-        names.ANNOTATION_GRANTED_BYTES,
-        names.ANNOTATION_BIND_TIME,
-    }
-)
-"""Annotations gpushare writes on pods; on an InferenceService they would reach its pods."""
+COMPONENTS: Final = ("transformer", "explainer")
+"""InferenceService components other than the predictor: KServe copies the annotations to their
+pods too."""
 
 POLICIES: Final = ("binpack", "spread")
 
@@ -112,13 +104,18 @@ def memory_bytes(
             f" {quantities.to_quantity(smallest)!r}"
         )
         return None, [Reason("below-reserve", message)], []
+    warnings = []
     if largest_cuda_total_bytes is None:
-        warning = (
-            f"gpushare: no GPU node has reported its cards yet, so {key}: {value} was not checked"
-            " against a card size"
+        largest_cuda_total_bytes = settings.webhook.largest_card_bytes
+        warnings.append(
+            f"gpushare: no GPU node has reported its cards yet, so {key}: {value} was checked only"
+            " against the configured ceiling (webhook.largest_card_bytes,"
+            f" {quantities.format_bytes(largest_cuda_total_bytes)})"
         )
-        return requested, [], [warning]
-    granted = quantities.to_units(requested, settings.unit_bytes) * settings.unit_bytes
+    if requested > largest_cuda_total_bytes:  # also keeps the unit count below
+        granted = requested
+    else:
+        granted = quantities.to_units(requested, settings.unit_bytes) * settings.unit_bytes
     most = largest_grant_bytes(largest_cuda_total_bytes, settings=settings)
     if granted > most:
         reason = _above_largest_grant(
@@ -129,7 +126,7 @@ def memory_bytes(
             settings=settings,
         )
         return None, [reason], []
-    return requested, [], []
+    return requested, [], warnings
 
 
 def _above_largest_grant(
@@ -161,19 +158,28 @@ def policy(value: object) -> list[Reason]:
     return [Reason("bad-policy", message)]
 
 
-def annotation_keys(annotations: Mapping[str, Any]) -> list[Reason]:
+def annotation_keys(
+    annotations: Mapping[str, Any], *, where: str = "", ours: frozenset[str] = frozenset()
+) -> list[Reason]:
     """Refuse keys that look like gpushare's but are not one a user writes.
 
-    A key looks like gpushare's when its prefix (before ``/``; all of it without one) says
+    A key looks like gpushare's when its prefix (before ``/``; all of it without one) starts with
     ``gpushare``: ``gpushare.io/gpu_memory``, ``gpushare/gpu-memory``, ``gpushare.io.gpu-memory``;
-    ``example.com/gpushare-enabled`` is someone else's.
+    ``example.com/gpushare-enabled`` and ``tests.gpushare.io/x`` are someone else's. ``ours``:
+    system annotations that may be there already (the webhook's own mark on a pod it is asked
+    about again).
     """
     reasons = []
     for key in annotations:
-        if key in USER_ANNOTATIONS or "gpushare" not in key.split("/", 1)[0].lower():
+        if key in USER_ANNOTATIONS or key in ours:
             continue
-        if key in SYSTEM_ANNOTATIONS:
-            message = f"{key} is written by gpushare itself, not by users: remove it"
+        if not key.split("/", 1)[0].lower().startswith("gpushare"):
+            continue
+        if key in names.SYSTEM_ANNOTATIONS:
+            message = (
+                f"{where}{key} is a system annotation, written by gpushare itself (where a pod is"
+                " placed and what it was granted), never by users: remove it"
+            )
             reasons.append(Reason("system-annotation", message))
             continue
         suggestion = suggest(key)
@@ -182,7 +188,8 @@ def annotation_keys(annotations: Mapping[str, Any]) -> list[Reason]:
             if suggestion
             else f"gpushare reads only {' and '.join(USER_ANNOTATIONS)}"
         )
-        reasons.append(Reason("unknown-annotation", f"unknown annotation {key!r}: {hint}"))
+        message = f"{where}unknown annotation {key!r}: {hint}"
+        reasons.append(Reason("unknown-annotation", message))
     return reasons
 
 
@@ -198,10 +205,14 @@ def suggest(key: str) -> str | None:
 
 
 def annotations(
-    values: Mapping[str, Any], *, settings: config.Settings, largest_cuda_total_bytes: int | None
+    values: Mapping[str, Any],
+    *,
+    settings: config.Settings,
+    largest_cuda_total_bytes: int | None,
+    where: str = "",
 ) -> Verdict:
     """Check every gpushare annotation of an object (keys and values)."""
-    reasons = annotation_keys(values)
+    reasons = annotation_keys(values, where=where)
     warnings: list[str] = []
     if names.ANNOTATION_GPU_MEMORY in values:
         _, more, warned = memory_bytes(
@@ -209,10 +220,11 @@ def annotations(
             settings=settings,
             largest_cuda_total_bytes=largest_cuda_total_bytes,
         )
-        reasons += more
+        reasons += [Reason(reason.code, where + reason.message) for reason in more]
         warnings += warned
     if names.ANNOTATION_POLICY in values:
-        reasons += policy(values[names.ANNOTATION_POLICY])
+        more = policy(values[names.ANNOTATION_POLICY])
+        reasons += [Reason(reason.code, where + reason.message) for reason in more]
     return Verdict(tuple(reasons), tuple(warnings))
 
 
@@ -248,20 +260,35 @@ def inference_service(
 def _inference_service(
     isvc: Mapping[str, Any], *, settings: config.Settings, largest_cuda_total_bytes: int | None
 ) -> Verdict:
-    values = _mapping(_mapping(isvc.get("metadata")).get("annotations"))
-    verdict = annotations(
-        values, settings=settings, largest_cuda_total_bytes=largest_cuda_total_bytes
+    spec = _mapping(isvc.get("spec"))
+    predictor = _mapping(spec.get("predictor"))
+    reasons: list[Reason] = []
+    warnings: list[str] = []
+    # KServe copies both to the predictor's pods: each is checked, and either may carry the size.
+    sources = (
+        ("", _mapping(_mapping(isvc.get("metadata")).get("annotations"))),
+        ("spec.predictor.annotations: ", _mapping(predictor.get("annotations"))),
     )
-    if names.ANNOTATION_GPU_MEMORY not in values:
-        return verdict
-    reasons = list(verdict.reasons)
-    warnings = list(verdict.warnings)
-    predictor = _mapping(_mapping(isvc.get("spec")).get("predictor"))
+    for where, values in sources:
+        verdict = annotations(
+            values,
+            settings=settings,
+            largest_cuda_total_bytes=largest_cuda_total_bytes,
+            where=where,
+        )
+        reasons += verdict.reasons
+        warnings += verdict.warnings
+    if not any(names.ANNOTATION_GPU_MEMORY in values for _, values in sources):
+        return Verdict(tuple(reasons), tuple(warnings))
     wants_gpu = False
     for where, container in predictor_containers(predictor):
         count = gpu_count(container)
         wants_gpu = wants_gpu or count > 0
-        reasons += container_reasons(where, container, gpus=count)
+        reasons += container_reasons(where, container, gpus=count, holder=count > 0)
+        reasons += other_gpu_reasons(where, container)
+        more, warned = environment_reasons(where, container)
+        reasons += more
+        warnings += warned
     worker = _mapping(predictor.get("workerSpec"))
     if worker:
         message = (
@@ -275,11 +302,23 @@ def _inference_service(
             f" {names.NVIDIA_GPU_RESOURCE}: 1 (gpushare replaces it in the pod), or KServe may"
             " run a CPU image"
         )
+    if names.ANNOTATION_GPU_MEMORY in sources[0][1]:
+        for component in COMPONENTS:
+            if _mapping(spec.get(component)):
+                warnings.append(
+                    f"gpushare: KServe copies {names.ANNOTATION_GPU_MEMORY} to the {component}'s"
+                    f" pods too; they are left as they are unless a container there requests"
+                    f" {names.NVIDIA_GPU_RESOURCE} (then it gets a slice of its own): to size the"
+                    " predictor alone, move the annotation to spec.predictor.annotations"
+                )
     return Verdict(tuple(reasons), tuple(warnings))
 
 
-def container_reasons(where: str, container: Mapping[str, Any], *, gpus: int) -> list[Reason]:
-    """Refusals for one container of an annotated object: GPU count, parallelism, env, shell."""
+def container_reasons(
+    where: str, container: Mapping[str, Any], *, gpus: int, holder: bool
+) -> list[Reason]:
+    """Refusals for the container of an annotated object that holds (``holder``) or asks for the
+    GPU: GPU count, parallelism, vLLM's own sizing, its command line."""
     reasons = []
     if gpus > 1:
         message = (
@@ -289,8 +328,10 @@ def container_reasons(where: str, container: Mapping[str, Any], *, gpus: int) ->
             f" {gpus} whole cards"
         )
         reasons.append(Reason("multi-gpu", message))
+    plan = vllm.plan(container)
     argv = _strings(container.get("command")) + _strings(container.get("args"))
-    for flag, value in vllm.parallel_sizes(argv).items():
+    parallel = vllm.parallel_sizes(argv) | plan.parallel
+    for flag, value in parallel.items():
         if _integer(value) > 1:
             message = (
                 f"{where} runs vLLM with {flag} {value}, which needs {value} GPUs; sharing gives a"
@@ -298,18 +339,102 @@ def container_reasons(where: str, container: Mapping[str, Any], *, gpus: int) ->
                 f" it), or remove {names.ANNOTATION_GPU_MEMORY} to use whole cards"
             )
             reasons.append(Reason("tensor-parallel", message))
-    for item in _list(container.get("env")):
-        name = _mapping(item).get("name")
-        if name in names.SYSTEM_ENV:
-            message = (
-                f"{where} sets {name}, which gpushare sets for the container (a value in the pod"
-                " spec would override the device plugin's): remove it"
-            )
-            reasons.append(Reason("system-env", message))
-    plan = vllm.plan(container)
-    if plan.problem is not None:
+    if plan.kv_cache is not None:
+        message = (
+            f"{where} gives vLLM {plan.kv_cache!r}; with it vLLM ignores"
+            f" {names.VLLM_UTILIZATION_FLAG}, which gpushare sets to fit the grant, so the server"
+            f" could outgrow its {names.ANNOTATION_GPU_MEMORY}: remove"
+            f" {names.VLLM_KV_CACHE_FLAG} (the KV cache then gets what the grant leaves), or size"
+            " the annotation and let gpushare set the utilization"
+        )
+        reasons.append(Reason("kv-cache", message))
+    if plan.problem is not None and (holder or plan.runs_vllm):
         reasons.append(Reason("shell", f"{where}: {plan.problem}"))
     return reasons
+
+
+def other_gpu_reasons(where: str, container: Mapping[str, Any]) -> list[Reason]:
+    """Refuse NVIDIA resources other than ``nvidia.com/gpu`` (MIG slices, time-shared GPUs)."""
+    resources = _mapping(container.get("resources"))
+    others = sorted(
+        {
+            key
+            for kind in ("limits", "requests")
+            for key in _mapping(resources.get(kind))
+            if isinstance(key, str)
+            and key.startswith(names.NVIDIA_RESOURCE_PREFIX)
+            and key != names.NVIDIA_GPU_RESOURCE
+        }
+    )
+    if not others:
+        return []
+    message = (
+        f"{where} asks for {', '.join(others)} beside {names.ANNOTATION_GPU_MEMORY}; a gpushare"
+        f" node hands out memory on whole cards and offers no other GPU resource, so the pod"
+        f" could never be placed: remove {', '.join(others)} (keep {names.NVIDIA_GPU_RESOURCE}: 1"
+        f" on the server), or remove {names.ANNOTATION_GPU_MEMORY}"
+    )
+    return [Reason("other-gpu-resource", message)]
+
+
+def environment_reasons(where: str, container: Mapping[str, Any]) -> tuple[list[Reason], list[str]]:
+    """Refusals and warnings for environment that would override what gpushare sets.
+
+    A name in ``env`` (a literal value or one from a ConfigMap or Secret) is seen and refused
+    when it is one of :data:`gpushare.names.SYSTEM_ENV` or starts with one of
+    :data:`gpushare.names.SYSTEM_ENV_PREFIXES`. ``envFrom`` names no keys: an entry whose
+    ``prefix`` alone could start such a name is refused; one without a prefix is warned about,
+    since the webhook cannot see the keys of the ConfigMap or Secret it reads.
+    """
+    reasons: list[Reason] = []
+    warnings: list[str] = []
+    for item in _list(container.get("env")):
+        name = _mapping(item).get("name")
+        if isinstance(name, str) and is_system_env(name):
+            message = (
+                f"{where} sets {name}, which gpushare sets for the container (a value in the pod"
+                " spec would override the device plugin's and the grant's isolation): remove it"
+            )
+            reasons.append(Reason("system-env", message))
+    for item in _list(container.get("envFrom")):
+        source = _mapping(item)
+        kind = "configMapRef" if "configMapRef" in source else "secretRef"
+        origin = f"{kind[: -len('Ref')]} {_mapping(source.get(kind)).get('name', '')}".strip()
+        prefix = source.get("prefix") or ""
+        if not isinstance(prefix, str):
+            continue
+        if not prefix:
+            warnings.append(
+                f"gpushare: {where} takes variables from {origin}, whose names the webhook cannot"
+                f" see; one named {_reserved_names()} there would override what gpushare sets:"
+                " keep such keys out of it, or give envFrom a prefix"
+            )
+        elif could_make_system_env(prefix):
+            message = (
+                f"{where} takes variables from {origin} with prefix {prefix!r}, which can make"
+                f" names gpushare sets itself ({_reserved_names()}): use a prefix that cannot,"
+                " such as 'APP_'"
+            )
+            reasons.append(Reason("system-env", message))
+    return reasons, warnings
+
+
+def is_system_env(name: str) -> bool:
+    """Whether ``name`` is a variable gpushare, MPS or the NVIDIA runtime reads from the grant."""
+    return name in names.SYSTEM_ENV or name.startswith(names.SYSTEM_ENV_PREFIXES)
+
+
+def could_make_system_env(prefix: str) -> bool:
+    """Whether ``prefix`` followed by some key is a system variable."""
+    return is_system_env(prefix) or any(
+        reserved.startswith(prefix) for reserved in (*names.SYSTEM_ENV, *names.SYSTEM_ENV_PREFIXES)
+    )
+
+
+def _reserved_names() -> str:
+    prefixed = [f"{prefix}*" for prefix in names.SYSTEM_ENV_PREFIXES]
+    fixed = sorted(n for n in names.SYSTEM_ENV if not n.startswith(names.SYSTEM_ENV_PREFIXES))
+    return ", ".join(prefixed + fixed)
 
 
 def predictor_containers(predictor: Mapping[str, Any]) -> Iterator[tuple[str, Mapping[str, Any]]]:

@@ -1,24 +1,28 @@
 """Which container runs vLLM, and its command line with gpushare's utilization argument.
 
-A container runs vLLM when its command starts the server (``vllm serve``, ``python -m
-vllm.entrypoints.openai.api_server``, the legacy ``vllm.entrypoints.api_server``, KServe's
-``huggingfaceserver`` with its vLLM backend), directly or through ``sh -c "..."``; or when it sets
-no command and its image's entrypoint is the server (``vllm/vllm-openai``, KServe's
-``huggingfaceserver``), or it is KServe's ``kserve-container`` of a runtime that is not a known
-non-vLLM server. vLLM takes every spelling of ``--gpu-memory-utilization`` (``--flag v``,
-``--flag=v``, ``--gpu_memory_utilization v``, unique prefixes) and the last one wins, so every one
-is removed and :data:`gpushare.names.VLLM_UTILIZATION_ARG` is added once, last.
+A container runs vLLM when the program its command line starts is the server (``vllm serve``,
+``python -m vllm.entrypoints.openai.api_server``, the legacy ``vllm.entrypoints.api_server``,
+KServe's ``huggingfaceserver`` with its vLLM backend), directly, behind wrappers (``tini``,
+``dumb-init``, ``env``, ``exec``, ``nohup``, variable assignments) or through ``sh -c "..."``; or
+when it sets no command and its image's entrypoint is the server (``vllm/vllm-openai``, KServe's
+``vllmserver`` and ``huggingfaceserver``). A container's name says nothing: KServe names its
+transformer ``kserve-container`` too. A word that merely mentions vLLM (``echo vllm serve``, a
+readiness loop) starts nothing; a command line that names vLLM where gpushare cannot see it start
+gets a :attr:`Plan.problem`, which refuses the container that holds the GPU.
+
+vLLM takes every spelling of ``--gpu-memory-utilization`` (``--flag v``, ``--flag=v``,
+``--gpu_memory_utilization v``, unique prefixes) and the last one wins, so every one is removed,
+with its value even where ``command`` ends with the flag and ``args`` starts with the value, and
+:data:`gpushare.names.VLLM_UTILIZATION_ARG` is added once, last.
 """
 
+import itertools
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Final
 
 from gpushare import names
 from gpushare.webhook import shell
-
-KSERVE_CONTAINER: Final = "kserve-container"
-"""The name KServe gives the model server's container in every predictor pod."""
 
 SERVER_MODULES: Final = frozenset(
     {
@@ -32,6 +36,21 @@ _HF_MODULE: Final = "huggingfaceserver"
 _SHELLS: Final = frozenset({"sh", "bash", "dash", "ash", "zsh", "ksh"})
 _SHORTEST_PREFIX: Final = "--gpu-memory"
 """argparse accepts unique prefixes; no other vLLM flag starts with ``--gpu-memory``."""
+_KV_CACHE_PREFIX: Final = "--kv-cache-mem"
+"""The shortest prefix of ``--kv-cache-memory-bytes`` that no other vLLM flag shares."""
+
+_INIT_WRAPPERS: Final = {
+    "tini": frozenset({"-p", "-e"}),
+    "tini-static": frozenset({"-p", "-e"}),
+    "dumb-init": frozenset({"-r", "--rewrite"}),
+    "catatonit": frozenset[str](),
+}
+"""Init programs that run the rest of the command line, with their options that take a value."""
+_PLAIN_WRAPPERS: Final = frozenset({"nohup", "setsid", "time", "!", "{"})
+_SHELL_WORDS: Final = frozenset({"if", "then", "else", "elif", "do", "while", "until"})
+_ENV_VALUE_OPTIONS: Final = frozenset({"-u", "--unset", "-C", "--chdir"})
+_EXEC_VALUE_OPTIONS: Final = frozenset({"-a"})
+_PYTHON_VALUE_OPTIONS: Final = frozenset({"-W", "-X"})
 
 PARALLEL_FLAGS: Final = {
     "--tensor-parallel-size": "-tp",
@@ -40,27 +59,15 @@ PARALLEL_FLAGS: Final = {
 }
 """vLLM flags that spread one server over several GPUs, with their short forms."""
 
-_OTHER_SERVERS: Final = (
-    "sklearnserver",
-    "xgbserver",
-    "lgbserver",
-    "pmmlserver",
-    "paddleserver",
-    "tritonserver",
-    "torchserve",
-    "mlserver",
-    "tensorflow/serving",
-    "art-explainer",
-)
-"""Images of KServe runtimes that are not vLLM: their ``kserve-container`` gets no vLLM flag."""
-
 
 @dataclass(frozen=True)
 class Plan:
     """What the webhook does to one container's command line.
 
-    ``problem`` is set when the container runs vLLM but its command line cannot be rewritten
-    exactly; ``command`` and ``args`` are the rewritten fields otherwise (``None``: leave unset).
+    ``runs_vllm``: gpushare sees where vLLM starts (or the image's entrypoint is vLLM).
+    ``problem``: vLLM runs, or may run, here but its command line cannot be rewritten exactly;
+    ``command`` and ``args`` are the rewritten fields otherwise (``None``: leave unset).
+    ``kv_cache``: the ``--kv-cache-memory-bytes`` argument the server is given, if any.
     """
 
     runs_vllm: bool
@@ -70,6 +77,7 @@ class Plan:
     removed: tuple[str, ...] = ()
     parallel: dict[str, str] = field(default_factory=dict)
     problem: str | None = None
+    kv_cache: str | None = None
 
 
 NOT_VLLM: Final = Plan(runs_vllm=False)
@@ -77,8 +85,7 @@ NOT_VLLM: Final = Plan(runs_vllm=False)
 
 def is_utilization_flag(token: str) -> bool:
     """Whether ``token`` (``--flag`` or ``--flag=value``) spells vLLM's utilization flag."""
-    name = token.split("=", 1)[0].replace("_", "-")
-    return len(name) >= len(_SHORTEST_PREFIX) and names.VLLM_UTILIZATION_FLAG.startswith(name)
+    return _spells(token, names.VLLM_UTILIZATION_FLAG, _SHORTEST_PREFIX)
 
 
 def plan(container: Mapping[str, Any]) -> Plan:
@@ -86,38 +93,96 @@ def plan(container: Mapping[str, Any]) -> Plan:
     command = _strings(container.get("command"))
     args = _strings(container.get("args"))
     image = str(container.get("image") or "")
-    name = str(container.get("name") or "")
-    if command and _basename(command[0]) in _SHELLS:
-        return _plan_shell(command, args, image=image)
     argv = command + args
-    found = _find_server(argv)
+    at = program(argv)
+    if at < len(argv) and _basename(argv[at]) in _SHELLS:
+        return _plan_shell(argv, split=len(command), at=at, image=image)
+    found = _server_at(argv, at)
     if found is not None:
         start, how = found
-        return _plan_argv(command, args, start=start, how=how)
+        return _plan_argv(argv, split=len(command), start=start, how=how)
     if command:
         if _is_vllm_image(image):
             return Plan(
-                runs_vllm=True,
+                runs_vllm=False,
                 problem=(
                     f"the image {image} runs vLLM, but the command {' '.join(command)!r} starts no"
                     " vLLM server gpushare can see: put the server in command/args, e.g."
                     ' command: ["vllm", "serve"], args: ["MODEL", ...]'
                 ),
             )
-        return NOT_VLLM
+        return _unseen() if _mentions(argv) else NOT_VLLM
     if _is_vllm_image(image):
         how = f"the entrypoint of {image}"
     elif _is_hf_image(image):
         how = f"the entrypoint of {image} (python -m {_HF_MODULE})"
-    elif name == KSERVE_CONTAINER and not any(other in image for other in _OTHER_SERVERS):
-        how = f"KServe's {KSERVE_CONTAINER} (image {image or 'unset'})"
+    elif _mentions(argv):
+        return _unseen()
     else:
         return NOT_VLLM
-    return _plan_argv([], args, start=0, how=how)
+    return _plan_argv(argv, split=0, start=0, how=how)
 
 
-def _plan_argv(command: list[str], args: list[str], *, start: int, how: str) -> Plan:
-    argv = command + args
+def program(words: Sequence[str | None]) -> int:
+    """The index of the program a command line runs, past wrappers and assignments."""
+    index = 0
+    while index < len(words):
+        word = words[index]
+        if word is None:
+            return index
+        name = _basename(word)
+        if name in _SHELL_WORDS or name in _PLAIN_WRAPPERS or _is_assignment(word):
+            index += 1
+        elif name == "exec":
+            index = _options(words, index + 1, _EXEC_VALUE_OPTIONS)
+        elif name == "env":
+            index = _options(words, index + 1, _ENV_VALUE_OPTIONS)
+        elif name in _INIT_WRAPPERS:
+            index = _options(words, index + 1, _INIT_WRAPPERS[name])
+        else:
+            return index
+    return index
+
+
+def _options(words: Sequence[str | None], index: int, valued: frozenset[str]) -> int:
+    """The index past a wrapper's options (and its ``--``)."""
+    while index < len(words):
+        word = words[index]
+        if word is None or not word.startswith("-") or word == "-":
+            return index
+        if word == "--":
+            return index + 1
+        index += 2 if word in valued else 1
+    return index
+
+
+def _server_at(argv: Sequence[str | None], at: int) -> tuple[int, str] | None:
+    """Index of the first argument the server reads, when the program at ``at`` is the server."""
+    word = argv[at] if at < len(argv) else None
+    if word is None:
+        return None
+    name = _basename(word)
+    if name == "vllm":
+        return (at + 2, "vllm serve") if at + 1 < len(argv) and argv[at + 1] == "serve" else None
+    if not name.startswith("python"):
+        return None
+    index = at + 1
+    while index < len(argv):
+        token = argv[index]
+        if token == "-m":
+            module = argv[index + 1] if index + 1 < len(argv) else None
+            if module == "vllm.entrypoints.cli.main":
+                if index + 2 < len(argv) and argv[index + 2] == "serve":
+                    return index + 3, f"python -m {module} serve"
+                return None
+            return (index + 2, f"python -m {module}") if module in SERVER_MODULES else None
+        if token is None or not token.startswith("-") or token == "-c":
+            return None
+        index += 2 if token in _PYTHON_VALUE_OPTIONS else 1
+    return None
+
+
+def _plan_argv(argv: list[str], *, split: int, start: int, how: str) -> Plan:
     server_args = argv[start:]
     if _hf_backend(server_args) == "huggingface":
         return NOT_VLLM
@@ -130,41 +195,39 @@ def _plan_argv(command: list[str], args: list[str], *, start: int, how: str) -> 
                 " not be read as a flag: remove the '--'"
             ),
         )
-    cut = max(start - len(command), 0)
-    kept_command, removed_command = _strip(command, start=start)
-    kept_args, removed_args = _strip(args, start=cut)
+    kept, removed = _strip(argv, start=start)
     return Plan(
         runs_vllm=True,
         how=how,
-        command=kept_command if command else None,
-        args=[*kept_args, names.VLLM_UTILIZATION_ARG],
-        removed=_user_values(removed_command + removed_args),
+        command=[argv[i] for i in kept if i < split] if split else None,
+        args=[*(argv[i] for i in kept if i >= split), names.VLLM_UTILIZATION_ARG],
+        removed=_user_values(removed),
         parallel=parallel_sizes(server_args),
+        kv_cache=_kv_cache(server_args),
     )
 
 
-def _plan_shell(command: list[str], args: list[str], *, image: str) -> Plan:
-    argv = command + args
-    where = _script_index(argv)
-    if where is None:  # ``sh FILE``: the script is not in the pod spec
-        return _unseen(image, argv) if _is_vllm_image(image) else NOT_VLLM
+def _plan_shell(argv: list[str], *, split: int, at: int, image: str) -> Plan:
+    relative = _script_index(argv[at:])
+    if relative is None:  # ``sh FILE``: the script is not in the pod spec
+        return _unseen(image=image) if _is_vllm_image(image) else NOT_VLLM
+    where = at + relative
     script = argv[where]
     try:
         commands = shell.commands(script)
     except shell.Unsupported as exc:
         mentions = any(word in script.lower() for word in ("vllm", _HF_MODULE))
-        return _unseen(image, argv, reason=str(exc)) if mentions else NOT_VLLM
+        return _unseen(image=image, reason=str(exc)) if mentions else NOT_VLLM
     found = [
         (cmd, hit)
         for cmd in commands
-        if (hit := _find_server([w or "" for w in cmd.literals()])) is not None
+        if (hit := _server_at(seen := cmd.literals(), program(seen))) is not None
     ]
     if not found:
-        texts = [w.literal or w.prefix for cmd in commands for w in cmd.words]
-        if _is_vllm_image(image) or any(_names_server(text) for text in texts):
-            return _unseen(image, argv)
+        if _is_vllm_image(image) or any(_mentions(cmd.literals()) for cmd in commands):
+            return _unseen(image=image)
         return NOT_VLLM
-    how = f"{_basename(argv[0])} -c script: {found[0][1][1]}"
+    how = f"{_basename(argv[at])} -c script: {found[0][1][1]}"
     if len(found) > 1:
         return _shell_problem(how, "the script starts more than one vLLM server")
     cmd, (start, _) = found[0]
@@ -196,16 +259,17 @@ def _plan_shell(command: list[str], args: list[str], *, image: str) -> Plan:
         return _shell_problem(how, "the rewritten script would not parse to the same words")
     new_argv = list(argv)
     new_argv[where] = new_script
-    trailing, removed_trailing = _strip(new_argv[where + 2 :], start=0)
-    new_argv[where + 2 :] = trailing
-    split = len(command)
+    trailing = new_argv[where + 2 :]
+    kept_trailing, removed_trailing = _strip(trailing, start=0)
+    new_argv[where + 2 :] = [trailing[i] for i in kept_trailing]
     return Plan(
         runs_vllm=True,
         how=how,
         command=new_argv[:split],
-        args=new_argv[split:] if args else None,
+        args=new_argv[split:] if split < len(argv) else None,
         removed=_user_values([script[w.start : w.end] for w in cuts] + removed_trailing),
         parallel=parallel_sizes(literal_args),
+        kv_cache=_kv_cache(literal_args),
     )
 
 
@@ -223,9 +287,10 @@ def parallel_sizes(argv: Sequence[str]) -> dict[str, str]:
     return found
 
 
-def _strip(tokens: list[str], *, start: int) -> tuple[list[str], list[str]]:
-    """Remove every utilization flag (and its separate value) at or after ``start``."""
-    kept: list[str] = list(tokens[:start])
+def _strip(tokens: list[str], *, start: int) -> tuple[list[int], list[str]]:
+    """The indices kept once every utilization flag (and its separate value) at or after
+    ``start`` is removed, and the tokens removed."""
+    kept = list(range(min(start, len(tokens))))
     removed: list[str] = []
     index = start
     while index < len(tokens):
@@ -236,24 +301,20 @@ def _strip(tokens: list[str], *, start: int) -> tuple[list[str], list[str]]:
                 removed.append(tokens[index + 1])
                 index += 1
         else:
-            kept.append(token)
+            kept.append(index)
         index += 1
     return kept, removed
 
 
-def _find_server(argv: Sequence[str]) -> tuple[int, str] | None:
-    """Index of the first argument the server reads, and how it was started."""
-    for index, token in enumerate(argv):
-        if token == "-m" and index + 1 < len(argv) and argv[index + 1] in SERVER_MODULES:
-            module = argv[index + 1]
-            if module == "vllm.entrypoints.cli.main":
-                if index + 2 < len(argv) and argv[index + 2] == "serve":
-                    return index + 3, f"python -m {module} serve"
-                continue
-            return index + 2, f"python -m {module}"
-        if _basename(token) == "vllm" and index + 1 < len(argv) and argv[index + 1] == "serve":
-            return index + 2, "vllm serve"
-    return None
+def _kv_cache(argv: Sequence[str]) -> str | None:
+    """The argument that gives vLLM a fixed KV-cache size, if any."""
+    return next((t for t in argv if _spells(t, names.VLLM_KV_CACHE_FLAG, _KV_CACHE_PREFIX)), None)
+
+
+def _spells(token: str, flag: str, shortest: str) -> bool:
+    """Whether ``token`` is ``flag`` in a spelling vLLM's parser takes (``_``, unique prefixes)."""
+    name = token.split("=", 1)[0].replace("_", "-")
+    return len(name) >= len(shortest) and flag.startswith(name)
 
 
 def _script_index(argv: list[str]) -> int | None:
@@ -272,6 +333,23 @@ def _script_index(argv: list[str]) -> int | None:
     return index if reads_string and index < len(argv) else None
 
 
+def _mentions(words: Sequence[str | None]) -> bool:
+    """Whether a command line names a vLLM server without gpushare seeing it start: its program
+    is ``vllm`` (or KServe's server), a nested shell whose script names one, or ``vllm serve`` or
+    ``-m <server module>`` stand somewhere among its words (``uv run vllm serve``)."""
+    at = program(words)
+    name = _basename(words[at] or "") if at < len(words) else ""
+    if name in ("vllm", _HF_MODULE):
+        return True
+    if name in _SHELLS and any(word is not None and _names_server(word) for word in words[at:]):
+        return True
+    return any(
+        (word is not None and _basename(word) == "vllm" and after == "serve")
+        or (word == "-m" and after in SERVER_MODULES)
+        for word, after in itertools.pairwise(words)
+    )
+
+
 def _names_server(word: str) -> bool:
     """Whether a script's word names a vLLM server (``vllm``, ``vllm serve ...``, a module)."""
     return (
@@ -281,11 +359,21 @@ def _names_server(word: str) -> bool:
     )
 
 
-def _unseen(image: str, argv: list[str], *, reason: str = "") -> Plan:
+def _unseen(*, image: str = "", reason: str = "") -> Plan:
+    """vLLM may run here (its image, or a word naming it), but gpushare cannot see it start."""
     detail = f" ({reason})" if reason else ""
-    return _shell_problem(
-        f"{_basename(argv[0])} -c script",
-        f"gpushare cannot find exactly where the script starts vLLM{detail}",
+    what = (
+        f"the image {image} runs vLLM" if _is_vllm_image(image) else "the command line names vLLM"
+    )
+    return Plan(
+        runs_vllm=False,
+        problem=(
+            f"{what}, but gpushare cannot find exactly where it starts the server{detail}, so"
+            f" {names.VLLM_UTILIZATION_FLAG} cannot be set: start vLLM as a plain command"
+            ' (command: ["vllm", "serve"], args: ["MODEL", ...]), behind tini, dumb-init or env'
+            " if need be, or as one simple command in a shell string, e.g."
+            " sh -c 'exec vllm serve MODEL --port 8080'"
+        ),
     )
 
 
@@ -361,7 +449,16 @@ def _hf_backend(argv: Sequence[str]) -> str | None:
 
 def _is_vllm_image(image: str) -> bool:
     repository = _repository(image)
-    return repository.endswith("vllm/vllm-openai") or "vllm/vllm-openai-" in repository
+    return (
+        repository.endswith(("vllm/vllm-openai", "kserve/vllmserver"))
+        or "vllm/vllm-openai-" in repository
+    )
+
+
+def _is_assignment(word: str) -> bool:
+    """``NAME=value``: a shell assignment or an ``env`` argument, not a program."""
+    name, equals, _ = word.partition("=")
+    return bool(equals) and name.isidentifier() and name.isascii()
 
 
 def _is_hf_image(image: str) -> bool:

@@ -34,3 +34,12 @@ def test_contract_environment_names_are_not_configuration_keys() -> None:
         if env.startswith(names.ENV_PREFIX):
             key = env.removeprefix(names.ENV_PREFIX).lower().split("__")[0]
             assert key not in config.Settings.model_fields
+
+
+def test_every_annotation_gpushare_writes_on_pods_is_a_system_annotation() -> None:
+    written = {
+        value
+        for key, value in _constants().items()
+        if key.startswith("ANNOTATION_") and key not in ("ANNOTATION_NODE_REPORT",)
+    } - {names.ANNOTATION_GPU_MEMORY, names.ANNOTATION_POLICY}
+    assert written == names.SYSTEM_ANNOTATIONS

@@ -81,6 +81,9 @@ def test_fractions_of_a_byte_round_up(text: str, expected: int) -> None:
         ("NaN", "not a Kubernetes quantity"),
         ("Infinity", "not a Kubernetes quantity"),
         ("1e31", "out of range"),
+        ("٢٠Gi", "not a Kubernetes quantity"),  # Arabic-Indic digits
+        ("２０Gi", "not a Kubernetes quantity"),  # fullwidth digits
+        ("1e٣", "not a Kubernetes quantity"),
         (True, "not a memory quantity"),
         (1.5, "not a memory quantity"),
         (None, "not a memory quantity"),

@@ -20,9 +20,10 @@ from gpushare import config, quantities
 from gpushare.config import Settings
 from gpushare.deviceplugin import kube, mps
 from gpushare.deviceplugin.agent import Agent
+from gpushare.deviceplugin.api.deviceplugin.v1beta1 import api_pb2 as dp
 from gpushare.deviceplugin.main import serve
 from gpushare.deviceplugin.metrics import Metrics
-from gpushare.deviceplugin.nvml import FakeNvml
+from gpushare.deviceplugin.nvml import FakeNvml, Nvml
 from gpushare.deviceplugin.podresources import PodResourcesClient
 from gpushare.deviceplugin.pods import PodInfo
 from gpushare.deviceplugin.watchdog import ProcessLocator
@@ -69,7 +70,8 @@ def nvml_file(short_tmp: Path) -> Path:
 
 FAKE_CONTROL = """#!/bin/bash
 # A stand-in for nvidia-cuda-mps-control: -d starts a "daemon" (a sleeping process) and writes its
-# pid where the real one does; commands on stdin are recorded, quit stops it.
+# pid where the real one does; commands on stdin are recorded, quit stops it, and the default limit
+# is left in the pipe directory as "default-limit" (what the daemon would hand a new client).
 log={log}
 pipe="$CUDA_MPS_PIPE_DIRECTORY"
 pidfile="$pipe/nvidia-cuda-mps-control.pid"
@@ -88,7 +90,10 @@ if [ -z "$pid" ] || ! kill -0 "$pid" 2>/dev/null; then
 fi
 while read -r line; do
     echo "$pipe $line" >> "$log"
-    if [ "$line" = quit ]; then kill "$pid"; rm -f "$pidfile"; fi
+    case "$line" in
+        quit) kill "$pid"; rm -f "$pidfile" ;;
+        set_default_device_pinned_mem_limit*) echo "${{line#* }}" > "$pipe/default-limit" ;;
+    esac
 done
 """
 
@@ -156,6 +161,13 @@ class StaticPods:
 AgentFactory = Callable[..., Agent]
 
 
+def allocate_request(*ids: str) -> dp.AllocateRequest:
+    """kubelet's Allocate for one container."""
+    return dp.AllocateRequest(
+        container_requests=[dp.ContainerAllocateRequest(devices_ids=list(ids))]
+    )
+
+
 @pytest.fixture
 def make_agent(short_tmp: Path, nvml_file: Path, mps_control: FakeControl) -> AgentFactory:
     """Build an agent on the fake NVML file, fake MPS control and the test kubelet's folder."""
@@ -170,17 +182,21 @@ def make_agent(short_tmp: Path, nvml_file: Path, mps_control: FakeControl) -> Ag
         settings: Settings | None = None,
         clock: Callable[[], float] = time.monotonic,
         registry: prometheus_client.CollectorRegistry | None = None,
+        nvml: Nvml | None = None,
+        cgroup: Path | None = None,
+        stall_seconds: float | None = None,
         **agent_settings: Any,
     ) -> Agent:
         settings = settings or make_settings(short_tmp, isolation=isolation, **agent_settings)
         return Agent(
             settings,
             node=node,
-            nvml=FakeNvml(path=nvml_file),
+            nvml=nvml or FakeNvml(path=nvml_file),
             mode=mps.make(
                 settings.isolation,
                 settings.agent.mps_root,
                 control=str(mps_control.path),
+                cgroup=cgroup,
                 clock=clock,
             ),
             metrics=Metrics(registry or prometheus_client.CollectorRegistry(), node=node),
@@ -191,6 +207,7 @@ def make_agent(short_tmp: Path, nvml_file: Path, mps_control: FakeControl) -> Ag
             ),
             locator=locator,
             clock=clock,
+            stall_seconds=stall_seconds,
         )
 
     return build

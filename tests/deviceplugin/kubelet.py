@@ -6,13 +6,18 @@ gRPC APIs over unix sockets, as kubelet's device manager does.
 - ``admit``: what kubelet does when a pod with the resource is admitted: ``GetPreferredAllocation``
   over the free healthy IDs, then ``Allocate`` (and ``PreStartContainer``), and records the devices
   in its PodResources server on ``<dir>/pod-resources/kubelet.sock``.
+- ``admit_batch``: a batch of new pods in kubelet's own order: ``HandlePodAdditions`` sorts them by
+  creation time (a stable sort: equal times keep the order received), then each pod's containers
+  are admitted in spec order, one ``GetPreferredAllocation``/``Allocate`` per container.
 - ``restart``: kubelet restarting: every socket in ``device-plugins`` removed, a new registration
   socket (a new inode), the plugin expected to register again.
 """
 
 import asyncio
 import contextlib
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from datetime import datetime
 from pathlib import Path
 
 import grpc
@@ -25,6 +30,17 @@ from gpushare.deviceplugin.api.podresources.v1 import api_pb2_grpc as pr_grpc
 
 Devices = dict[str, str]
 """Device ID to health, as the last ListAndWatch message said."""
+
+
+@dataclass(frozen=True)
+class NewPod:
+    """A pod as kubelet's admission sees it: its creation time and its memory containers."""
+
+    namespace: str
+    name: str
+    created: datetime
+    containers: tuple[tuple[str, int], ...]
+    """(container name, units), in spec order."""
 
 
 class _Registration(dp_grpc.RegistrationServicer):
@@ -218,6 +234,18 @@ class TestKubelet:
         await self.stub.PreStartContainer(dp.PreStartContainerRequest(devices_ids=chosen))
         self.assigned.setdefault((namespace, pod), {})[container] = (resource, chosen)
         return response.container_responses[0]
+
+    async def admit_batch(
+        self, pods: Sequence[NewPod]
+    ) -> dict[tuple[str, str], dp.ContainerAllocateResponse]:
+        """Admit pods as ``HandlePodAdditions`` does; answers by (pod name, container name)."""
+        answers = {}
+        for pod in sorted(pods, key=lambda p: p.created):
+            for container, units in pod.containers:
+                answers[pod.name, container] = await self.admit(
+                    pod.namespace, pod.name, container, units
+                )
+        return answers
 
     def release(self, namespace: str, pod: str) -> None:
         """The pod is gone."""

@@ -3,14 +3,18 @@ pods the preference reads, written by the real agent through kubernetes_asyncio 
 
 import asyncio
 from collections.abc import AsyncIterator
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from gpushare import names, nodereport
+from gpushare import allocations, names, nodereport
+from gpushare.allocations import Allocation
 from gpushare.deviceplugin import kube, reconcile, watchdog
+from gpushare.deviceplugin.agent import Agent
 from gpushare.deviceplugin.watchdog import CgroupLocator
+from gpushare.ids import CardUUID
 from tests import cluster
 from tests.deviceplugin.conftest import (
     CARD_A,
@@ -25,7 +29,7 @@ from tests.deviceplugin.conftest import (
     running,
     write_fake,
 )
-from tests.deviceplugin.kubelet import TestKubelet
+from tests.deviceplugin.kubelet import NewPod, TestKubelet
 from tests.deviceplugin.test_watchdog import CID, write_proc
 
 
@@ -69,6 +73,12 @@ def create_pod(
     return cp.rest().create(f"/api/v1/namespaces/{namespace}/pods", body)
 
 
+async def poll(agent: Agent) -> None:
+    """One poll, and its report written (the poll hands it to a task of its own)."""
+    await agent.poll()
+    await agent.published()
+
+
 def events(cp: cluster.ControlPlane, namespace: str, reason: str) -> list[dict[str, Any]]:
     items = cp.rest().get(f"/api/v1/namespaces/{namespace}/events")["items"]
     return [e for e in items if e["reason"] == reason]
@@ -83,7 +93,7 @@ async def test_the_node_report_is_written_on_change_and_heartbeat(
 ) -> None:
     now = [0.0]
     agent = make_agent(isolation="none", api=api, node=node, clock=lambda: now[0])
-    await agent.poll()
+    await poll(agent)
     report = read_report(control_plane, node)
     assert [
         (c.uuid, c.index, c.total_bytes, c.reserved_bytes, c.healthy) for c in report.cards
@@ -96,26 +106,26 @@ async def test_the_node_report_is_written_on_change_and_heartbeat(
 
     # Under report_change_bytes (256 MiB): nothing is written.
     write_fake(nvml_file, [card(CARD_A, 0, used=100 * MI), card(CARD_B, 1)])
-    await agent.poll()
+    await poll(agent)
     assert read_report(control_plane, node).heartbeat == first
 
     # A real change goes out at once.
     write_fake(nvml_file, [card(CARD_A, 0, used=3 * GI), card(CARD_B, 1)])
-    await agent.poll()
+    await poll(agent)
     changed = read_report(control_plane, node)
     assert changed.cards[0].used_bytes == 3 * GI and changed.heartbeat > first
 
     # So does a health change.
     write_fake(nvml_file, [card(CARD_A, 0, used=3 * GI), card(CARD_B, 1, error="GPU is lost")])
-    await agent.poll()
+    await poll(agent)
     broken = read_report(control_plane, node)
     assert not broken.cards[1].healthy and broken.cards[1].free_bytes == 0
 
     # And nothing changing still sends a heartbeat.
-    await agent.poll()
+    await poll(agent)
     assert read_report(control_plane, node).heartbeat == broken.heartbeat
     now[0] += agent.settings.agent.heartbeat_seconds
-    await agent.poll()
+    await poll(agent)
     assert read_report(control_plane, node).heartbeat > broken.heartbeat
     assert (
         agent.metrics.registry.get_sample_value("gpushare_node_reports_total", {"node": node}) == 4
@@ -165,7 +175,7 @@ async def test_annotations_that_disagree_with_kubelet_are_corrected(
     assert len(events(control_plane, namespace, reconcile.REASON)) == 1
 
 
-async def test_the_preference_reads_bound_pods_from_the_api(
+async def test_the_preference_follows_kubelets_order_of_pods_read_from_the_api(
     control_plane: cluster.ControlPlane,
     api: kube.KubeApi,
     namespace: str,
@@ -173,33 +183,38 @@ async def test_the_preference_reads_bound_pods_from_the_api(
     make_agent: AgentFactory,
     kubelet: TestKubelet,
 ) -> None:
+    # "early" is created a second before "late" (creation times have whole seconds) but bound
+    # after it: kubelet admits "early" first, and it must get the card bound for it. "going", older
+    # still and bound to the other card, is being deleted while Pending: it is no candidate.
+    created = {}
     for name, card_uuid, bind in (
-        ("second", CARD_A, "2030-01-01T00:00:02Z"),
-        ("first", CARD_B, "2030-01-01T00:00:01Z"),
+        ("going", CARD_A, "2030-01-01T00:00:00Z"),
+        ("early", CARD_B, "2030-01-01T00:00:02Z"),
+        ("late", CARD_A, "2030-01-01T00:00:01Z"),
     ):
-        create_pod(
-            control_plane,
-            namespace,
-            name,
-            node,
-            8,
-            **{
-                names.ANNOTATION_CARD_UUID: card_uuid,
-                names.ANNOTATION_BIND_TIME: bind,
-                names.ANNOTATION_GRANTED_BYTES: str(8 * GI),
-            },
-        )
+        recorded = Allocation("kserve-container", CardUUID(card_uuid), 0, H100_CUDA_TOTAL, 8 * GI)
+        notes = {**allocations.encode([recorded]), names.ANNOTATION_BIND_TIME: bind}
+        made = create_pod(control_plane, namespace, name, node, 8, **notes)
+        created[name] = datetime.fromisoformat(made["metadata"]["creationTimestamp"])
+        while datetime.now(UTC) < created[name] + timedelta(seconds=1):
+            await asyncio.sleep(0.05)
+    control_plane.rest().delete(f"/api/v1/namespaces/{namespace}/pods/going")
+    del created["going"]
+    batch = [
+        NewPod(namespace, name, when, (("kserve-container", 8),))
+        for name, when in created.items()
+    ]
     pods = kube.PodCache(api, node)
     watch = asyncio.get_running_loop().create_task(pods.run())
     try:
         await asyncio.wait_for(pods.synced.wait(), 10)
+        assert any(p.deleting for p in pods.pods())
         async with running(make_agent(isolation="none", api=api, pods=pods, node=node), kubelet):
-            first = await kubelet.admit(namespace, "first", "kserve-container", 8)
-            second = await kubelet.admit(namespace, "second", "kserve-container", 8)
+            answers = await kubelet.admit_batch(batch)
     finally:
         watch.cancel()
-    assert first.envs[names.ENV_VISIBLE_DEVICES] == CARD_B
-    assert second.envs[names.ENV_VISIBLE_DEVICES] == CARD_A
+    assert answers["early", "kserve-container"].envs[names.ENV_VISIBLE_DEVICES] == CARD_B
+    assert answers["late", "kserve-container"].envs[names.ENV_VISIBLE_DEVICES] == CARD_A
 
 
 async def test_the_pod_cache_follows_the_watch(
@@ -287,7 +302,7 @@ async def test_a_container_over_its_grant_gets_an_event_or_an_eviction(
         overuse_action=action,
     )
     await agent.reconcile()
-    await agent.poll()
+    await poll(agent)
     reason = watchdog.REASON if action == "event" else watchdog.EVICT_REASON
     (event,) = events(control_plane, namespace, reason)
     assert (

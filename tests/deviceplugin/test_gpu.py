@@ -252,6 +252,7 @@ async def test_mps_holds_each_process_to_its_grant(isolation: str, mps_root: Pat
                 assert proc.stdout is not None
                 allocated[name] = int(await asyncio.to_thread(proc.stdout.readline))
             await agent.poll()
+            await agent.published()
             _, containers = agent.metrics.snapshot()
             used = {c.pod.name: c.used_bytes for c in containers}
         finally:

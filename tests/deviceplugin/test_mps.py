@@ -105,3 +105,68 @@ async def test_a_missing_control_program_is_a_reason_to_grant_nothing(short_tmp:
         await mode.start()
         assert "not found" in (mode.down_reason() or "")
     assert mps.make("none", short_tmp).down_reason() is None
+
+
+def read_at(folder: int, name: str) -> str:
+    """Read ``name`` in the folder open as ``folder``, as a process whose mount holds it would."""
+    fd = os.open(name, os.O_RDONLY, dir_fd=folder)
+    with os.fdopen(fd) as file:
+        return file.read().strip()
+
+
+def running_pid(pid: int) -> bool:
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return False
+    return stat.rpartition(")")[2].split()[0] != "Z"
+
+
+@pytest.mark.parametrize("how", ["supervised", "adopted"])
+async def test_a_new_process_in_a_running_container_finds_the_restarted_daemon(
+    short_tmp: Path, mps_control: FakeControl, how: str
+) -> None:
+    mode = mps.make("mps", short_tmp / "mps", control=str(mps_control.path))
+    await mode.start()
+    pipe = await mode.prepare(grant(CARD_A, 0, 1))
+    assert pipe is not None
+    # The container's bind mount holds the folder's inode; an open descriptor holds it the same way.
+    mounted = os.open(pipe, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        first = int(read_at(mounted, mps.PID_FILE))
+        await kill(pipe)
+        if how == "adopted":  # the daemon died while the agent was away
+            mode = mps.make("mps", short_tmp / "mps", control=str(mps_control.path))
+            await mode.start()
+        await mode.check()
+        # Through its mount, a new process finds a live daemon with the grant as its limit.
+        second = int(read_at(mounted, mps.PID_FILE))
+        assert second != first and running_pid(second)
+        assert read_at(mounted, "default-limit") == "0 2048M"
+        assert os.stat(pipe).st_ino == os.fstat(mounted).st_ino
+    finally:
+        os.close(mounted)
+
+
+async def test_daemons_are_moved_into_the_named_cgroup(
+    short_tmp: Path, mps_control: FakeControl, caplog: pytest.LogCaptureFixture
+) -> None:
+    hierarchy = short_tmp / "cgroup"
+    hierarchy.mkdir()
+    (hierarchy / "cgroup.controllers").write_text("cpu memory pids\n")
+    keep = hierarchy / "gpushare-mps"
+    modes: tuple[Isolation, ...] = ("mps", "mps-shared")
+    for name in modes:
+        mode = mps.make(name, short_tmp / name, control=str(mps_control.path), cgroup=keep)
+        await mode.start()
+        pipe = await mode.prepare(grant(CARD_A, 0))
+        assert pipe is not None
+        pid = (pipe / mps.PID_FILE).read_text().strip()
+        assert pid in (keep / "cgroup.procs").read_text()
+    # Not a cgroup v2 hierarchy: the daemon runs, and the log says it ends with the agent's pod.
+    plain = mps.make(
+        "mps", short_tmp / "plain", control=str(mps_control.path), cgroup=short_tmp / "x"
+    )
+    await plain.start()
+    assert mps.alive(await plain.prepare(grant(CARD_B, 0)))  # type: ignore[arg-type]
+    assert "ends with its pod" in caplog.text

@@ -1,17 +1,21 @@
 """The real plugin driven by a test kubelet over unix sockets: registration, the device list,
 health changes, preferences, Allocate's environment, and a kubelet restart."""
 
+import dataclasses
 import time
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import grpc
 import grpc.aio
 import pytest
 
-from gpushare import names
+from gpushare import allocations, names
+from gpushare.allocations import Allocation
 from gpushare.deviceplugin import devices, mps
 from gpushare.deviceplugin.api.deviceplugin.v1beta1 import api_pb2 as dp
 from gpushare.deviceplugin.pods import PodInfo
+from gpushare.ids import CardUUID
 from tests.deviceplugin.conftest import (
     CARD_A,
     CARD_B,
@@ -24,7 +28,7 @@ from tests.deviceplugin.conftest import (
     running,
     write_fake,
 )
-from tests.deviceplugin.kubelet import TestKubelet
+from tests.deviceplugin.kubelet import NewPod, TestKubelet
 
 UNITS_PER_H100 = H100_CUDA_TOTAL // GI  # 79
 
@@ -100,39 +104,64 @@ async def test_a_critical_xid_makes_the_card_unhealthy(
         assert all(h == "Healthy" for d, h in kubelet.devices.items() if d.startswith(CARD_B))
 
 
-def bound_pod(name: str, card_uuid: str, units: int, bind_time: str) -> PodInfo:
-    return PodInfo(
+def bound_pod(
+    name: str, cards: dict[str, str], units: int, *, created: int, bind: int
+) -> tuple[PodInfo, NewPod]:
+    """A pod bound by the extender (``cards``: container to card), as the plugin and kubelet see
+    it; times are seconds into 2030."""
+    index = {CARD_A: 0, CARD_B: 1}
+    recorded = [
+        Allocation(c, CardUUID(u), index[u], H100_CUDA_TOTAL, units * GI) for c, u in cards.items()
+    ]
+    when = datetime(2030, 1, 1, tzinfo=UTC)
+    info = PodInfo(
         namespace="ns",
         name=name,
-        annotations={
-            names.ANNOTATION_CARD_UUID: card_uuid,
-            names.ANNOTATION_GRANTED_BYTES: str(units * GI),
-            names.ANNOTATION_BIND_TIME: bind_time,
-        },
-        requests={"c": units},
+        annotations=allocations.encode(recorded, bind_time=when + timedelta(seconds=bind)),
+        requests=dict.fromkeys(cards, units),
+        created=when + timedelta(seconds=created),
     )
+    new = NewPod("ns", name, info.created, tuple((c, units) for c in cards))
+    return info, new
 
 
-async def test_preference_follows_the_oldest_waiting_pod_of_that_size(
+async def test_the_hand_off_follows_kubelets_admission_order(
     make_agent: AgentFactory, kubelet: TestKubelet
 ) -> None:
-    pods = StaticPods(
-        [
-            bound_pod("late", CARD_A, 20, "2030-01-01T00:00:03Z"),
-            bound_pod("early", CARD_B, 20, "2030-01-01T00:00:01Z"),
-            bound_pod("other-size", CARD_A, 10, "2030-01-01T00:00:00Z"),
-        ]
-    )
+    # Bound to B first, then to A; but created the other way round, which is the order kubelet
+    # admits them in. Each must get the card the extender chose for it.
+    late, late_new = bound_pod("created-late", {"c": CARD_B}, 20, created=5, bind=1)
+    early, early_new = bound_pod("created-early", {"c": CARD_A}, 20, created=2, bind=3)
+    other, other_new = bound_pod("other-size", {"c": CARD_B}, 10, created=9, bind=0)
+    pods = StaticPods([late, early, other])
     async with running(make_agent(isolation="none", pods=pods), kubelet):
-        first = await kubelet.admit("ns", "early", "c", 20)
-        assert first.envs[names.ENV_VISIBLE_DEVICES] == CARD_B
-        # "early" now holds devices (PodResources says so): the next 20-unit pod is "late".
-        second = await kubelet.admit("ns", "late", "c", 20)
-        assert second.envs[names.ENV_VISIBLE_DEVICES] == CARD_A
-        third = await kubelet.admit("ns", "other-size", "c", 10)
-        assert third.envs[names.ENV_VISIBLE_DEVICES] == CARD_A
-        held_b = kubelet.assigned[("ns", "early")]["c"][1]
-        assert {devices.parse(d)[0] for d in held_b} == {CARD_B} and len(held_b) == 20
+        answers = await kubelet.admit_batch([late_new, other_new, early_new])
+    assert {name: a.envs[names.ENV_VISIBLE_DEVICES] for (name, _), a in answers.items()} == {
+        "created-early": CARD_A,
+        "created-late": CARD_B,
+        "other-size": CARD_B,
+    }
+
+
+async def test_each_memory_container_of_a_pod_gets_its_own_card(
+    make_agent: AgentFactory, kubelet: TestKubelet
+) -> None:
+    two, two_new = bound_pod("two", {"vllm": CARD_B, "sidecar": CARD_A}, 8, created=1, bind=1)
+    async with running(make_agent(isolation="none", pods=StaticPods([two])), kubelet):
+        answers = await kubelet.admit_batch([two_new])
+    assert answers["two", "vllm"].envs[names.ENV_VISIBLE_DEVICES] == CARD_B
+    assert answers["two", "sidecar"].envs[names.ENV_VISIBLE_DEVICES] == CARD_A
+
+
+async def test_a_terminating_pending_pod_is_not_the_one_admitted(
+    make_agent: AgentFactory, kubelet: TestKubelet
+) -> None:
+    going, _ = bound_pod("going", {"c": CARD_A}, 6, created=1, bind=1)
+    staying, staying_new = bound_pod("staying", {"c": CARD_B}, 6, created=2, bind=2)
+    pods = StaticPods([dataclasses.replace(going, deleting=True), staying])
+    async with running(make_agent(isolation="none", pods=pods), kubelet):
+        answers = await kubelet.admit_batch([staying_new])
+    assert answers["staying", "c"].envs[names.ENV_VISIBLE_DEVICES] == CARD_B
 
 
 async def test_allocate_returns_the_contract_environment_under_mps(
@@ -225,3 +254,21 @@ async def test_stops_an_mps_daemon_once_its_pod_is_gone(
         await agent.reconcile()
         assert f"{pipe} quit" in mps_control.lines()
         assert agent.mode.servers_on(CARD_A) == 0  # type: ignore[arg-type]
+
+
+async def test_a_card_that_vanishes_from_nvml_goes_unhealthy(
+    make_agent: AgentFactory, kubelet: TestKubelet, nvml_file: Path
+) -> None:
+    async with running(make_agent(isolation="none"), kubelet) as agent:
+        write_fake(nvml_file, [card(CARD_A, 0)])
+        await kubelet.wait_for(
+            lambda: all(
+                h == "Unhealthy" for d, h in kubelet.devices.items() if d.startswith(CARD_B)
+            )
+        )
+        assert len(kubelet.devices) == 2 * UNITS_PER_H100  # its IDs stay listed, as Unhealthy
+        await agent.published()
+        (report_b,) = [c for c in agent.card_reports() if c.uuid == CARD_B]
+        assert not report_b.healthy and report_b.free_bytes == 0
+        write_fake(nvml_file, [card(CARD_A, 0), card(CARD_B, 1)])
+        await kubelet.wait_for(lambda: set(kubelet.devices.values()) == {"Healthy"})

@@ -7,6 +7,8 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 
 import aiohttp
+import grpc
+import grpc.aio
 import pytest
 import yaml
 
@@ -144,3 +146,23 @@ async def test_the_daemonsets_probes_ask_what_the_plugin_answers(
             await until(lambda: get(base + path["readinessProbe"]), lambda a: a[0] == 200)
         finally:
             await kubelet.stop()
+
+
+async def test_a_daemon_that_will_not_start_makes_the_cards_unhealthy_until_one_does(
+    make_agent: AgentFactory, kubelet: TestKubelet, mps_control: FakeControl
+) -> None:
+    async with listening(make_agent(isolation="mps")) as base:
+        await kubelet.wait_for(lambda: set(kubelet.devices.values()) == {"Healthy"})
+        mps_control.fail_flag.touch()
+        with pytest.raises(grpc.aio.AioRpcError) as caught:
+            await kubelet.admit("ns", "pod", "c", 4)
+        assert caught.value.code() == grpc.StatusCode.UNAVAILABLE
+        # kubelet stops sending pods here, and the node is not ready, until a daemon starts.
+        await kubelet.wait_for(lambda: set(kubelet.devices.values()) == {"Unhealthy"})
+        status, body = await get(f"{base}/readyz")
+        assert status == 503 and "would not start" in body
+        mps_control.fail_flag.unlink()
+        await kubelet.wait_for(lambda: set(kubelet.devices.values()) == {"Healthy"})
+        await until(lambda: get(f"{base}/readyz"), lambda answer: answer == (200, "ok\n"))
+        answer = await kubelet.admit("ns", "pod", "c", 4)
+        assert answer.envs["GPUSHARE_GRANTED_BYTES"] == str(4 << 30)

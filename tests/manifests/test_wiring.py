@@ -215,21 +215,23 @@ def test_the_device_plugin_runs_on_shared_nodes_with_kubelets_sockets(base: Obje
     daemonset = find(base, "DaemonSet", "gpushare-device-plugin")
     pod = daemonset["spec"]["template"]["spec"]
     assert pod["nodeSelector"] == {names.LABEL_ENABLED: "true"}
-    host_paths = {v["hostPath"]["path"] for v in pod["volumes"] if "hostPath" in v}
+    host_paths = {v["name"]: v["hostPath"]["path"] for v in pod["volumes"] if "hostPath" in v}
     settings = config.Settings()
-    kubelet = Path(
-        _flag(
-            _container(base, "DaemonSet", "gpushare-device-plugin", "device-plugin"),
-            "--kubelet-dir",
-        )
-    )
-    assert host_paths == {
+    plugin = _container(base, "DaemonSet", "gpushare-device-plugin", "device-plugin")
+    kubelet = Path(_flag(plugin, "--kubelet-dir"))
+    cgroup = host_paths.pop("cgroup")
+    assert set(host_paths.values()) == {
         str(kubelet / "device-plugins"),
         str(kubelet / "pod-resources"),
         str(settings.agent.mps_root),
     }
-    mounts = {m["mountPath"] for m in pod["containers"][0]["volumeMounts"]}
-    assert host_paths <= mounts, "mounted at the host's own paths, which Allocate hands to kubelet"
+    mounts = {m["name"]: m["mountPath"] for m in pod["containers"][0]["volumeMounts"]}
+    assert set(host_paths.values()) <= set(mounts.values()), (
+        "mounted at the host's own paths, which Allocate hands to kubelet"
+    )
+    # MPS daemons move into a cgroup of the host's hierarchy, where they outlive the plugin's pod.
+    assert cgroup == "/sys/fs/cgroup"
+    assert Path(_flag(plugin, "--mps-cgroup")).parent == Path(mounts["cgroup"])
     env = {e["name"]: e for e in pod["containers"][0]["env"]}
     assert env["NODE_NAME"]["valueFrom"]["fieldRef"]["fieldPath"] == "spec.nodeName"
 

@@ -1,5 +1,10 @@
 """Test objects: the shared InferenceService fixtures and the pods KServe would make of them.
 
+The pods come from the simulator's builder (:mod:`gpushare.simulator.kserve`), which follows
+KServe's conventions for every component; the InferenceServices here are the shapes people write:
+the seed fixtures, the ``model`` form, a transformer beside the predictor, a text-generation-
+inference predictor, vLLM behind init wrappers and a shell, a flag split across command and args.
+
 The ``kserve`` Python SDK is not used to build InferenceServices: it pins ``protobuf<7``,
 ``grpcio-tools<1.82`` and ``pandas<3`` (and pulls fastapi, uvicorn and a dozen more), which would
 downgrade what the device plugin's generated gRPC stubs need. The objects are plain dicts instead,
@@ -20,6 +25,7 @@ import pytest
 import yaml
 
 from gpushare import names
+from gpushare.simulator import kserve
 
 _Loader: Final = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
 
@@ -27,11 +33,6 @@ SHARED: Final = Path(__file__).resolve().parents[1] / "data"
 KUBERNETES_VERSION: Final = "1.36"
 
 FIXTURES: Final = ("isvc-vllm-api-server.yaml", "isvc-vllm-openai.yaml")
-RUNTIME_IMAGES: Final = {
-    "vllmserver:replace": "docker.io/vllm/vllm-openai:v0.24.0",
-    "huggingfaceserver:replace": "docker.io/kserve/huggingfaceserver:v0.21.0-gpu",
-}
-"""KServe fills each runtime's placeholder image from its configuration; these are what it would."""
 
 
 def shared(*parts: str) -> Path:
@@ -91,66 +92,92 @@ def model_isvc(
 
 
 def predictor_pod(isvc: dict[str, Any], runtime: dict[str, Any] | None = None) -> dict[str, Any]:
-    """The predictor pod KServe's controller (raw deployment mode) would create for ``isvc``.
+    """The predictor pod KServe's controller (raw deployment mode) would create for ``isvc``."""
+    return kserve.component_pod(isvc, "predictor", runtime=runtime)
 
-    As KServe does: ISVC annotations and the runtime's are unioned onto the pod; in the ``model``
-    form the runtime's ``kserve-container`` is merged with the model spec (args appended, env
-    merged, resources from the model), ``{{.Name}}`` is replaced and the placeholder image filled;
-    a ``storageUri`` brings the storage-initializer init container (KServe's own pod mutator).
-    """
-    metadata = isvc["metadata"]
-    predictor = copy.deepcopy(isvc["spec"]["predictor"])
-    annotations = dict(metadata.get("annotations") or {})
-    volumes: list[dict[str, Any]] = []
-    init: list[dict[str, Any]] = []
-    if "containers" in predictor:
-        containers = predictor["containers"]
-        storage = next(
-            (e["value"] for e in containers[0].get("env", []) if e["name"] == "STORAGE_URI"), None
-        )
-    else:
-        assert runtime is not None, "the model form needs its serving runtime"
-        model = predictor["model"]
-        base = copy.deepcopy(runtime["spec"]["containers"][0])
-        base["image"] = RUNTIME_IMAGES.get(base["image"], base["image"])
-        base["args"] = [
-            arg.replace("{{.Name}}", metadata["name"]) for arg in base.get("args", [])
-        ] + model.get("args", [])
-        base["env"] = base.get("env", []) + model.get("env", [])
-        base["resources"] = model.get("resources", base.get("resources"))
-        containers = [base]
-        volumes = copy.deepcopy(runtime["spec"].get("volumes", []))
-        annotations.update(runtime["spec"].get("annotations", {}))
-        storage = model.get("storageUri")
-    if storage:
-        init.append(
-            {
-                "name": "storage-initializer",
-                "image": "kserve/storage-initializer:v0.21.0",
-                "args": [storage, "/mnt/models"],
-                "resources": {"limits": {"cpu": "1", "memory": "1Gi"}},
-            }
-        )
-    pod: dict[str, Any] = {
-        "apiVersion": "v1",
-        "kind": "Pod",
-        "metadata": {
-            "generateName": f"{metadata['name']}-predictor-",
-            "namespace": metadata.get("namespace", "default"),
-            "labels": {
-                "serving.kserve.io/inferenceservice": metadata["name"],
-                "component": "predictor",
-                "app": f"isvc.{metadata['name']}-predictor",
-            },
-            "annotations": annotations,
+
+def transformer_pod(isvc: dict[str, Any]) -> dict[str, Any]:
+    """The transformer pod KServe's controller would create for ``isvc``."""
+    return kserve.component_pod(isvc, "transformer")
+
+
+def custom_isvc(
+    name: str, container: dict[str, Any], *, memory: str | None = "20Gi"
+) -> dict[str, Any]:
+    """An InferenceService whose predictor is one custom ``kserve-container``."""
+    server = {"name": kserve.CONTAINER, **container}
+    server.setdefault(
+        "resources",
+        {
+            "limits": {"cpu": "4", "memory": "16Gi", names.NVIDIA_GPU_RESOURCE: "1"},
+            "requests": {"cpu": "4", "memory": "16Gi", names.NVIDIA_GPU_RESOURCE: "1"},
         },
-        "spec": {"containers": containers},
+    )
+    annotations = {} if memory is None else {names.ANNOTATION_GPU_MEMORY: memory}
+    return {
+        "apiVersion": "serving.kserve.io/v1beta1",
+        "kind": "InferenceService",
+        "metadata": {"name": name, "namespace": "kserve-test", "annotations": annotations},
+        "spec": {"predictor": {"containers": [server]}},
     }
-    if init:
-        pod["spec"]["initContainers"] = init
-    if volumes:
-        pod["spec"]["volumes"] = volumes
-    return pod
+
+
+def with_transformer(isvc: dict[str, Any]) -> dict[str, Any]:
+    """``isvc`` with a CPU transformer (KServe's image-transformer example) in front of it."""
+    body = copy.deepcopy(isvc)
+    body["spec"]["transformer"] = {
+        "containers": [
+            {
+                "name": kserve.CONTAINER,
+                "image": "kserve/image-transformer:v0.21.0",
+                "resources": {
+                    "limits": {"cpu": "1", "memory": "2Gi"},
+                    "requests": {"cpu": "100m", "memory": "256Mi"},
+                },
+            }
+        ]
+    }
+    return body
+
+
+def tgi_isvc(memory: str = "20Gi") -> dict[str, Any]:
+    """A text-generation-inference predictor: a GPU server that is not vLLM."""
+    return custom_isvc(
+        "tgi",
+        {
+            "image": "ghcr.io/huggingface/text-generation-inference:3.3.4",
+            "args": ["--model-id", "/mnt/models", "--port", "8080"],
+        },
+        memory=memory,
+    )
+
+
+WRAPPED = {
+    "tini sh -c": ["tini", "--", "sh", "-c", "exec vllm serve /mnt/models --port 8080"],
+    "env bash -c": ["/usr/bin/env", "bash", "-c", "exec vllm serve /mnt/models --port 8080"],
+    "dumb-init": ["dumb-init", "--single-child", "vllm", "serve", "/mnt/models"],
+    "exec chain": ["sh", "-c", "cd /tmp && exec env A=1 vllm serve /mnt/models --port 8080"],
+}
+"""vLLM started behind init programs, ``env`` and shells, as hand-written runtimes do."""
+
+
+def wrapped_isvc(command: list[str]) -> dict[str, Any]:
+    """A vLLM predictor started through ``command``."""
+    return custom_isvc(
+        "wrapped", {"image": "docker.io/vllm/vllm-openai:v0.24.0", "command": command}
+    )
+
+
+def split_flag_isvc() -> dict[str, Any]:
+    """A predictor whose command ends with the flag and whose args start with its value."""
+    return custom_isvc(
+        "split",
+        {
+            "image": "docker.io/vllm/vllm-openai:v0.24.0",
+            "command": ["vllm", "serve", "/mnt/models", "--gpu-memory-utilization"],
+            "args": ["0.9", "--port", "8080"],
+        },
+    )
 
 
 def job_pod(memory: str = "12Gi") -> dict[str, Any]:

@@ -257,3 +257,85 @@ def test_an_object_being_deleted_can_always_be_updated() -> None:
 )
 def test_suggestions(key: str, expected: str | None) -> None:
     assert validation.suggest(key) == expected
+
+
+def test_system_annotations_are_named_as_such() -> None:
+    body = builders.isvc(builders.FIXTURES[1], **{names.ANNOTATION_ALLOCATIONS: "[]"})
+    verdict = check(body)
+    assert not verdict.allowed
+    assert "gpushare.io/allocations is a system annotation, written by gpushare" in verdict.message
+
+
+@pytest.mark.parametrize(
+    ("values", "says"),
+    [
+        ({KEY: "0"}, "spec.predictor.annotations: gpushare.io/gpu-memory: '0' asks for no memory"),
+        ({"gpushare.io/gpu_memory": "20Gi"}, "did you mean gpushare.io/gpu-memory?"),
+        ({KEY: "２０Gi"}, "is not a Kubernetes quantity"),
+    ],
+    ids=["zero", "typo", "fullwidth"],
+)
+def test_predictor_annotations_are_checked_like_the_services(
+    values: dict[str, str], says: str
+) -> None:
+    body = builders.isvc(builders.FIXTURES[1], memory=None)
+    body["spec"]["predictor"]["annotations"] = values
+    verdict = check(body)
+    assert not verdict.allowed and says in verdict.message
+
+
+def test_a_size_in_the_predictor_annotations_alone_checks_the_containers() -> None:
+    body = builders.isvc(builders.FIXTURES[1], memory=None)
+    body["spec"]["predictor"]["annotations"] = {KEY: "20Gi"}
+    body["spec"]["predictor"]["containers"][0]["args"] += ["--tensor-parallel-size", "2"]
+    assert "needs 2 GPUs" in check(body).message
+
+
+def test_a_transformer_beside_an_annotated_service_is_warned_about() -> None:
+    verdict = check(builders.with_transformer(builders.isvc(builders.FIXTURES[1])))
+    assert verdict.allowed
+    assert any(
+        "copies gpushare.io/gpu-memory to the transformer's pods" in w for w in verdict.warnings
+    )
+
+
+def test_a_size_in_the_predictor_annotations_draws_no_transformer_warning() -> None:
+    body = builders.with_transformer(builders.isvc(builders.FIXTURES[1], memory=None))
+    body["spec"]["predictor"]["annotations"] = {KEY: "20Gi"}
+    assert check(body).warnings == ()
+
+
+def test_no_nodes_reported_the_configured_ceiling_bounds_a_request() -> None:
+    verdict = check(builders.isvc(builders.FIXTURES[1], memory="289Gi"), largest=None)
+    assert "more than the largest grant possible" in verdict.message
+    assert check(builders.isvc(builders.FIXTURES[1], memory="200Gi"), largest=None).allowed
+
+
+SERVER_REFUSALS = [
+    ("kv cache", lambda c: c["args"].append("--kv-cache-memory-bytes=8G"), "ignores"),
+    (
+        "MIG",
+        lambda c: c["resources"]["limits"].update({"nvidia.com/mig-3g.40gb": "1"}),
+        "nvidia.com/mig-3g.40gb",
+    ),
+    (
+        "envFrom prefix",
+        lambda c: c.update(envFrom=[{"prefix": "GPUSHARE_", "secretRef": {"name": "x"}}]),
+        "prefix 'GPUSHARE_'",
+    ),
+    (
+        "MPS variable",
+        lambda c: c["env"].append({"name": "CUDA_MPS_PIPE_DIRECTORY", "value": "/tmp/mine"}),
+        "sets CUDA_MPS_PIPE_DIRECTORY",
+    ),
+]
+
+
+@pytest.mark.parametrize(
+    ("edit", "says"),
+    [(e, s) for _, e, s in SERVER_REFUSALS],
+    ids=[i for i, _, _ in SERVER_REFUSALS],
+)
+def test_servers_that_would_outgrow_or_escape_the_grant_are_refused(edit: Any, says: str) -> None:
+    verdict = check(_custom(edit))
+    assert not verdict.allowed and says in verdict.message

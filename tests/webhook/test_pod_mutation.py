@@ -130,14 +130,12 @@ def test_a_deployment_pod_keeps_its_sidecar_untouched() -> None:
     assert sidecar == pod["spec"]["containers"][1]
 
 
-def test_a_vllm_container_without_a_gpu_still_gets_the_grant() -> None:
+def test_a_vllm_container_without_a_gpu_is_left_unchanged_and_told_why() -> None:
     pod = builders.pod_of(builders.deployment())
     del pod["spec"]["containers"][0]["resources"]
-    server = mutated(pod)["spec"]["containers"][0]
-    assert server["resources"] == {
-        "limits": {names.RESOURCE_GPU_MEMORY: "16"},
-        "requests": {names.RESOURCE_GPU_MEMORY: "16"},
-    }
+    result = mutate(pod)
+    assert result.allowed and result.patch == ()
+    assert "container server, which runs vLLM, requests no nvidia.com/gpu" in result.warnings[0]
 
 
 def test_a_pod_without_gpu_or_vllm_is_left_unchanged_with_a_warning() -> None:
@@ -280,3 +278,188 @@ def test_pods_gpushare_cannot_serve_are_refused_with_a_reason(edit: Any, says: s
 def test_malformed_pods_are_refused_not_crashed_on(body: dict[str, Any]) -> None:
     result = mutate(body)
     assert [r.code for r in result.reasons] == ["malformed"]
+
+
+def _argv(container: dict[str, Any]) -> list[str]:
+    return [*(container.get("command") or []), *(container.get("args") or [])]
+
+
+def test_a_kserve_transformer_pod_is_left_as_it_is() -> None:
+    isvc = builders.with_transformer(builders.isvc("isvc-vllm-openai.yaml"))
+    transformer = builders.transformer_pod(isvc)
+    assert transformer["metadata"]["annotations"][names.ANNOTATION_GPU_MEMORY] == "20Gi"
+    assert transformer["spec"]["containers"][0]["name"] == "kserve-container"
+    result = mutate(transformer)
+    assert result.allowed and result.patch == ()
+    assert "no container requests nvidia.com/gpu: the pod is left unchanged" in result.warnings[0]
+    after = mutated(builders.predictor_pod(isvc))  # its predictor is still shared
+    assert _argv(after["spec"]["containers"][0])[-1] == OURS
+
+
+def test_a_gpu_server_that_is_not_vllm_gets_the_grant_and_no_vllm_flag() -> None:
+    pod = builders.predictor_pod(builders.tgi_isvc())
+    result = mutate(pod)
+    after = mutated(pod)
+    server = after["spec"]["containers"][0]
+    assert server["resources"]["limits"][names.RESOURCE_GPU_MEMORY] == "20"
+    assert server["args"] == pod["spec"]["containers"][0]["args"]
+    assert any("sees no vLLM server" in w and "at most 20 GiB" in w for w in result.warnings)
+
+
+@pytest.mark.parametrize("command", list(builders.WRAPPED.values()), ids=list(builders.WRAPPED))
+def test_vllm_behind_a_wrapper_gets_the_flag_where_its_arguments_are(command: list[str]) -> None:
+    server = mutated(builders.predictor_pod(builders.wrapped_isvc(command)))["spec"]["containers"][
+        0
+    ]
+    argv = _argv(server)
+    assert sum(OURS in token for token in argv) == 1
+    assert argv[-1].endswith(OURS)
+    assert argv[: len(command) - 1] == command[:-1]  # the wrapper is kept
+
+
+def test_a_flag_split_across_command_and_args_leaves_no_stray_value() -> None:
+    server = mutated(builders.predictor_pod(builders.split_flag_isvc()))["spec"]["containers"][0]
+    assert server["command"] == ["vllm", "serve", "/mnt/models"]
+    assert server["args"] == ["--port", "8080", OURS]
+
+
+def test_a_readiness_sidecar_that_mentions_vllm_serve_is_no_server() -> None:
+    pod = builders.predictor_pod(builders.isvc("isvc-vllm-openai.yaml"))
+    sidecar = {
+        "name": "wait-ready",
+        "image": "curlimages/curl:8.11.0",
+        "command": ["sh", "-c", "until curl -sf localhost:8080/health; do sleep 2; done; "
+                    "echo 'vllm serve is up'; sleep infinity"],
+    }  # fmt: skip
+    pod["spec"]["containers"].append(sidecar)
+    after = mutated(pod)
+    assert after["spec"]["containers"][1] == sidecar
+
+
+def test_two_vllm_containers_without_a_gpu_are_told_the_truth() -> None:
+    pod = builders.pod_of(builders.deployment())
+    del pod["spec"]["containers"][0]["resources"]
+    pod["spec"]["containers"][1] = {
+        "name": "second",
+        "image": "vllm/vllm-openai:v0.24.0",
+        "command": ["vllm", "serve", "other"],
+    }
+    result = mutate(pod)
+    assert result.allowed and result.patch == ()
+    assert (
+        "containers server, second run vLLM and none requests nvidia.com/gpu"
+        in (result.warnings[0])
+    )
+
+
+def test_a_hand_set_grant_that_disagrees_is_replaced_by_the_annotation_and_said_so() -> None:
+    pod = builders.job_pod()
+    pod["spec"]["containers"][0]["resources"]["limits"][names.RESOURCE_GPU_MEMORY] = "4"
+    result = mutate(pod)
+    after = mutated(pod)
+    assert after["spec"]["containers"][0]["resources"]["limits"] == {
+        names.RESOURCE_GPU_MEMORY: "12"
+    }
+    assert any(
+        "resources.limits gpushare.io/gpu-memory: 4 is replaced by 12: the annotation" in w
+        for w in result.warnings
+    )
+
+
+def test_no_nodes_reported_a_size_above_the_configured_ceiling_is_refused() -> None:
+    for value in ("300Gi", "1e30"):
+        result = mutate(builders.job_pod(memory=value), largest=None)
+        assert not result.allowed
+        assert "more than the largest grant possible" in result.message
+
+
+def _kv_cache(pod: dict[str, Any]) -> None:
+    _server(pod)["args"] += ["--kv-cache-memory-bytes", "8589934592"]
+
+
+def _mig(pod: dict[str, Any]) -> None:
+    _server(pod)["resources"]["limits"]["nvidia.com/mig-1g.10gb"] = "1"
+
+
+def _time_shared(pod: dict[str, Any]) -> None:
+    pod["spec"]["containers"][1]["resources"] = {"limits": {"nvidia.com/gpu.shared": "1"}}
+
+
+def _preset(key: str, value: str) -> Any:
+    return lambda pod: pod["metadata"]["annotations"].update({key: value})
+
+
+def _sidecar_env(name: str) -> Any:
+    return lambda pod: pod["spec"]["containers"][1].update(env=[{"name": name, "value": "/tmp"}])
+
+
+def _env_from_secret(pod: dict[str, Any]) -> None:
+    _server(pod)["env"] = [
+        {
+            "name": names.ENV_MPS_MEM_LIMIT,
+            "valueFrom": {"secretKeyRef": {"name": "s", "key": "limit"}},
+        }
+    ]
+
+
+def _env_from_prefix(pod: dict[str, Any]) -> None:
+    _server(pod)["envFrom"] = [{"prefix": "CUDA_", "configMapRef": {"name": "tuning"}}]
+
+
+MORE_REFUSALS = [
+    ("kv cache size", _kv_cache, "--kv-cache-memory-bytes"),
+    ("MIG slice", _mig, "asks for nvidia.com/mig-1g.10gb beside gpushare.io/gpu-memory"),
+    ("time-shared GPU", _time_shared, "asks for nvidia.com/gpu.shared"),
+    (
+        "allocations preset",
+        _preset(names.ANNOTATION_ALLOCATIONS, "[]"),
+        "gpushare.io/allocations is a system annotation",
+    ),
+    (
+        "card preset",
+        _preset(names.ANNOTATION_CARD_UUID, "GPU-1"),
+        "gpushare.io/card-uuid is a system annotation",
+    ),
+    ("typo key", _preset("gpushare.io/polcy", "spread"), "did you mean gpushare.io/policy?"),
+    ("MPS pipe in a sidecar", _sidecar_env(names.ENV_MPS_PIPE_DIRECTORY), "CUDA_MPS_PIPE"),
+    ("any CUDA_MPS_ name", _sidecar_env("CUDA_MPS_ACTIVE_THREAD_PERCENTAGE"), "CUDA_MPS_ACTIVE"),
+    ("a gpushare name", _sidecar_env("GPUSHARE_CARD_UUID"), "sets GPUSHARE_CARD_UUID"),
+    ("from a Secret", _env_from_secret, f"sets {names.ENV_MPS_MEM_LIMIT}"),
+    ("envFrom prefix", _env_from_prefix, "with prefix 'CUDA_', which can make"),
+    ("Arabic-Indic digits", _annotation("٢٠Gi"), "is not a Kubernetes quantity"),
+    ("fullwidth digits", _annotation("２０Gi"), "is not a Kubernetes quantity"),
+]
+
+
+@pytest.mark.parametrize(
+    ("edit", "says"), [(e, s) for _, e, s in MORE_REFUSALS], ids=[i for i, _, _ in MORE_REFUSALS]
+)
+def test_pods_that_would_escape_or_confuse_the_grant_are_refused(edit: Any, says: str) -> None:
+    result = mutate(_with(builders.pod_of(builders.deployment()), edit))
+    assert not result.allowed
+    assert says in result.message, result.message
+    assert result.patch == ()
+
+
+def test_env_from_without_a_prefix_is_warned_about() -> None:
+    def edit(pod: dict[str, Any]) -> None:
+        _server(pod)["envFrom"] = [{"secretRef": {"name": "hf-token"}}]
+
+    result = mutate(_with(builders.pod_of(builders.deployment()), edit))
+    assert result.allowed
+    assert any("takes variables from secret hf-token" in w for w in result.warnings)
+
+
+def test_a_typo_key_alone_is_refused_on_a_pod() -> None:
+    pod = builders.job_pod()
+    pod["metadata"]["annotations"] = {"gpushare.io/gpu_memory": "12Gi"}
+    result = mutate(pod)
+    assert not result.allowed and "did you mean gpushare.io/gpu-memory?" in result.message
+
+
+def test_an_env_entry_whose_name_is_a_list_is_refused_as_malformed() -> None:
+    pod = builders.job_pod()
+    pod["spec"]["containers"][0]["env"] = [{"name": ["A"], "value": "x"}]
+    result = mutate(pod)
+    assert [r.code for r in result.reasons] == ["malformed"]
+    assert "env[0]" in result.message

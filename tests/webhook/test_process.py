@@ -1,15 +1,18 @@
-"""``gpushare webhook`` as a process: it logs in from ``--kubeconfig`` and stops on SIGTERM."""
+"""``gpushare webhook`` as a process: it logs in from ``--kubeconfig``, stops on SIGTERM and serves
+a renewed pair."""
 
 import signal
 from pathlib import Path
 
-from gpushare.webhook import paths
+import requests
+
+from gpushare.webhook import certs, paths
 from tests import cluster
 from tests.webhook import builders, strategies
 from tests.webhook.process import Webhook
 
 EXIT_SECONDS = 10
-"""Generous: a clean stop takes a fraction of a second (kopf's own signal handling)."""
+"""Generous: a clean stop takes a fraction of a second (kopf's signal handling)."""
 
 
 def test_sigterm_stops_the_webhook_cleanly_with_a_connection_open(
@@ -43,5 +46,40 @@ def test_the_webhook_logs_in_with_the_kubeconfig_it_is_given(
             lambda: webhook.metrics()[("gpushare_webhook_largest_card_bytes", ())] >= 40 * 1024**3,
             what="the webhook to read the node report",
         )
+    finally:
+        webhook.stop()
+
+
+def test_a_renewed_pair_is_served_without_a_restart(
+    control_plane: cluster.ControlPlane, tmp_path: Path
+) -> None:
+    pair = tmp_path / "pair"
+    certs.write(certs.make(["127.0.0.1"]), pair)
+    webhook = Webhook(control_plane.kubeconfig, pair, tmp_path / "webhook.log")
+    webhook.start()
+    try:
+        request = strategies.review(builders.job_pod())
+        assert webhook.review(paths.MUTATE_PODS, request).status_code == 200
+        renewed = tmp_path / "renewed"
+        certs.write(certs.make(["127.0.0.1"]), renewed)
+        for name in ("tls.key", "tls.crt"):  # as kubelet swaps a Secret's files
+            (pair / name).write_bytes((renewed / name).read_bytes())
+
+        def served_with_the_new_pair() -> bool:
+            try:
+                requests.post(
+                    f"{webhook.url}/{paths.MUTATE_PODS}",
+                    json=request,
+                    verify=str(renewed / "ca.crt"),
+                    timeout=5,
+                )
+            except requests.exceptions.SSLError:
+                return False
+            return True
+
+        cluster.wait_for(
+            served_with_the_new_pair, timeout=60, interval=0.5, what="the renewed pair"
+        )
+        assert webhook.process is not None and webhook.process.poll() is None
     finally:
         webhook.stop()

@@ -201,6 +201,50 @@ def test_pods_come_back_stored_in_the_mutated_form(
     assert "Warning: gpushare: container" in warnings
 
 
+def test_an_inference_service_with_a_transformer_shares_only_its_predictor(
+    control_plane: cluster.ControlPlane, registered: Webhook, namespace: str
+) -> None:
+    isvc = builders.with_transformer(builders.isvc("isvc-vllm-openai.yaml"))
+    isvc["metadata"]["name"] = "with-transformer"
+    applied = apply_isvc(control_plane, namespace, isvc)
+    assert "to the transformer's pods too" in applied.stderr, applied.stderr
+    stored_isvc = json.loads(
+        control_plane.kubectl(
+            "get", "inferenceservice", "with-transformer", "-n", namespace, "-o", "json"
+        ).stdout
+    )
+    # The pods KServe's controller makes of the stored object, created as it creates them.
+    predictor, _ = create(control_plane, namespace, builders.predictor_pod(stored_isvc))
+    transformer_pod = builders.transformer_pod(stored_isvc)
+    transformer, warnings = create(control_plane, namespace, transformer_pod)
+    server = predictor["spec"]["containers"][0]
+    assert server["resources"]["limits"][names.RESOURCE_GPU_MEMORY] == "20"
+    assert server["args"][-1] == OURS
+    assert predictor["spec"]["schedulerName"] == names.SCHEDULER_NAME
+    assert transformer["spec"]["schedulerName"] == "default-scheduler"
+    assert names.ANNOTATION_MUTATED not in transformer["metadata"]["annotations"]
+    written = transformer_pod["spec"]["containers"][0]
+    kept = transformer["spec"]["containers"][0]
+    assert kept["args"] == written["args"] and kept["resources"] == written["resources"]
+    assert "no container requests nvidia.com/gpu: the pod is left unchanged" in warnings
+
+
+def test_near_misses_reach_the_webhook_and_are_refused(
+    control_plane: cluster.ControlPlane, registered: Webhook, namespace: str
+) -> None:
+    pod = builders.job_pod()
+    pod["metadata"]["annotations"] = {"gpushare.io/gpu_memory": "12Gi"}
+    refused = control_plane.kubectl(
+        "create", "-n", namespace, "-f", "-", input=json.dumps(pod), check=False
+    )
+    assert refused.returncode != 0
+    assert "did you mean gpushare.io/gpu-memory?" in refused.stderr, refused.stderr
+    isvc = builders.isvc("isvc-vllm-openai.yaml", memory=None)
+    isvc["spec"]["predictor"]["annotations"] = {names.ANNOTATION_GPU_MEMORY: "0"}
+    result = apply_isvc(control_plane, namespace, isvc, check=False)
+    assert DENIED in result.stderr and "asks for no memory" in result.stderr, result.stderr
+
+
 def test_a_deployment_with_the_annotation_is_stored_as_written(
     control_plane: cluster.ControlPlane, registered: Webhook, namespace: str
 ) -> None:

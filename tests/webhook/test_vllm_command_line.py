@@ -39,12 +39,38 @@ RECOGNISED = [
     ),
     ("huggingfaceserver auto", container(image="kserve/huggingfaceserver:v0.21.0", args=[])),
     ("under tini", container(command=["tini", "--", "vllm", "serve", "m"])),
+    ("tini, then sh -c", container(command=["tini", "--", "sh", "-c", "exec vllm serve m"])),
+    (
+        "tini with options",
+        container(command=["tini", "-g", "-p", "SIGTERM", "--", "vllm", "serve"]),
+    ),
+    ("env, then bash -c", container(command=["/usr/bin/env", "bash", "-c", "vllm serve m"])),
+    ("env with a variable", container(command=["env", "-u", "X", "A=1", "vllm", "serve", "m"])),
+    ("dumb-init", container(command=["dumb-init", "--single-child", "vllm", "serve", "m"])),
+    ("exec chain", container(command=["sh", "-c", "cd /m && exec env A=1 nohup vllm serve m"])),
+    ("inside an if", container(command=["sh", "-c", "if [ -d /m ]; then exec vllm serve m; fi"])),
     ("sh -c", container(command=["sh", "-c", "exec vllm serve m"])),
     ("bash -lc with args", container(command=["bash", "-lc"], args=["vllm serve m --port 8000"])),
 ]
 
 NOT_VLLM = [
     ("trainer", container(command=["python", "train.py"])),
+    (
+        "kserve transformer",
+        container(
+            name="kserve-container",
+            image="kserve/image-transformer:v0.21.0",
+            args=["--model_name", "m", "--predictor_host", "m-predictor.ns"],
+        ),
+    ),
+    (
+        "text-generation-inference in kserve-container",
+        container(
+            name="kserve-container",
+            image="ghcr.io/huggingface/text-generation-inference:3.3.4",
+            args=["--model-id", "/mnt/models"],
+        ),
+    ),
     ("nginx", container(image="nginx:1.27")),
     (
         "other kserve runtime",
@@ -206,7 +232,6 @@ def test_a_shell_string_that_cannot_be_rewritten_exactly_is_a_problem(
     script: str, why: str
 ) -> None:
     plan = vllm.plan(container(command=["sh", "-c", script]))
-    assert plan.runs_vllm
     assert plan.problem is not None and why in plan.problem
     assert "vllm serve" in plan.problem  # it says what to write instead
 
@@ -244,3 +269,70 @@ def test_rewritten_shell_strings_keep_every_other_word() -> None:
         "1",
         OURS,
     ]
+
+
+SIDECARS = [
+    (
+        "readiness loop",
+        "until curl -sf localhost:8000/health; do sleep 2; done; echo 'vllm serve is up'",
+    ),
+    ("mentions in echo", "echo vllm serve m; sleep infinity"),
+    ("process watch", "while pgrep -f 'vllm serve'; do sleep 5; done"),
+]
+
+
+@pytest.mark.parametrize("script", [s for _, s in SIDECARS], ids=[i for i, _ in SIDECARS])
+def test_a_sidecar_script_that_mentions_vllm_serve_does_not_run_it(script: str) -> None:
+    plan = vllm.plan(container(image="curlimages/curl:8.11.0", command=["sh", "-c", script]))
+    assert not plan.runs_vllm
+
+
+def test_a_command_line_that_names_vllm_where_it_cannot_be_seen_is_a_problem() -> None:
+    plan = vllm.plan(container(command=["uv", "run", "vllm", "serve", "m"]))
+    assert not plan.runs_vllm
+    assert plan.problem is not None and 'command: ["vllm", "serve"]' in plan.problem
+
+
+def test_a_flag_split_across_command_and_args_goes_with_its_value() -> None:
+    spec = container(
+        command=["vllm", "serve", "m", "--gpu-memory-utilization"], args=["0.9", "--port", "1"]
+    )
+    plan = vllm.plan(spec)
+    assert plan.command == ["vllm", "serve", "m"]
+    assert plan.args == ["--port", "1", OURS]
+    assert plan.removed == ("--gpu-memory-utilization", "0.9")
+
+
+def test_the_flag_lands_inside_the_script_behind_wrappers() -> None:
+    spec = container(command=["tini", "--", "sh", "-c", "exec vllm serve m --port 8000"])
+    plan = vllm.plan(spec)
+    assert plan.command == ["tini", "--", "sh", "-c", f"exec vllm serve m --port 8000 {OURS}"]
+
+
+@pytest.mark.parametrize(
+    "token",
+    ["--kv-cache-memory-bytes=8G", "--kv_cache_memory_bytes", "--kv-cache-memory"],
+)
+def test_a_fixed_kv_cache_size_is_found_in_every_spelling(token: str) -> None:
+    listed = vllm.plan(container(command=["vllm", "serve", "m", token, "8589934592"]))
+    shelled = vllm.plan(container(command=["sh", "-c", f"exec vllm serve m {token} 8589934592"]))
+    assert listed.kv_cache == token and shelled.kv_cache == token
+
+
+def test_the_kv_cache_dtype_is_no_kv_cache_size() -> None:
+    assert (
+        vllm.plan(container(command=["vllm", "serve", "m", "--kv-cache-dtype", "fp8"])).kv_cache
+        is None
+    )
+
+
+@pytest.mark.parametrize(
+    "command",
+    [
+        ["python", "train.py", "--output", "/data/vllm"],
+        ["sh", "-c", "python train.py --output /data/vllm && echo done"],
+    ],
+    ids=["list", "shell"],
+)
+def test_a_path_named_vllm_is_no_mention_of_the_server(command: list[str]) -> None:
+    assert vllm.plan(container(command=command)) == vllm.NOT_VLLM
