@@ -131,3 +131,36 @@ def test_a_user_written_reference_to_the_variable_is_written_out_too() -> None:
     pod["spec"]["containers"][0]["args"].append(names.VLLM_UTILIZATION_ARG)
     after = mutated(pod)
     assert not any("$(" in item for item in after["spec"]["containers"][0]["args"])
+
+
+def test_a_transformer_pod_that_asks_for_no_gpu_gets_no_claim() -> None:
+    isvc = builders.with_transformer(builders.isvc("isvc-vllm-openai.yaml"))
+    result = mutate(builders.transformer_pod(isvc))
+    assert result.allowed and result.patch == ()
+    assert "no container requests nvidia.com/gpu: the pod is left unchanged" in result.warnings[0]
+    assert _gpu_container(mutated(builders.predictor_pod(isvc)))  # its predictor gets the claim
+
+
+@pytest.mark.parametrize("command", list(builders.WRAPPED.values()), ids=list(builders.WRAPPED))
+def test_vllm_behind_a_wrapper_gets_the_value_written_out(command: list[str]) -> None:
+    server = _gpu_container(mutated(builders.predictor_pod(builders.wrapped_isvc(command))))
+    argv = [*(server.get("command") or []), *(server.get("args") or [])]
+    assert not any("$(" in token for token in argv)
+    assert sum(f"{names.VLLM_UTILIZATION_FLAG}=0." in token for token in argv) == 1
+    assert argv[: len(command) - 1] == command[:-1]  # the wrapper is kept
+
+
+def test_a_gpu_server_that_is_not_vllm_gets_the_claim_and_no_vllm_flag() -> None:
+    pod = builders.predictor_pod(builders.tgi_isvc())
+    result = mutate(pod, largest=None)
+    server = _gpu_container(mutated(pod))
+    assert server["args"] == pod["spec"]["containers"][0]["args"]
+    assert result.allowed and any("sees no vLLM server" in w for w in result.warnings)
+
+
+def test_a_rewritten_pod_with_a_hand_set_system_annotation_is_refused(
+    kserve_pod: dict[str, Any],
+) -> None:
+    once = mutated(kserve_pod)
+    once["metadata"]["annotations"][names.ANNOTATION_CARD_UUID] = "GPU-0"
+    assert not mutate(once).allowed
