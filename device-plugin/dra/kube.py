@@ -2,9 +2,11 @@
 
 kubernetes_asyncio's typed models lag the API's newest fields (consumable capacity), so the
 objects travel as plain dicts through its generic client; errors stop here as
-:class:`gpushare.deviceplugin.kube.ApiError`.
+:class:`gpushare.deviceplugin.kube.ApiError`. Every call has the agent's API deadline
+(:data:`gpushare.deviceplugin.kube.CALL_SECONDS`).
 """
 
+import asyncio
 import json
 from collections.abc import Mapping
 from typing import Any, Final, Protocol
@@ -16,9 +18,6 @@ from gpushare.deviceplugin import kube
 
 FIELD_MANAGER: Final = "gpushare-device-plugin"
 """The server-side-apply manager of the slices the agent writes."""
-
-REQUEST_SECONDS: Final = 30
-"""No call waits longer on the API server than this."""
 
 _GROUP, _VERSION = names.DRA_API_VERSION.split("/")
 
@@ -46,9 +45,12 @@ class DraApi(Protocol):
 class KubeDraApi:
     """:class:`DraApi` over kubernetes_asyncio's generic custom-object client."""
 
-    def __init__(self, api_client: client.ApiClient) -> None:
+    def __init__(
+        self, api_client: client.ApiClient, *, call_seconds: float = kube.CALL_SECONDS
+    ) -> None:
         self._objects = client.CustomObjectsApi(api_client)
         self._core = client.CoreV1Api(api_client)
+        self._deadline = call_seconds
 
     async def apply_slice(self, body: Mapping[str, Any]) -> None:
         """Server-side apply, forced: the agent owns its node's slice."""
@@ -64,7 +66,7 @@ class KubeDraApi:
                 field_manager=FIELD_MANAGER,
                 force=True,
                 _content_type="application/apply-patch+yaml",
-                _request_timeout=REQUEST_SECONDS,
+                _request_timeout=self._deadline,
             )
 
     async def slice_exists(self, name: str) -> bool:
@@ -72,7 +74,7 @@ class KubeDraApi:
         try:
             async with kube._Translated(f"get resourceslice {name}"):
                 await self._objects.get_cluster_custom_object(
-                    _GROUP, _VERSION, "resourceslices", name, _request_timeout=REQUEST_SECONDS
+                    _GROUP, _VERSION, "resourceslices", name, _request_timeout=self._deadline
                 )
         except kube.ApiError as exc:
             if exc.status == 404:
@@ -90,16 +92,16 @@ class KubeDraApi:
                 "resourceclaims",
                 name,
                 _preload_content=False,
-                _request_timeout=REQUEST_SECONDS,
+                _request_timeout=self._deadline,
             )
             async with response:
-                raw = await response.read()
+                raw = await asyncio.wait_for(response.read(), self._deadline)
         claim: dict[str, Any] = json.loads(raw)
         return claim
 
     async def gpu_memory_allocatable(self, node: str) -> int:
         """Read the Node's ``status.allocatable``."""
         async with kube._Translated(f"get node {node}"):
-            found = await self._core.read_node(node, _request_timeout=REQUEST_SECONDS)
+            found = await self._core.read_node(node, _request_timeout=self._deadline)
         allocatable = (found.status.allocatable if found.status else None) or {}
         return int(allocatable.get(names.RESOURCE_GPU_MEMORY) or 0)
