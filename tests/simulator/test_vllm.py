@@ -56,7 +56,8 @@ def test_an_unexpanded_variable_makes_vllm_exit() -> None:
 
 
 def test_the_measured_refusal_under_an_8g_limit_is_reproduced() -> None:
-    # docs/design.md (measured facts): asking for 0.30 of the card under an 8 GiB MPS limit, vLLM refused to start.
+    # docs/design.md (measured facts): asking for 0.30 of the card under an 8 GiB MPS limit,
+    # vLLM refused to start.
     refused = vllm.start(["--gpu-memory-utilization", "0.30"], card_free_bytes=H100,
                          cuda_total_bytes=H100, limit_bytes=8 * GI)
     assert isinstance(refused, vllm.Refused)
