@@ -9,7 +9,7 @@ of it runs on one asyncio loop, so state changes need no locks beyond the one th
 import asyncio
 import logging
 import time
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Final
 
@@ -78,6 +78,8 @@ class Agent:
         self.book: dict[str, Booked] = {}
         self.holdings: list[Holding] | None = None
         """Which containers hold our IDs (kubelet's PodResources); ``None`` until first read."""
+        self.claimed: Callable[[], Mapping[str, allocation.Grant]] = dict
+        """Grants held outside PodResources, by key: the DRA backend's prepared claims."""
         self.last_snapshot = Snapshot(cards=())
         self.polled_at = clock()
         self.stall_seconds = stall_seconds or max(STALL_SECONDS, 10 * settings.agent.poll_seconds)
@@ -273,12 +275,14 @@ class Agent:
             await reconcile.apply(self.api, fixes, node=self.node)
 
     async def rebook(self) -> bool:
-        """Read kubelet's PodResources: rebuild the book, stop idle daemons; ``False`` if unread."""
+        """Read kubelet's PodResources: rebuild the book (with :attr:`claimed`), stop idle
+        daemons; ``False`` if unread."""
         if not await self.refresh_holdings():
             return False
         unit = self.settings.unit_bytes
         by_pod = reconcile.grants_by_pod(self.holdings or [], unit_bytes=unit)
         held = {h.grant.key: h.grant for grants in by_pod.values() for h in grants}
+        held.update(self.claimed())
         now = self.clock()
         book = {k: b for k, b in self.book.items() if now - b.at <= mps.RELEASE_GRACE_SECONDS}
         for key, grant in held.items():

@@ -5,6 +5,9 @@ consumed there; the grant is that memory less the per-allocation overhead, in wh
 (:func:`gpushare.dra.granted_bytes`). The agent then grants it exactly as the device plugin's
 ``Allocate`` does (same checks, same MPS daemon, same environment), and the environment goes
 into the claim's CDI spec. Preparing a claim twice answers the same; unpreparing forgets it.
+Until then the agent's reconciliation keeps the claim's grant booked and its MPS daemon running
+(:attr:`Agent.claimed`): kubelet's PodResources, which it reads for the device plugin's grants,
+does not list a claim's.
 """
 
 import logging
@@ -42,6 +45,7 @@ class Claims:
         self._cdi_dir = cdi_dir
         self._prepared: dict[str, Prepared] = {}
         self._adopted: dict[str, Grant] = {}
+        agent.claimed = self.held  # the agent keeps these booked and their daemons running
 
     def adopt(self) -> None:
         """Take back the grants of claims prepared before a restart (from their CDI specs)."""
@@ -49,10 +53,10 @@ class Claims:
         for grant in self._adopted.values():
             self._agent.book.setdefault(grant.key, Booked(grant, self._agent.clock()))
 
-    def held(self) -> set[str]:
-        """Grant keys of every prepared claim (their MPS daemons stay)."""
+    def held(self) -> dict[str, Grant]:
+        """The grant of every prepared claim, by key (booked, their MPS daemons kept)."""
         grants = [p.grant for p in self._prepared.values()] + list(self._adopted.values())
-        return {grant.key for grant in grants}
+        return {grant.key: grant for grant in grants}
 
     async def prepare(self, namespace: str, name: str, uid: str) -> Prepared:
         """Grant the claim's allocation on this node and write its CDI spec."""
@@ -103,10 +107,6 @@ class Claims:
         if grant is not None:
             self._agent.book.pop(grant.key, None)
             logger.info("unprepared claim %s: card %s", uid, grant.card)
-
-    async def release(self) -> None:
-        """Stop the MPS daemons that no prepared claim holds (after the isolation's grace)."""
-        await self._agent.mode.release(self.held())
 
     def _ours(self, namespace: str, name: str, claim: dict[str, object]) -> dra.Allocated:
         results = [r for r in dra.allocated(claim) if r.pool == self._agent.node]

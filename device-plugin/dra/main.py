@@ -41,13 +41,9 @@ async def serve(
         down = agent.mode.down_reason()
         return None if down is None else f"isolation {agent.mode.name!r} is down: {down}"
 
-    async def step() -> None:
-        await publisher.offer(agent.card_reports())
-        await claims.release()
-
     async def every_poll() -> None:
         while True:
-            await step()
+            await publisher.offer(agent.card_reports())
             await asyncio.sleep(agent.settings.agent.poll_seconds)
 
     async with contextlib.AsyncExitStack() as stack:

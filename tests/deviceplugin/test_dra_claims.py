@@ -10,6 +10,7 @@ from typing import Any
 import pytest
 
 from gpushare import dra, errors, names
+from gpushare.deviceplugin import mps
 from gpushare.deviceplugin.dra import cdi
 from gpushare.deviceplugin.dra.claims import Claims
 from gpushare.ids import CardUUID
@@ -80,9 +81,9 @@ async def test_a_claim_is_granted_once_and_forgotten_on_unprepare(
     assert first.grant.card == CARD_A
     assert first.grant.granted_bytes == 20 * GI
     assert await prepared.prepare("ns", "a", "uid-a") == first
-    assert prepared.held() == {first.grant.key}
+    assert prepared.held() == {first.grant.key: first.grant}
     await prepared.unprepare("uid-a")
-    assert prepared.held() == set()
+    assert prepared.held() == {}
     assert not cdi.path(short_tmp / "cdi", "uid-a").exists()
 
 
@@ -117,3 +118,30 @@ async def test_a_cdi_folder_it_cannot_write_refuses_the_claim_and_books_nothing(
     with pytest.raises(errors.Conflict, match="cannot write the CDI spec"):
         await Claims(agent, api, cdi_dir=blocked).prepare("ns", "a", "uid-a")
     assert agent.granted_on(CardUUID(CARD_A)) == 0
+
+
+async def test_a_prepared_claim_stays_granted_and_served_past_the_release_grace(
+    make_agent: AgentFactory, short_tmp: Path
+) -> None:
+    now = [1000.0]
+    settings = make_settings(short_tmp).model_copy(update={"backend": "dra"})
+    agent = make_agent(settings=settings, clock=lambda: now[0])
+    agent.podresources = None  # as with backend dra: no device-plugin IDs to ask kubelet about
+    await agent.start()
+    api = Claimed()
+    prepared = Claims(agent, api, cdi_dir=short_tmp / "cdi")
+    api.allocate("a", "uid-a", consumed=_consumed(60 * GI))
+    api.allocate("b", "uid-b", consumed=_consumed(30 * GI))
+    await prepared.prepare("ns", "a", "uid-a")
+    servers = agent.mode.servers_on(CardUUID(CARD_A))
+    now[0] += mps.RELEASE_GRACE_SECONDS + 1
+    await agent.reconcile()
+    assert agent.granted_on(CardUUID(CARD_A)) == 60 * GI
+    assert agent.mode.servers_on(CardUUID(CARD_A)) == servers > 0
+    with pytest.raises(errors.NoFit, match="cannot take 30 GiB"):
+        await prepared.prepare("ns", "b", "uid-b")
+    await prepared.unprepare("uid-a")
+    now[0] += mps.RELEASE_GRACE_SECONDS + 1
+    await agent.reconcile()
+    assert agent.granted_on(CardUUID(CARD_A)) == 0
+    assert agent.mode.servers_on(CardUUID(CARD_A)) == 0
