@@ -1,5 +1,6 @@
 """The webhook with ``backend: dra`` behind the real kube-apiserver: pods are stored with the
-claim, and the template they name exists in their namespace (never made by a dry run)."""
+claim, and the template they name exists in their namespace (never made by a dry run); a template
+the API refuses refuses the pod."""
 
 import json
 from collections.abc import Iterator
@@ -117,4 +118,31 @@ def test_a_dry_run_makes_no_template(
         "create", "--dry-run=server", "-n", namespace, "-o", "json", "-f", "-",
         input=json.dumps({**pod, "metadata": metadata}),
     )  # fmt: skip
+    assert _templates(control_plane, namespace) == []
+
+
+def test_a_template_the_api_refuses_refuses_the_pod_and_says_why(
+    control_plane: cluster.ControlPlane, reporting: None, namespace: str
+) -> None:
+    quota = {
+        "apiVersion": "v1",
+        "kind": "ResourceQuota",
+        "metadata": {"name": "no-templates"},
+        "spec": {"hard": {"count/resourceclaimtemplates.resource.k8s.io": "0"}},
+    }
+    control_plane.kubectl("create", "-n", namespace, "-f", "-", input=json.dumps(quota))
+    counted = {"count/resourceclaimtemplates.resource.k8s.io": "0"}
+    control_plane.kubectl(  # what kube-controller-manager's quota controller would write
+        "patch", "resourcequota", "no-templates", "-n", namespace, "--subresource=status",
+        "--type=merge", "-p", json.dumps({"status": {"hard": counted, "used": counted}}),
+    )  # fmt: skip
+    pod = builders.predictor_pod(builders.isvc("isvc-vllm-openai.yaml", memory="20Gi"))
+    metadata = {k: v for k, v in pod["metadata"].items() if k != "namespace"}
+    refused = control_plane.kubectl(
+        "create", "-n", namespace, "-f", "-",
+        input=json.dumps({**pod, "metadata": metadata}), check=False,
+    )  # fmt: skip
+    assert refused.returncode != 0
+    assert "cannot create ResourceClaimTemplate" in refused.stderr
+    assert "gpushare-gpu-memory-20gi" in refused.stderr
     assert _templates(control_plane, namespace) == []
