@@ -18,6 +18,7 @@ Isolation = Literal["cgroup", "mps", "mps-shared", "none"]
 """A node's isolation: per-cgroup driver limits, an MPS daemon per container or per node, none."""
 IsolationSetting = Literal["auto", "cgroup", "mps", "mps-shared", "none"]
 """The configured isolation: ``auto`` is the strongest the node supports (``cgroup`` or ``mps``)."""
+Backend = Literal["extender", "dra"]
 
 
 def _bytes(value: object) -> int:
@@ -79,6 +80,8 @@ class AgentSettings(_Section):
     broken: the limit includes the CUDA context, and NVML's figure ran at most 256 MiB over it."""
     cdi: bool = False
     """Name the card as a CDI device (``nvidia.com/gpu=<uuid>``) in Allocate's response."""
+    cdi_spec_dir: Path = Path("/var/run/cdi")
+    """Where the DRA backend writes each prepared claim's CDI spec (the runtime reads it)."""
 
 
 class Settings(_Section):
@@ -94,6 +97,8 @@ class Settings(_Section):
     card_costs: dict[str, pydantic.PositiveFloat] = {}
     """What one card of a GPU model weighs in the simulator's cost figures, by NVML product name
     (``NVIDIA H100 80GB HBM3: 3.0``); a model not named weighs its usable memory in GiB."""
+    backend: Backend = "extender"
+    """Who places pods: the extender (extended resource), or kube-scheduler's DRA allocator."""
     scheduler: SchedulerSettings = SchedulerSettings()
     webhook: WebhookSettings = WebhookSettings()
     agent: AgentSettings = AgentSettings()

@@ -123,6 +123,31 @@ VLLM_KV_CACHE_FLAG: Final = "--kv-cache-memory-bytes"
 # --- CDI ------------------------------------------------------------------------------------------
 CDI_KIND: Final = "nvidia.com/gpu"
 
+# --- Dynamic Resource Allocation (resource.k8s.io/v1), the second backend ----------------------
+DRA_API_GROUP: Final = "resource.k8s.io"
+DRA_API_VERSION: Final = f"{DRA_API_GROUP}/v1"
+"""The version kube-apiserver serves by default since Kubernetes 1.34."""
+
+DRA_DRIVER: Final = f"gpu.{DOMAIN}"
+"""Driver name in ResourceSlices and allocation results; kubelet dials the plugin by it."""
+
+DRA_DEVICE_CLASS: Final = f"gpu-memory.{DOMAIN}"
+"""DeviceClass whose claims ask for memory of one shared card."""
+
+DRA_CAPACITY_MEMORY: Final = "memory"
+"""Each card's consumable capacity: CUDA-visible bytes, consumed per claim."""
+
+DRA_ATTRIBUTE_UUID: Final = "uuid"
+DRA_ATTRIBUTE_MODEL: Final = "model"
+DRA_ATTRIBUTE_INDEX: Final = "index"
+"""Device attributes (in the driver's domain: ``gpu.gpushare.io/uuid`` in CEL selectors)."""
+
+DRA_CLAIM_NAME: Final = "gpushare-gpu-memory"
+"""The name of the pod's claim entry (``spec.resourceClaims[].name``) the webhook writes."""
+
+DRA_REQUEST_NAME: Final = "gpu"
+"""The request's name inside that claim."""
+
 # --- Kubernetes object names of an installation ---------------------------------------------------
 NAMESPACE: Final = "gpushare-system"
 CONFIGMAP: Final = "gpushare-config"

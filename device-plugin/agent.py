@@ -9,7 +9,7 @@ of it runs on one asyncio loop, so state changes need no locks beyond the one th
 import asyncio
 import logging
 import time
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Final
 
@@ -87,6 +87,8 @@ class Agent:
         self.book: dict[str, Booked] = {}
         self.holdings: list[Holding] | None = None
         """Which containers hold our IDs (kubelet's PodResources); ``None`` until first read."""
+        self.claimed: Callable[[], Mapping[str, allocation.Grant]] = dict
+        """Grants held outside PodResources, by key: the DRA backend's prepared claims."""
         self.last_snapshot = Snapshot(cards=())
         self.polled_at = clock()
         self.stall_seconds = stall_seconds or max(STALL_SECONDS, 10 * settings.agent.poll_seconds)
@@ -322,12 +324,14 @@ class Agent:
             await reconcile.apply(self.api, fixes, node=self.node)
 
     async def rebook(self) -> bool:
-        """Read kubelet's PodResources: rebuild the book, stop idle daemons; ``False`` if unread."""
+        """Read kubelet's PodResources: rebuild the book (with :attr:`claimed`), stop idle
+        daemons; ``False`` if unread."""
         if not await self.refresh_holdings():
             return False
         unit = self.settings.unit_bytes
         by_pod = reconcile.grants_by_pod(self.holdings or [], unit_bytes=unit)
         held = {h.grant.key: h.grant for grants in by_pod.values() for h in grants}
+        held.update(self.claimed())
         now = self.clock()
         book = {k: b for k, b in self.book.items() if now - b.at <= mps.RELEASE_GRACE_SECONDS}
         for key, grant in held.items():
@@ -404,20 +408,36 @@ class Agent:
                 )
 
     async def allocate(self, device_ids: Sequence[str]) -> allocation.ContainerSetup:
-        """Grant a container its IDs: check the card, start its isolation, build its environment."""
+        """Grant a container its IDs: check the IDs and the card, start its isolation, build its
+        environment."""
+
+        async def checked() -> allocation.ContainerSetup:
+            self.check_advertised(device_ids)
+            grant = allocation.grant_of(device_ids, unit_bytes=self.settings.unit_bytes)
+            await self._check_not_held(grant)
+            return await self._grant(grant)
+
+        return await self._counted(checked)
+
+    async def grant(self, grant: allocation.Grant) -> allocation.ContainerSetup:
+        """Hand out a DRA claim's ``grant`` as :meth:`allocate` does once its IDs are checked
+        (the claim's allocation names the card; its ID is the claim's, never advertised)."""
+        return await self._counted(lambda: self._grant(grant))
+
+    async def _counted(
+        self, make: Callable[[], Awaitable[allocation.ContainerSetup]]
+    ) -> allocation.ContainerSetup:
+        """Run one grant under the allocation lock, counting it as made or refused."""
         async with self._allocating:
             try:
-                setup = await self._allocate(device_ids)
+                setup = await make()
             except errors.GpushareError:
                 self.metrics.allocations.labels(self.node, "refused").inc()
                 raise
             self.metrics.allocations.labels(self.node, "ok").inc()
             return setup
 
-    async def _allocate(self, device_ids: Sequence[str]) -> allocation.ContainerSetup:
-        self.check_advertised(device_ids)
-        grant = allocation.grant_of(device_ids, unit_bytes=self.settings.unit_bytes)
-        await self._check_not_held(grant)
+    async def _grant(self, grant: allocation.Grant) -> allocation.ContainerSetup:
         card = self.cards.get(grant.card)
         if card is None:
             raise errors.BadRequest(f"card {grant.card} is not on node {self.node}")

@@ -112,6 +112,11 @@ class KubeApi:
             raise errors.ConfigError(f"no Kubernetes credentials: {exc}") from exc
         return cls(client.ApiClient(configuration), call_seconds=call_seconds)
 
+    @property
+    def api_client(self) -> client.ApiClient:
+        """The underlying client, shared by the DRA backend's adapter."""
+        return self._client
+
     async def close(self) -> None:
         """Close the HTTP session."""
         await self._client.close()

@@ -23,6 +23,9 @@ from gpushare import config, errors
 from gpushare.config import Settings
 from gpushare.deviceplugin import kube, mps, nvml, probes
 from gpushare.deviceplugin.agent import Agent, guard
+from gpushare.deviceplugin.dra import kube as dra_kube
+from gpushare.deviceplugin.dra import main as dra_main
+from gpushare.deviceplugin.dra import publisher as dra_publisher
 from gpushare.deviceplugin.metrics import Metrics
 from gpushare.deviceplugin.podresources import PodResourcesClient
 from gpushare.deviceplugin.registration import PluginServer
@@ -102,15 +105,24 @@ async def _main(
         metrics=metrics,
         api=api,
         pods=pods,
-        podresources=PodResourcesClient(kubelet_dir / "pod-resources" / "kubelet.sock"),
+        podresources=(
+            None  # DRA claims are not device-plugin IDs: the claims' CDI specs are the truth
+            if settings.backend == "dra"
+            else PodResourcesClient(kubelet_dir / "pod-resources" / "kubelet.sock")
+        ),
         locator=CgroupLocator(args.proc_root),
     )
     loop = asyncio.get_running_loop()
     task = asyncio.current_task()
     assert task is not None
     loop.add_signal_handler(signal.SIGTERM, task.cancel)
+    dra_api = dra_kube.KubeDraApi(api.api_client)
     try:
-        await serve(agent, kubelet_dir=kubelet_dir, pods=pods, listen=(host, port))
+        await dra_publisher.check_exclusive(dra_api, node=node, backend=settings.backend)
+        if settings.backend == "dra":
+            await dra_main.serve(agent, api=dra_api, kubelet_dir=kubelet_dir, listen=(host, port))
+        else:
+            await serve(agent, kubelet_dir=kubelet_dir, pods=pods, listen=(host, port))
     except asyncio.CancelledError:
         logger.info("stopping")
     finally:

@@ -8,12 +8,14 @@ import logging
 from collections.abc import Mapping
 from typing import Any, Final
 
+import jsonpatch
 import kopf
 
-from gpushare import config, names
+from gpushare import config, errors, names
 from gpushare.ids import NodeName
 from gpushare.webhook import inventory, mutation, paths, server, validation
 from gpushare.webhook.metrics import WebhookMetrics
+from gpushare.webhook.templates import Templates
 
 logger = logging.getLogger(__name__)
 
@@ -38,15 +40,33 @@ def register(registry: kopf.OperatorRegistry, *, cards: inventory.Cards) -> None
 
 
 def routes(
-    *, settings: config.Settings, metrics: WebhookMetrics, cards: inventory.Cards
+    *,
+    settings: config.Settings,
+    metrics: WebhookMetrics,
+    cards: inventory.Cards,
+    templates: Templates | None = None,
 ) -> dict[str, server.Route]:
-    """The admission routes, by URL path (without its ``/``)."""
+    """The admission routes, by URL path (without its ``/``).
 
-    def mutate_pod(request: Mapping[str, Any]) -> server.Answer:
+    ``templates`` (the DRA backend) creates the claim template a mutated pod names, except on a
+    dry run; a template it cannot create refuses the pod.
+    """
+
+    async def mutate_pod(request: Mapping[str, Any]) -> server.Answer:
         body = request["object"]
         result = mutation.pod(body, settings=settings, largest_cuda_total_bytes=cards.largest())
         if not result.allowed:
             return _deny(paths.MUTATE_PODS, request, result, metrics)
+        if result.patch and templates is not None and not request.get("dryRun"):
+            mutated = jsonpatch.apply_patch(body, [dict(op) for op in result.patch])
+            try:
+                await templates.ensure(mutated)
+            except errors.Conflict as exc:
+                refusal = validation.Verdict(
+                    reasons=(validation.Reason("claim-template", str(exc)),),
+                    warnings=result.warnings,
+                )
+                return _deny(paths.MUTATE_PODS, request, refusal, metrics)
         if result.patch:
             logger.info(
                 "pod %s mutated: %s",
@@ -55,7 +75,7 @@ def routes(
             )
         return server.Answer(patch=result.patch, warnings=result.warnings)
 
-    def validate_inference_service(request: Mapping[str, Any]) -> server.Answer:
+    async def validate_inference_service(request: Mapping[str, Any]) -> server.Answer:
         old = request.get("oldObject") if request["operation"] == "UPDATE" else None
         verdict = validation.inference_service(
             request["object"],

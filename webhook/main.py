@@ -23,6 +23,7 @@ from prometheus_client import CollectorRegistry
 from gpushare import config, errors
 from gpushare.webhook import handlers, inventory, login, server
 from gpushare.webhook.metrics import WebhookMetrics
+from gpushare.webhook.templates import Templates
 
 logger = logging.getLogger(__name__)
 
@@ -92,9 +93,12 @@ async def serve(
 
     registry = kopf.OperatorRegistry()
     kopf.on.login(registry=registry)(login.handler(kubeconfig))
+    templates = await Templates.connect(kubeconfig, settings) if settings.backend == "dra" else None
     handlers.register(registry, cards=cards)
     admission = server.AdmissionServer(
-        routes=handlers.routes(settings=settings, metrics=metrics, cards=cards),
+        routes=handlers.routes(
+            settings=settings, metrics=metrics, cards=cards, templates=templates
+        ),
         metrics=metrics,
         host=host,
         port=port,
@@ -129,3 +133,5 @@ async def serve(
     finally:
         await admission.stop()
         await runner.cleanup()
+        if templates is not None:
+            await templates.close()

@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from typing import Any, Final
 
 from gpushare import config, names, quantities
-from gpushare.webhook import validation, vllm
+from gpushare.webhook import dra, validation, vllm
 from gpushare.webhook.validation import Reason
 
 _DEFAULT_SCHEDULER: Final = "default-scheduler"
@@ -47,6 +47,8 @@ def pod(
     annotations: Mapping[str, Any] = metadata.get("annotations") or {}
     reasons = validation.annotation_keys(annotations, ours=_OURS)
     if names.ANNOTATION_GPU_MEMORY not in annotations:
+        return Mutation(reasons=tuple(reasons))
+    if settings.backend == "dra" and dra.holds_claim(body):
         return Mutation(reasons=tuple(reasons))
     requested, more, warnings = validation.memory_bytes(
         annotations[names.ANNOTATION_GPU_MEMORY],
@@ -80,7 +82,7 @@ def pod(
     if reasons:
         return Mutation(reasons=tuple(reasons))
     units = quantities.to_units(requested, settings.unit_bytes)
-    return _patch(
+    result = _patch(
         body,
         index=target,
         plan=plan,
@@ -88,6 +90,20 @@ def pod(
         settings=settings,
         warnings=warnings,
     )
+    if settings.backend == "dra":  # the second output: a ResourceClaim (see .dra)
+        rewritten = dra.rewrite(
+            body,
+            result.patch,
+            result.warnings,
+            index=target,
+            units=units,
+            settings=settings,
+            largest_cuda_total_bytes=largest_cuda_total_bytes,
+        )
+        if rewritten.refusal is not None:
+            return Mutation(reasons=(rewritten.refusal,))
+        return Mutation(patch=rewritten.patch, warnings=rewritten.warnings)
+    return result
 
 
 def _target(

@@ -20,7 +20,7 @@ import json
 import logging
 import ssl
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Final
@@ -60,7 +60,7 @@ class Answer:
     message: str = ""
 
 
-Decide = Callable[[Mapping[str, Any]], Answer]
+Decide = Callable[[Mapping[str, Any]], Awaitable[Answer]]
 """A route's decision: the AdmissionReview's ``request`` in, an :class:`Answer` out."""
 
 
@@ -164,7 +164,7 @@ class AdmissionServer:
             self.metrics.requests.labels(path, "", "malformed").inc()
             raise aiohttp.web.HTTPBadRequest(text=f"malformed AdmissionReview: {problem}")
         operation = review["request"]["operation"]
-        answer = self._decide(path, route, review["request"])
+        answer = await self._decide(path, route, review["request"])
         outcome = "denied" if not answer.allowed else "mutated" if answer.patch else "allowed"
         self.metrics.requests.labels(path, operation, outcome).inc()
         response = aiohttp.web.json_response(
@@ -177,11 +177,11 @@ class AdmissionServer:
         self.metrics.duration.labels(path).observe(time.perf_counter() - started)
         return response
 
-    def _decide(self, path: str, route: Route, request: Mapping[str, Any]) -> Answer:
+    async def _decide(self, path: str, route: Route, request: Mapping[str, Any]) -> Answer:
         if request["operation"] not in route.operations:
             return Answer()
         try:
-            return route.decide(request)
+            return await route.decide(request)
         except Exception as exc:  # a bug of ours: the pod is refused, the server lives on
             logger.exception("/%s: no decision for %s", path, describe(request))
             return Answer(

@@ -8,9 +8,10 @@
 # `go mod download` from the Go module proxy. Older releases import gogo protobuf's gogo.proto for
 # Go-only options; those lines are stripped (they change nothing on the wire). Each proto is placed
 # under the Python package path it is generated into, so the generated imports are absolute
-# (gpushare.deviceplugin.api...) and the two files, both named api.proto upstream, get distinct names
-# in protobuf's descriptor pool. The proto packages (v1beta1, v1) are kept: they are part of the
-# gRPC method names kubelet calls (/v1beta1.DevicePlugin/Allocate).
+# (gpushare.deviceplugin.api...) and the files, all named api.proto upstream, get distinct names
+# in protobuf's descriptor pool. The proto packages (v1beta1, v1, k8s.io.kubelet.pkg.apis.dra.v1,
+# pluginregistration) are kept: they are part of the gRPC method names kubelet calls
+# (/v1beta1.DevicePlugin/Allocate). The DRA plugin (gpushare.deviceplugin.dra) uses the last two.
 #
 # Needs: go, and a python with grpcio-tools and mypy-protobuf (type stubs for messages and services).
 set -euo pipefail
@@ -33,6 +34,8 @@ pkg="gpushare/deviceplugin/api"
 declare -A sources=(
     [deviceplugin/v1beta1]="pkg/apis/deviceplugin/v1beta1/api.proto"
     [podresources/v1]="pkg/apis/podresources/v1/api.proto"
+    [dra/v1]="pkg/apis/dra/v1/api.proto"
+    [pluginregistration/v1]="pkg/apis/pluginregistration/v1/api.proto"
 )
 for sub in "${!sources[@]}"; do
     mkdir -p "$work/$pkg/$sub"
@@ -51,7 +54,7 @@ bindir="$(dirname "$python")"
     --plugin=protoc-gen-mypy="$bindir/protoc-gen-mypy" \
     --plugin=protoc-gen-mypy_grpc="$bindir/protoc-gen-mypy_grpc" \
     --python_out="$out" --grpc_python_out="$out" --mypy_out="$out" --mypy_grpc_out="$out" \
-    "$pkg/deviceplugin/v1beta1/api.proto" "$pkg/podresources/v1/api.proto"
+    $(for sub in "${!sources[@]}"; do echo "$pkg/$sub/api.proto"; done)
 
 for sub in "${!sources[@]}"; do
     dest="$here/$sub"

@@ -15,6 +15,7 @@ from kubernetes_asyncio import client
 
 from gpushare import names
 from gpushare.deviceplugin import kube
+from gpushare.deviceplugin.dra.kube import KubeDraApi
 from gpushare.deviceplugin.nvml import FakeNvml, Snapshot, XidEvent
 from gpushare.deviceplugin.pods import PodInfo
 from tests.deviceplugin.conftest import (
@@ -70,6 +71,21 @@ async def test_every_api_call_ends_at_its_deadline(silent_api: str) -> None:
             api.list_pods("n"),
             api.evict("ns", "p"),
             api.post_event(PodInfo(namespace="ns", name="p"), reason="Test", message="m"),
+        ]
+        for call in calls:
+            with pytest.raises(kube.ApiError) as caught:
+                await asyncio.wait_for(call, BOUND)
+            assert caught.value.temporary
+
+
+async def test_every_dra_api_call_ends_at_its_deadline(silent_api: str) -> None:
+    async with client.ApiClient(client.Configuration(host=silent_api)) as api_client:
+        api = KubeDraApi(api_client, call_seconds=0.2)
+        calls = [
+            api.apply_slice({"metadata": {"name": "gpu-node-gpushare"}}),
+            api.slice_exists("gpu-node-gpushare"),
+            api.get_claim("ns", "claim"),
+            api.gpu_memory_allocatable("gpu-node"),
         ]
         for call in calls:
             with pytest.raises(kube.ApiError) as caught:

@@ -80,6 +80,7 @@ DEVICE_PLUGIN: Final = {
     ("pods", "", "patch"),
     ("pods/eviction", "", "create"),
     ("events", "", "create"),
+    ("resourceslices.resource.k8s.io", "", "get"),
 }
 CERTS: Final = {
     ("mutatingwebhookconfigurations.admissionregistration.k8s.io", "gpushare-webhook", "get"),

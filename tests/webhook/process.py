@@ -20,13 +20,23 @@ MANIFESTS = Path(__file__).resolve().parents[2] / "manifests" / "webhook"
 class Webhook:
     """``gpushare webhook`` in a subprocess, talking to the test apiserver."""
 
-    def __init__(self, kubeconfig: Path, pair: Path, log: Path, *, flag: bool = False) -> None:
+    def __init__(
+        self,
+        kubeconfig: Path,
+        pair: Path,
+        log: Path,
+        *,
+        flag: bool = False,
+        settings: dict[str, str] | None = None,
+    ) -> None:
         """``flag``: name the kubeconfig with ``--kubeconfig`` (with no ``KUBECONFIG``, and a
-        ``HOME`` without ``.kube/config``) rather than in ``KUBECONFIG``."""
+        ``HOME`` without ``.kube/config``) rather than in ``KUBECONFIG``. ``settings``:
+        configuration as ``GPUSHARE_*`` variables (``{"GPUSHARE_BACKEND": "dra"}``)."""
         self.kubeconfig = kubeconfig
         self.pair = pair
         self.log_path = log
         self.flag = flag
+        self.settings = dict(settings or {})
         self.port = cluster.free_port()
         self.probe_port = cluster.free_port()
         self.process: subprocess.Popen[bytes] | None = None
@@ -42,6 +52,7 @@ class Webhook:
 
     def start(self) -> None:
         env = {k: v for k, v in os.environ.items() if not k.startswith("GPUSHARE_")}
+        env.update(self.settings)
         argv = [
             sys.executable, "-m", "gpushare.cli", "webhook",
             "--listen", f"127.0.0.1:{self.port}",

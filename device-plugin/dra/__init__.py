@@ -1,0 +1,1 @@
+"""The DRA backend's node side: the ResourceSlice publisher and the kubelet DRA plugin."""

@@ -1,0 +1,75 @@
+"""``manifests/dra/``: the DRA backend's install, rendered as ``kubectl apply -k`` would."""
+
+from typing import Any
+
+import pytest
+import yaml
+
+from gpushare import config, dra, names
+from tests.manifests.conftest import Objects, _render
+from tests.manifests.render import MANIFESTS, find
+
+
+@pytest.fixture(scope="module")
+def rendered() -> Objects:
+    return _render(MANIFESTS / "dra")
+
+
+def _config(objects: Objects) -> dict[str, Any]:
+    configmap = find(objects, "ConfigMap", names.CONFIGMAP)
+    data: dict[str, Any] = yaml.safe_load(configmap["data"]["config.yaml"])
+    return data
+
+
+def test_no_extender_and_no_second_scheduler_profile(rendered: Objects) -> None:
+    kinds = {(o["kind"], o["metadata"]["name"]) for o in rendered}
+    assert not [k for k in kinds if "scheduler" in k[1]]
+    deployments = [o["metadata"]["name"] for o in rendered if o["kind"] == "Deployment"]
+    assert deployments == ["gpushare-webhook"]
+
+
+def test_the_configmap_chooses_the_dra_backend_and_otherwise_matches_the_base(
+    rendered: Objects, base: Objects
+) -> None:
+    ours, theirs = _config(rendered), _config(base)
+    assert config.validate(ours).backend == "dra"
+    assert config.validate(theirs).backend == "extender"
+    assert {**ours, "backend": "extender"} == theirs
+
+
+def test_the_device_class_is_the_one_the_core_builds(rendered: Objects) -> None:
+    assert find(rendered, "DeviceClass", names.DRA_DEVICE_CLASS) == dra.device_class()
+
+
+def test_the_webhook_declares_its_side_effect(rendered: Objects) -> None:
+    (hook,) = find(rendered, "MutatingWebhookConfiguration", "gpushare-webhook")["webhooks"]
+    assert hook["sideEffects"] == "NoneOnDryRun"
+
+
+def test_the_agent_reaches_kubelets_plugin_folders_and_the_cdi_folder(rendered: Objects) -> None:
+    daemonset = find(rendered, "DaemonSet", "gpushare-device-plugin")
+    (container,) = daemonset["spec"]["template"]["spec"]["containers"]
+    mounted = {m["mountPath"] for m in container["volumeMounts"]}
+    settings = config.validate(_config(rendered))
+    kubelet = settings.agent.kubelet_dir
+    assert {
+        str(kubelet / "plugins_registry"),
+        str(kubelet / "plugins"),
+        str(settings.agent.cdi_spec_dir),
+    } <= mounted
+
+
+def test_each_part_may_do_what_the_dra_backend_asks_of_it(rendered: Objects) -> None:
+    def rules(name: str) -> set[tuple[str, str]]:
+        role = find(rendered, "ClusterRole", name)
+        return {(r, v) for rule in role["rules"] for r in rule["resources"] for v in rule["verbs"]}
+
+    plugin = rules("gpushare-device-plugin") | rules("gpushare-device-plugin-dra")
+    assert {
+        ("resourceslices", "create"),
+        ("resourceslices", "patch"),
+        ("resourceslices", "get"),
+        ("resourceclaims", "get"),
+        ("nodes", "get"),
+    } <= plugin
+    assert ("resourceclaimtemplates", "create") in rules("gpushare-webhook-dra")
