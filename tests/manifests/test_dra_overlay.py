@@ -28,13 +28,15 @@ def test_no_extender_and_no_second_scheduler_profile(rendered: Objects) -> None:
     assert deployments == ["gpushare-webhook"]
 
 
-def test_the_configmap_chooses_the_dra_backend_and_otherwise_matches_the_base(
+def test_the_configmap_chooses_the_dra_backend_and_mps_and_otherwise_matches_the_base(
     rendered: Objects, base: Objects
 ) -> None:
     ours, theirs = _config(rendered), _config(base)
     assert config.validate(ours).backend == "dra"
     assert config.validate(theirs).backend == "extender"
-    assert {**ours, "backend": "extender"} == theirs
+    # The agent's escape checks and per-cgroup backstop do not see claims yet: MPS holds them.
+    assert config.validate(ours).isolation == "mps"
+    assert {**ours, "backend": "extender", "isolation": theirs["isolation"]} == theirs
 
 
 def test_the_device_class_is_the_one_the_core_builds(rendered: Objects) -> None:
