@@ -1,0 +1,66 @@
+"""A KServe-shaped predictor on the real kubelet: Deployment → ReplicaSet → pod → webhook →
+kube-scheduler + extender → kubelet → the device plugin → a running container with its grant."""
+
+from decimal import Decimal
+from typing import Any
+
+import pytest
+
+from gpushare import names
+from tests import cluster
+from tests.deviceplugin.conftest import CARD_A
+from tests.node import workloads
+from tests.node.local import RealNode
+
+pytestmark = pytest.mark.timeout(600)
+
+
+def wait_running(node: RealNode, namespace: str, app: str, count: int) -> list[dict[str, Any]]:
+    def probe() -> list[dict[str, Any]] | None:
+        node.device_plugin.check_alive()
+        found = workloads.pods(node.cp, namespace, app)
+        return found if len(found) == count and all(map(workloads.running, found)) else None
+
+    try:
+        return cluster.wait_for(probe, timeout=180, interval=1, what=f"{count} running pod(s)")
+    except TimeoutError as exc:
+        state = node.cp.kubectl("get", "pods,events", "-n", namespace, "-o", "wide").stdout
+        logs = "\n".join(f"--- {k}\n{v}" for k, v in node.logs().items())
+        raise AssertionError(f"{exc}\n{state}\n{logs}") from exc
+
+
+def test_a_predictor_deployment_runs_with_the_grant_kubelet_expanded(
+    real_node: RealNode, node_namespace: str
+) -> None:
+    cp, ns = real_node.cp, node_namespace
+    body = workloads.predictor(
+        "bloom", image=real_node.images["vllm-standin"], nvml_file=real_node.nvml_file
+    )
+    cp.rest().create(f"/apis/apps/v1/namespaces/{ns}/deployments", body)
+    [pod] = wait_running(real_node, ns, "bloom-predictor", 1)
+
+    # Deployment → ReplicaSet → pod, each made by kube-controller-manager.
+    [owner] = pod["metadata"]["ownerReferences"]
+    assert owner["kind"] == "ReplicaSet"
+    replica_set = cp.rest().get(f"/apis/apps/v1/namespaces/{ns}/replicasets/{owner['name']}")
+    assert replica_set["metadata"]["ownerReferences"][0]["name"] == "bloom-predictor"
+
+    # The webhook mutated it, kube-scheduler and the extender placed it on the real node's card.
+    assert pod["spec"]["schedulerName"] == names.SCHEDULER_NAME
+    assert pod["spec"]["nodeName"] == real_node.name
+    annotations = pod["metadata"]["annotations"]
+    assert annotations[names.ANNOTATION_CARD_UUID] == CARD_A
+    granted = int(annotations[names.ANNOTATION_GRANTED_BYTES])
+
+    # The container's environment came from the device plugin's Allocate through the real kubelet,
+    # which also expanded $(GPUSHARE_VLLM_GPU_MEMORY_UTILIZATION) in the args; the stand-in started.
+    line = workloads.standin_line(cp, ns, pod["metadata"]["name"])
+    assert line["result"] == "started", line
+    env = line["env"]
+    assert env[names.ENV_CARD_UUID] == CARD_A
+    assert int(env[names.ENV_GRANTED_BYTES]) == granted
+    utilization = env[names.ENV_VLLM_UTILIZATION]
+    assert f"{names.VLLM_UTILIZATION_FLAG}={utilization}" in line["argv"]
+    assert not any("$(" in word for word in line["argv"]), line["argv"]
+    assert Decimal(line["utilization"]) == Decimal(utilization)
+    assert env[names.ENV_MPS_MEM_LIMIT].startswith(f"{CARD_A}=")
