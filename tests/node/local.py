@@ -202,7 +202,8 @@ def start(folder: Path) -> Iterator[RealNode]:
 
 
 def main() -> int:
-    """Run the local cluster until Ctrl-C; print its kubeconfig and the stand-in's image."""
+    """Run the local cluster until Ctrl-C or SIGTERM; print its kubeconfig and stand-in image."""
+    signal.signal(signal.SIGTERM, signal.default_int_handler)
     folder = Path(tempfile.mkdtemp(prefix="gpushare-local-"))
     try:
         with start(folder) as node:
@@ -214,15 +215,16 @@ def main() -> int:
                 "Ctrl-C stops everything.",
                 flush=True,
             )
-            signal.sigwait({signal.SIGINT, signal.SIGTERM})
+            while True:
+                signal.pause()
+    except KeyboardInterrupt:
+        return 0
     except (cluster.BinariesMissingError, runtime.NodeUnavailableError) as exc:
         print(exc, file=sys.stderr)
         return 1
     finally:
         shutil.rmtree(folder, ignore_errors=True)
-    return 0
 
 
 if __name__ == "__main__":
-    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM})
     sys.exit(main())

@@ -64,3 +64,30 @@ def test_a_predictor_deployment_runs_with_the_grant_kubelet_expanded(
     assert not any("$(" in word for word in line["argv"]), line["argv"]
     assert Decimal(line["utilization"]) == Decimal(utilization)
     assert env[names.ENV_MPS_MEM_LIMIT].startswith(f"{CARD_A}=")
+
+
+def test_four_predictors_started_together_share_the_card_each_with_its_own_grant(
+    real_node: RealNode, node_namespace: str
+) -> None:
+    cp, ns = real_node.cp, node_namespace
+    body = workloads.predictor(
+        "four",
+        image=real_node.images["vllm-standin"],
+        nvml_file=real_node.nvml_file,
+        memory="16Gi",
+        replicas=4,
+    )
+    cp.rest().create(f"/apis/apps/v1/namespaces/{ns}/deployments", body)
+    started = wait_running(real_node, ns, "four-predictor", 4)
+
+    grants = []
+    for pod in started:
+        annotations = pod["metadata"]["annotations"]
+        line = workloads.standin_line(cp, ns, pod["metadata"]["name"])
+        assert line["result"] == "started", line
+        # What kubelet handed the container is what the extender wrote on the pod.
+        assert line["env"][names.ENV_CARD_UUID] == annotations[names.ANNOTATION_CARD_UUID]
+        assert line["env"][names.ENV_GRANTED_BYTES] == annotations[names.ANNOTATION_GRANTED_BYTES]
+        grants.append((line["env"][names.ENV_CARD_UUID], line["env"][names.ENV_MPS_PIPE_DIRECTORY]))
+    assert {card for card, _ in grants} == {CARD_A}
+    assert len({pipe for _, pipe in grants}) == 4, "each container has its own MPS daemon"
