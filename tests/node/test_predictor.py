@@ -2,31 +2,15 @@
 kube-scheduler + extender → kubelet → the device plugin → a running container with its grant."""
 
 from decimal import Decimal
-from typing import Any
 
 import pytest
 
 from gpushare import names
-from tests import cluster
 from tests.deviceplugin.conftest import CARD_A
 from tests.node import workloads
 from tests.node.local import RealNode
 
 pytestmark = pytest.mark.timeout(600)
-
-
-def wait_running(node: RealNode, namespace: str, app: str, count: int) -> list[dict[str, Any]]:
-    def probe() -> list[dict[str, Any]] | None:
-        node.device_plugin.check_alive()
-        found = workloads.pods(node.cp, namespace, app)
-        return found if len(found) == count and all(map(workloads.running, found)) else None
-
-    try:
-        return cluster.wait_for(probe, timeout=180, interval=1, what=f"{count} running pod(s)")
-    except TimeoutError as exc:
-        state = node.cp.kubectl("get", "pods,events", "-n", namespace, "-o", "wide").stdout
-        logs = "\n".join(f"--- {k}\n{v}" for k, v in node.logs().items())
-        raise AssertionError(f"{exc}\n{state}\n{logs}") from exc
 
 
 def test_a_predictor_deployment_runs_with_the_grant_kubelet_expanded(
@@ -37,7 +21,7 @@ def test_a_predictor_deployment_runs_with_the_grant_kubelet_expanded(
         "bloom", image=real_node.images["vllm-standin"], nvml_file=real_node.nvml_file
     )
     cp.rest().create(f"/apis/apps/v1/namespaces/{ns}/deployments", body)
-    [pod] = wait_running(real_node, ns, "bloom-predictor", 1)
+    [pod] = workloads.wait_running(real_node, ns, "bloom-predictor", 1)
 
     # Deployment → ReplicaSet → pod, each made by kube-controller-manager.
     [owner] = pod["metadata"]["ownerReferences"]
@@ -78,7 +62,7 @@ def test_four_predictors_started_together_share_the_card_each_with_its_own_grant
         replicas=4,
     )
     cp.rest().create(f"/apis/apps/v1/namespaces/{ns}/deployments", body)
-    started = wait_running(real_node, ns, "four-predictor", 4)
+    started = workloads.wait_running(real_node, ns, "four-predictor", 4)
 
     grants = []
     for pod in started:

@@ -4,11 +4,14 @@ how to read back what their containers got."""
 import copy
 import json
 from pathlib import Path
-from typing import Any, Final
+from typing import TYPE_CHECKING, Any, Final
 
 from gpushare import names
 from tests import cluster
 from tests.node.vllm_standin import ENV_NVML
+
+if TYPE_CHECKING:
+    from tests.node.local import RealNode
 from tests.webhook import builders
 
 NVML_IN_CONTAINER: Final = "/etc/gpushare-test/nvml.yaml"
@@ -56,6 +59,22 @@ def predictor(
             "template": template,
         },
     }
+
+
+def wait_running(node: "RealNode", namespace: str, app: str, count: int) -> list[dict[str, Any]]:
+    """Wait until exactly ``count`` pods of ``app`` run; on timeout show the pods, events, logs."""
+
+    def probe() -> list[dict[str, Any]] | None:
+        node.device_plugin.check_alive()
+        found = pods(node.cp, namespace, app)
+        return found if len(found) == count and all(map(running, found)) else None
+
+    try:
+        return cluster.wait_for(probe, timeout=180, interval=1, what=f"{count} running pod(s)")
+    except TimeoutError as exc:
+        state = node.cp.kubectl("get", "pods,events", "-n", namespace, "-o", "wide").stdout
+        logs = "\n".join(f"--- {k}\n{v}" for k, v in node.logs().items())
+        raise AssertionError(f"{exc}\n{state}\n{logs}") from exc
 
 
 def pods(cp: cluster.ControlPlane, namespace: str, app: str) -> list[dict[str, Any]]:
