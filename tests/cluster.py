@@ -279,13 +279,21 @@ def tail(path: Path, max_lines: int = 60) -> str:
 class Process:
     """One control-plane process with its log file."""
 
-    def __init__(self, name: str, argv: Sequence[str], log_path: Path) -> None:
+    def __init__(
+        self,
+        name: str,
+        argv: Sequence[str],
+        log_path: Path,
+        *,
+        env: Mapping[str, str] | None = None,
+    ) -> None:
         self.name = name
         self.argv = list(argv)
         self.log_path = log_path
         self._log: IO[bytes] = log_path.open("ab")
         self.popen: subprocess.Popen[bytes] = subprocess.Popen(
             _dying_with_parent(self.argv),
+            env=None if env is None else dict(env),
             stdin=subprocess.DEVNULL,
             stdout=self._log,
             stderr=subprocess.STDOUT,

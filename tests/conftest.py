@@ -6,6 +6,8 @@
 # whose fixtures include `control_plane`). Without the binaries (tests/controlplane/build.sh) such
 # tests are skipped, except under CI (`CI` set) where they fail. A failing cluster test's report
 # carries the tails of the control-plane logs.
+# Tests on a real kubelet and containerd (tests/node) are marked `node` the same way (by their
+# fixture `real_node`), skipped outside CI and failed under CI where the machine lacks them.
 
 import os
 from collections.abc import Generator, Iterator
@@ -26,8 +28,11 @@ _CONTROL_PLANE_KEY = pytest.StashKey[cluster.ControlPlane]()
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     for item in items:
-        if "control_plane" in getattr(item, "fixturenames", ()):
+        fixtures = getattr(item, "fixturenames", ())
+        if "control_plane" in fixtures:
             item.add_marker(pytest.mark.cluster)
+        if "real_node" in fixtures:
+            item.add_marker(pytest.mark.node)
 
 
 @pytest.fixture(scope="session")

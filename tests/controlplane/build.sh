@@ -1,16 +1,19 @@
 #!/usr/bin/env bash
 # Builds the real control plane that gpushare's `cluster` tests run against:
-# etcd, kube-apiserver, kube-scheduler and kubectl, from the Kubernetes and
-# etcd releases pinned in tests/controlplane/go.mod (the only place a version
-# is written; change it with tests/controlplane/pin.sh v1.X.Y).
+# etcd, kube-apiserver, kube-scheduler and kubectl, and for the `node` tests
+# kube-controller-manager and kubelet, from the Kubernetes and etcd releases
+# pinned in tests/controlplane/go.mod (the only place a version is written;
+# change it with tests/controlplane/pin.sh v1.X.Y).
 #
 # The binaries land in a cache folder named by version:
 #   ${GPUSHARE_CONTROLPLANE_CACHE:-$HOME/.cache/gpushare/controlplane}/<k8s>-etcd<etcd>/
-# When all four are already there this does nothing. The folder's path is
+# Only the binaries missing there are built; when all six are there this does nothing. The folder's path is
 # always the last line printed on stdout (progress goes to stderr).
 #
 # Cold build: about 7 minutes on 2 cores with an empty Go build cache and the modules already
-# downloaded (about 30 s more to fetch them from the Go module proxy); a no-op when built.
+# downloaded (about 30 s more to fetch them from the Go module proxy), and kubelet and
+# kube-controller-manager about 6 minutes more (on 2 busy cores, after the other four); a no-op
+# when built.
 # Needs only Go (>= the go line of go.mod; GOTOOLCHAIN=local); cgo is off, no C compiler needed.
 set -euo pipefail
 
@@ -28,16 +31,13 @@ fi
 
 cache_root="${GPUSHARE_CONTROLPLANE_CACHE:-$HOME/.cache/gpushare/controlplane}"
 dest="$cache_root/${k8s_version}-etcd${etcd_version#v}"
-binaries=(etcd kube-apiserver kube-scheduler kubectl)
+k8s_binaries=(kube-apiserver kube-scheduler kubectl kube-controller-manager kubelet)
 
-have_all() {
-    local b
-    for b in "${binaries[@]}"; do
-        [[ -x "$dest/$b" ]] || return 1
-    done
-}
-
-if have_all; then
+missing=()
+for b in etcd "${k8s_binaries[@]}"; do
+    [[ -x "$dest/$b" ]] || missing+=("$b")
+done
+if ((${#missing[@]} == 0)); then
     echo "control plane $k8s_version / etcd $etcd_version already built" >&2
     echo "$dest"
     exit 0
@@ -75,17 +75,22 @@ trap 'rm -rf "$stage"' EXIT
 
 start=$SECONDS
 cd "$here"
-echo "building kube-apiserver, kube-scheduler, kubectl $k8s_version ..." >&2
-# One invocation: the three share most packages and go schedules them together.
-go build -trimpath -ldflags "$k8s_ldflags" -o "$stage/" \
-    k8s.io/kubernetes/cmd/kube-apiserver \
-    k8s.io/kubernetes/cmd/kube-scheduler \
-    k8s.io/kubernetes/cmd/kubectl
-echo "building etcd $etcd_version ..." >&2
-go build -trimpath -ldflags "-s -w" -o "$stage/etcd" go.etcd.io/etcd/server/v3
+packages=()
+for b in "${missing[@]}"; do
+    [[ "$b" == etcd ]] || packages+=("k8s.io/kubernetes/cmd/$b")
+done
+if ((${#packages[@]})); then
+    echo "building ${packages[*]##*/} $k8s_version ..." >&2
+    # One invocation: they share most packages and go schedules them together.
+    go build -trimpath -ldflags "$k8s_ldflags" -o "$stage/" "${packages[@]}"
+fi
+if [[ " ${missing[*]} " == *" etcd "* ]]; then
+    echo "building etcd $etcd_version ..." >&2
+    go build -trimpath -ldflags "-s -w" -o "$stage/etcd" go.etcd.io/etcd/server/v3
+fi
 
 mkdir -p "$dest"
-for b in "${binaries[@]}"; do
+for b in "${missing[@]}"; do
     mv -f "$stage/$b" "$dest/$b"
 done
 echo "built in $((SECONDS - start)) s" >&2

@@ -1,0 +1,24 @@
+#!/usr/bin/env bash
+# One command for a local cluster on a real kubelet without a GPU (root, Debian bookworm):
+#   sudo tests/node/up.sh
+# Installs Debian's containerd, runc, CNI plugins, buildah and mmdebstrap if missing, builds the
+# control plane with kubelet (tests/controlplane/build.sh, needs Go) and the images
+# (tests/node/images.sh), then runs tests/node/local.py until Ctrl-C.
+set -euo pipefail
+cd "$(dirname "$0")/../.."
+
+packages=(containerd runc containernetworking-plugins buildah mmdebstrap iproute2)
+for command in containerd runc buildah mmdebstrap ip; do
+    if ! command -v "$command" >/dev/null; then
+        apt-get update -qq
+        DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends \
+            "${packages[@]}" >/dev/null
+        (service containerd stop || true) >/dev/null 2>&1
+        break
+    fi
+done
+[ -x .venv/bin/python ] || python3 -m venv .venv
+.venv/bin/pip install -q -e '.[test]' --config-settings editable_mode=strict
+bash tests/controlplane/build.sh >/dev/null
+bash tests/node/images.sh >/dev/null
+exec .venv/bin/python -m tests.node.local
