@@ -1,7 +1,7 @@
 """The vLLM stand-in of the `node` tests' image: vLLM's start-up checks, run inside a container.
 
 Run as the container's entrypoint with vLLM's arguments (as kubelet expanded them). It reads the
-card it was given (``GPUSHARE_CARD_UUID``) in the fake NVML file named by ``$GPUSHARE_STANDIN_NVML``
+card it was given (``GPUSHARE_CARD_UUID``) in the fake NVML file named by ``$STANDIN_NVML_FILE``
 (mounted from the host), applies :func:`gpushare.simulator.vllm.start` under the MPS limit in its
 environment, and prints one JSON line: its argv, the gpushare environment it got, and ``started`` or
 ``refused`` with vLLM's message. Refused, it exits 1 (as vLLM does); started, it waits for SIGTERM.
@@ -17,7 +17,7 @@ from gpushare import names
 from gpushare.deviceplugin.nvml import FakeNvml
 from gpushare.simulator import vllm
 
-ENV_NVML = "GPUSHARE_STANDIN_NVML"
+ENV_NVML = "STANDIN_NVML_FILE"
 
 
 def main() -> int:
