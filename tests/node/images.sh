@@ -62,7 +62,9 @@ fi
 tag="$key"
 base="localhost/gpushare-test/python:$suite"
 ref_gpushare="localhost/gpushare:$tag"
-ref_standin="localhost/gpushare-test/vllm-standin:$tag"
+# Named as a variant of vllm/vllm-openai, whose entrypoint it stands in for: the webhook sizes a
+# container that sets no command only when its image is known to start vLLM.
+ref_standin="localhost/gpushare-test/vllm/vllm-openai-standin:$tag"
 ref_pause="localhost/gpushare-test/pause:$tag"
 
 echo "base image from $rootfs ..." >&2
