@@ -15,14 +15,9 @@ import pytest
 
 from gpushare import names
 from tests import cluster
+from tests.scheduler.extender import ExtenderProcess, kube_scheduler, started
 from tests.scheduler.objects import GI, pod
-from tests.scheduler.test_under_kube_scheduler import (
-    ExtenderProcess,
-    events,
-    kube_scheduler,
-    list_pods,
-    metric_sum,
-)
+from tests.scheduler.test_under_kube_scheduler import events, list_pods, metric_sum
 
 CARD_40 = 40 * GI
 
@@ -30,15 +25,8 @@ CARD_40 = 40 * GI
 @pytest.fixture
 def sidecar(control_plane: cluster.ControlPlane, tmp_path: Path) -> Iterator[ExtenderProcess]:
     """``gpushare scheduler`` in its own process, talking to the test's API server."""
-    process = ExtenderProcess(control_plane, tmp_path)
-    process.start()
-    try:
+    with started(control_plane, tmp_path) as process:
         yield process
-    except BaseException:
-        print(process.log())
-        raise
-    finally:
-        process.stop()
 
 
 @pytest.fixture
