@@ -309,11 +309,6 @@ class PerContainer:
         self._failed: tuple[CardUUID, str] | None = None
         """The card of the last daemon that would not start, and why (cleared by one that does)."""
 
-    @property
-    def daemons(self) -> Mapping[str, Daemon]:
-        """Running daemons by grant key."""
-        return self._daemons
-
     async def start(self) -> None:
         """Adopt the daemons a previous agent left (their pods still use them)."""
         self._root.mkdir(parents=True, exist_ok=True)
