@@ -40,7 +40,7 @@ from gpushare import config, dra, names
 from gpushare.webhook import mutation
 from tests import cluster
 from tests.dra import objects
-from tests.scheduler.extender import ExtenderProcess
+from tests.scheduler.extender import started
 
 DRA = config.Settings(backend="dra")
 CUDA_TOTAL = 80 * GI
@@ -131,28 +131,26 @@ def main() -> int:
         register_nodes(cp, args.nodes, owner)
         dra_fleet(cp, args.nodes, owner)
         print(f"2 fleets of {args.nodes} nodes of 8 x 80 GiB registered", flush=True)
-        extender = ExtenderProcess(cp, work, options=["--log-level=WARNING"])
-        extender.start()
-        try:
-            with cp.start_scheduler(scheduler_config(extender, args.qps)):
-                ns = cluster.create_namespace(cp, "bench-whole-gpus")
-                seconds = burst(cp, ns, [gpu_pod(f"w{i}", ns, None) for i in range(args.pods)])
-                report("whole nvidia.com/gpu, default profile:", args.pods, seconds, args.pods)
-                ns = cluster.create_namespace(cp, "bench-extender")
-                pods = [gpu_pod(f"s{i}", ns, units) for i, units in enumerate(sizes)]
-                seconds = burst(cp, ns, pods)
-                cards = extender_cards(cp, ns)
-                report("gpushare, extender:", args.pods, seconds, cards)
-                ns = cluster.create_namespace(cp, "bench-dra")
-                pods = [dra_pod(f"d{i}", ns, units) for i, units in enumerate(sizes)]
-                templates(cp, ns)
-                seconds = burst(cp, ns, pods, then=objects.create_pod_claims)
-                report("gpushare, DRA (kube-scheduler's allocator):", args.pods, seconds,
-                       dra_cards(cp, ns))  # fmt: skip
-                need = sum(units * GI + DRA.allocation_overhead_bytes for units in sizes)
-                print(f"lower bound: {-(-need // dra.capacity_bytes(CUDA_TOTAL, GI))} cards")
-        finally:
-            extender.stop()
+        with (
+            started(cp, work, options=["--log-level=WARNING"]) as extender,
+            cp.start_scheduler(scheduler_config(extender, args.qps)),
+        ):
+            ns = cluster.create_namespace(cp, "bench-whole-gpus")
+            seconds = burst(cp, ns, [gpu_pod(f"w{i}", ns, None) for i in range(args.pods)])
+            report("whole nvidia.com/gpu, default profile:", args.pods, seconds, args.pods)
+            ns = cluster.create_namespace(cp, "bench-extender")
+            pods = [gpu_pod(f"s{i}", ns, units) for i, units in enumerate(sizes)]
+            seconds = burst(cp, ns, pods)
+            cards = extender_cards(cp, ns)
+            report("gpushare, extender:", args.pods, seconds, cards)
+            ns = cluster.create_namespace(cp, "bench-dra")
+            pods = [dra_pod(f"d{i}", ns, units) for i, units in enumerate(sizes)]
+            templates(cp, ns)
+            seconds = burst(cp, ns, pods, then=objects.create_pod_claims)
+            report("gpushare, DRA (kube-scheduler's allocator):", args.pods, seconds,
+                   dra_cards(cp, ns))  # fmt: skip
+            need = sum(units * GI + DRA.allocation_overhead_bytes for units in sizes)
+            print(f"lower bound: {-(-need // dra.capacity_bytes(CUDA_TOTAL, GI))} cards")
     return 0
 
 

@@ -33,7 +33,7 @@ from typing import Any
 from gpushare import names
 from tests import cluster
 from tests.scheduler import extender as extender_process
-from tests.scheduler.extender import ExtenderProcess
+from tests.scheduler.extender import ExtenderProcess, started
 
 GI = 1024**3
 SIZES = (20, 8, 12, 4, 40, 16, 24, 10, 6, 30)
@@ -129,40 +129,36 @@ def main() -> int:
     work = Path(tempfile.mkdtemp(prefix="gpushare-e2e-"))
     with cluster.ControlPlane() as cp:
         owner = cluster.create_namespace(cp, "bench-nodes")
-        started = time.perf_counter()
+        begun = time.perf_counter()
         register_nodes(cp, args.nodes, owner)
         print(
-            f"{args.nodes} nodes of 8 x 80 GiB registered in {time.perf_counter() - started:.1f} s",
+            f"{args.nodes} nodes of 8 x 80 GiB registered in {time.perf_counter() - begun:.1f} s",
             flush=True,
         )
-        extender = ExtenderProcess(cp, work, options=["--log-level=WARNING"])
-        extender.start()
-        try:
-            with cp.start_scheduler(scheduler_config(extender, args.qps)):
-                baseline_ns = cluster.create_namespace(cp, "bench-whole-gpus")
-                whole = [gpu_pod(f"w{i}", baseline_ns, None) for i in range(args.pods)]
-                baseline = burst(cp, baseline_ns, whole)
-                print(
-                    f"baseline, whole nvidia.com/gpu, default profile: {args.pods} pods in"
-                    f" {baseline:.1f} s = {args.pods / baseline:.0f} pods/s",
-                    flush=True,
-                )
-                shared_ns = cluster.create_namespace(cp, "bench-gpushare")
-                shared = [
-                    gpu_pod(f"s{i}", shared_ns, SIZES[i % len(SIZES)]) for i in range(args.pods)
-                ]
-                cpu = cpu_seconds(extender.pid)
-                elapsed = burst(cp, shared_ns, shared)
-                cpu = cpu_seconds(extender.pid) - cpu
-                print(
-                    f"gpushare, GPU memory through the extender:      {args.pods} pods in"
-                    f" {elapsed:.1f} s = {args.pods / elapsed:.0f} pods/s"
-                    f" (extender CPU {cpu / args.pods * 1000:.1f} ms per pod)",
-                    flush=True,
-                )
-                print(f"ratio gpushare / baseline: {baseline / elapsed:.2f}")
-        finally:
-            extender.stop()
+        with (
+            started(cp, work, options=["--log-level=WARNING"]) as extender,
+            cp.start_scheduler(scheduler_config(extender, args.qps)),
+        ):
+            baseline_ns = cluster.create_namespace(cp, "bench-whole-gpus")
+            whole = [gpu_pod(f"w{i}", baseline_ns, None) for i in range(args.pods)]
+            baseline = burst(cp, baseline_ns, whole)
+            print(
+                f"baseline, whole nvidia.com/gpu, default profile: {args.pods} pods in"
+                f" {baseline:.1f} s = {args.pods / baseline:.0f} pods/s",
+                flush=True,
+            )
+            shared_ns = cluster.create_namespace(cp, "bench-gpushare")
+            shared = [gpu_pod(f"s{i}", shared_ns, SIZES[i % len(SIZES)]) for i in range(args.pods)]
+            cpu = cpu_seconds(extender.pid)
+            elapsed = burst(cp, shared_ns, shared)
+            cpu = cpu_seconds(extender.pid) - cpu
+            print(
+                f"gpushare, GPU memory through the extender:      {args.pods} pods in"
+                f" {elapsed:.1f} s = {args.pods / elapsed:.0f} pods/s"
+                f" (extender CPU {cpu / args.pods * 1000:.1f} ms per pod)",
+                flush=True,
+            )
+            print(f"ratio gpushare / baseline: {baseline / elapsed:.2f}")
     return 0
 
 

@@ -92,9 +92,11 @@ class ExtenderProcess:
 
 
 @contextlib.contextmanager
-def started(control_plane: cluster.ControlPlane, folder: Path) -> Iterator[ExtenderProcess]:
+def started(
+    control_plane: cluster.ControlPlane, folder: Path, *, options: Sequence[str] = ()
+) -> Iterator[ExtenderProcess]:
     """An extender started for the block; its log is printed if the block fails."""
-    process = ExtenderProcess(control_plane, folder)
+    process = ExtenderProcess(control_plane, folder, options=options)
     process.start()
     try:
         yield process
