@@ -67,6 +67,40 @@ async def watch_pods(api: kube.KubeApi, node: str) -> AsyncIterator[WatchPods]:
         watch.cancel()
 
 
+NodeAgent = Callable[..., Awaitable[Agent]]
+"""Makes an agent with the given settings (see :func:`node_agent`)."""
+
+
+@pytest.fixture
+def node_agent(
+    make_agent: AgentFactory,
+    watch_pods: WatchPods,
+    api: kube.KubeApi,
+    node: str,
+    short_tmp: Path,
+) -> NodeAgent:
+    """An agent of the test's node on the API, with its pods watched and processes located under
+    ``short_tmp/proc``."""
+
+    async def make(**settings: Any) -> Agent:
+        pods = await watch_pods()
+        locator = CgroupLocator(short_tmp / "proc")
+        return make_agent(api=api, pods=pods, node=node, locator=locator, **settings)
+
+    return make
+
+
+def container_labels(node: str, namespace: str, pod: str, **extra: str) -> dict[str, str]:
+    """The agent's metric labels of the pod's vLLM container."""
+    return {
+        "node": node,
+        "namespace": namespace,
+        "pod": pod,
+        "container": "kserve-container",
+        **extra,
+    }
+
+
 async def eventually(check: Callable[[], bool], what: str) -> None:
     """Wait up to 10 s, without blocking the loop, for ``check`` to hold."""
     for _ in range(200):
@@ -109,9 +143,11 @@ def running_pod(
     node: str,
     kubelet: TestKubelet,
     proc: Path,
-    pid: int,
+    nvml_file: Path,
+    process: dict[str, Any],
 ) -> str:
-    """A running pod of 4 units on card A, its container process ``pid`` in ``proc``; its UID."""
+    """A running pod of 4 units on card A whose container runs ``process`` (its pid, use and kind
+    as the fake NVML lists them) on that card; its UID."""
     pod = create_pod(cp, namespace, name, node, 4, **{names.ANNOTATION_CARD_UUID: CARD_A})
     uid: str = pod["metadata"]["uid"]
     cp.rest().patch(
@@ -137,7 +173,9 @@ def running_pod(
     kubelet.assigned[(namespace, name)] = {
         "kserve-container": (names.RESOURCE_GPU_MEMORY, [f"{CARD_A}-{u}" for u in range(4)])
     }
-    write_proc(proc, pid, uid, CID)
+    write_proc(proc, process["pid"], uid, CID)
+    listed = {**process, "card": CARD_A}
+    write_fake(nvml_file, [card(CARD_A, 0), card(CARD_B, 1)], processes=[listed])
     return uid
 
 
@@ -307,29 +345,20 @@ async def test_the_pod_cache_follows_the_watch(
 @pytest.mark.parametrize("action", ["event", "evict"])
 async def test_a_container_over_its_grant_gets_an_event_or_an_eviction(
     control_plane: cluster.ControlPlane,
-    api: kube.KubeApi,
     namespace: str,
     node: str,
-    make_agent: AgentFactory,
     kubelet: TestKubelet,
     nvml_file: Path,
     short_tmp: Path,
     action: str,
-    watch_pods: WatchPods,
+    node_agent: NodeAgent,
 ) -> None:
-    uid = running_pod(control_plane, namespace, "greedy", node, kubelet, short_tmp / "proc", 777)
-    write_fake(
-        nvml_file,
-        [card(CARD_A, 0), card(CARD_B, 1)],
-        processes=[{"pid": 777, "card": CARD_A, "used": "6Gi"}],
+    greedy = {"pid": 777, "used": "6Gi"}
+    uid = running_pod(
+        control_plane, namespace, "greedy", node, kubelet, short_tmp / "proc", nvml_file, greedy
     )
-    pods = await watch_pods()
-    agent = make_agent(
+    agent = await node_agent(
         isolation="none",
-        api=api,
-        pods=pods,
-        node=node,
-        locator=CgroupLocator(short_tmp / "proc"),
         overuse_grace_seconds=0,
         overuse_action=action,
     )
@@ -344,12 +373,7 @@ async def test_a_container_over_its_grant_gets_an_event_or_an_eviction(
     assert event["source"]["component"] == kube.COMPONENT
     after = control_plane.rest().get(f"/api/v1/namespaces/{namespace}/pods/greedy")
     assert ("deletionTimestamp" in after["metadata"]) == (action == "evict")
-    labels = {
-        "node": node,
-        "namespace": namespace,
-        "pod": "greedy",
-        "container": "kserve-container",
-    }
+    labels = container_labels(node, namespace, "greedy")
     assert agent.metrics.registry.get_sample_value("gpushare_grant_violations_total", labels) == 1
 
 
@@ -365,10 +389,8 @@ async def test_a_container_over_its_grant_gets_an_event_or_an_eviction(
 )
 async def test_an_escape_gets_an_event_naming_the_container_and_an_eviction_at_once(
     control_plane: cluster.ControlPlane,
-    api: kube.KubeApi,
     namespace: str,
     node: str,
-    make_agent: AgentFactory,
     kubelet: TestKubelet,
     nvml_file: Path,
     short_tmp: Path,
@@ -377,21 +399,14 @@ async def test_an_escape_gets_an_event_naming_the_container_and_an_eviction_at_o
     used: str,
     escape: str,
     action: str,
-    watch_pods: WatchPods,
+    node_agent: NodeAgent,
 ) -> None:
-    uid = running_pod(control_plane, namespace, "tenant", node, kubelet, short_tmp / "proc", 778)
-    write_fake(
-        nvml_file,
-        [card(CARD_A, 0), card(CARD_B, 1)],
-        processes=[{"pid": 778, "card": CARD_A, "used": used, "kind": kind}],
+    tenant = {"pid": 778, "used": used, "kind": kind}
+    uid = running_pod(
+        control_plane, namespace, "tenant", node, kubelet, short_tmp / "proc", nvml_file, tenant
     )
-    pods = await watch_pods()
-    agent = make_agent(
+    agent = await node_agent(
         isolation=isolation,
-        api=api,
-        pods=pods,
-        node=node,
-        locator=CgroupLocator(short_tmp / "proc"),
         overuse_grace_seconds=3600,  # an escape is not over-use: no grace applies
         escape_action=action,
     )
@@ -408,13 +423,7 @@ async def test_an_escape_gets_an_event_naming_the_container_and_an_eviction_at_o
     await agent.poll()
     await agent.published()
     assert len(events(control_plane, namespace, escapes.REASON)) == 1  # once per episode
-    labels = {
-        "node": node,
-        "namespace": namespace,
-        "pod": "tenant",
-        "container": "kserve-container",
-        "escape": escape,
-    }
+    labels = container_labels(node, namespace, "tenant", escape=escape)
     assert agent.metrics.registry.get_sample_value("gpushare_isolation_escapes_total", labels) == 1
 
 

@@ -5,6 +5,8 @@ as the real backend reads it from NVML's two process lists and the process's nam
 """
 
 import asyncio
+import contextlib
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any, Final
 
@@ -61,6 +63,27 @@ def escapes_counted(agent: Agent) -> float | None:
     return agent.metrics.registry.get_sample_value(
         "gpushare_isolation_escapes_total", ESCAPE_LABELS
     )
+
+
+def bloom_agent(make_agent: AgentFactory, short_tmp: Path, **settings: Any) -> Agent:
+    """An agent under ``isolation: mps`` that knows bloom's pod and reads ``short_tmp/proc``."""
+    return make_agent(
+        isolation="mps",
+        pods=StaticPods([vllm_pod()]),
+        locator=watchdog.CgroupLocator(short_tmp / "proc"),
+        **settings,
+    )
+
+
+@contextlib.asynccontextmanager
+async def polling(make_agent: AgentFactory, short_tmp: Path) -> AsyncIterator[Agent]:
+    """:func:`bloom_agent`, polled by the test, its kubelet client closed afterwards."""
+    agent = bloom_agent(make_agent, short_tmp)
+    try:
+        yield agent
+    finally:
+        if agent.podresources is not None:
+            await agent.podresources.close()
 
 
 def located(tmp_path: Path) -> watchdog.CgroupLocator:
@@ -188,13 +211,7 @@ async def test_an_escape_is_acted_on_once_per_episode(tmp_path: Path) -> None:
 async def test_the_agent_catches_an_escape_on_its_next_poll_without_grace(
     make_agent: AgentFactory, kubelet: TestKubelet, nvml_file: Path, short_tmp: Path
 ) -> None:
-    pods = StaticPods([vllm_pod()])
-    agent = make_agent(
-        isolation="mps",
-        pods=pods,
-        locator=watchdog.CgroupLocator(short_tmp / "proc"),
-        overuse_grace_seconds=3600,
-    )
+    agent = bloom_agent(make_agent, short_tmp, overuse_grace_seconds=3600)
     write_proc(short_tmp / "proc", 4242, UID, CID)
     async with running(agent, kubelet):
         await kubelet.admit("ns", "bloom", "kserve-container", 10)
@@ -215,17 +232,9 @@ async def test_a_process_of_a_pod_kubelet_has_not_listed_yet_is_judged_on_the_fi
     # that first sees its process asks kubelet for the holdings itself.
     escaping = held_by_bloom(kubelet, short_tmp)
     write_fake(nvml_file, [card(CARD_A, 0), card(CARD_B, 1)], processes=escaping)
-    agent = make_agent(
-        isolation="mps",
-        pods=StaticPods([vllm_pod()]),
-        locator=watchdog.CgroupLocator(short_tmp / "proc"),
-    )
-    try:
+    async with polling(make_agent, short_tmp) as agent:
         await agent.poll()
         await agent.published()
-    finally:
-        if agent.podresources is not None:
-            await agent.podresources.close()
     assert escapes_counted(agent) == 1
 
 
@@ -234,12 +243,7 @@ async def test_a_failed_nvml_reading_does_not_report_an_escape_twice(
 ) -> None:
     escaping = held_by_bloom(kubelet, short_tmp)
     write_fake(nvml_file, [card(CARD_A, 0), card(CARD_B, 1)], processes=escaping)
-    agent = make_agent(
-        isolation="mps",
-        pods=StaticPods([vllm_pod()]),
-        locator=watchdog.CgroupLocator(short_tmp / "proc"),
-    )
-    try:
+    async with polling(make_agent, short_tmp) as agent:
         await agent.poll()
         await agent.published()
         write_fake(nvml_file, [card(CARD_A, 0), card(CARD_B, 1)], error="driver gone")
@@ -248,7 +252,4 @@ async def test_a_failed_nvml_reading_does_not_report_an_escape_twice(
         write_fake(nvml_file, [card(CARD_A, 0), card(CARD_B, 1)], processes=escaping)
         await agent.poll()
         await agent.published()
-    finally:
-        if agent.podresources is not None:
-            await agent.podresources.close()
     assert escapes_counted(agent) == 1
