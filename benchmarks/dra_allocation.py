@@ -19,7 +19,6 @@ holding a pod (whole GPUs: one per pod; extender: the card annotation the Bindin
 devices in the claims' allocations, each checked to hold no more than its capacity).
 """
 
-import argparse
 import sys
 import tempfile
 from concurrent.futures import ThreadPoolExecutor
@@ -31,6 +30,7 @@ import jsonpatch
 from benchmarks.scheduler_e2e import (
     GI,
     SIZES,
+    arguments,
     burst,
     gpu_pod,
     register_nodes,
@@ -118,11 +118,7 @@ def report(label: str, pods: int, seconds: float, cards: int) -> None:
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--nodes", type=int, default=200)
-    parser.add_argument("--pods", type=int, default=1000)
-    parser.add_argument("--qps", type=int, default=500, help="kube-scheduler's API rate")
-    args = parser.parse_args()
+    args = arguments(__doc__)
     work = Path(tempfile.mkdtemp(prefix="gpushare-dra-bench-"))
     sizes = [SIZES[i % len(SIZES)] for i in range(args.pods)]
     with cluster.ControlPlane() as cp:

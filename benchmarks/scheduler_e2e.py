@@ -120,12 +120,17 @@ def cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
-def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+def arguments(doc: str) -> argparse.Namespace:
+    """``--nodes``, ``--pods`` and ``--qps``, described by the first paragraph of ``doc``."""
+    parser = argparse.ArgumentParser(description=doc.split("\n\n", maxsplit=1)[0])
     parser.add_argument("--nodes", type=int, default=200)
     parser.add_argument("--pods", type=int, default=1000)
     parser.add_argument("--qps", type=int, default=500, help="kube-scheduler's API rate")
-    args = parser.parse_args()
+    return parser.parse_args()
+
+
+def main() -> int:
+    args = arguments(__doc__)
     work = Path(tempfile.mkdtemp(prefix="gpushare-e2e-"))
     with cluster.ControlPlane() as cp:
         owner = cluster.create_namespace(cp, "bench-nodes")

@@ -136,47 +136,54 @@ def create_pod(
     return cp.rest().create(f"/api/v1/namespaces/{namespace}/pods", body)
 
 
+RunningPod = Callable[[str, dict[str, Any]], str]
+"""Starts a pod (see :func:`running_pod`)."""
+
+
+@pytest.fixture
 def running_pod(
-    cp: cluster.ControlPlane,
+    control_plane: cluster.ControlPlane,
     namespace: str,
-    name: str,
     node: str,
     kubelet: TestKubelet,
-    proc: Path,
+    short_tmp: Path,
     nvml_file: Path,
-    process: dict[str, Any],
-) -> str:
-    """A running pod of 4 units on card A whose container runs ``process`` (its pid, use and kind
-    as the fake NVML lists them) on that card; its UID."""
-    pod = create_pod(cp, namespace, name, node, 4, **{names.ANNOTATION_CARD_UUID: CARD_A})
-    uid: str = pod["metadata"]["uid"]
-    cp.rest().patch(
-        f"/api/v1/namespaces/{namespace}/pods/{name}/status",
-        {
-            "status": {
-                "phase": "Running",
-                "containerStatuses": [
-                    {
-                        "name": "kserve-container",
-                        "containerID": f"containerd://{CID}",
-                        "image": "vllm",
-                        "imageID": "",
-                        "ready": True,
-                        "restartCount": 0,
-                        "state": {"running": {}},
-                    },
-                ],
-            }
-        },
-        "strategic",
-    )
-    kubelet.assigned[(namespace, name)] = {
-        "kserve-container": (names.RESOURCE_GPU_MEMORY, [f"{CARD_A}-{u}" for u in range(4)])
-    }
-    write_proc(proc, process["pid"], uid, CID)
-    listed = {**process, "card": CARD_A}
-    write_fake(nvml_file, [card(CARD_A, 0), card(CARD_B, 1)], processes=[listed])
-    return uid
+) -> RunningPod:
+    """Makes a running pod of 4 units on card A of the test's node, whose container runs
+    ``process`` (its pid, use and kind as the fake NVML lists them) on that card; its UID."""
+
+    def start(name: str, process: dict[str, Any]) -> str:
+        on_a = {names.ANNOTATION_CARD_UUID: CARD_A}
+        uid: str = create_pod(control_plane, namespace, name, node, 4, **on_a)["metadata"]["uid"]
+        control_plane.rest().patch(
+            f"/api/v1/namespaces/{namespace}/pods/{name}/status",
+            {
+                "status": {
+                    "phase": "Running",
+                    "containerStatuses": [
+                        {
+                            "name": "kserve-container",
+                            "containerID": f"containerd://{CID}",
+                            "image": "vllm",
+                            "imageID": "",
+                            "ready": True,
+                            "restartCount": 0,
+                            "state": {"running": {}},
+                        },
+                    ],
+                }
+            },
+            "strategic",
+        )
+        kubelet.assigned[(namespace, name)] = {
+            "kserve-container": (names.RESOURCE_GPU_MEMORY, [f"{CARD_A}-{u}" for u in range(4)])
+        }
+        write_proc(short_tmp / "proc", process["pid"], uid, CID)
+        listed = {**process, "card": CARD_A}
+        write_fake(nvml_file, [card(CARD_A, 0), card(CARD_B, 1)], processes=[listed])
+        return uid
+
+    return start
 
 
 async def poll(agent: Agent) -> None:
@@ -347,16 +354,11 @@ async def test_a_container_over_its_grant_gets_an_event_or_an_eviction(
     control_plane: cluster.ControlPlane,
     namespace: str,
     node: str,
-    kubelet: TestKubelet,
-    nvml_file: Path,
-    short_tmp: Path,
     action: str,
     node_agent: NodeAgent,
+    running_pod: RunningPod,
 ) -> None:
-    greedy = {"pid": 777, "used": "6Gi"}
-    uid = running_pod(
-        control_plane, namespace, "greedy", node, kubelet, short_tmp / "proc", nvml_file, greedy
-    )
+    uid = running_pod("greedy", {"pid": 777, "used": "6Gi"})
     agent = await node_agent(
         isolation="none",
         overuse_grace_seconds=0,
@@ -391,20 +393,15 @@ async def test_an_escape_gets_an_event_naming_the_container_and_an_eviction_at_o
     control_plane: cluster.ControlPlane,
     namespace: str,
     node: str,
-    kubelet: TestKubelet,
-    nvml_file: Path,
-    short_tmp: Path,
     isolation: str,
     kind: str,
     used: str,
     escape: str,
     action: str,
     node_agent: NodeAgent,
+    running_pod: RunningPod,
 ) -> None:
-    tenant = {"pid": 778, "used": used, "kind": kind}
-    uid = running_pod(
-        control_plane, namespace, "tenant", node, kubelet, short_tmp / "proc", nvml_file, tenant
-    )
+    uid = running_pod("tenant", {"pid": 778, "used": used, "kind": kind})
     agent = await node_agent(
         isolation=isolation,
         overuse_grace_seconds=3600,  # an escape is not over-use: no grace applies

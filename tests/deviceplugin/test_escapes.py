@@ -49,12 +49,14 @@ ESCAPE_LABELS: Final = {
 }
 
 
-def held_by_bloom(kubelet: TestKubelet, short_tmp: Path) -> list[dict[str, Any]]:
-    """Kubelet holds 10 units of card A for bloom's vLLM container, whose process is 4242."""
+def held_by_bloom(kubelet: TestKubelet, short_tmp: Path, nvml_file: Path) -> list[dict[str, Any]]:
+    """Kubelet holds 10 units of card A for bloom's vLLM container, whose process 4242 escapes
+    on it; what the fake NVML lists."""
     kubelet.assigned[("ns", "bloom")] = {
         "kserve-container": (names.RESOURCE_GPU_MEMORY, [f"{CARD_A}-{u}" for u in range(10)])
     }
     write_proc(short_tmp / "proc", 4242, UID, CID)
+    write_fake(nvml_file, [card(CARD_A, 0), card(CARD_B, 1)], processes=[OUTSIDE_MPS])
     return [OUTSIDE_MPS]
 
 
@@ -230,8 +232,7 @@ async def test_a_process_of_a_pod_kubelet_has_not_listed_yet_is_judged_on_the_fi
 ) -> None:
     # Allocate has answered and the container started before the agent's next reconcile: the poll
     # that first sees its process asks kubelet for the holdings itself.
-    escaping = held_by_bloom(kubelet, short_tmp)
-    write_fake(nvml_file, [card(CARD_A, 0), card(CARD_B, 1)], processes=escaping)
+    held_by_bloom(kubelet, short_tmp, nvml_file)
     async with polling(make_agent, short_tmp) as agent:
         await agent.poll()
         await agent.published()
@@ -241,8 +242,7 @@ async def test_a_process_of_a_pod_kubelet_has_not_listed_yet_is_judged_on_the_fi
 async def test_a_failed_nvml_reading_does_not_report_an_escape_twice(
     make_agent: AgentFactory, kubelet: TestKubelet, nvml_file: Path, short_tmp: Path
 ) -> None:
-    escaping = held_by_bloom(kubelet, short_tmp)
-    write_fake(nvml_file, [card(CARD_A, 0), card(CARD_B, 1)], processes=escaping)
+    escaping = held_by_bloom(kubelet, short_tmp, nvml_file)
     async with polling(make_agent, short_tmp) as agent:
         await agent.poll()
         await agent.published()
