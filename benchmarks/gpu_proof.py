@@ -61,7 +61,7 @@ from gpushare.deviceplugin.main import serve
 from gpushare.deviceplugin.metrics import Metrics
 from gpushare.deviceplugin.podresources import PodResourcesClient
 from gpushare.deviceplugin.watchdog import Location
-from gpushare.ids import CardUUID, pod_key
+from gpushare.ids import pod_key
 from gpushare.scheduler.kube import Kube
 from gpushare.scheduler.service import Extender
 from gpushare.simulator import apiserver, kserve, kubelet, mpsfake, scheduling
@@ -155,14 +155,19 @@ class Results:
 # ----- NVML for a dry run ----------------------------------------------------------------------
 
 
-class DryNvml:
-    """NVML of one simulated H100: the stand-in servers' reported use and the MPS servers."""
+class DryNvml(nvml.FakeNvml):
+    """NVML of one simulated H100: the stand-in servers' reported use and the MPS servers.
+
+    The fake backend's arithmetic and its answers to events and limits (none), with the state
+    read afresh from the stand-ins at each look."""
 
     def __init__(self, state_dir: Path, mps_roots: Callable[[], list[Path]]) -> None:
+        super().__init__()
         self.state_dir = state_dir
         self._mps_roots = mps_roots
 
-    def snapshot(self) -> nvml.Snapshot:
+    @property
+    def state(self) -> nvml.FakeState:
         processes = []
         for path in self.state_dir.glob("*.json"):
             pid = int(path.stem)
@@ -182,20 +187,7 @@ class DryNvml:
             "reserved": DRY_RESERVED,
             "used": servers * 66 * MI if processes else 0,
         }
-        state = nvml.FakeState.model_validate({"cards": [card], "processes": processes})
-        return nvml.FakeNvml(state).snapshot()
-
-    def wait_events(self, timeout_seconds: float) -> list[nvml.XidEvent]:
-        time.sleep(timeout_seconds)
-        return []
-
-    def set_memory_limit(
-        self, card: CardUUID, namespace: str, *, soft_bytes: int, hard_bytes: int
-    ) -> None:
-        raise nvml.LimitError("the stand-in card has no per-cgroup memory limits")
-
-    def close(self) -> None:
-        return None
+        return nvml.FakeState.model_validate({"cards": [card], "processes": processes})
 
 
 # ----- processes -------------------------------------------------------------------------------

@@ -96,7 +96,7 @@ from gpushare.deviceplugin.metrics import Metrics  # noqa: E402
 from gpushare.deviceplugin.podresources import PodResourcesClient  # noqa: E402
 from gpushare.deviceplugin.pods import PodInfo  # noqa: E402
 from gpushare.deviceplugin.watchdog import Location  # noqa: E402
-from gpushare.ids import CardUUID, pod_key  # noqa: E402
+from gpushare.ids import pod_key  # noqa: E402
 from gpushare.simulator import kubelet, mpsfake  # noqa: E402
 
 MI: Final = quantities.MI
@@ -332,15 +332,20 @@ class MarkerLocator:
         return int(stat.rpartition(")")[2].split()[1])
 
 
-class DryNvml:
-    """One stand-in H100 whose processes are what the dry children wrote down."""
+class DryNvml(nvml.FakeNvml):
+    """One stand-in H100 whose processes are what the dry children wrote down.
 
-    def __init__(self, state: Path) -> None:
-        self._state = state
+    The fake backend's arithmetic and its answers to events and limits (none), with the state
+    read afresh from the children's notes at each look."""
 
-    def snapshot(self) -> nvml.Snapshot:
+    def __init__(self, folder: Path) -> None:
+        super().__init__()
+        self._folder = folder
+
+    @property
+    def state(self) -> nvml.FakeState:
         processes = []
-        for path in (self._state / "processes").glob("*.json"):
+        for path in (self._folder / "processes").glob("*.json"):
             pid = int(path.stem)
             if not Path(f"/proc/{pid}").exists():
                 path.unlink(missing_ok=True)
@@ -351,20 +356,7 @@ class DryNvml:
                     {"pid": pid, "card": DRY_CARD, "used": data["used"], "kind": data["kind"]}
                 )
         card = {"uuid": DRY_CARD, "index": 0, "total": DRY_TOTAL, "reserved": DRY_RESERVED}
-        state = nvml.FakeState.model_validate({"cards": [card], "processes": processes})
-        return nvml.FakeNvml(state).snapshot()
-
-    def wait_events(self, timeout_seconds: float) -> list[nvml.XidEvent]:
-        time.sleep(timeout_seconds)
-        return []
-
-    def set_memory_limit(
-        self, card: CardUUID, namespace: str, *, soft_bytes: int, hard_bytes: int
-    ) -> None:
-        raise nvml.LimitError("the stand-in card has no per-cgroup memory limits")
-
-    def close(self) -> None:
-        return None
+        return nvml.FakeState.model_validate({"cards": [card], "processes": processes})
 
 
 # ----- options, results ------------------------------------------------------------------------

@@ -25,20 +25,18 @@ import os
 import sys
 import tempfile
 import time
-import urllib.request
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
-import yaml
-
 from gpushare import names
 from tests import cluster
+from tests.scheduler import extender as extender_process
+from tests.scheduler.extender import ExtenderProcess, started
 
 GI = 1024**3
 SIZES = (20, 8, 12, 4, 40, 16, 24, 10, 6, 30)
-ROOT = Path(__file__).resolve().parents[1]
-MANIFEST = ROOT / "manifests" / "scheduler" / "kube-scheduler-config.yaml"
 
 
 def gpu_pod(name: str, namespace: str, units: int | None) -> dict[str, Any]:
@@ -62,36 +60,56 @@ def gpu_pod(name: str, namespace: str, units: int | None) -> dict[str, Any]:
 
 
 def register_nodes(cp: cluster.ControlPlane, count: int, owner: str) -> None:
+    """``count`` nodes offering gpushare.io/gpu-memory (with node reports) and 8 nvidia.com/gpu."""
+
     def one(i: int) -> None:
         name = f"gpu-{i:04d}"
         cards = [cluster.gpu_card(c, total=80 * GI) for c in range(8)]
         rest = cp.rest()
         cluster.register_gpu_node(rest, name, cards, owner=owner)
-        status = {
-            "status": {
-                "capacity": {names.NVIDIA_GPU_RESOURCE: "8"},
-                "allocatable": {names.NVIDIA_GPU_RESOURCE: "8"},
-            }
-        }
+        whole = {names.NVIDIA_GPU_RESOURCE: "8"}
+        status = {"status": {"capacity": whole, "allocatable": whole}}
         rest.patch(f"/api/v1/nodes/{name}/status", status, "strategic")
 
     with ThreadPoolExecutor(8) as pool:
         list(pool.map(one, range(count)))
 
 
-def burst(cp: cluster.ControlPlane, namespace: str, pods: list[dict[str, Any]]) -> float:
-    """Create ``pods`` and wait until all are bound; seconds from first creation to last bind."""
+def scheduler_config(extender: ExtenderProcess, qps: int) -> dict[str, Any]:
+    """Our manifest pointed at ``extender``, plus the default profile, at ``qps`` API requests."""
+    config = extender_process.scheduler_config(extender.url)
+    config["profiles"].append({"schedulerName": "default-scheduler"})
+    config["clientConnection"] = {"qps": qps, "burst": 2 * qps}
+    return config
+
+
+def burst(
+    cp: cluster.ControlPlane,
+    namespace: str,
+    pods: list[dict[str, Any]],
+    *,
+    then: Callable[[cluster.Rest, dict[str, Any]], object] | None = None,
+) -> float:
+    """Create ``pods`` (calling ``then`` on each one created) and wait until all are bound.
+
+    Seconds from the first creation to the last bind."""
     rest = cp.rest()
     path = f"/api/v1/namespaces/{namespace}/pods"
+
+    def create(pod: dict[str, Any]) -> None:
+        created = rest.create(path, pod)
+        if then is not None:
+            then(rest, created)
+
     start = time.perf_counter()
     with ThreadPoolExecutor(8) as pool:
-        creating = [pool.submit(rest.create, path, pod) for pod in pods]
+        creating = [pool.submit(create, pod) for pod in pods]
 
         def bound() -> bool:
             items = rest.get(path)["items"]
             return sum(1 for p in items if p["spec"].get("nodeName")) == len(pods)
 
-        cluster.wait_for(bound, timeout=600, interval=0.05, what=f"{len(pods)} pods bound")
+        cluster.wait_for(bound, timeout=900, interval=0.05, what=f"{len(pods)} pods bound")
         for future in creating:
             future.result()
     return time.perf_counter() - start
@@ -102,75 +120,50 @@ def cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
-def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+def arguments(doc: str) -> argparse.Namespace:
+    """``--nodes``, ``--pods`` and ``--qps``, described by the first paragraph of ``doc``."""
+    parser = argparse.ArgumentParser(description=doc.split("\n\n", maxsplit=1)[0])
     parser.add_argument("--nodes", type=int, default=200)
     parser.add_argument("--pods", type=int, default=1000)
     parser.add_argument("--qps", type=int, default=500, help="kube-scheduler's API rate")
-    args = parser.parse_args()
+    return parser.parse_args()
+
+
+def main() -> int:
+    args = arguments(__doc__)
     work = Path(tempfile.mkdtemp(prefix="gpushare-e2e-"))
     with cluster.ControlPlane() as cp:
         owner = cluster.create_namespace(cp, "bench-nodes")
-        started = time.perf_counter()
+        begun = time.perf_counter()
         register_nodes(cp, args.nodes, owner)
         print(
-            f"{args.nodes} nodes of 8 x 80 GiB registered in {time.perf_counter() - started:.1f} s",
+            f"{args.nodes} nodes of 8 x 80 GiB registered in {time.perf_counter() - begun:.1f} s",
             flush=True,
         )
-        port = cluster.free_port()
-        extender = cluster.Process(
-            "extender",
-            [
-                sys.executable,
-                "-m",
-                "gpushare.cli",
-                "--log-level=WARNING",
-                "scheduler",
-                f"--listen=127.0.0.1:{port}",
-                f"--kubeconfig={cp.kubeconfig}",
-            ],
-            work / "extender.log",
-        )
-
-        def ready() -> bool:
-            extender.check_alive()
-            try:
-                with urllib.request.urlopen(f"http://127.0.0.1:{port}/readyz", timeout=1) as r:
-                    return bool(r.status == 200)
-            except OSError:
-                return False
-
-        cluster.wait_for(ready, timeout=60, what="the extender")
-        config: dict[str, Any] = yaml.safe_load(MANIFEST.read_text())
-        config["extenders"][0]["urlPrefix"] = f"http://127.0.0.1:{port}/gpushare-scheduler"
-        config["profiles"].append({"schedulerName": "default-scheduler"})
-        config["clientConnection"] = {"qps": args.qps, "burst": 2 * args.qps}
-        try:
-            with cp.start_scheduler(config):
-                baseline_ns = cluster.create_namespace(cp, "bench-whole-gpus")
-                whole = [gpu_pod(f"w{i}", baseline_ns, None) for i in range(args.pods)]
-                baseline = burst(cp, baseline_ns, whole)
-                print(
-                    f"baseline, whole nvidia.com/gpu, default profile: {args.pods} pods in"
-                    f" {baseline:.1f} s = {args.pods / baseline:.0f} pods/s",
-                    flush=True,
-                )
-                shared_ns = cluster.create_namespace(cp, "bench-gpushare")
-                shared = [
-                    gpu_pod(f"s{i}", shared_ns, SIZES[i % len(SIZES)]) for i in range(args.pods)
-                ]
-                cpu = cpu_seconds(extender.popen.pid)
-                elapsed = burst(cp, shared_ns, shared)
-                cpu = cpu_seconds(extender.popen.pid) - cpu
-                print(
-                    f"gpushare, GPU memory through the extender:      {args.pods} pods in"
-                    f" {elapsed:.1f} s = {args.pods / elapsed:.0f} pods/s"
-                    f" (extender CPU {cpu / args.pods * 1000:.1f} ms per pod)",
-                    flush=True,
-                )
-                print(f"ratio gpushare / baseline: {baseline / elapsed:.2f}")
-        finally:
-            extender.stop()
+        with (
+            started(cp, work, options=["--log-level=WARNING"]) as extender,
+            cp.start_scheduler(scheduler_config(extender, args.qps)),
+        ):
+            baseline_ns = cluster.create_namespace(cp, "bench-whole-gpus")
+            whole = [gpu_pod(f"w{i}", baseline_ns, None) for i in range(args.pods)]
+            baseline = burst(cp, baseline_ns, whole)
+            print(
+                f"baseline, whole nvidia.com/gpu, default profile: {args.pods} pods in"
+                f" {baseline:.1f} s = {args.pods / baseline:.0f} pods/s",
+                flush=True,
+            )
+            shared_ns = cluster.create_namespace(cp, "bench-gpushare")
+            shared = [gpu_pod(f"s{i}", shared_ns, SIZES[i % len(SIZES)]) for i in range(args.pods)]
+            cpu = cpu_seconds(extender.pid)
+            elapsed = burst(cp, shared_ns, shared)
+            cpu = cpu_seconds(extender.pid) - cpu
+            print(
+                f"gpushare, GPU memory through the extender:      {args.pods} pods in"
+                f" {elapsed:.1f} s = {args.pods / elapsed:.0f} pods/s"
+                f" (extender CPU {cpu / args.pods * 1000:.1f} ms per pod)",
+                flush=True,
+            )
+            print(f"ratio gpushare / baseline: {baseline / elapsed:.2f}")
     return 0
 
 

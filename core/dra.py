@@ -153,16 +153,6 @@ def resource_slice(
     }
 
 
-def device_class() -> JsonObject:
-    """The DeviceClass claims name: every device of the gpushare driver."""
-    return {
-        "apiVersion": names.DRA_API_VERSION,
-        "kind": "DeviceClass",
-        "metadata": {"name": names.DRA_DEVICE_CLASS, "labels": {names.LABEL_PART_OF: "gpushare"}},
-        "spec": {"selectors": [{"cel": {"expression": f'device.driver == "{names.DRA_DRIVER}"'}}]},
-    }
-
-
 def claim_spec(granted: int, *, unit_bytes: int, overhead_bytes: int) -> JsonObject:
     """A ResourceClaim's spec: one card of the class with the grant's memory (plus overhead)."""
     consumed = request_bytes(granted, unit_bytes=unit_bytes, overhead_bytes=overhead_bytes)

@@ -69,6 +69,9 @@ LABEL_PART_OF: Final = "app.kubernetes.io/part-of"
 SCHEDULER_NAME: Final = "gpushare-scheduler"
 """Default ``schedulerName`` of mutated pods; the profile name in KubeSchedulerConfiguration."""
 
+SCHEDULER_CONTROLLER: Final = f"{DOMAIN}/scheduler"
+"""``reportingController`` of the extender's Events."""
+
 # --- Environment handed to containers by the device plugin's Allocate -----------------------------
 ENV_VISIBLE_DEVICES: Final = "NVIDIA_VISIBLE_DEVICES"
 ENV_GRANTED_BYTES: Final = "GPUSHARE_GRANTED_BYTES"
@@ -85,6 +88,9 @@ ENV_GPU_MEMORY_REQUESTS: Final = "NVIDIA_GPU_MEMORY_REQUESTS"
 ENV_GPU_MEMORY_LIMITS: Final = "NVIDIA_GPU_MEMORY_LIMITS"
 """The per-GPU forms the same hook reads: gpushare never sets them, and no pod spec may."""
 
+ENV_CUDA_VISIBLE_DEVICES: Final = "CUDA_VISIBLE_DEVICES"
+"""The CUDA devices a process sees (an MPS daemon is started with its card's UUID)."""
+
 SYSTEM_ENV: Final = frozenset(
     {
         ENV_VISIBLE_DEVICES,
@@ -98,7 +104,7 @@ SYSTEM_ENV: Final = frozenset(
         ENV_GPU_MEMORY_LIMIT,
         ENV_GPU_MEMORY_REQUESTS,
         ENV_GPU_MEMORY_LIMITS,
-        "CUDA_VISIBLE_DEVICES",
+        ENV_CUDA_VISIBLE_DEVICES,
     }
 )
 """Variables the system sets: user environment must not declare them."""
@@ -115,6 +121,8 @@ ENV_PREFIX: Final = "GPUSHARE_"
 
 # --- vLLM -----------------------------------------------------------------------------------------
 VLLM_UTILIZATION_FLAG: Final = "--gpu-memory-utilization"
+VLLM_UTILIZATION_FLAG_UNDERSCORED: Final = "--gpu_memory_utilization"
+"""vLLM's argument parser takes the flag with underscores too."""
 VLLM_UTILIZATION_ARG: Final = f"{VLLM_UTILIZATION_FLAG}=$({ENV_VLLM_UTILIZATION})"
 """The argument the webhook injects; kubelet expands ``$(VAR)`` from Allocate's environment."""
 VLLM_KV_CACHE_FLAG: Final = "--kv-cache-memory-bytes"

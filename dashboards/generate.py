@@ -10,6 +10,7 @@ from grafana_foundation_sdk.cog.encoder import JSONEncoder
 from grafana_foundation_sdk.models import dashboard as models
 
 from dashboards import cards, inferenceservices, overview, scheduler, webhook
+from gpushare import names
 
 ROOT: Final = Path(__file__).resolve().parent.parent
 MANIFESTS: Final = ROOT / "manifests"
@@ -42,7 +43,7 @@ def prometheus_rule(alerts_text: str) -> str:
     rule = {
         "apiVersion": "monitoring.coreos.com/v1",
         "kind": "PrometheusRule",
-        "metadata": {"name": "gpushare", "namespace": "gpushare-system"},
+        "metadata": {"name": "gpushare", "namespace": names.NAMESPACE},
         "spec": {"groups": rules["groups"]},
     }
     return RULE_HEADER + yaml.safe_dump(rule, sort_keys=False, width=100)

@@ -269,23 +269,19 @@ class PodCache:
         """The pods known now."""
         return list(self._pods.values())
 
-    async def refresh(self) -> list[PodInfo]:
-        """List afresh (used when the cache may lag a bind)."""
-        pods, _ = await self._list()
-        return pods
-
-    async def _list(self) -> tuple[list[PodInfo], str]:
+    async def _list(self) -> str:
+        """Replace the cache with a fresh list; the list's resourceVersion."""
         pods, version = await self._api.list_pods(self._node)
         self._pods = {pod.key: pod for pod in pods}
         self.synced.set()
-        return pods, version
+        return version
 
     async def run(self) -> None:
         """List, then watch, forever."""
         failures = 0
         while True:
             try:
-                _, version = await self._list()
+                version = await self._list()
                 failures = 0
                 while True:
                     async for kind, pod in self._api.watch_pods(self._node, version):

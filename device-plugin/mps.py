@@ -37,7 +37,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Final, Protocol
 
-from gpushare import errors
+from gpushare import errors, names
 from gpushare.config import Isolation, IsolationSetting
 from gpushare.deviceplugin import cgrouplimit
 from gpushare.deviceplugin.allocation import Grant
@@ -208,9 +208,12 @@ class _Control:
 
     @staticmethod
     def env(pipe: Path, card: CardUUID | None) -> dict[str, str]:
-        env = {"CUDA_MPS_PIPE_DIRECTORY": str(pipe), "CUDA_MPS_LOG_DIRECTORY": str(pipe / "log")}
+        env = {
+            names.ENV_MPS_PIPE_DIRECTORY: str(pipe),
+            names.ENV_MPS_LOG_DIRECTORY: str(pipe / "log"),
+        }
         if card is not None:
-            env["CUDA_VISIBLE_DEVICES"] = card
+            env[names.ENV_CUDA_VISIBLE_DEVICES] = card
         return env
 
     async def launch(self, pipe: Path, card: CardUUID | None) -> None:
@@ -308,11 +311,6 @@ class PerContainer:
         self._daemons: dict[str, Daemon] = {}
         self._failed: tuple[CardUUID, str] | None = None
         """The card of the last daemon that would not start, and why (cleared by one that does)."""
-
-    @property
-    def daemons(self) -> Mapping[str, Daemon]:
-        """Running daemons by grant key."""
-        return self._daemons
 
     async def start(self) -> None:
         """Adopt the daemons a previous agent left (their pods still use them)."""

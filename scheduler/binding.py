@@ -23,7 +23,7 @@ from collections.abc import Callable
 from datetime import UTC, datetime
 from typing import Any, Final
 
-from gpushare import config, errors
+from gpushare import config, errors, names
 from gpushare.ids import NodeName, pod_key
 from gpushare.quantities import format_bytes
 from gpushare.scheduler import annotations, demand, ledger, wire
@@ -34,7 +34,6 @@ __all__ = ["Binder"]
 
 logger = logging.getLogger(__name__)
 
-REPORTING_CONTROLLER: Final = "gpushare.io/scheduler"
 EVENT_REASON: Final = "GPUMemoryGranted"
 MAX_NOTE: Final = 1024
 """events.k8s.io/v1 refuses a note over 1 kB."""
@@ -211,7 +210,7 @@ class Binder:
             "eventTime": moment.astimezone(UTC)
             .isoformat(timespec="microseconds")
             .replace("+00:00", "Z"),
-            "reportingController": REPORTING_CONTROLLER,
+            "reportingController": names.SCHEDULER_CONTROLLER,
             "reportingInstance": self._instance,
             "action": "Binding",
             "reason": EVENT_REASON,

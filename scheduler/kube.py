@@ -22,9 +22,6 @@ from gpushare import errors
 
 __all__ = ["ApiError", "Kube"]
 
-TRANSIENT_STATUSES: Final = frozenset({0, 408, 429, 500, 502, 503, 504})
-"""Worth retrying: unreachable (0), timeouts, throttling, server errors."""
-
 _JSON: Final = {"Accept": "application/json", "Content-Type": "application/json"}
 
 
@@ -36,10 +33,6 @@ class ApiError(errors.GpushareError):
         self.status = status
         self.reason = reason
         self.message = message
-
-    @property
-    def transient(self) -> bool:
-        return self.status in TRANSIENT_STATUSES
 
     @classmethod
     def from_status(cls, status: int, body: object) -> "ApiError":

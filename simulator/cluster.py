@@ -225,7 +225,7 @@ class Simulation:
                  "--nvml", f"fake:{node_gpus.path}", "--metrics-listen",
                  f"127.0.0.1:{free_port()}", "--node-name", node.name,
                  "--mps-control", str(control), "--kubeconfig", env["KUBECONFIG"]],
-                env={**env, "GPUSHARE_AGENT__MPS_ROOT": str(folder / "mps")},
+                env={**env, f"{names.ENV_PREFIX}AGENT__MPS_ROOT": str(folder / "mps")},
                 log=logs / f"device-plugin-{node.name}.log",
             )
         )

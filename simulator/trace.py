@@ -122,7 +122,7 @@ def _manifest(kind: Kind, name: str, namespace: str, quantity: str, n: int) -> M
     if n % 2 == 0:
         args = ["--port", "8080", "--model", kind.repository, *_vllm_args(kind)]
         if n % 3 == 0:
-            args += ["--gpu-memory-utilization", HAND_TUNED]
+            args += [names.VLLM_UTILIZATION_FLAG, HAND_TUNED]
         predictor = {
             "containers": [
                 {

@@ -25,7 +25,7 @@ RUNNING_EXTRA_BYTES: Final = 200 * MI
 """NVML's per-process figure of a running vLLM exceeded utilization * total by ~0.2 GiB."""
 
 _VARIABLE: Final = re.compile(r"\$\$|\$\(([A-Za-z_][A-Za-z0-9_.-]*)\)")
-_FLAGS: Final = ("--gpu-memory-utilization", "--gpu_memory_utilization")
+_FLAGS: Final = (names.VLLM_UTILIZATION_FLAG, names.VLLM_UTILIZATION_FLAG_UNDERSCORED)
 
 
 def expand(text: str, env: Mapping[str, str]) -> str:
@@ -73,9 +73,9 @@ def utilization(words: Sequence[str]) -> Decimal:
     try:
         parsed = Decimal(value)
     except InvalidOperation as exc:
-        raise ValueError(f"--gpu-memory-utilization: invalid float value: {value!r}") from exc
+        raise ValueError(f"{names.VLLM_UTILIZATION_FLAG}: invalid float value: {value!r}") from exc
     if not 0 < parsed <= 1:
-        raise ValueError(f"--gpu-memory-utilization must be in (0, 1], got {value}")
+        raise ValueError(f"{names.VLLM_UTILIZATION_FLAG} must be in (0, 1], got {value}")
     return parsed
 
 

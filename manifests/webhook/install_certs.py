@@ -28,11 +28,11 @@ from cryptography import x509
 from kubernetes_asyncio import client, config
 from kubernetes_asyncio.client.exceptions import ApiException
 
+from gpushare import names
 from gpushare.webhook import certs
 
 logger = logging.getLogger("gpushare.install-certs")
 
-NAMESPACE: Final = "gpushare-system"
 SERVICE: Final = "gpushare-webhook"
 SECRET: Final = "gpushare-webhook-tls"
 CONFIGURATION: Final = "gpushare-webhook"
@@ -162,7 +162,7 @@ async def _patch_configuration(
 
 async def install(
     *,
-    namespace: str = NAMESPACE,
+    namespace: str = names.NAMESPACE,
     secret: str = SECRET,
     service: str = SERVICE,
     configuration: str = CONFIGURATION,
@@ -205,7 +205,7 @@ async def install(
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--namespace", default=NAMESPACE)
+    parser.add_argument("--namespace", default=names.NAMESPACE)
     parser.add_argument("--secret", default=SECRET)
     parser.add_argument("--service", default=SERVICE)
     parser.add_argument("--configuration", default=CONFIGURATION)

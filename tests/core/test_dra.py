@@ -1,7 +1,10 @@
 """The DRA backend's arithmetic and objects: cards as consumable capacity, claims as grants."""
 
+from pathlib import Path
+
 import kubernetes_validate
 import pytest
+import yaml
 from hypothesis import given
 from hypothesis import strategies as st
 
@@ -10,6 +13,8 @@ from gpushare.nodereport import CardReport
 from gpushare.quantities import GI, MI
 
 UNIT = GI
+DEVICE_CLASS = Path(__file__).resolve().parents[2] / "manifests" / "dra" / "deviceclass.yaml"
+"""The DeviceClass as installed."""
 MPS_SERVER = 66 * MI
 H100_CUDA_TOTAL = int(79.18 * GI)
 
@@ -171,7 +176,7 @@ def test_an_allocation_without_consumed_memory_is_refused_with_the_likely_cause(
 @pytest.mark.parametrize(
     "body",
     [
-        dra.device_class(),
+        yaml.safe_load(DEVICE_CLASS.read_text()),
         dra.resource_slice(
             "node-a", [_card(0)], generation=1, unit_bytes=UNIT, overhead_bytes=MPS_SERVER
         ),

@@ -2,7 +2,7 @@
 pods the preference reads, written by the real agent through kubernetes_asyncio and read back."""
 
 import asyncio
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -47,6 +47,69 @@ def node(control_plane: cluster.ControlPlane, namespace: str) -> str:
     return name
 
 
+WatchPods = Callable[[], Awaitable[kube.PodCache]]
+"""Starts a pod cache (see :func:`watch_pods`)."""
+
+
+@pytest.fixture
+async def watch_pods(api: kube.KubeApi, node: str) -> AsyncIterator[WatchPods]:
+    """Starts this node's pod cache as the agent runs it (list, then watch); once it has listed."""
+    watches: list[asyncio.Task[None]] = []
+
+    async def start() -> kube.PodCache:
+        cache = kube.PodCache(api, node)
+        watches.append(asyncio.get_running_loop().create_task(cache.run()))
+        await asyncio.wait_for(cache.synced.wait(), 10)
+        return cache
+
+    yield start
+    for watch in watches:
+        watch.cancel()
+
+
+NodeAgent = Callable[..., Awaitable[Agent]]
+"""Makes an agent with the given settings (see :func:`node_agent`)."""
+
+
+@pytest.fixture
+def node_agent(
+    make_agent: AgentFactory,
+    watch_pods: WatchPods,
+    api: kube.KubeApi,
+    node: str,
+    short_tmp: Path,
+) -> NodeAgent:
+    """An agent of the test's node on the API, with its pods watched and processes located under
+    ``short_tmp/proc``."""
+
+    async def make(**settings: Any) -> Agent:
+        pods = await watch_pods()
+        locator = CgroupLocator(short_tmp / "proc")
+        return make_agent(api=api, pods=pods, node=node, locator=locator, **settings)
+
+    return make
+
+
+def container_labels(node: str, namespace: str, pod: str, **extra: str) -> dict[str, str]:
+    """The agent's metric labels of the pod's vLLM container."""
+    return {
+        "node": node,
+        "namespace": namespace,
+        "pod": pod,
+        "container": "kserve-container",
+        **extra,
+    }
+
+
+async def eventually(check: Callable[[], bool], what: str) -> None:
+    """Wait up to 10 s, without blocking the loop, for ``check`` to hold."""
+    for _ in range(200):
+        if check():
+            return
+        await asyncio.sleep(0.05)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
 def read_report(cp: cluster.ControlPlane, node: str) -> nodereport.NodeReport:
     annotations = cp.rest().get(f"/api/v1/nodes/{node}")["metadata"]["annotations"]
     return nodereport.decode(annotations[names.ANNOTATION_NODE_REPORT])
@@ -71,6 +134,56 @@ def create_pod(
         },
     }
     return cp.rest().create(f"/api/v1/namespaces/{namespace}/pods", body)
+
+
+RunningPod = Callable[[str, dict[str, Any]], str]
+"""Starts a pod (see :func:`running_pod`)."""
+
+
+@pytest.fixture
+def running_pod(
+    control_plane: cluster.ControlPlane,
+    namespace: str,
+    node: str,
+    kubelet: TestKubelet,
+    short_tmp: Path,
+    nvml_file: Path,
+) -> RunningPod:
+    """Makes a running pod of 4 units on card A of the test's node, whose container runs
+    ``process`` (its pid, use and kind as the fake NVML lists them) on that card; its UID."""
+
+    def start(name: str, process: dict[str, Any]) -> str:
+        on_a = {names.ANNOTATION_CARD_UUID: CARD_A}
+        uid: str = create_pod(control_plane, namespace, name, node, 4, **on_a)["metadata"]["uid"]
+        control_plane.rest().patch(
+            f"/api/v1/namespaces/{namespace}/pods/{name}/status",
+            {
+                "status": {
+                    "phase": "Running",
+                    "containerStatuses": [
+                        {
+                            "name": "kserve-container",
+                            "containerID": f"containerd://{CID}",
+                            "image": "vllm",
+                            "imageID": "",
+                            "ready": True,
+                            "restartCount": 0,
+                            "state": {"running": {}},
+                        },
+                    ],
+                }
+            },
+            "strategic",
+        )
+        kubelet.assigned[(namespace, name)] = {
+            "kserve-container": (names.RESOURCE_GPU_MEMORY, [f"{CARD_A}-{u}" for u in range(4)])
+        }
+        write_proc(short_tmp / "proc", process["pid"], uid, CID)
+        listed = {**process, "card": CARD_A}
+        write_fake(nvml_file, [card(CARD_A, 0), card(CARD_B, 1)], processes=[listed])
+        return uid
+
+    return start
 
 
 async def poll(agent: Agent) -> None:
@@ -139,6 +252,7 @@ async def test_annotations_that_disagree_with_kubelet_are_corrected(
     node: str,
     make_agent: AgentFactory,
     kubelet: TestKubelet,
+    watch_pods: WatchPods,
 ) -> None:
     create_pod(
         control_plane,
@@ -152,8 +266,7 @@ async def test_annotations_that_disagree_with_kubelet_are_corrected(
             names.ANNOTATION_GRANTED_BYTES: str(6 * GI),
         },
     )
-    pods = kube.PodCache(api, node)
-    await pods.refresh()
+    pods = await watch_pods()
     kubelet.assigned[(namespace, "bloom")] = {
         "kserve-container": (names.RESOURCE_GPU_MEMORY, [f"{CARD_B}-{u}" for u in range(6)])
     }
@@ -171,7 +284,10 @@ async def test_annotations_that_disagree_with_kubelet_are_corrected(
     assert event["involvedObject"]["name"] == "bloom" and event["type"] == "Normal"
     assert CARD_B in event["message"]
     # Once right, nothing more is written.
-    await pods.refresh()
+    await eventually(
+        lambda: pods.pods()[0].annotations.get(names.ANNOTATION_CARD_UUID) == CARD_B,
+        "the cache to see the correction",
+    )
     await agent.reconcile()
     assert len(events(control_plane, namespace, reconcile.REASON)) == 1
 
@@ -183,6 +299,7 @@ async def test_the_preference_follows_kubelets_order_of_pods_read_from_the_api(
     node: str,
     make_agent: AgentFactory,
     kubelet: TestKubelet,
+    watch_pods: WatchPods,
 ) -> None:
     # "early" is created a second before "late" (creation times have whole seconds) but bound
     # after it: kubelet admits "early" first, and it must get the card bound for it. "going", older
@@ -205,100 +322,45 @@ async def test_the_preference_follows_kubelets_order_of_pods_read_from_the_api(
         NewPod(namespace, name, when, (("kserve-container", 8),))
         for name, when in created.items()
     ]
-    pods = kube.PodCache(api, node)
-    watch = asyncio.get_running_loop().create_task(pods.run())
-    try:
-        await asyncio.wait_for(pods.synced.wait(), 10)
-        assert any(p.deleting for p in pods.pods())
-        async with running(make_agent(isolation="none", api=api, pods=pods, node=node), kubelet):
-            answers = await kubelet.admit_batch(batch)
-    finally:
-        watch.cancel()
+    pods = await watch_pods()
+    assert any(p.deleting for p in pods.pods())
+    async with running(make_agent(isolation="none", api=api, pods=pods, node=node), kubelet):
+        answers = await kubelet.admit_batch(batch)
     assert answers["early", "kserve-container"].envs[names.ENV_VISIBLE_DEVICES] == CARD_B
     assert answers["late", "kserve-container"].envs[names.ENV_VISIBLE_DEVICES] == CARD_A
 
 
 async def test_the_pod_cache_follows_the_watch(
-    control_plane: cluster.ControlPlane, api: kube.KubeApi, namespace: str, node: str
+    control_plane: cluster.ControlPlane,
+    namespace: str,
+    node: str,
+    watch_pods: WatchPods,
 ) -> None:
-    pods = kube.PodCache(api, node)
-    watch = asyncio.get_running_loop().create_task(pods.run())
-    try:
-        await asyncio.wait_for(pods.synced.wait(), 10)
-        await asyncio.to_thread(create_pod, control_plane, namespace, "late", node, 1)
-        await asyncio.to_thread(create_pod, control_plane, namespace, "elsewhere", "other-node", 1)
-        for _ in range(200):
-            if any(p.name == "late" for p in pods.pods()):
-                break
-            await asyncio.sleep(0.05)
-        assert {p.name for p in pods.pods()} == {"late"}
-        await asyncio.to_thread(
-            control_plane.rest().delete,
-            f"/api/v1/namespaces/{namespace}/pods/late",
-            gracePeriodSeconds=0,
-        )
-        for _ in range(200):
-            if not pods.pods():
-                break
-            await asyncio.sleep(0.05)
-        assert pods.pods() == []
-    finally:
-        watch.cancel()
+    pods = await watch_pods()
+    await asyncio.to_thread(create_pod, control_plane, namespace, "late", node, 1)
+    await asyncio.to_thread(create_pod, control_plane, namespace, "elsewhere", "other-node", 1)
+    await eventually(lambda: any(p.name == "late" for p in pods.pods()), "the new pod")
+    assert {p.name for p in pods.pods()} == {"late"}
+    await asyncio.to_thread(
+        control_plane.rest().delete,
+        f"/api/v1/namespaces/{namespace}/pods/late",
+        gracePeriodSeconds=0,
+    )
+    await eventually(lambda: not pods.pods(), "the deletion")
 
 
 @pytest.mark.parametrize("action", ["event", "evict"])
 async def test_a_container_over_its_grant_gets_an_event_or_an_eviction(
     control_plane: cluster.ControlPlane,
-    api: kube.KubeApi,
     namespace: str,
     node: str,
-    make_agent: AgentFactory,
-    kubelet: TestKubelet,
-    nvml_file: Path,
-    short_tmp: Path,
     action: str,
+    node_agent: NodeAgent,
+    running_pod: RunningPod,
 ) -> None:
-    pod = create_pod(
-        control_plane, namespace, "greedy", node, 4, **{names.ANNOTATION_CARD_UUID: CARD_A}
-    )
-    uid = pod["metadata"]["uid"]
-    control_plane.rest().patch(
-        f"/api/v1/namespaces/{namespace}/pods/greedy/status",
-        {
-            "status": {
-                "phase": "Running",
-                "containerStatuses": [
-                    {
-                        "name": "kserve-container",
-                        "containerID": f"containerd://{CID}",
-                        "image": "vllm",
-                        "imageID": "",
-                        "ready": True,
-                        "restartCount": 0,
-                        "state": {"running": {}},
-                    },
-                ],
-            }
-        },
-        "strategic",
-    )
-    kubelet.assigned[(namespace, "greedy")] = {
-        "kserve-container": (names.RESOURCE_GPU_MEMORY, [f"{CARD_A}-{u}" for u in range(4)])
-    }
-    write_proc(short_tmp / "proc", 777, uid, CID)
-    write_fake(
-        nvml_file,
-        [card(CARD_A, 0), card(CARD_B, 1)],
-        processes=[{"pid": 777, "card": CARD_A, "used": "6Gi"}],
-    )
-    pods = kube.PodCache(api, node)
-    await pods.refresh()
-    agent = make_agent(
+    uid = running_pod("greedy", {"pid": 777, "used": "6Gi"})
+    agent = await node_agent(
         isolation="none",
-        api=api,
-        pods=pods,
-        node=node,
-        locator=CgroupLocator(short_tmp / "proc"),
         overuse_grace_seconds=0,
         overuse_action=action,
     )
@@ -313,12 +375,7 @@ async def test_a_container_over_its_grant_gets_an_event_or_an_eviction(
     assert event["source"]["component"] == kube.COMPONENT
     after = control_plane.rest().get(f"/api/v1/namespaces/{namespace}/pods/greedy")
     assert ("deletionTimestamp" in after["metadata"]) == (action == "evict")
-    labels = {
-        "node": node,
-        "namespace": namespace,
-        "pod": "greedy",
-        "container": "kserve-container",
-    }
+    labels = container_labels(node, namespace, "greedy")
     assert agent.metrics.registry.get_sample_value("gpushare_grant_violations_total", labels) == 1
 
 
@@ -334,60 +391,19 @@ async def test_a_container_over_its_grant_gets_an_event_or_an_eviction(
 )
 async def test_an_escape_gets_an_event_naming_the_container_and_an_eviction_at_once(
     control_plane: cluster.ControlPlane,
-    api: kube.KubeApi,
     namespace: str,
     node: str,
-    make_agent: AgentFactory,
-    kubelet: TestKubelet,
-    nvml_file: Path,
-    short_tmp: Path,
     isolation: str,
     kind: str,
     used: str,
     escape: str,
     action: str,
+    node_agent: NodeAgent,
+    running_pod: RunningPod,
 ) -> None:
-    pod = create_pod(
-        control_plane, namespace, "tenant", node, 4, **{names.ANNOTATION_CARD_UUID: CARD_A}
-    )
-    uid = pod["metadata"]["uid"]
-    control_plane.rest().patch(
-        f"/api/v1/namespaces/{namespace}/pods/tenant/status",
-        {
-            "status": {
-                "phase": "Running",
-                "containerStatuses": [
-                    {
-                        "name": "kserve-container",
-                        "containerID": f"containerd://{CID}",
-                        "image": "vllm",
-                        "imageID": "",
-                        "ready": True,
-                        "restartCount": 0,
-                        "state": {"running": {}},
-                    },
-                ],
-            }
-        },
-        "strategic",
-    )
-    kubelet.assigned[(namespace, "tenant")] = {
-        "kserve-container": (names.RESOURCE_GPU_MEMORY, [f"{CARD_A}-{u}" for u in range(4)])
-    }
-    write_proc(short_tmp / "proc", 778, uid, CID)
-    write_fake(
-        nvml_file,
-        [card(CARD_A, 0), card(CARD_B, 1)],
-        processes=[{"pid": 778, "card": CARD_A, "used": used, "kind": kind}],
-    )
-    pods = kube.PodCache(api, node)
-    await pods.refresh()
-    agent = make_agent(
+    uid = running_pod("tenant", {"pid": 778, "used": used, "kind": kind})
+    agent = await node_agent(
         isolation=isolation,
-        api=api,
-        pods=pods,
-        node=node,
-        locator=CgroupLocator(short_tmp / "proc"),
         overuse_grace_seconds=3600,  # an escape is not over-use: no grace applies
         escape_action=action,
     )
@@ -404,13 +420,7 @@ async def test_an_escape_gets_an_event_naming_the_container_and_an_eviction_at_o
     await agent.poll()
     await agent.published()
     assert len(events(control_plane, namespace, escapes.REASON)) == 1  # once per episode
-    labels = {
-        "node": node,
-        "namespace": namespace,
-        "pod": "tenant",
-        "container": "kserve-container",
-        "escape": escape,
-    }
+    labels = container_labels(node, namespace, "tenant", escape=escape)
     assert agent.metrics.registry.get_sample_value("gpushare_isolation_escapes_total", labels) == 1
 
 

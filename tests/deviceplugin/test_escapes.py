@@ -5,13 +5,17 @@ as the real backend reads it from NVML's two process lists and the process's nam
 """
 
 import asyncio
+import contextlib
+from collections.abc import AsyncIterator
 from pathlib import Path
-from typing import Any
+from typing import Any, Final
 
 import pytest
 
+from gpushare import names
 from gpushare.config import Isolation
 from gpushare.deviceplugin import escapes, watchdog
+from gpushare.deviceplugin.agent import Agent
 from gpushare.deviceplugin.nvml import ProcessKind, ProcessUsage
 from gpushare.deviceplugin.pods import PodInfo
 from gpushare.ids import CardUUID, pod_key
@@ -32,6 +36,56 @@ from tests.deviceplugin.test_watchdog import CID, CID2, UID, vllm_pod, write_pro
 SLACK = 512 * MI
 GRANTS = {(pod_key("ns", "bloom"), "kserve-container"): (CardUUID(CARD_A), 10 * GI)}
 OTHER_UID = "0a1b2c3d-4e5f-4a6b-8c7d-9e0f1a2b3c4d"
+
+
+OUTSIDE_MPS: Final = {"pid": 4242, "card": CARD_A, "used": "2Gi", "kind": "cuda"}
+"""A plain CUDA process of bloom's vLLM container under ``isolation: mps``: an escape."""
+ESCAPE_LABELS: Final = {
+    "node": "gpu-node",
+    "namespace": "ns",
+    "pod": "bloom",
+    "container": "kserve-container",
+    "escape": "outside-mps",
+}
+
+
+def held_by_bloom(kubelet: TestKubelet, short_tmp: Path, nvml_file: Path) -> list[dict[str, Any]]:
+    """Kubelet holds 10 units of card A for bloom's vLLM container, whose process 4242 escapes
+    on it; what the fake NVML lists."""
+    kubelet.assigned[("ns", "bloom")] = {
+        "kserve-container": (names.RESOURCE_GPU_MEMORY, [f"{CARD_A}-{u}" for u in range(10)])
+    }
+    write_proc(short_tmp / "proc", 4242, UID, CID)
+    write_fake(nvml_file, [card(CARD_A, 0), card(CARD_B, 1)], processes=[OUTSIDE_MPS])
+    return [OUTSIDE_MPS]
+
+
+def escapes_counted(agent: Agent) -> float | None:
+    """The agent's count of outside-mps escapes by bloom's vLLM container."""
+    return agent.metrics.registry.get_sample_value(
+        "gpushare_isolation_escapes_total", ESCAPE_LABELS
+    )
+
+
+def bloom_agent(make_agent: AgentFactory, short_tmp: Path, **settings: Any) -> Agent:
+    """An agent under ``isolation: mps`` that knows bloom's pod and reads ``short_tmp/proc``."""
+    return make_agent(
+        isolation="mps",
+        pods=StaticPods([vllm_pod()]),
+        locator=watchdog.CgroupLocator(short_tmp / "proc"),
+        **settings,
+    )
+
+
+@contextlib.asynccontextmanager
+async def polling(make_agent: AgentFactory, short_tmp: Path) -> AsyncIterator[Agent]:
+    """:func:`bloom_agent`, polled by the test, its kubelet client closed afterwards."""
+    agent = bloom_agent(make_agent, short_tmp)
+    try:
+        yield agent
+    finally:
+        if agent.podresources is not None:
+            await agent.podresources.close()
 
 
 def located(tmp_path: Path) -> watchdog.CgroupLocator:
@@ -159,33 +213,14 @@ async def test_an_escape_is_acted_on_once_per_episode(tmp_path: Path) -> None:
 async def test_the_agent_catches_an_escape_on_its_next_poll_without_grace(
     make_agent: AgentFactory, kubelet: TestKubelet, nvml_file: Path, short_tmp: Path
 ) -> None:
-    pods = StaticPods([vllm_pod()])
-    agent = make_agent(
-        isolation="mps",
-        pods=pods,
-        locator=watchdog.CgroupLocator(short_tmp / "proc"),
-        overuse_grace_seconds=3600,
-    )
+    agent = bloom_agent(make_agent, short_tmp, overuse_grace_seconds=3600)
     write_proc(short_tmp / "proc", 4242, UID, CID)
     async with running(agent, kubelet):
         await kubelet.admit("ns", "bloom", "kserve-container", 10)
         await agent.refresh_holdings()
-        write_fake(
-            nvml_file,
-            [card(CARD_A, 0), card(CARD_B, 1)],
-            processes=[{"pid": 4242, "card": CARD_A, "used": "2Gi", "kind": "cuda"}],
-        )
-        labels = {
-            "node": "gpu-node",
-            "namespace": "ns",
-            "pod": "bloom",
-            "container": "kserve-container",
-            "escape": "outside-mps",
-        }
+        write_fake(nvml_file, [card(CARD_A, 0), card(CARD_B, 1)], processes=[OUTSIDE_MPS])
         for _ in range(200):
-            count = agent.metrics.registry.get_sample_value(
-                "gpushare_isolation_escapes_total", labels
-            )
+            count = escapes_counted(agent)
             if count:
                 break
             await asyncio.sleep(0.02)
@@ -197,58 +232,18 @@ async def test_a_process_of_a_pod_kubelet_has_not_listed_yet_is_judged_on_the_fi
 ) -> None:
     # Allocate has answered and the container started before the agent's next reconcile: the poll
     # that first sees its process asks kubelet for the holdings itself.
-    kubelet.assigned[("ns", "bloom")] = {
-        "kserve-container": ("gpushare.io/gpu-memory", [f"{CARD_A}-{u}" for u in range(10)])
-    }
-    write_proc(short_tmp / "proc", 4242, UID, CID)
-    write_fake(
-        nvml_file,
-        [card(CARD_A, 0), card(CARD_B, 1)],
-        processes=[{"pid": 4242, "card": CARD_A, "used": "2Gi", "kind": "cuda"}],
-    )
-    agent = make_agent(
-        isolation="mps",
-        pods=StaticPods([vllm_pod()]),
-        locator=watchdog.CgroupLocator(short_tmp / "proc"),
-    )
-    try:
+    held_by_bloom(kubelet, short_tmp, nvml_file)
+    async with polling(make_agent, short_tmp) as agent:
         await agent.poll()
         await agent.published()
-    finally:
-        if agent.podresources is not None:
-            await agent.podresources.close()
-    labels = {
-        "node": "gpu-node",
-        "namespace": "ns",
-        "pod": "bloom",
-        "container": "kserve-container",
-        "escape": "outside-mps",
-    }
-    assert agent.metrics.registry.get_sample_value("gpushare_isolation_escapes_total", labels) == 1
+    assert escapes_counted(agent) == 1
 
 
 async def test_a_failed_nvml_reading_does_not_report_an_escape_twice(
     make_agent: AgentFactory, kubelet: TestKubelet, nvml_file: Path, short_tmp: Path
 ) -> None:
-    kubelet.assigned[("ns", "bloom")] = {
-        "kserve-container": ("gpushare.io/gpu-memory", [f"{CARD_A}-{u}" for u in range(10)])
-    }
-    write_proc(short_tmp / "proc", 4242, UID, CID)
-    escaping = [{"pid": 4242, "card": CARD_A, "used": "2Gi", "kind": "cuda"}]
-    write_fake(nvml_file, [card(CARD_A, 0), card(CARD_B, 1)], processes=escaping)
-    agent = make_agent(
-        isolation="mps",
-        pods=StaticPods([vllm_pod()]),
-        locator=watchdog.CgroupLocator(short_tmp / "proc"),
-    )
-    labels = {
-        "node": "gpu-node",
-        "namespace": "ns",
-        "pod": "bloom",
-        "container": "kserve-container",
-        "escape": "outside-mps",
-    }
-    try:
+    escaping = held_by_bloom(kubelet, short_tmp, nvml_file)
+    async with polling(make_agent, short_tmp) as agent:
         await agent.poll()
         await agent.published()
         write_fake(nvml_file, [card(CARD_A, 0), card(CARD_B, 1)], error="driver gone")
@@ -257,7 +252,4 @@ async def test_a_failed_nvml_reading_does_not_report_an_escape_twice(
         write_fake(nvml_file, [card(CARD_A, 0), card(CARD_B, 1)], processes=escaping)
         await agent.poll()
         await agent.published()
-    finally:
-        if agent.podresources is not None:
-            await agent.podresources.close()
-    assert agent.metrics.registry.get_sample_value("gpushare_isolation_escapes_total", labels) == 1
+    assert escapes_counted(agent) == 1

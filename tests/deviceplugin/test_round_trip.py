@@ -23,23 +23,16 @@ from tests.deviceplugin.conftest import (
     running,
 )
 from tests.deviceplugin.kubelet import TestKubelet
+from tests.scheduler.extender import ExtenderProcess, kube_scheduler, started
 from tests.scheduler.objects import OVERHEAD, pod
-from tests.scheduler.test_under_kube_scheduler import ExtenderProcess, kube_scheduler
 
 CARDS = {CARD_A: 0, CARD_B: 1}
 
 
 @pytest.fixture
 def extender(control_plane: cluster.ControlPlane, tmp_path: Path) -> Iterator[ExtenderProcess]:
-    ext = ExtenderProcess(control_plane, tmp_path)
-    ext.start()
-    try:
-        yield ext
-    except BaseException:
-        print(ext.log())
-        raise
-    finally:
-        ext.stop()
+    with started(control_plane, tmp_path) as process:
+        yield process
 
 
 def granted_by_card(extender: ExtenderProcess, node: str) -> dict[str, float]:

@@ -7,6 +7,7 @@ InferenceService's predictor pod as KServe makes it, rewritten by the webhook's 
 """
 
 import collections
+import contextlib
 import itertools
 from collections.abc import Iterator
 from typing import Any
@@ -33,10 +34,11 @@ def scheduler(control_plane: cluster.ControlPlane) -> Iterator[cluster.Scheduler
         yield running
 
 
-def _nodes(
+@contextlib.contextmanager
+def _fleet(
     rest: cluster.Rest, namespace: str, *, count: int, cards: int
-) -> tuple[list[str], dict[tuple[str, str], int]]:
-    """GPU nodes with their slices; the capacity of each (pool, device)."""
+) -> Iterator[dict[tuple[str, str], int]]:
+    """GPU nodes with their slices (deleted afterwards); the capacity of each (pool, device)."""
     nodes, capacity = [], {}
     for n in range(count):
         name = cluster.unique_name(f"{namespace}-dra-{n}")
@@ -53,7 +55,10 @@ def _nodes(
             value = device["capacity"][names.DRA_CAPACITY_MEMORY]["value"]
             capacity[(name, device["name"])] = quantities.parse_bytes(value)
         nodes.append(name)
-    return nodes, capacity
+    try:
+        yield capacity
+    finally:
+        objects.delete_slices(rest, nodes)
 
 
 def _bound(rest: cluster.Rest, namespace: str, expected: int) -> list[dict[str, Any]] | None:
@@ -79,8 +84,7 @@ def test_the_fixture_pods_get_memory_on_cards_from_kube_scheduler_alone(
     control_plane: cluster.ControlPlane, namespace: str, scheduler: cluster.Scheduler
 ) -> None:
     rest = control_plane.rest()
-    nodes, capacity = _nodes(rest, namespace, count=2, cards=2)
-    try:
+    with _fleet(rest, namespace, count=2, cards=2) as capacity:
         pods = [
             objects.create_pod(rest, namespace, memory, fixture)
             for memory, fixture in zip(SIZES, itertools.cycle(builders.FIXTURES), strict=False)
@@ -105,8 +109,6 @@ def test_the_fixture_pods_get_memory_on_cards_from_kube_scheduler_alone(
             )
             assert granted == quantities.parse_bytes(memory)
         assert all(used[key] <= capacity[key] for key in used)
-    finally:
-        objects.delete_slices(rest, nodes)
 
 
 def test_a_burst_never_puts_more_on_a_card_than_it_has(
@@ -115,8 +117,7 @@ def test_a_burst_never_puts_more_on_a_card_than_it_has(
     # Scaled down from 1,000 pods on 200 nodes (benchmarks/dra_allocation.py) for a small machine;
     # more is asked than the cards hold, so the allocator has to refuse some.
     rest = control_plane.rest()
-    nodes, capacity = _nodes(rest, namespace, count=4, cards=2)
-    try:
+    with _fleet(rest, namespace, count=4, cards=2) as capacity:
         sizes = list(itertools.islice(itertools.cycle(SIZES), 40))
         for memory in sizes:
             objects.create_pod(rest, namespace, memory, builders.FIXTURES[1])
@@ -135,8 +136,6 @@ def test_a_burst_never_puts_more_on_a_card_than_it_has(
         assert not over
         bound = [p for p in pods if p["spec"].get("nodeName")]
         assert 0 < len(bound) < len(sizes)
-    finally:
-        objects.delete_slices(rest, nodes)
 
 
 def _unschedulable(pod: dict[str, Any]) -> str | None:
@@ -150,8 +149,7 @@ def test_a_pod_that_fits_no_card_stays_pending_with_the_schedulers_reason(
     control_plane: cluster.ControlPlane, namespace: str, scheduler: cluster.Scheduler
 ) -> None:
     rest = control_plane.rest()
-    nodes, _ = _nodes(rest, namespace, count=1, cards=1)
-    try:
+    with _fleet(rest, namespace, count=1, cards=1):
         first = objects.create_pod(rest, namespace, "40Gi", builders.FIXTURES[0])
         cluster.wait_for(lambda: _bound(rest, namespace, 1), timeout=60, what="the first pod bound")
         second = objects.create_pod(rest, namespace, "60Gi", builders.FIXTURES[1])
@@ -162,5 +160,3 @@ def test_a_pod_that_fits_no_card_stays_pending_with_the_schedulers_reason(
         assert "cannot allocate all claims" in message
         assert not rest.get(path)["spec"].get("nodeName")
         assert first["metadata"]["name"] != second["metadata"]["name"]
-    finally:
-        objects.delete_slices(rest, nodes)

@@ -5,7 +5,7 @@ from typing import Any
 import pytest
 import yaml
 
-from gpushare import config, dra, names
+from gpushare import config, names
 from tests.manifests.conftest import Objects, _render
 from tests.manifests.render import MANIFESTS, find
 
@@ -39,8 +39,13 @@ def test_the_configmap_chooses_the_dra_backend_and_mps_and_otherwise_matches_the
     assert {**ours, "backend": "extender", "isolation": theirs["isolation"]} == theirs
 
 
-def test_the_device_class_is_the_one_the_core_builds(rendered: Objects) -> None:
-    assert find(rendered, "DeviceClass", names.DRA_DEVICE_CLASS) == dra.device_class()
+def test_the_device_class_selects_every_device_of_the_driver(rendered: Objects) -> None:
+    assert find(rendered, "DeviceClass", names.DRA_DEVICE_CLASS) == {
+        "apiVersion": names.DRA_API_VERSION,
+        "kind": "DeviceClass",
+        "metadata": {"name": names.DRA_DEVICE_CLASS, "labels": {names.LABEL_PART_OF: "gpushare"}},
+        "spec": {"selectors": [{"cel": {"expression": f'device.driver == "{names.DRA_DRIVER}"'}}]},
+    }
 
 
 def test_the_webhook_declares_its_side_effect(rendered: Objects) -> None:

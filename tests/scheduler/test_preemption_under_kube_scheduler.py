@@ -6,6 +6,7 @@ No kubelet runs here, so the test finishes each deletion that preemption starts 
 ``deletionTimestamp`` is deleted at once, as kubelet does once its containers stop).
 """
 
+import contextlib
 import functools
 from collections.abc import Iterator
 from pathlib import Path
@@ -15,14 +16,9 @@ import pytest
 
 from gpushare import names
 from tests import cluster
+from tests.scheduler.extender import ExtenderProcess, kube_scheduler, started
 from tests.scheduler.objects import GI, pod
-from tests.scheduler.test_under_kube_scheduler import (
-    ExtenderProcess,
-    events,
-    kube_scheduler,
-    list_pods,
-    metric_sum,
-)
+from tests.scheduler.test_under_kube_scheduler import events, list_pods, metric_sum
 
 CARD_40 = 40 * GI
 
@@ -30,15 +26,8 @@ CARD_40 = 40 * GI
 @pytest.fixture
 def sidecar(control_plane: cluster.ControlPlane, tmp_path: Path) -> Iterator[ExtenderProcess]:
     """``gpushare scheduler`` in its own process, talking to the test's API server."""
-    process = ExtenderProcess(control_plane, tmp_path)
-    process.start()
-    try:
+    with started(control_plane, tmp_path) as process:
         yield process
-    except BaseException:
-        print(process.log())
-        raise
-    finally:
-        process.stop()
 
 
 @pytest.fixture
@@ -102,24 +91,38 @@ def _finish_deletions(rest: cluster.Rest, namespace: str, deleted: set[str]) -> 
                         gracePeriodSeconds=0)
 
 
+@contextlib.contextmanager
+def _urgent_on_two_full_cards(
+    control_plane: cluster.ControlPlane,
+    namespace: str,
+    extender: ExtenderProcess,
+    priorities: dict[str, str],
+    second: str,
+) -> Iterator[cluster.Rest]:
+    """Under kube-scheduler, fill puts a (20 GiB, low) and b (16 GiB, ``second``) on card 0 of
+    :func:`_node`, c and d likewise on card 1 (72 of its 80 units); then "urgent" asks for 30 GiB,
+    which fits no card, at high priority."""
+    rest = control_plane.rest()
+    _node(control_plane, namespace)
+    with kube_scheduler(control_plane, extender):
+        cards = _one_by_one(rest, namespace, [
+            ("a", 20, priorities["low"]), ("b", 16, priorities[second]),
+            ("c", 20, priorities["low"]), ("d", 16, priorities[second]),
+        ])  # fmt: skip
+        assert cards == {"a": "0", "b": "0", "c": "1", "d": "1"}
+        _create(rest, namespace, "urgent", 30, priorities["high"])
+        yield rest
+
+
 def test_exactly_enough_pods_on_one_card_are_evicted_for_a_higher_priority_pod(
     control_plane: cluster.ControlPlane,
     namespace: str,
     sidecar: ExtenderProcess,
     priorities: dict[str, str],
 ) -> None:
-    rest = control_plane.rest()
-    _node(control_plane, namespace)
-    with kube_scheduler(control_plane, sidecar):
-        # fill puts a and b on card 0, c and d on card 1: 72 of the node's 80 units.
-        cards = _one_by_one(rest, namespace, [
-            ("a", 20, priorities["low"]), ("b", 16, priorities["mid"]),
-            ("c", 20, priorities["low"]), ("d", 16, priorities["mid"]),
-        ])
-        assert cards == {"a": "0", "b": "0", "c": "1", "d": "1"}
-        # 30 GiB fits no card. kube-scheduler needs 22 units of the node's total back and spares
-        # the mid pods first: its victims are a and c, 20 GiB on each card and 30 on neither.
-        _create(rest, namespace, "urgent", 30, priorities["high"])
+    # kube-scheduler needs 22 units of the node's total back and spares the mid pods first: its
+    # victims are a and c, 20 GiB on each card and 30 on neither.
+    with _urgent_on_two_full_cards(control_plane, namespace, sidecar, priorities, "mid") as rest:
         deleted: set[str] = set()
 
         def bound() -> dict[str, Any] | None:
@@ -146,18 +149,9 @@ def test_kube_schedulers_victims_are_refused_when_they_free_no_card(
     sidecar: ExtenderProcess,
     priorities: dict[str, str],
 ) -> None:
-    rest = control_plane.rest()
-    _node(control_plane, namespace)
-    with kube_scheduler(control_plane, sidecar):
-        # Each card: a low 20 and a 16 that outranks the preemptor.
-        cards = _one_by_one(rest, namespace, [
-            ("p", 20, priorities["low"]), ("r", 16, priorities["guard"]),
-            ("q", 20, priorities["low"]), ("s", 16, priorities["guard"]),
-        ])
-        assert cards == {"p": "0", "r": "0", "q": "1", "s": "1"}
-        # kube-scheduler would evict p and q: 40 units of the node's total, 20 GiB on each card,
-        # and no card with 30 GiB. The extender refuses, so nothing is evicted.
-        _create(rest, namespace, "urgent", 30, priorities["high"])
+    # b and d outrank the preemptor. kube-scheduler would evict a and c: 40 units of the node's
+    # total, 20 GiB on each card, and no card with 30 GiB. The extender refuses: nothing is evicted.
+    with _urgent_on_two_full_cards(control_plane, namespace, sidecar, priorities, "guard") as rest:
         cluster.wait_for(
             lambda: metric_sum(
                 sidecar.metrics(), 'gpushare_scheduler_preempt_nodes_total{outcome="refused"}'
@@ -170,5 +164,5 @@ def test_kube_schedulers_victims_are_refused_when_they_free_no_card(
         )
         pods = list_pods(rest, namespace)
     assert not any(p["metadata"].get("deletionTimestamp") for p in pods)
-    assert {p["metadata"]["name"] for p in pods} == {"p", "q", "r", "s", "urgent"}
+    assert {p["metadata"]["name"] for p in pods} == {"a", "b", "c", "d", "urgent"}
     assert not next(p for p in pods if p["metadata"]["name"] == "urgent")["spec"].get("nodeName")

@@ -6,9 +6,6 @@ Node objects with an agent report; pods look as the webhook leaves them.
 """
 
 import asyncio
-import contextlib
-import sys
-import urllib.request
 from collections import Counter
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -17,108 +14,22 @@ from typing import Any
 
 import aiohttp
 import pytest
-import yaml
 
 from gpushare import names, nodereport
 from tests import cluster
+from tests.scheduler.extender import ExtenderProcess, kube_scheduler, started
 from tests.scheduler.objects import GI, OVERHEAD, pod
 
-ROOT = Path(__file__).resolve().parents[2]
-MANIFEST = ROOT / "manifests" / "scheduler" / "kube-scheduler-config.yaml"
 CARD_80 = 80 * GI
 CARD_24 = 24 * GI
 SIZES = (20, 8, 12, 4, 40, 16, 24, 10, 6, 30)
 """GiB asked by successive pods: 170 GiB per ten, from a quarter of an L4 to half an H100."""
 
 
-class ExtenderProcess:
-    """``gpushare scheduler`` on a fixed loopback port, which can be killed and started again."""
-
-    def __init__(self, control_plane: cluster.ControlPlane, folder: Path) -> None:
-        self.control_plane = control_plane
-        self.folder = folder
-        self.port = cluster.free_port()
-        self.process: cluster.Process | None = None
-        self.starts = 0
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}/gpushare-scheduler"
-
-    def start(self) -> None:
-        self.starts += 1
-        self.process = cluster.Process(
-            f"extender-{self.starts}",
-            [
-                sys.executable,
-                "-m",
-                "gpushare.cli",
-                "scheduler",
-                f"--listen=127.0.0.1:{self.port}",
-                f"--kubeconfig={self.control_plane.kubeconfig}",
-            ],
-            self.folder / f"extender-{self.starts}.log",
-        )
-        process = self.process
-
-        def ready() -> bool:
-            process.check_alive()
-            try:
-                with urllib.request.urlopen(f"http://127.0.0.1:{self.port}/readyz", timeout=1) as r:
-                    return bool(r.status == 200)
-            except OSError:
-                return False
-
-        cluster.wait_for(ready, timeout=60, what="the extender's /readyz")
-
-    def kill(self) -> None:
-        assert self.process is not None
-        self.process.popen.kill()
-        self.process.stop()
-
-    def metrics(self) -> str:
-        with urllib.request.urlopen(f"http://127.0.0.1:{self.port}/metrics", timeout=5) as r:
-            return str(r.read().decode())
-
-    def log(self) -> str:
-        return cluster.tail(self.process.log_path, 80) if self.process else ""
-
-    def stop(self) -> None:
-        if self.process is not None:
-            self.process.stop()
-
-
 @pytest.fixture
 def extender(control_plane: cluster.ControlPlane, tmp_path: Path) -> Iterator[ExtenderProcess]:
-    ext = ExtenderProcess(control_plane, tmp_path)
-    ext.start()
-    try:
-        yield ext
-    except BaseException:
-        print(ext.log())
-        raise
-    finally:
-        ext.stop()
-
-
-def scheduler_config(url: str) -> dict[str, Any]:
-    """Our manifest, its extender URL pointed at the test's extender."""
-    config: dict[str, Any] = yaml.safe_load(MANIFEST.read_text())
-    config["extenders"][0]["urlPrefix"] = url
-    return config
-
-
-@contextlib.contextmanager
-def kube_scheduler(
-    control_plane: cluster.ControlPlane, extender: ExtenderProcess
-) -> Iterator[cluster.Scheduler]:
-    with control_plane.start_scheduler(scheduler_config(extender.url)) as scheduler:
-        try:
-            yield scheduler
-        except BaseException:
-            print(scheduler.log(80))
-            print(extender.log())
-            raise
+    with started(control_plane, tmp_path) as process:
+        yield process
 
 
 def gpu_nodes(

@@ -24,8 +24,9 @@ import kubernetes_validate
 import pytest
 import yaml
 
-from gpushare import names
+from gpushare import config, names
 from gpushare.simulator import kserve
+from gpushare.webhook import mutation
 
 _Loader: Final = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
 
@@ -276,3 +277,25 @@ def isvc_validator() -> jsonschema.Draft7Validator:
 def check_isvc(body: dict[str, Any]) -> None:
     """Raise unless ``body`` satisfies the InferenceService CRD's schema."""
     isvc_validator().validate(body)
+
+
+H100: Final = (81_559 - 479) * 1024**2
+"""An H100 80GB's CUDA total (NVML's 81,559 MiB less the 479 MiB the driver reserves)."""
+EXTENDER: Final = config.Settings()
+"""The default settings: ``backend: extender``."""
+
+
+def mutate(
+    pod: dict[str, Any], settings: config.Settings = EXTENDER, *, largest: int | None = H100
+) -> mutation.Mutation:
+    """The webhook's Pod mutation, the largest card in the cluster ``largest`` CUDA bytes."""
+    return mutation.pod(pod, settings=settings, largest_cuda_total_bytes=largest)
+
+
+def mutated(pod: dict[str, Any], settings: config.Settings = EXTENDER) -> dict[str, Any]:
+    """``pod`` as the webhook leaves it, checked against Kubernetes' schema."""
+    result = mutate(pod, settings)
+    assert result.allowed, result.message
+    after = apply(pod, result.patch)
+    check_pod(after)
+    return after

@@ -1,13 +1,15 @@
 """The webhook as a real process on loopback, with a certificate pair made by ``gpushare certs``."""
 
+import contextlib
 import json
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 import yaml
 
-from gpushare import cli, names
+from gpushare import cli, names, nodereport
 from tests import cluster
 from tests.webhook import builders
 from tests.webhook.process import Webhook, configurations
@@ -43,14 +45,16 @@ def install_kserve_crds(control_plane: cluster.ControlPlane) -> None:
     cluster.wait_for(established, timeout=60, what="the InferenceService CRD")
 
 
-@pytest.fixture(scope="module")
-def webhook(
-    control_plane: cluster.ControlPlane, pair: Path, tmp_path_factory: pytest.TempPathFactory
+@contextlib.contextmanager
+def started(
+    control_plane: cluster.ControlPlane,
+    pair: Path,
+    log: Path,
+    settings: dict[str, str] | None = None,
 ) -> Iterator[Webhook]:
-    """The webhook process, started after KServe's CRDs are installed."""
+    """The webhook process (``settings`` as ``GPUSHARE_*`` variables), after KServe's CRDs."""
     install_kserve_crds(control_plane)
-    log = tmp_path_factory.mktemp("webhook") / "webhook.log"
-    server = Webhook(control_plane.kubeconfig, pair, log)
+    server = Webhook(control_plane.kubeconfig, pair, log, settings=settings)
     server.start()
     try:
         yield server
@@ -58,24 +62,30 @@ def webhook(
         server.stop()
 
 
-def _mutates(control_plane: cluster.ControlPlane) -> bool:
-    probe = json.dumps(builders.job_pod())
-    result = control_plane.kubectl(
-        "create", "--dry-run=server", "-n", "default", "-o", "json", "-f", "-", input=probe
-    )
-    return bool(json.loads(result.stdout)["spec"].get("schedulerName") == names.SCHEDULER_NAME)
+@contextlib.contextmanager
+def registration(
+    control_plane: cluster.ControlPlane,
+    webhook: Webhook,
+    mutated: Callable[[dict[str, Any]], bool],
+) -> Iterator[Webhook]:
+    """The manifests' webhook configurations pointed at ``webhook`` (removed afterwards).
 
-
-@pytest.fixture(scope="module")
-def registered(control_plane: cluster.ControlPlane, webhook: Webhook) -> Iterator[Webhook]:
-    """The webhook configurations registered with the apiserver (removed afterwards)."""
+    The apiserver reads webhook configurations through an informer: this waits until a server
+    dry run of a Job's pod comes back as ``mutated`` says the webhook leaves it."""
     bodies = configurations(webhook)
     control_plane.kubectl(
         "apply", "--server-side", "--force-conflicts", "-f", "-",
         input=yaml.safe_dump_all(bodies),
     )  # fmt: skip
-    # The apiserver reads webhook configurations through an informer: wait until it calls ours.
-    cluster.wait_for(lambda: _mutates(control_plane), timeout=30, what="the webhook to be called")
+
+    def called() -> bool:
+        probe = json.dumps(builders.job_pod())
+        result = control_plane.kubectl(
+            "create", "--dry-run=server", "-n", "default", "-o", "json", "-f", "-", input=probe
+        )
+        return mutated(json.loads(result.stdout))
+
+    cluster.wait_for(called, timeout=30, what="the webhook to be called")
     try:
         yield webhook
     finally:
@@ -83,3 +93,39 @@ def registered(control_plane: cluster.ControlPlane, webhook: Webhook) -> Iterato
             control_plane.kubectl(
                 "delete", body["kind"].lower(), body["metadata"]["name"], "--ignore-not-found"
             )
+
+
+def report_card(
+    control_plane: cluster.ControlPlane,
+    webhook: Webhook,
+    namespace: str,
+    card: nodereport.CardReport,
+) -> None:
+    """A GPU node of ``card`` owned by ``namespace``, once the webhook has read its report."""
+    cluster.register_gpu_node(control_plane, f"{namespace}-gpu", [card], owner=namespace)
+    cluster.wait_for(
+        lambda: (
+            webhook.metrics()[("gpushare_webhook_largest_card_bytes", ())] >= card.cuda_total_bytes
+        ),
+        what="the webhook to read the node report",
+    )
+
+
+@pytest.fixture(scope="module")
+def webhook(
+    control_plane: cluster.ControlPlane, pair: Path, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[Webhook]:
+    """The webhook process, started after KServe's CRDs are installed."""
+    with started(control_plane, pair, tmp_path_factory.mktemp("webhook") / "webhook.log") as server:
+        yield server
+
+
+@pytest.fixture(scope="module")
+def registered(control_plane: cluster.ControlPlane, webhook: Webhook) -> Iterator[Webhook]:
+    """The webhook configurations registered with the apiserver (removed afterwards)."""
+    with registration(control_plane, webhook, _gpushare_scheduled):
+        yield webhook
+
+
+def _gpushare_scheduled(pod: dict[str, Any]) -> bool:
+    return bool(pod["spec"].get("schedulerName") == names.SCHEDULER_NAME)

@@ -7,24 +7,17 @@ import pytest
 from gpushare import config, dra, names, sizing
 from gpushare.webhook import mutation
 from tests.webhook import builders
-from tests.webhook.test_pod_mutation import H100, kserve_pods
+from tests.webhook.test_pod_mutation import kserve_pods
 
 DRA = config.Settings(backend="dra")
-EXTENDER = config.Settings()
 
 
-def mutate(
-    pod: dict[str, Any], settings: config.Settings = DRA, *, largest: int | None = H100
-) -> mutation.Mutation:
-    return mutation.pod(pod, settings=settings, largest_cuda_total_bytes=largest)
+def mutate(pod: dict[str, Any], *, largest: int | None = builders.H100) -> mutation.Mutation:
+    return builders.mutate(pod, DRA, largest=largest)
 
 
 def mutated(pod: dict[str, Any]) -> dict[str, Any]:
-    result = mutate(pod)
-    assert result.allowed, result.message
-    after = builders.apply(pod, result.patch)
-    builders.check_pod(after)
-    return after
+    return builders.mutated(pod, DRA)
 
 
 @pytest.fixture(params=range(4), ids=["api_server", "vllm-openai", "vllmserver", "hf-vllm"])
@@ -59,7 +52,7 @@ def test_the_gpu_container_names_a_claim_from_the_template_of_its_grant(
     line = container.get("command", []) + container.get("args", [])
     assert not any("$(" in item for item in line)
     expected = sizing.utilization(
-        granted_bytes=20 * 1024**3, reserve_bytes=DRA.reserve_bytes, cuda_total_bytes=H100
+        granted_bytes=20 * 1024**3, reserve_bytes=DRA.reserve_bytes, cuda_total_bytes=builders.H100
     )
     assert f"--gpu-memory-utilization={sizing.format_utilization(expected)}" in " ".join(line)
     assert "schedulerName" not in after["spec"]
@@ -104,7 +97,7 @@ def test_the_template_named_is_the_one_the_core_builds() -> None:
 
 
 def test_the_extender_backend_is_unchanged(kserve_pod: dict[str, Any]) -> None:
-    after = builders.apply(kserve_pod, mutate(kserve_pod, EXTENDER).patch)
+    after = builders.apply(kserve_pod, builders.mutate(kserve_pod).patch)
     assert "resourceClaims" not in after["spec"]
     assert after["spec"]["schedulerName"] == names.SCHEDULER_NAME
 

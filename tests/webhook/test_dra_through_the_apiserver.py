@@ -8,14 +8,13 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-import yaml
 
 from gpushare import config, dra, names
 from tests import cluster
 from tests.dra import objects
 from tests.webhook import builders
-from tests.webhook.conftest import install_kserve_crds
-from tests.webhook.process import Webhook, configurations
+from tests.webhook.conftest import registration, report_card, started
+from tests.webhook.process import Webhook
 from tests.webhook.test_through_the_apiserver import create
 
 pytestmark = pytest.mark.cluster
@@ -28,54 +27,23 @@ def webhook(
     control_plane: cluster.ControlPlane, pair: Path, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[Webhook]:
     """The webhook process configured for the DRA backend."""
-    install_kserve_crds(control_plane)
     log = tmp_path_factory.mktemp("webhook-dra") / "webhook.log"
-    server = Webhook(control_plane.kubeconfig, pair, log, settings={"GPUSHARE_BACKEND": "dra"})
-    server.start()
-    try:
+    with started(control_plane, pair, log, {"GPUSHARE_BACKEND": "dra"}) as server:
         yield server
-    finally:
-        server.stop()
 
 
 @pytest.fixture(scope="module")
 def registered(control_plane: cluster.ControlPlane, webhook: Webhook) -> Iterator[Webhook]:
     """The manifests' webhook configurations, pointed at the DRA webhook (removed afterwards)."""
-    bodies = configurations(webhook)
-    control_plane.kubectl(
-        "apply", "--server-side", "--force-conflicts", "-f", "-",
-        input=yaml.safe_dump_all(bodies),
-    )  # fmt: skip
-
-    def mutates() -> bool:
-        probe = json.dumps(builders.job_pod())
-        result = control_plane.kubectl(
-            "create", "--dry-run=server", "-n", "default", "-o", "json", "-f", "-", input=probe
-        )
-        return bool(json.loads(result.stdout)["spec"].get("resourceClaims"))
-
-    cluster.wait_for(mutates, timeout=30, what="the webhook to be called")
-    try:
+    with registration(control_plane, webhook, lambda pod: bool(pod["spec"].get("resourceClaims"))):
         yield webhook
-    finally:
-        for body in bodies:
-            control_plane.kubectl(
-                "delete", body["kind"].lower(), body["metadata"]["name"], "--ignore-not-found"
-            )
 
 
 @pytest.fixture
 def reporting(control_plane: cluster.ControlPlane, registered: Webhook, namespace: str) -> None:
     """A GPU node whose report the webhook has read (it sizes vLLM for the largest card)."""
     card = cluster.gpu_card(total=objects.H100_TOTAL, reserved=objects.H100_RESERVED)
-    cluster.register_gpu_node(control_plane, f"{namespace}-gpu", [card], owner=namespace)
-    cluster.wait_for(
-        lambda: (
-            registered.metrics()[("gpushare_webhook_largest_card_bytes", ())]
-            >= card.cuda_total_bytes
-        ),
-        what="the webhook to read the node report",
-    )
+    report_card(control_plane, registered, namespace, card)
 
 
 def _templates(cp: cluster.ControlPlane, namespace: str) -> list[dict[str, Any]]:

@@ -8,23 +8,9 @@ import pytest
 from gpushare import config, names
 from gpushare.webhook import mutation
 from tests.webhook import builders
+from tests.webhook.builders import mutate, mutated
 
 OURS = names.VLLM_UTILIZATION_ARG
-SETTINGS = config.Settings()
-H100 = (81_559 - 479) * 1024**2
-"""An H100 80GB's CUDA total (NVML's 81,559 MiB less the 479 MiB the driver reserves)."""
-
-
-def mutate(pod: dict[str, Any], *, largest: int | None = H100) -> mutation.Mutation:
-    return mutation.pod(pod, settings=SETTINGS, largest_cuda_total_bytes=largest)
-
-
-def mutated(pod: dict[str, Any]) -> dict[str, Any]:
-    result = mutate(pod)
-    assert result.allowed, result.message
-    after = builders.apply(pod, result.patch)
-    builders.check_pod(after)
-    return after
 
 
 def kserve_pods() -> list[tuple[str, dict[str, Any]]]:

@@ -21,6 +21,7 @@ from gpushare import names
 from gpushare.webhook import paths
 from tests import cluster
 from tests.webhook import builders
+from tests.webhook.conftest import report_card
 from tests.webhook.process import Webhook
 
 pytestmark = pytest.mark.cluster
@@ -130,14 +131,7 @@ def test_a_request_larger_than_any_grant_a_card_can_hold_is_refused(
     # NVML says 80 GiB, CUDA sees 79.53 GiB, and the grant's own MPS server needs 66 MiB of it:
     # 79 units of 1 GiB is the most a pod can get there.
     card = cluster.gpu_card(total="80Gi", reserved="480Mi")
-    cluster.register_gpu_node(control_plane, f"{namespace}-gpu", [card], owner=namespace)
-    cluster.wait_for(
-        lambda: (
-            registered.metrics()[("gpushare_webhook_largest_card_bytes", ())]
-            >= card.cuda_total_bytes
-        ),
-        what="the webhook to read the node report",
-    )
+    report_card(control_plane, registered, namespace, card)
     result = apply_isvc(
         control_plane,
         namespace,
