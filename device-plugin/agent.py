@@ -30,7 +30,7 @@ from gpushare.deviceplugin.nvml import CardReading, Nvml, Snapshot
 from gpushare.deviceplugin.podresources import Holding, PodResourcesClient, PodResourcesError
 from gpushare.deviceplugin.pods import PodSource, next_wanted
 from gpushare.deviceplugin.report import Reporter
-from gpushare.deviceplugin.watchdog import ProcessLocator, Watchdog, usage
+from gpushare.deviceplugin.watchdog import PollLocator, ProcessLocator, Watchdog, usage
 from gpushare.ids import CardUUID, DeviceID, PodKey
 from gpushare.nodereport import CardReport
 
@@ -253,7 +253,8 @@ class Agent:
     async def _watch_usage(self, snapshot: Snapshot) -> None:
         if self.locator is None or self.pods is None:
             return
-        if self._unheld_pod_on_card(snapshot):
+        locator = PollLocator(self.locator)  # four checks below, one cgroup read per process
+        if self._unheld_pod_on_card(snapshot, locator):
             # A container may start within one reconcile of its Allocate: ask kubelet now, so its
             # processes are judged against its grant on this poll, not the next.
             await self.refresh_holdings()
@@ -275,30 +276,30 @@ class Agent:
             await asyncio.to_thread(
                 self.mode.enforce,
                 snapshot.processes,
-                locator=self.locator,
+                locator=locator,
                 grants=held,
                 containers=containers,
             )
         found = escapes.find(
             snapshot.processes,
             isolation=self.mode.name,
-            locator=self.locator,
+            locator=locator,
             pods=pods,
             grants=held,
             slack_bytes=self.settings.agent.escape_slack_bytes,
         )
         if snapshot.error is None:  # no reading is not the end of an episode
             await self.escapes.check(found)
-        usages = usage(snapshot.processes, locator=self.locator, pods=pods, grants=held)
+        usages = usage(snapshot.processes, locator=locator, pods=pods, grants=held)
         self.metrics.set_containers(usages)
         await self.watchdog.check(usages)
 
-    def _unheld_pod_on_card(self, snapshot: Snapshot) -> bool:
-        assert self.locator is not None and self.pods is not None
+    def _unheld_pod_on_card(self, snapshot: Snapshot, locator: ProcessLocator) -> bool:
+        assert self.pods is not None
         held = {pod for pod, _container in self.holders()}
         uids = {pod.uid for pod in self.pods.pods() if pod.key not in held}
         for process in snapshot.processes:
-            where = self.locator.locate(process.pid)
+            where = locator.locate(process.pid)
             if where is not None and where.pod_uid in uids:
                 return True
         return False

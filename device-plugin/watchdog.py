@@ -66,6 +66,20 @@ class CgroupLocator:
         return parse_cgroup(text)
 
 
+class PollLocator:
+    """One poll's view of ``inner``: each process is located once, however many checks ask."""
+
+    def __init__(self, inner: ProcessLocator) -> None:
+        self._inner = inner
+        self._seen: dict[int, Location | None] = {}
+
+    def locate(self, pid: int) -> Location | None:
+        """``inner``'s answer, read on the first question about ``pid``."""
+        if pid not in self._seen:
+            self._seen[pid] = self._inner.locate(pid)
+        return self._seen[pid]
+
+
 def parse_cgroup(text: str) -> Location | None:
     """The pod UID and container ID in a ``/proc/<pid>/cgroup`` text, cgroup v1 or v2."""
     for line in text.splitlines():

@@ -108,3 +108,18 @@ async def test_over_use_is_acted_on_once_after_the_grace() -> None:
     now[0] = 231
     assert await dog.check([over]) == [over]
     assert seen == ["ns/bloom/kserve-container"] * 2
+
+
+def test_a_poll_locator_reads_each_process_once() -> None:
+    reads: list[int] = []
+
+    class Counting:
+        def locate(self, pid: int) -> watchdog.Location | None:
+            reads.append(pid)
+            return None if pid == 2 else watchdog.Location("uid", "cid", "/kubepods")
+
+    locator = watchdog.PollLocator(Counting())
+    for _ in range(3):
+        assert locator.locate(1) == watchdog.Location("uid", "cid", "/kubepods")
+        assert locator.locate(2) is None
+    assert reads == [1, 2]
