@@ -13,8 +13,10 @@ import asyncio
 import contextlib
 import gc
 import logging
+import os
+import socket
 from pathlib import Path
-from typing import Final
+from typing import Any, Final
 
 import aiohttp.web
 import kopf
@@ -127,7 +129,11 @@ async def serve(
         gc.freeze()
         with contextlib.suppress(asyncio.CancelledError):
             await kopf.operator(
-                registry=registry, settings=kopf_settings, clusterwide=True, standalone=True
+                registry=registry,
+                settings=kopf_settings,
+                clusterwide=True,
+                standalone=True,
+                identity=_identity(),
             )
         logger.info("admission stopped; exiting")
     finally:
@@ -135,3 +141,10 @@ async def serve(
         await runner.cleanup()
         if templates is not None:
             await templates.close()
+
+
+def _identity() -> Any:
+    """This process's name for kopf (its peering is off): the pod's name (kopf's ``POD_ID``), else
+    the host's. Left to itself kopf asks the password database for the user's name, and an
+    image's unprivileged uid (the Dockerfile's 65532) need have no entry there."""
+    return os.environ.get("POD_ID") or socket.gethostname()

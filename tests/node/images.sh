@@ -4,6 +4,8 @@
 #   vllm-standin  gpushare's image plus tests/node/vllm_standin.py: a stand-in that runs vLLM's
 #                 start-up checks (gpushare.simulator.vllm) against the fake NVML file
 #   pause         the pod sandbox: a Python process that waits for SIGTERM
+#   kube-scheduler  the kube-scheduler binary built by tests/controlplane/build.sh (its path is the
+#                 first argument), alone in an image, for manifests/scheduler's Deployment
 # The base is Debian bookworm's python3 (3.11, as python:3.11-slim-bookworm) made by mmdebstrap,
 # trusting the host's CA bundle (so pip in the Dockerfile's RUN reaches PyPI the way the host does).
 # buildah builds with chroot isolation into throwaway storage; each image is saved as an OCI archive.
@@ -15,6 +17,8 @@
 # line on stdout (progress goes to stderr). Needs root, buildah and mmdebstrap (Debian packages).
 set -euo pipefail
 
+kube_scheduler="${1:?usage: images.sh PATH/TO/kube-scheduler (built by tests/controlplane/build.sh)}"
+[[ -x "$kube_scheduler" ]] || { echo "images.sh: $kube_scheduler is not an executable" >&2; exit 1; }
 here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 repo="$(cd "$here/../.." && pwd)"
 cache_root="${GPUSHARE_IMAGES_CACHE:-$HOME/.cache/gpushare/images}"
@@ -28,12 +32,16 @@ for tool in buildah mmdebstrap; do
     fi
 done
 
-# What goes into the images: the Dockerfile, the package's sources, this script and the stand-in.
+# What goes into the images: the Dockerfile, the package's sources, this script, the stand-in and
+# the kube-scheduler binary.
 key="$(
-    cd "$repo"
-    find Dockerfile pyproject.toml README.md core scheduler webhook device-plugin simulator \
-        tests/node/images.sh tests/node/vllm_standin.py -type f ! -path '*/__pycache__/*' ! -name '*.pyc' \
-        -print0 | LC_ALL=C sort -z | xargs -0 sha256sum | sha256sum | cut -c1-16
+    {
+        cd "$repo"
+        find Dockerfile pyproject.toml README.md core scheduler webhook device-plugin simulator \
+            tests/node/images.sh tests/node/vllm_standin.py -type f ! -path '*/__pycache__/*' \
+            ! -name '*.pyc' -print0 | LC_ALL=C sort -z | xargs -0 sha256sum
+        sha256sum <"$kube_scheduler"
+    } | sha256sum | cut -c1-16
 )"
 dest="$cache_root/$key"
 if [[ -s "$dest/images.txt" ]]; then
@@ -66,6 +74,8 @@ ref_gpushare="localhost/gpushare:$tag"
 # container that sets no command only when its image is known to start vLLM.
 ref_standin="localhost/gpushare-test/vllm/vllm-openai-standin:$tag"
 ref_pause="localhost/gpushare-test/pause:$tag"
+scheduler_version="$("$kube_scheduler" --version | awk '{ print $2 }')"
+ref_scheduler="localhost/gpushare-test/kube-scheduler:$scheduler_version-$tag"
 
 echo "base image from $rootfs ..." >&2
 c="$("${B[@]}" from scratch)"
@@ -94,8 +104,16 @@ c="$("${B[@]}" from "$base")"
     --cmd '' "$c" >&2
 "${B[@]}" commit --quiet --rm "$c" "$ref_pause" >&2
 
+echo "kube-scheduler $scheduler_version ..." >&2
+c="$("${B[@]}" from scratch)"
+"${B[@]}" copy "$c" "$kube_scheduler" /usr/local/bin/kube-scheduler >&2
+"${B[@]}" config --env PATH=/usr/local/bin --user 65532:65532 \
+    --entrypoint '["/usr/local/bin/kube-scheduler"]' "$c" >&2
+"${B[@]}" commit --quiet --rm "$c" "$ref_scheduler" >&2
+
 mkdir -p "$stage/out"
-for pair in "gpushare $ref_gpushare" "vllm-standin $ref_standin" "pause $ref_pause"; do
+for pair in "gpushare $ref_gpushare" "vllm-standin $ref_standin" "pause $ref_pause" \
+    "kube-scheduler $ref_scheduler"; do
     read -r name ref <<<"$pair"
     "${B[@]}" push --quiet "$ref" "oci-archive:$stage/out/$name.tar:$ref" >&2
     echo "$name $ref" >>"$stage/out/images.txt"

@@ -1,7 +1,13 @@
-"""A local cluster on a real kubelet without a GPU: a control plane with kube-controller-manager,
-the real kubelet on containerd, and gpushare's parts as host processes on loopback (the webhook over
-HTTPS, the extender under the real kube-scheduler, the device plugin on kubelet's sockets with a
-fake NVML file of one H100 and the MPS stand-in).
+"""A local cluster on a real kubelet without a GPU: a control plane with kube-controller-manager
+and the cluster's own kube-scheduler, the real kubelet on containerd, and gpushare installed the way
+an admin installs it: ``kubectl apply -k`` of ``tests/node/overlay`` (``manifests/`` with the
+locally built images, and a fake NVML file of one H100 and the MPS control stand-in for the device
+plugin), so that the webhook, the gpushare-scheduler with its extender sidecar and the device-plugin
+DaemonSet run as pods under the real kubelet.
+
+No kube-proxy runs here: :func:`runtime.service_route` writes the one rule it would write for the
+``kubernetes`` Service, so that pods reach the apiserver in-cluster; the apiserver reaches the
+webhook's Service through its endpoints (``--enable-aggregator-routing``).
 
 :func:`start` runs it for the `node` tests; ``python -m tests.node.local`` (as root, after
 ``tests/controlplane/build.sh`` and ``tests/node/images.sh``; ``tests/node/up.sh`` does all three)
@@ -12,11 +18,10 @@ import contextlib
 import os
 import shutil
 import signal
-import subprocess
 import sys
 import tempfile
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Final
 
@@ -27,21 +32,29 @@ from tests import cluster
 from tests.deviceplugin.conftest import CARD_A, FakeControl, card, write_fake
 from tests.manifests.parts import install_kserve_crds
 from tests.node import runtime
-from tests.webhook.process import Webhook, configurations
 
-ROOT: Final = Path(__file__).resolve().parents[2]
-SCHEDULER_CONFIG: Final = ROOT / "manifests" / "scheduler" / "kube-scheduler-config.yaml"
+OVERLAY: Final = Path(__file__).resolve().parent / "overlay"
+HOST_FOLDER: Final = Path("/run/gpushare-test")
+"""The fake NVML file and the MPS control stand-in, mounted into the device plugin's pod."""
 CONTROLLERS: Final = (
     "deployment-controller",
     "replicaset-controller",
+    "daemonset-controller",
+    "job-controller",
+    "cronjob-controller",
+    "disruption-controller",
+    "endpoints-controller",
+    "endpointslice-controller",
     "garbage-collector-controller",
     "namespace-controller",
     "node-lifecycle-controller",
     "serviceaccount-controller",
     "root-ca-certificate-publisher-controller",
 )
-"""What turns Deployments into pods, deletes what they and namespaces owned, and lets a new node
-take pods."""
+"""What turns Deployments, DaemonSets and Jobs into pods, gives Services their endpoints, deletes
+what owners and namespaces owned, and lets a new node take pods."""
+DEPLOYMENTS: Final = ("gpushare-webhook", "gpushare-scheduler")
+DAEMONSET: Final = "gpushare-device-plugin"
 
 
 @dataclass
@@ -52,70 +65,35 @@ class RealNode:
     containerd: runtime.Containerd
     kubelet: runtime.Kubelet
     images: dict[str, str]
-    """Reference of each image by name: gpushare, vllm-standin, pause."""
+    """Reference of each image by name: gpushare, vllm-standin, pause, kube-scheduler."""
     nvml_file: Path
     mps: FakeControl
-    device_plugin: cluster.Process
-    parts: dict[str, cluster.Process | Webhook] = field(default_factory=dict)
 
     @property
     def name(self) -> str:
         return self.kubelet.name
 
+    def system_pods(self, app: str) -> list[dict[str, Any]]:
+        """gpushare's pods of one part (``app.kubernetes.io/name``), not being deleted."""
+        items = self.cp.rest().get(
+            f"/api/v1/namespaces/{names.NAMESPACE}/pods",
+            labelSelector=f"app.kubernetes.io/name={app}",
+        )["items"]
+        return [p for p in items if not p["metadata"].get("deletionTimestamp")]
+
     def logs(self) -> dict[str, str]:
+        """The tails of kubelet's, containerd's and every gpushare container's logs."""
         out = {"kubelet": self.kubelet.log(60), "containerd": self.containerd.log(30)}
-        out["device-plugin"] = cluster.tail(self.device_plugin.log_path, 40)
-        for name, part in self.parts.items():
-            out[name] = cluster.tail(part.log_path, 30)
+        pods = self.cp.rest().get(f"/api/v1/namespaces/{names.NAMESPACE}/pods")["items"]
+        for pod in pods:
+            for container in pod["spec"]["containers"]:
+                name = f"{pod['metadata']['name']}/{container['name']}"
+                result = self.cp.kubectl(
+                    "logs", "-n", names.NAMESPACE, pod["metadata"]["name"], "-c",
+                    container["name"], "--tail=30", check=False,
+                )  # fmt: skip
+                out[name] = result.stdout or result.stderr
         return out
-
-
-def _start_device_plugin(
-    folder: Path, cp: cluster.ControlPlane, node: str, nvml: Path, mps: FakeControl
-) -> cluster.Process:
-    settings = folder / "gpushare.yaml"
-    settings.write_text(yaml.safe_dump({"agent": {"mps_root": str(folder / "mps")}}))
-    port = cluster.free_port()
-    argv = [
-        sys.executable,
-        "-m",
-        "gpushare.cli",
-        "device-plugin",
-        f"--kubelet-dir={runtime.KUBELET_DIR}",
-        f"--nvml=fake:{nvml}",
-        f"--metrics-listen=127.0.0.1:{port}",
-        f"--node-name={node}",
-        "--isolation=mps",
-        f"--mps-control={mps.path}",
-        f"--kubeconfig={cp.kubeconfig}",
-    ]
-    env = {k: v for k, v in os.environ.items() if not k.startswith("GPUSHARE_")}
-    env[names.ENV_CONFIG_FILE] = str(settings)
-    return cluster.Process("device-plugin", argv, folder / "device-plugin.log", env=env)
-
-
-@contextlib.contextmanager
-def _extender(cp: cluster.ControlPlane, folder: Path) -> Iterator[cluster.Process]:
-    port = cluster.free_port()
-    process = cluster.Process(
-        "extender",
-        [
-            sys.executable,
-            "-m",
-            "gpushare.cli",
-            "scheduler",
-            f"--listen=127.0.0.1:{port}",
-            f"--kubeconfig={cp.kubeconfig}",
-        ],
-        folder / "extender.log",
-    )
-    config: dict[str, Any] = yaml.safe_load(SCHEDULER_CONFIG.read_text())
-    config["extenders"][0]["urlPrefix"] = f"http://127.0.0.1:{port}/gpushare-scheduler"
-    try:
-        with cp.start_scheduler(config):
-            yield process
-    finally:
-        process.stop()
 
 
 def _node_ready(cp: cluster.ControlPlane, name: str) -> bool:
@@ -132,11 +110,62 @@ def _node_ready(cp: cluster.ControlPlane, name: str) -> bool:
     return ready and units > 0 and reported and untainted
 
 
-def _certificates(folder: Path) -> Path:
-    pair = folder / "pair"
-    command = [sys.executable, "-m", "gpushare.cli", "certs", "--out", str(pair)]
-    subprocess.run([*command, "--dns", "127.0.0.1"], check=True, capture_output=True)
-    return pair
+def _installed(cp: cluster.ControlPlane) -> bool:
+    """The parts' Deployments and DaemonSet available, and the webhook's CA bundle in place."""
+    apps = f"/apis/apps/v1/namespaces/{names.NAMESPACE}"
+    try:
+        for name in DEPLOYMENTS:
+            status = cp.rest().get(f"{apps}/deployments/{name}").get("status", {})
+            if status.get("availableReplicas", 0) < 1:
+                return False
+        status = cp.rest().get(f"{apps}/daemonsets/{DAEMONSET}").get("status", {})
+        if status.get("numberAvailable", 0) < 1:
+            return False
+        hooks = cp.rest().get(
+            "/apis/admissionregistration.k8s.io/v1/mutatingwebhookconfigurations/gpushare-webhook"
+        )
+    except cluster.ApiError:
+        return False
+    return all(h["clientConfig"].get("caBundle") for h in hooks["webhooks"])
+
+
+def install(cp: cluster.ControlPlane, images: dict[str, str], folder: Path) -> None:
+    """``kubectl apply -k`` the overlay with the built images: the product as an admin installs
+    it. Returns once every part runs and the webhook answers."""
+    top = folder / "install"
+    top.mkdir()
+    replaced = []
+    for name, built in (
+        ("gpushare", images["gpushare"]),
+        ("registry.k8s.io/kube-scheduler", images["kube-scheduler"]),
+    ):
+        new_name, _, tag = built.rpartition(":")
+        replaced.append({"name": name, "newName": new_name, "newTag": tag})
+    top.joinpath("kustomization.yaml").write_text(
+        yaml.safe_dump({
+            "apiVersion": "kustomize.config.k8s.io/v1beta1",
+            "kind": "Kustomization",
+            "resources": [os.path.relpath(OVERLAY, top)],
+            "images": replaced,
+        })
+    )  # fmt: skip
+    cp.kubectl("apply", "--server-side", "-k", str(top), timeout=120)
+    cluster.wait_for(
+        lambda: _installed(cp),
+        timeout=240,
+        interval=1,
+        what="gpushare's pods available and the webhook's certificate installed",
+    )
+
+
+@contextlib.contextmanager
+def _host_folder() -> Iterator[Path]:
+    shutil.rmtree(HOST_FOLDER, ignore_errors=True)
+    HOST_FOLDER.mkdir(parents=True)
+    try:
+        yield HOST_FOLDER
+    finally:
+        shutil.rmtree(HOST_FOLDER, ignore_errors=True)
 
 
 @contextlib.contextmanager
@@ -149,55 +178,48 @@ def start(folder: Path) -> Iterator[RealNode]:
     runtime.check_machine(bin_dir)
     with contextlib.ExitStack() as stack:
         stack.enter_context(runtime.node_lock())
-        built = runtime.build_images()
+        built = runtime.build_images(bin_dir)
         images = {name: ref for name, (_, ref) in built.items()}
-        # Reach kubelet (logs, exec) at its address: its node name resolves nowhere.
-        address = ["--kubelet-preferred-address-types=InternalIP"]
-        cp = stack.enter_context(cluster.ControlPlane(bin_dir, apiserver_args=address))
+        control_plane = cluster.ControlPlane(bin_dir, apiserver_args=runtime.APISERVER_ARGS)
+        cp = stack.enter_context(control_plane)
         kcm = runtime.start_controller_manager(cp, CONTROLLERS)
         stack.callback(kcm.stop)
+        # The cluster's own scheduler: it places gpushare's pods; the gpushare-scheduler (a pod)
+        # places the annotated ones.
+        stack.enter_context(cp.start_scheduler())
         runtime.claim_kubelet_dir()
         stack.callback(runtime.release_kubelet_dir)
         containerd = stack.enter_context(runtime.Containerd(images["pause"]))
         for archive, _ in built.values():
             containerd.import_image(archive)
-
         install_kserve_crds(cp)
-        webhook = Webhook(cp.kubeconfig, _certificates(folder), folder / "webhook.log")
-        webhook.start()
-        stack.callback(webhook.stop)
-        hooks = yaml.safe_dump_all(configurations(webhook))
-        cp.kubectl("apply", "--server-side", "-f", "-", input=hooks)
-        extender = stack.enter_context(_extender(cp, folder))
 
         stack.enter_context(runtime.node_address())
+        stack.enter_context(runtime.service_route(cp.port))
+        host = stack.enter_context(_host_folder())
+        nvml = host / "nvml.yaml"
+        write_fake(nvml, [card(CARD_A, 0)])
+        nvml.chmod(0o644)
+        mps = FakeControl(host)
+        stack.callback(mps.kill_all)
+
         name = cluster.unique_name("real-node", max_len=30)
         kubelet = runtime.Kubelet(cp, containerd, name, labels={names.LABEL_ENABLED: "true"})
         stack.callback(kubelet.stop)
         kubelet.start()
-
-        nvml = folder / "nvml.yaml"
-        write_fake(nvml, [card(CARD_A, 0)])
-        nvml.chmod(0o644)
-        mps = FakeControl(folder)
-        stack.callback(mps.kill_all)
-        plugin = _start_device_plugin(folder, cp, name, nvml, mps)
-        stack.callback(plugin.stop)
-
-        node = RealNode(
-            cp, containerd, kubelet, images, nvml, mps, plugin,
-            parts={"webhook": webhook, "extender": extender},
-        )  # fmt: skip
+        node = RealNode(cp, containerd, kubelet, images, nvml, mps)
         try:
+            install(cp, images, folder)
             cluster.wait_for(
                 lambda: _node_ready(cp, name),
                 timeout=120,
                 interval=0.5,
                 what="the node Ready with gpushare's memory units and report",
             )
-        except TimeoutError as exc:
+        except (TimeoutError, cluster.KubectlError) as exc:
+            state = cp.kubectl("get", "all,events", "-A", "-o", "wide", check=False).stdout
             logs = "\n".join(f"--- {k}\n{v}" for k, v in node.logs().items())
-            raise runtime.NodeUnavailableError(f"{exc}\n{logs}") from exc
+            raise runtime.NodeUnavailableError(f"{exc}\n{state}\n{logs}") from exc
         yield node
 
 

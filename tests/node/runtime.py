@@ -42,10 +42,23 @@ POD_SUBNET: Final = "10.244.77.0/24"
 NODE_IP: Final = "10.244.76.1"
 """The node's address, added to the loopback interface: kubelet refuses a 127.x node IP, and an
 address on ``lo`` keeps its (anonymous, test-only) API to this machine."""
+KUBERNETES_SERVICE: Final = "10.0.0.1"
+"""The ``kubernetes`` Service's cluster IP (the first of ``cluster.SERVICE_CLUSTER_IP_RANGE``)."""
+APISERVER_ARGS: Final = (
+    # Reach kubelet (logs, exec) at its address: its node name resolves nowhere.
+    "--kubelet-preferred-address-types=InternalIP",
+    # Pods reach the apiserver at the node's address (service_route); the tests at 127.0.0.1.
+    "--bind-address=0.0.0.0",
+    # No kube-proxy: the apiserver calls the webhook's Service at one of its endpoints.
+    "--enable-aggregator-routing=true",
+)
+"""The node tests' kube-apiserver flags, beside those of :class:`cluster.ControlPlane`."""
 K8S_NAMESPACE: Final = "k8s.io"
 """containerd's namespace for the CRI's images and containers."""
 NODE_BINARIES: Final = ("kubelet", "kube-controller-manager")
-TOOLS: Final = ("containerd", "containerd-shim-runc-v2", "runc", "ctr", "buildah", "mmdebstrap")
+TOOLS: Final = (
+    "containerd", "containerd-shim-runc-v2", "runc", "ctr", "buildah", "mmdebstrap", "iptables",
+)  # fmt: skip
 
 
 class NodeUnavailableError(RuntimeError):
@@ -59,7 +72,8 @@ def check_machine(bin_dir: Path) -> None:
     missing = [tool for tool in TOOLS if shutil.which(tool) is None]
     if missing:
         raise NodeUnavailableError(
-            f"{', '.join(missing)} not on PATH (apt-get install containerd runc buildah mmdebstrap)"
+            f"{', '.join(missing)} not on PATH"
+            " (apt-get install containerd runc buildah mmdebstrap iptables)"
         )
     absent = [b for b in NODE_BINARIES if not os.access(bin_dir / b, os.X_OK)]
     if absent:
@@ -84,10 +98,15 @@ def node_lock() -> Iterator[None]:
             fcntl.flock(handle, fcntl.LOCK_UN)
 
 
-def build_images() -> dict[str, tuple[Path, str]]:
-    """Run ``tests/node/images.sh`` (a no-op when built): each image's OCI archive and reference."""
+def build_images(bin_dir: Path) -> dict[str, tuple[Path, str]]:
+    """Run ``tests/node/images.sh`` (a no-op when built) with the kube-scheduler of ``bin_dir``:
+    each image's OCI archive and reference, by name."""
     result = subprocess.run(
-        ["bash", str(IMAGES_SCRIPT)], capture_output=True, text=True, check=False, timeout=1800
+        ["bash", str(IMAGES_SCRIPT), str(bin_dir / "kube-scheduler")],
+        capture_output=True,
+        text=True,
+        check=False,
+        timeout=1800,
     )
     if result.returncode != 0:
         raise NodeUnavailableError(f"tests/node/images.sh failed:\n{result.stderr[-3000:]}")
@@ -143,6 +162,30 @@ def node_address() -> Iterator[str]:
         subprocess.run(
             ["ip", "address", "delete", address, "dev", "lo"], check=False, capture_output=True
         )
+
+
+@contextlib.contextmanager
+def service_route(apiserver_port: int) -> Iterator[None]:
+    """The rule kube-proxy would write for the ``kubernetes`` Service, for pods of this node: their
+    connections to :data:`KUBERNETES_SERVICE`:443 go to the apiserver (removed on exit)."""
+    rule = [
+        "PREROUTING", "-s", POD_SUBNET, "-d", KUBERNETES_SERVICE, "-p", "tcp", "--dport", "443",
+        "-j", "DNAT", "--to-destination", f"{NODE_IP}:{apiserver_port}",
+    ]  # fmt: skip
+
+    def iptables(action: str, *, check: bool) -> None:
+        result = subprocess.run(
+            ["iptables", "-t", "nat", action, *rule], capture_output=True, text=True, check=False
+        )
+        if check and result.returncode != 0:
+            raise NodeUnavailableError(f"iptables {action} failed: {result.stderr.strip()}")
+
+    iptables("-D", check=False)
+    iptables("-A", check=True)
+    try:
+        yield
+    finally:
+        iptables("-D", check=False)
 
 
 class Containerd:

@@ -1,5 +1,5 @@
 """kubelet restarts under a running predictor: the device plugin registers again, the container
-keeps its grant, and kubelet's checkpoint still holds the pod's device IDs."""
+keeps its grant, and kubelet's checkpoint, its PodResources API and the extender's ledger agree."""
 
 import json
 from typing import Any
@@ -73,3 +73,9 @@ def test_a_kubelet_restart_keeps_the_running_grant_and_registers_the_plugin_agai
         line["env"][names.ENV_GRANTED_BYTES]
         == pod["metadata"]["annotations"][names.ANNOTATION_GRANTED_BYTES]
     )
+
+    # The checkpoint, PodResources and the extender's ledger agree on what the card holds.
+    held = {(h.namespace, h.name): h.devices for h in workloads.kubelet_holdings()}
+    assert sorted(held[ns, after["metadata"]["name"]]) == sorted(checkpoint_devices(uid))
+    [granted] = workloads.ledger_granted_bytes(real_node).values()
+    assert granted == workloads.holdings_bytes(workloads.kubelet_holdings())

@@ -7,8 +7,8 @@
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 
-packages=(containerd runc containernetworking-plugins buildah mmdebstrap iproute2)
-for command in containerd runc buildah mmdebstrap ip; do
+packages=(containerd runc containernetworking-plugins buildah mmdebstrap iproute2 iptables)
+for command in containerd runc buildah mmdebstrap ip iptables; do
     if ! command -v "$command" >/dev/null; then
         apt-get update -qq
         DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends \
@@ -20,5 +20,6 @@ done
 [ -x .venv/bin/python ] || python3 -m venv .venv
 .venv/bin/pip install -q -e '.[test]' --config-settings editable_mode=strict
 bash tests/controlplane/build.sh >/dev/null
-bash tests/node/images.sh >/dev/null
+bash tests/node/images.sh \
+    "$(.venv/bin/python -c 'from tests import cluster; print(cluster.find_binaries())')/kube-scheduler" >/dev/null
 exec .venv/bin/python -m tests.node.local

@@ -1,13 +1,20 @@
 """Workloads of the `node` tests: KServe-shaped predictor Deployments running the vLLM stand-in, and
 how to read back what their containers got."""
 
+import asyncio
 import copy
 import json
+import urllib.request
+from collections import Counter
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Final
 
-from gpushare import names
+from prometheus_client.parser import text_string_to_metric_families
+
+from gpushare import config, names
+from gpushare.deviceplugin.podresources import Holding, PodResourcesClient
 from tests import cluster
+from tests.node import runtime
 from tests.node.vllm_standin import ENV_NVML
 
 if TYPE_CHECKING:
@@ -65,7 +72,6 @@ def wait_running(node: "RealNode", namespace: str, app: str, count: int) -> list
     """Wait until exactly ``count`` pods of ``app`` run; on timeout show the pods, events, logs."""
 
     def probe() -> list[dict[str, Any]] | None:
-        node.device_plugin.check_alive()
         found = pods(node.cp, namespace, app)
         return found if len(found) == count and all(map(running, found)) else None
 
@@ -99,3 +105,47 @@ def standin_line(cp: cluster.ControlPlane, namespace: str, pod: str) -> dict[str
         cluster.wait_for(first_line, timeout=60, interval=0.5, what=f"{pod}'s first log line")
     )
     return line
+
+
+def kubelet_holdings() -> list[Holding]:
+    """What kubelet's PodResources API says each container holds of gpushare's resource."""
+
+    async def read() -> list[Holding]:
+        client = PodResourcesClient(runtime.KUBELET_DIR / "pod-resources" / "kubelet.sock")
+        try:
+            return await client.holdings()
+        finally:
+            await client.close()
+
+    return asyncio.run(read())
+
+
+def ledger_granted_bytes(node: "RealNode") -> dict[str, int]:
+    """Bytes granted per card of the node in the extender's ledger, read from the /metrics of
+    every gpushare-scheduler pod (the replicas must agree)."""
+    seen: list[dict[str, int]] = []
+    for pod in node.system_pods(names.SCHEDULER_NAME):
+        url = f"http://{pod['status']['podIP']}:8888/metrics"
+        with urllib.request.urlopen(url, timeout=10) as response:
+            text = response.read().decode()
+        granted = {
+            sample.labels["card"]: int(sample.value)
+            for family in text_string_to_metric_families(text)
+            if family.name == "gpushare_scheduler_card_granted_bytes"
+            for sample in family.samples
+            if sample.labels["node"] == node.name
+        }
+        seen.append(granted)
+    assert seen and all(s == seen[0] for s in seen), seen
+    return seen[0]
+
+
+def holdings_bytes(holdings: list[Holding]) -> int:
+    """The card memory that kubelet's device IDs stand for: each container's units and, per
+    container, the overhead the shipped configuration counts (one card on the test node)."""
+    settings = config.validate({})
+    units = Counter(len(h.devices) for h in holdings)
+    return sum(
+        count * (size * settings.unit_bytes + settings.allocation_overhead_bytes)
+        for size, count in units.items()
+    )

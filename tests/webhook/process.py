@@ -17,6 +17,17 @@ from tests import cluster
 MANIFESTS = Path(__file__).resolve().parents[2] / "manifests" / "webhook"
 
 
+UNKNOWN_USER = """
+import pwd, runpy, sys
+def getpwuid(uid):
+    raise KeyError(f"getpwuid(): uid not found: {uid}")
+pwd.getpwuid = getpwuid
+sys.argv[0] = "gpushare"
+runpy.run_module("gpushare.cli", run_name="__main__")
+"""
+"""``python -c`` program: ``gpushare`` as a uid with no entry in the password database."""
+
+
 class Webhook:
     """``gpushare webhook`` in a subprocess, talking to the test apiserver."""
 
@@ -28,15 +39,19 @@ class Webhook:
         *,
         flag: bool = False,
         settings: dict[str, str] | None = None,
+        unknown_user: bool = False,
     ) -> None:
         """``flag``: name the kubeconfig with ``--kubeconfig`` (with no ``KUBECONFIG``, and a
         ``HOME`` without ``.kube/config``) rather than in ``KUBECONFIG``. ``settings``:
-        configuration as ``GPUSHARE_*`` variables (``{"GPUSHARE_BACKEND": "dra"}``)."""
+        configuration as ``GPUSHARE_*`` variables (``{"GPUSHARE_BACKEND": "dra"}``).
+        ``unknown_user``: run as an image's uid does that the password database does not know
+        (no login name in the environment, ``pwd.getpwuid`` fails)."""
         self.kubeconfig = kubeconfig
         self.pair = pair
         self.log_path = log
         self.flag = flag
         self.settings = dict(settings or {})
+        self.unknown_user = unknown_user
         self.port = cluster.free_port()
         self.probe_port = cluster.free_port()
         self.process: subprocess.Popen[bytes] | None = None
@@ -53,8 +68,9 @@ class Webhook:
     def start(self) -> None:
         env = {k: v for k, v in os.environ.items() if not k.startswith("GPUSHARE_")}
         env.update(self.settings)
+        program = ["-c", UNKNOWN_USER] if self.unknown_user else ["-m", "gpushare.cli"]
         argv = [
-            sys.executable, "-m", "gpushare.cli", "webhook",
+            sys.executable, *program, "webhook",
             "--listen", f"127.0.0.1:{self.port}",
             "--tls-cert", str(self.pair / "tls.crt"),
             "--tls-key", str(self.pair / "tls.key"),
@@ -66,6 +82,9 @@ class Webhook:
             argv += ["--kubeconfig", str(self.kubeconfig)]
         else:
             env["KUBECONFIG"] = str(self.kubeconfig)
+        if self.unknown_user:
+            for name in ("LOGNAME", "USER", "LNAME", "USERNAME"):
+                env.pop(name, None)
         with self.log_path.open("ab") as log:
             self.process = subprocess.Popen(argv, env=env, stdout=log, stderr=subprocess.STDOUT)
         try:

@@ -32,6 +32,19 @@ def test_sigterm_stops_the_webhook_cleanly_with_a_connection_open(
     assert "admission stopped; exiting" in webhook.log_path.read_text()
 
 
+def test_the_webhook_starts_as_a_uid_the_password_database_does_not_know(
+    control_plane: cluster.ControlPlane, pair: Path, tmp_path: Path
+) -> None:
+    # The image runs as 65532, which python:3.11-slim's /etc/passwd does not name.
+    webhook = Webhook(control_plane.kubeconfig, pair, tmp_path / "webhook.log", unknown_user=True)
+    webhook.start()
+    try:
+        request = strategies.review(builders.job_pod())
+        assert webhook.review(paths.MUTATE_PODS, request).json()["response"]["allowed"]
+    finally:
+        webhook.stop()
+
+
 def test_the_webhook_logs_in_with_the_kubeconfig_it_is_given(
     control_plane: cluster.ControlPlane, namespace: str, pair: Path, tmp_path: Path
 ) -> None:

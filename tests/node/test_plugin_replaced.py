@@ -1,0 +1,77 @@
+"""The device plugin's pod replaced under running predictors (a DaemonSet rollout, an eviction):
+the new pod registers again, the running container keeps its grant, nothing is granted twice, and
+kubelet's PodResources, the checkpoint and the extender's ledger agree."""
+
+from typing import Any
+
+import pytest
+
+from gpushare import names
+from tests import cluster
+from tests.node import workloads
+from tests.node.local import DAEMONSET, RealNode
+
+pytestmark = pytest.mark.timeout(600)
+
+
+def _ready(pod: dict[str, Any]) -> bool:
+    conditions = pod.get("status", {}).get("conditions") or []
+    return any(c["type"] == "Ready" and c["status"] == "True" for c in conditions)
+
+
+def test_a_replaced_device_plugin_pod_keeps_grants_and_grants_nothing_twice(
+    real_node: RealNode, node_namespace: str
+) -> None:
+    cp, ns = real_node.cp, node_namespace
+    image, nvml = real_node.images["vllm-standin"], real_node.nvml_file
+    kept = workloads.predictor("kept", image=image, nvml_file=nvml, memory="30Gi")
+    cp.rest().create(f"/apis/apps/v1/namespaces/{ns}/deployments", kept)
+    [before] = workloads.wait_running(real_node, ns, "kept-predictor", 1)
+    held = {(h.namespace, h.name): h.devices for h in workloads.kubelet_holdings()}
+    kept_ids = set(held[ns, before["metadata"]["name"]])
+    assert len(kept_ids) == 30
+
+    [old] = real_node.system_pods(DAEMONSET)
+    cp.rest().delete(f"/api/v1/namespaces/{names.NAMESPACE}/pods/{old['metadata']['name']}")
+
+    def replaced() -> dict[str, Any] | None:
+        pods = real_node.system_pods(DAEMONSET)
+        fresh = [p for p in pods if p["metadata"]["uid"] != old["metadata"]["uid"]]
+        return fresh[0] if len(pods) == 1 and fresh and _ready(fresh[0]) else None
+
+    cluster.wait_for(replaced, timeout=120, interval=1, what="a new device-plugin pod Ready")
+
+    [after] = workloads.wait_running(real_node, ns, "kept-predictor", 1)
+    status, earlier = (
+        after["status"]["containerStatuses"][0],
+        before["status"]["containerStatuses"][0],
+    )
+    assert status["containerID"] == earlier["containerID"]
+    assert status["restartCount"] == 0
+
+    # 40 GiB beside the 30 fit on the 79 GiB card; the new plugin hands out none of the 30's IDs.
+    beside = workloads.predictor("beside", image=image, nvml_file=nvml, memory="40Gi")
+    cp.rest().create(f"/apis/apps/v1/namespaces/{ns}/deployments", beside)
+    [pod] = workloads.wait_running(real_node, ns, "beside-predictor", 1)
+    line = workloads.standin_line(cp, ns, pod["metadata"]["name"])
+    assert line["result"] == "started", line
+    held = {(h.namespace, h.name): h.devices for h in workloads.kubelet_holdings()}
+    beside_ids = set(held[ns, pod["metadata"]["name"]])
+    assert len(beside_ids) == 40
+    assert not beside_ids & kept_ids
+    assert set(held[ns, after["metadata"]["name"]]) == kept_ids
+
+    # What is left (about 9 GiB) is too little for 12: the 30 were not forgotten.
+    late = workloads.predictor("late", image=image, nvml_file=nvml, memory="12Gi")
+    cp.rest().create(f"/apis/apps/v1/namespaces/{ns}/deployments", late)
+
+    def waiting() -> bool:
+        pods = workloads.pods(cp, ns, "late-predictor")
+        conditions = [c for p in pods for c in p["status"].get("conditions") or []]
+        return any(c.get("reason") == "Unschedulable" for c in conditions)
+
+    cluster.wait_for(waiting, timeout=60, interval=1, what="the 12 GiB pod to wait for room")
+
+    # kubelet's view and the extender's ledger agree on what the card holds.
+    [granted] = workloads.ledger_granted_bytes(real_node).values()
+    assert granted == workloads.holdings_bytes(workloads.kubelet_holdings())
