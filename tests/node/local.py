@@ -27,7 +27,7 @@ from typing import Any, Final
 
 import yaml
 
-from gpushare import names
+from gpushare import config, names
 from tests import cluster
 from tests.deviceplugin.conftest import CARD_A, FakeControl, card, write_fake
 from tests.manifests.parts import install_kserve_crds
@@ -36,6 +36,8 @@ from tests.node import runtime
 OVERLAY: Final = Path(__file__).resolve().parent / "overlay"
 HOST_FOLDER: Final = Path("/run/gpushare-test")
 """The fake NVML file and the MPS control stand-in, mounted into the device plugin's pod."""
+MPS_ROOT: Final = config.AgentSettings().mps_root
+"""The device plugin's MPS pipe folders on the host (the shipped ``agent.mps_root``)."""
 CONTROLLERS: Final = (
     "deployment-controller",
     "replicaset-controller",
@@ -159,13 +161,17 @@ def install(cp: cluster.ControlPlane, images: dict[str, str], folder: Path) -> N
 
 
 @contextlib.contextmanager
-def _host_folder() -> Iterator[Path]:
-    shutil.rmtree(HOST_FOLDER, ignore_errors=True)
+def _host_folders() -> Iterator[Path]:
+    """:data:`HOST_FOLDER`, new; :data:`MPS_ROOT` empty before and after (the node is alone on
+    the machine: :func:`runtime.node_lock`)."""
+    for folder in (HOST_FOLDER, MPS_ROOT):
+        shutil.rmtree(folder, ignore_errors=True)
     HOST_FOLDER.mkdir(parents=True)
     try:
         yield HOST_FOLDER
     finally:
-        shutil.rmtree(HOST_FOLDER, ignore_errors=True)
+        for folder in (HOST_FOLDER, MPS_ROOT):
+            shutil.rmtree(folder, ignore_errors=True)
 
 
 @contextlib.contextmanager
@@ -196,7 +202,7 @@ def start(folder: Path) -> Iterator[RealNode]:
 
         stack.enter_context(runtime.node_address())
         stack.enter_context(runtime.service_route(cp.port))
-        host = stack.enter_context(_host_folder())
+        host = stack.enter_context(_host_folders())
         nvml = host / "nvml.yaml"
         write_fake(nvml, [card(CARD_A, 0)])
         nvml.chmod(0o644)
