@@ -14,6 +14,7 @@ RUN python -m venv /opt/gpushare
 WORKDIR /src
 COPY pyproject.toml README.md ./
 COPY core/ core/
+COPY runtime/ runtime/
 COPY scheduler/ scheduler/
 COPY webhook/ webhook/
 COPY device-plugin/ device-plugin/

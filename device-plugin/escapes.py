@@ -34,6 +34,7 @@ from gpushare.deviceplugin.nvml import ProcessUsage
 from gpushare.deviceplugin.pods import PodInfo
 from gpushare.deviceplugin.watchdog import ProcessLocator
 from gpushare.ids import CardUUID, PodKey
+from gpushare.runtime.errors import ApiError
 
 logger = logging.getLogger(__name__)
 
@@ -177,10 +178,10 @@ class Guard:
             return
         try:
             await self._api.post_event(finding.pod, reason=REASON, message=message, node=self._node)
-        except kube.ApiError as exc:
+        except ApiError as exc:
             logger.warning("pod %s: cannot post the escape Event: %s", finding.pod.key, exc)
         if evict:
             try:
                 await self._api.evict(finding.pod.namespace, finding.pod.name)
-            except kube.ApiError as exc:
+            except ApiError as exc:
                 logger.error("pod %s: cannot evict after an escape: %s", finding.pod.key, exc)

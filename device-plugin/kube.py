@@ -1,7 +1,7 @@
 """The Kubernetes API behind a small interface, so another endpoint (the simulator's) can stand in.
 
 :class:`NodeApi` is everything the agent asks of the API server. :class:`KubeApi` implements it with
-kubernetes_asyncio; its errors stop here as :class:`ApiError`, which says whether a retry may help.
+kubernetes_asyncio; its errors stop here as :class:`~gpushare.runtime.errors.ApiError`.
 :class:`PodCache` keeps this node's pods from a list-and-watch.
 """
 
@@ -14,12 +14,12 @@ from pathlib import Path
 from typing import Any, Final, Protocol
 
 import aiohttp
-from kubernetes_asyncio import client, config
+from kubernetes_asyncio import client
 from kubernetes_asyncio.client.exceptions import ApiException
-from kubernetes_asyncio.config.config_exception import ConfigException
 
-from gpushare import errors
 from gpushare.deviceplugin.pods import PodInfo
+from gpushare.runtime import connection
+from gpushare.runtime.errors import ApiError, Translated
 
 logger = logging.getLogger(__name__)
 
@@ -35,19 +35,6 @@ accepts connections and never answers must not hold any of the agent's loops for
 
 RETRY_SECONDS: Final = (1.0, 2.0, 5.0, 10.0)
 """Backoff after a failed list or watch: quick first, then every 10 s (a restarting apiserver)."""
-
-
-class ApiError(errors.GpushareError):
-    """The API server refused or could not be reached; ``temporary`` says a retry may help."""
-
-    def __init__(self, message: str, *, status: int = 0) -> None:
-        super().__init__(message)
-        self.status = status
-
-    @property
-    def temporary(self) -> bool:
-        """429, 5xx, 409 conflicts and lost connections pass; other refusals stay."""
-        return self.status in (0, 409, 410, 429) or self.status >= 500
 
 
 class NodeApi(Protocol):
@@ -96,21 +83,8 @@ class KubeApi:
     async def connect(
         cls, kubeconfig: Path | None = None, *, call_seconds: float = CALL_SECONDS
     ) -> "KubeApi":
-        """From ``kubeconfig``, else KUBECONFIG or ~/.kube/config, else the in-cluster account."""
-        configuration = client.Configuration()
-        try:
-            if kubeconfig is not None:
-                await config.load_kube_config(
-                    config_file=str(kubeconfig), client_configuration=configuration
-                )
-            else:
-                try:
-                    config.load_incluster_config(client_configuration=configuration)  # type: ignore[no-untyped-call]
-                except ConfigException:
-                    await config.load_kube_config(client_configuration=configuration)
-        except (ConfigException, OSError) as exc:
-            raise errors.ConfigError(f"no Kubernetes credentials: {exc}") from exc
-        return cls(client.ApiClient(configuration), call_seconds=call_seconds)
+        """From the connection :mod:`gpushare.runtime.connection` finds."""
+        return cls(await connection.api_client(kubeconfig), call_seconds=call_seconds)
 
     @property
     def api_client(self) -> client.ApiClient:
@@ -126,7 +100,7 @@ class KubeApi:
     ) -> None:
         """Merge-patch the Node's annotations."""
         body = {"metadata": {"annotations": dict(annotations)}}
-        async with _Translated(f"patch node {node}"):
+        async with Translated(f"patch node {node}"):
             await self._core.patch_node(node, body, _request_timeout=self._deadline)
 
     async def patch_pod_annotations(
@@ -134,14 +108,14 @@ class KubeApi:
     ) -> None:
         """Merge-patch the Pod's annotations."""
         body = {"metadata": {"annotations": dict(annotations)}}
-        async with _Translated(f"patch pod {namespace}/{name}"):
+        async with Translated(f"patch pod {namespace}/{name}"):
             await self._core.patch_namespaced_pod(
                 name, namespace, body, _request_timeout=self._deadline
             )
 
     async def list_pods(self, node: str) -> tuple[list[PodInfo], str]:
         """One list of the node's pods (all namespaces)."""
-        async with _Translated(f"list pods of node {node}"):
+        async with Translated(f"list pods of node {node}"):
             response = await self._core.list_pod_for_all_namespaces(
                 field_selector=f"spec.nodeName={node}",
                 _preload_content=False,
@@ -155,7 +129,7 @@ class KubeApi:
         self, node: str, resource_version: str
     ) -> AsyncIterator[tuple[str, PodInfo]]:
         """Stream pod changes; raises :class:`ApiError` (410 when the version is too old)."""
-        async with _Translated(f"watch pods of node {node}"):
+        async with Translated(f"watch pods of node {node}"):
             response: Any = await self._core.list_pod_for_all_namespaces(
                 field_selector=f"spec.nodeName={node}",
                 watch=True,
@@ -179,9 +153,7 @@ class KubeApi:
                     event = json.loads(line)
                     kind, obj = event.get("type"), event.get("object") or {}
                     if kind == "ERROR":
-                        raise ApiError(
-                            f"watch ended: {obj.get('message')}", status=int(obj.get("code", 0))
-                        )
+                        raise ApiError.from_status(int(obj.get("code") or 500), obj)
                     if kind == "BOOKMARK":
                         continue
                     yield kind, PodInfo.from_api(obj)
@@ -206,7 +178,7 @@ class KubeApi:
             last_timestamp=now,
             count=1,
         )
-        async with _Translated(f"post event on {pod.key}"):
+        async with Translated(f"post event on {pod.key}"):
             await self._core.create_namespaced_event(
                 pod.namespace, body, _request_timeout=self._deadline
             )
@@ -214,36 +186,10 @@ class KubeApi:
     async def evict(self, namespace: str, name: str) -> None:
         """POST an Eviction."""
         body = client.V1Eviction(metadata=client.V1ObjectMeta(name=name, namespace=namespace))
-        async with _Translated(f"evict pod {namespace}/{name}"):
+        async with Translated(f"evict pod {namespace}/{name}"):
             await self._core.create_namespaced_pod_eviction(
                 name, namespace, body, _request_timeout=self._deadline
             )
-
-
-class _Translated:
-    """Turn kubernetes_asyncio and aiohttp errors into :class:`ApiError` naming the action."""
-
-    def __init__(self, action: str) -> None:
-        self._action = action
-
-    async def __aenter__(self) -> None:
-        return None
-
-    async def __aexit__(self, kind: object, exc: BaseException | None, tb: object) -> bool:
-        if isinstance(exc, ApiException):
-            raise ApiError(
-                f"{self._action}: {exc.status} {_reason(exc)}", status=exc.status or 0
-            ) from exc
-        if isinstance(exc, aiohttp.ClientError | asyncio.TimeoutError | OSError):
-            raise ApiError(f"{self._action}: {exc or type(exc).__name__}") from exc
-        return False
-
-
-def _reason(exc: ApiException) -> str:
-    try:
-        return str(json.loads(exc.body or "").get("message") or exc.reason)
-    except (TypeError, ValueError, AttributeError):
-        return str(exc.reason)
 
 
 async def _json(response: Any) -> dict[str, Any]:

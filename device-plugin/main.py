@@ -17,6 +17,7 @@ import signal
 from pathlib import Path
 from typing import get_args
 
+import aiohttp.web
 import prometheus_client
 
 from gpushare import config, errors
@@ -30,6 +31,8 @@ from gpushare.deviceplugin.metrics import Metrics
 from gpushare.deviceplugin.podresources import PodResourcesClient
 from gpushare.deviceplugin.registration import PluginServer
 from gpushare.deviceplugin.watchdog import CgroupLocator
+from gpushare.runtime import connection
+from gpushare.runtime import probes as runtime_probes
 
 logger = logging.getLogger(__name__)
 
@@ -51,9 +54,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         choices=list(get_args(config.IsolationSetting)),
         help="override the configured isolation",
     )
-    parser.add_argument(
-        "--kubeconfig", type=Path, help="kubeconfig (default: KUBECONFIG or in-cluster)"
-    )
+    parser.add_argument("--kubeconfig", type=Path, help=connection.FLAG_HELP)
     parser.add_argument(
         "--proc-root", type=Path, default=Path("/proc"), help="procfs of the host (default /proc)"
     )
@@ -145,12 +146,13 @@ async def serve(
     plugin = PluginServer(agent, kubelet_dir=kubelet_dir)
     async with contextlib.AsyncExitStack() as stack:
         if listen is not None:
-            application = probes.app(
+            application = runtime_probes.add_routes(
+                aiohttp.web.Application(),
                 agent.metrics.registry,
                 not_ready=lambda: probes.not_ready(agent, plugin),
                 not_live=agent.stalled,
             )
-            await stack.enter_async_context(probes.listening(application, *listen))
+            await stack.enter_async_context(runtime_probes.listening(application, *listen))
         await agent.start()
         async with asyncio.TaskGroup() as group:
             group.create_task(agent.run_loops())

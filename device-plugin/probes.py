@@ -1,4 +1,5 @@
-"""The agent's HTTP listener: ``/metrics`` for Prometheus, ``/healthz`` and ``/readyz`` for kubelet.
+"""What the agent's probes answer (the listener is :mod:`gpushare.runtime.probes`): ``/metrics``
+for Prometheus, ``/healthz`` and ``/readyz`` for kubelet.
 
 ``/healthz`` answers 200 while the agent's event loop answers and its poll loop keeps its pace; a
 poll loop stuck past :data:`agent.STALL_SECONDS` answers 503 with the reason, so kubelet's liveness
@@ -7,12 +8,6 @@ probe restarts the agent (a wedged event loop answers nothing, which fails the p
 mode nothing is granted while the daemon or its control program is missing); until then it
 answers 503 with the reason.
 """
-
-import contextlib
-from collections.abc import AsyncIterator, Callable
-
-import aiohttp.web
-import prometheus_client
 
 from gpushare.deviceplugin.agent import Agent
 from gpushare.deviceplugin.registration import PluginServer
@@ -26,51 +21,3 @@ def not_ready(agent: Agent, plugin: PluginServer) -> str | None:
     if down is not None:
         return f"isolation {agent.mode.name!r} is down: {down}"
     return None
-
-
-def app(
-    registry: prometheus_client.CollectorRegistry,
-    *,
-    not_ready: Callable[[], str | None],
-    not_live: Callable[[], str | None] = lambda: None,
-) -> aiohttp.web.Application:
-    """``/metrics`` of ``registry``; ``/healthz`` and ``/readyz`` answer from their callables."""
-
-    async def healthz(_: aiohttp.web.Request) -> aiohttp.web.Response:
-        reason = not_live()
-        if reason is None:
-            return aiohttp.web.Response(text="ok\n")
-        return aiohttp.web.Response(status=503, text=f"{reason}\n")
-
-    async def readyz(_: aiohttp.web.Request) -> aiohttp.web.Response:
-        reason = not_ready()
-        if reason is None:
-            return aiohttp.web.Response(text="ok\n")
-        return aiohttp.web.Response(status=503, text=f"{reason}\n")
-
-    async def exposition(_: aiohttp.web.Request) -> aiohttp.web.Response:
-        return aiohttp.web.Response(
-            body=prometheus_client.generate_latest(registry),
-            headers={"Content-Type": prometheus_client.CONTENT_TYPE_LATEST},
-        )
-
-    application = aiohttp.web.Application()
-    application.router.add_get("/healthz", healthz)
-    application.router.add_get("/readyz", readyz)
-    application.router.add_get("/metrics", exposition)
-    return application
-
-
-@contextlib.asynccontextmanager
-async def listening(
-    application: aiohttp.web.Application, host: str, port: int
-) -> AsyncIterator[None]:
-    """Serve ``application`` on ``host:port`` for the duration of the block."""
-    # No access log: kubelet's probes and Prometheus' scrapes would fill the agent's log.
-    runner = aiohttp.web.AppRunner(application, access_log=None, handle_signals=False)
-    await runner.setup()
-    try:
-        await aiohttp.web.TCPSite(runner, host, port).start()
-        yield
-    finally:
-        await runner.cleanup()

@@ -19,6 +19,7 @@ from gpushare.deviceplugin.nvml import CardReading
 from gpushare.deviceplugin.podresources import Holding
 from gpushare.deviceplugin.pods import PodInfo
 from gpushare.ids import CardUUID, PodKey
+from gpushare.runtime.errors import ApiError
 
 logger = logging.getLogger(__name__)
 
@@ -114,6 +115,6 @@ async def apply(api: kube.NodeApi, fixes: Iterable[Correction], *, node: str) ->
             await api.post_event(
                 fix.pod, reason=REASON, message=fix.message, warning=False, node=node
             )
-        except kube.ApiError as exc:
+        except ApiError as exc:
             logger.warning("pod %s: cannot correct annotations: %s", fix.pod.key, exc)
     return done

@@ -14,6 +14,7 @@ from gpushare import names
 from gpushare.config import Isolation
 from gpushare.deviceplugin import kube
 from gpushare.nodereport import CardReport, NodeReport
+from gpushare.runtime.errors import ApiError
 
 logger = logging.getLogger(__name__)
 
@@ -82,7 +83,7 @@ class Reporter:
             await self._api.patch_node_annotations(
                 self._node, {names.ANNOTATION_NODE_REPORT: report.encode()}
             )
-        except kube.ApiError as exc:
+        except ApiError as exc:
             logger.warning("node %s: cannot write the node report: %s", self._node, exc)
             return False
         self._last, self._last_at = report, now

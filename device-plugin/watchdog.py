@@ -19,6 +19,7 @@ from gpushare.deviceplugin import kube
 from gpushare.deviceplugin.nvml import ProcessUsage
 from gpushare.deviceplugin.pods import PodInfo
 from gpushare.ids import CardUUID, PodKey
+from gpushare.runtime.errors import ApiError
 
 logger = logging.getLogger(__name__)
 
@@ -200,5 +201,5 @@ class Watchdog:
                 await self._api.post_event(
                     item.pod, reason=REASON, message=message, node=self._node
                 )
-        except kube.ApiError as exc:
+        except ApiError as exc:
             logger.warning("pod %s: cannot report over-use: %s", item.pod.key, exc)

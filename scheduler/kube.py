@@ -3,11 +3,10 @@
 Built on ``kubernetes_asyncio`` for its configuration loading (kubeconfig or in-cluster, TLS,
 tokens), but requests go out as plain JSON: the extender reads pods into its own models, which is
 much cheaper than the generated classes for the tens of thousands of pods a list returns. Errors
-of the client and of aiohttp stop here and become :class:`ApiError`.
+of the client and of aiohttp stop here and become :class:`~gpushare.runtime.errors.ApiError`.
 """
 
 import json
-import os
 import ssl
 from collections.abc import AsyncIterator, Mapping
 from pathlib import Path
@@ -15,31 +14,14 @@ from typing import Any, Final
 
 import aiohttp
 import pydantic_core
-from kubernetes_asyncio import client, config
-from kubernetes_asyncio.config import kube_config
+from kubernetes_asyncio import client
 
-from gpushare import errors
+from gpushare.runtime import connection
+from gpushare.runtime.errors import ApiError
 
 __all__ = ["ApiError", "Kube"]
 
 _JSON: Final = {"Accept": "application/json", "Content-Type": "application/json"}
-
-
-class ApiError(errors.GpushareError):
-    """The API answered with an error status, or could not be reached (``status`` 0)."""
-
-    def __init__(self, status: int, reason: str, message: str) -> None:
-        super().__init__(f"{status} {reason}: {message}" if status else f"{reason}: {message}")
-        self.status = status
-        self.reason = reason
-        self.message = message
-
-    @classmethod
-    def from_status(cls, status: int, body: object) -> "ApiError":
-        """From a ``Status`` object (or whatever text the answer held)."""
-        if isinstance(body, dict):
-            return cls(status, str(body.get("reason") or status), str(body.get("message") or ""))
-        return cls(status, str(status), str(body)[:500])
 
 
 class Kube:
@@ -71,22 +53,8 @@ class Kube:
 
     @classmethod
     async def connect(cls, kubeconfig: Path | None = None) -> "Kube":
-        """From ``kubeconfig``, else ``$KUBECONFIG`` or ``~/.kube/config``, else in-cluster."""
-        configuration = client.Configuration()
-        try:
-            if kubeconfig is not None:
-                await config.load_kube_config(
-                    config_file=str(kubeconfig), client_configuration=configuration
-                )
-            elif os.path.exists(os.path.expanduser(kube_config.KUBE_CONFIG_DEFAULT_LOCATION)):
-                await config.load_kube_config(client_configuration=configuration)
-            else:
-                config.load_incluster_config(  # type: ignore[no-untyped-call]
-                    client_configuration=configuration
-                )
-        except (config.ConfigException, OSError) as exc:
-            raise errors.ConfigError(f"cannot reach the Kubernetes API: {exc}") from exc
-        return cls(client.ApiClient(configuration))
+        """From the connection :mod:`gpushare.runtime.connection` finds."""
+        return cls(await connection.api_client(kubeconfig))
 
     async def close(self) -> None:
         await self._session.close()

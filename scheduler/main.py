@@ -9,6 +9,7 @@ from pathlib import Path
 import uvloop
 
 from gpushare import config, placement
+from gpushare.runtime import connection
 from gpushare.scheduler.kube import Kube
 from gpushare.scheduler.service import Extender
 
@@ -31,7 +32,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--kubeconfig",
         type=Path,
         metavar="FILE",
-        help="kubeconfig to use (default: $KUBECONFIG, ~/.kube/config, else in-cluster)",
+        help=connection.FLAG_HELP,
     )
 
 

@@ -14,9 +14,9 @@ from collections.abc import Awaitable, Callable
 from typing import Final
 
 from aiohttp import web
-from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from gpushare import config, errors
+from gpushare.runtime import probes
 from gpushare.scheduler import filtering, ledger, preemption, scoring, wire
 from gpushare.scheduler.binding import Binder
 from gpushare.scheduler.metrics import Metrics
@@ -102,32 +102,20 @@ def make_app(
             body=wire.encode(result or wire.ExtenderPreemptionResult()), content_type=_JSON
         )
 
-    async def healthz(_: web.Request) -> web.Response:
-        return web.Response(text="ok\n")
-
-    async def readyz(_: web.Request) -> web.Response:
-        if ready():
-            return web.Response(text="ok\n")
-        return web.Response(status=503, text=f"{NOT_SYNCED}\n")
-
-    async def scrape(_: web.Request) -> web.Response:
-        response = web.Response(body=generate_latest(metrics.registry))
-        response.headers["Content-Type"] = CONTENT_TYPE_LATEST
-        return response
-
     app = web.Application(client_max_size=MAX_BODY_BYTES)
     app.router.add_post(f"{prefix}/filter", timed("filter", filter_nodes))
     app.router.add_post(f"{prefix}/prioritize", timed("prioritize", prioritize))
     app.router.add_post(f"{prefix}/bind", timed("bind", bind))
     app.router.add_post(f"{prefix}/preempt", timed("preempt", preempt))
-    app.router.add_get("/healthz", healthz)
-    app.router.add_get("/readyz", readyz)
-    app.router.add_get("/metrics", scrape)
-    return app
+    return probes.add_routes(
+        app, metrics.registry, not_ready=lambda: None if ready() else NOT_SYNCED
+    )
 
 
 def _preempt(
-    book: ledger.Ledger, args: wire.ExtenderPreemptionArgs, settings: config.Settings,
+    book: ledger.Ledger,
+    args: wire.ExtenderPreemptionArgs,
+    settings: config.Settings,
     metrics: Metrics,
 ) -> wire.ExtenderPreemptionResult:
     outcomes: Counter[str] = Counter()

@@ -23,6 +23,7 @@ import kopf
 from prometheus_client import CollectorRegistry
 
 from gpushare import config, errors
+from gpushare.runtime import connection, probes
 from gpushare.webhook import handlers, inventory, login, server
 from gpushare.webhook.metrics import WebhookMetrics
 from gpushare.webhook.templates import Templates
@@ -53,7 +54,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--kubeconfig",
         metavar="FILE",
         type=Path,
-        help="kubeconfig to use (default: $KUBECONFIG, ~/.kube/config, else in-cluster)",
+        help=connection.FLAG_HELP,
     )
 
 
@@ -86,8 +87,7 @@ async def serve(
     """
     host, port = config.parse_listen(settings.webhook.listen)
     probe_host, probe_port = config.parse_listen(probe_listen)
-    if kubeconfig is not None:
-        await login.from_kubeconfig(kubeconfig)  # an unusable file stops us here, not in a loop
+    await login.connection_info(kubeconfig)  # unusable credentials stop us here, not in a loop
     metrics = WebhookMetrics(CollectorRegistry())
     cards = inventory.Cards()
     metrics.largest_card.set_function(lambda: float(cards.largest() or 0))
@@ -110,37 +110,40 @@ async def serve(
     kopf_settings = kopf.OperatorSettings()
     kopf_settings.posting.enabled = False  # decisions go to the admission response and our log
 
-    runner = aiohttp.web.AppRunner(
-        server.probes(metrics=metrics, ready=admission.listening.is_set), handle_signals=False
+    probe_routes = probes.add_routes(
+        aiohttp.web.Application(),
+        metrics.registry,
+        not_ready=lambda: None if admission.listening.is_set() else NOT_LISTENING,
     )
-    await runner.setup()
     try:
-        await aiohttp.web.TCPSite(runner, probe_host or None, probe_port).start()
-        await admission.start()
-        logger.info(
-            "admission on https://%s:%d, probes and metrics on http://%s:%d",
-            host or "*",
-            port,
-            probe_host or "*",
-            probe_port,
-        )
-        # Everything loaded so far lives as long as the process: keep it out of the collector's
-        # full passes, which would otherwise scan it in the middle of an admission request.
-        gc.freeze()
-        with contextlib.suppress(asyncio.CancelledError):
-            await kopf.operator(
-                registry=registry,
-                settings=kopf_settings,
-                clusterwide=True,
-                standalone=True,
-                identity=_identity(),
+        async with probes.listening(probe_routes, probe_host, probe_port):
+            await admission.start()
+            logger.info(
+                "admission on https://%s:%d, probes and metrics on http://%s:%d",
+                host or "*",
+                port,
+                probe_host or "*",
+                probe_port,
             )
-        logger.info("admission stopped; exiting")
+            # Everything loaded so far lives as long as the process: keep it out of the collector's
+            # full passes, which would otherwise scan it in the middle of an admission request.
+            gc.freeze()
+            with contextlib.suppress(asyncio.CancelledError):
+                await kopf.operator(
+                    registry=registry,
+                    settings=kopf_settings,
+                    clusterwide=True,
+                    standalone=True,
+                    identity=_identity(),
+                )
+            logger.info("admission stopped; exiting")
     finally:
         await admission.stop()
-        await runner.cleanup()
         if templates is not None:
             await templates.close()
+
+
+NOT_LISTENING: Final = "admission server not listening yet"
 
 
 def _identity() -> Any:

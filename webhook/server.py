@@ -26,7 +26,6 @@ from pathlib import Path
 from typing import Any, Final
 
 import aiohttp.web
-import prometheus_client
 
 from gpushare import quantities
 from gpushare.webhook.metrics import WebhookMetrics
@@ -279,27 +278,3 @@ def _object_problem(body: object) -> str | None:
         ):
             return f"metadata.{key} must map strings to strings"
     return None
-
-
-def probes(*, metrics: WebhookMetrics, ready: Callable[[], bool]) -> aiohttp.web.Application:
-    """``/healthz`` (the loop answers), ``/readyz`` (admission is being served), ``/metrics``."""
-
-    async def healthz(_: aiohttp.web.Request) -> aiohttp.web.Response:
-        return aiohttp.web.Response(text="ok\n")
-
-    async def readyz(_: aiohttp.web.Request) -> aiohttp.web.Response:
-        if ready():
-            return aiohttp.web.Response(text="ok\n")
-        return aiohttp.web.Response(status=503, text="admission server not listening yet\n")
-
-    async def exposition(_: aiohttp.web.Request) -> aiohttp.web.Response:
-        return aiohttp.web.Response(
-            body=metrics.exposition(),
-            headers={"Content-Type": prometheus_client.CONTENT_TYPE_LATEST},
-        )
-
-    app = aiohttp.web.Application()
-    app.router.add_get("/healthz", healthz)
-    app.router.add_get("/readyz", readyz)
-    app.router.add_get("/metrics", exposition)
-    return app

@@ -15,10 +15,10 @@ from typing import Any, Final
 
 import aiohttp
 from kubernetes_asyncio import client
-from kubernetes_asyncio import config as kube_config
 from kubernetes_asyncio.client.exceptions import ApiException
 
 from gpushare import config, dra, errors, names
+from gpushare.runtime import connection
 
 REQUEST_SECONDS: Final = 2
 """The apiserver waits 5 s for the webhook (``timeoutSeconds``); the create takes at most 2."""
@@ -36,21 +36,8 @@ class Templates:
 
     @classmethod
     async def connect(cls, kubeconfig: Path | None, settings: config.Settings) -> "Templates":
-        """From ``kubeconfig``, else KUBECONFIG or ~/.kube/config, else the pod's account."""
-        configuration = client.Configuration()
-        try:
-            if kubeconfig is not None:
-                await kube_config.load_kube_config(
-                    config_file=str(kubeconfig), client_configuration=configuration
-                )
-            else:
-                try:
-                    kube_config.load_incluster_config(client_configuration=configuration)  # type: ignore[no-untyped-call]
-                except kube_config.ConfigException:
-                    await kube_config.load_kube_config(client_configuration=configuration)
-        except (kube_config.ConfigException, OSError) as exc:
-            raise errors.ConfigError(f"no Kubernetes credentials: {exc}") from exc
-        return cls(client.ApiClient(configuration), settings)
+        """From the connection :mod:`gpushare.runtime.connection` finds."""
+        return cls(await connection.api_client(kubeconfig), settings)
 
     async def close(self) -> None:
         await self._client.close()

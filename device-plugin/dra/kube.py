@@ -2,7 +2,7 @@
 
 kubernetes_asyncio's typed models lag the API's newest fields (consumable capacity), so the
 objects travel as plain dicts through its generic client; errors stop here as
-:class:`gpushare.deviceplugin.kube.ApiError`. Every call has the agent's API deadline
+:class:`gpushare.deviceplugin.ApiError`. Every call has the agent's API deadline
 (:data:`gpushare.deviceplugin.kube.CALL_SECONDS`).
 """
 
@@ -15,6 +15,7 @@ from kubernetes_asyncio import client
 
 from gpushare import names
 from gpushare.deviceplugin import kube
+from gpushare.runtime.errors import ApiError, Translated
 
 FIELD_MANAGER: Final = "gpushare-device-plugin"
 """The server-side-apply manager of the slices the agent writes."""
@@ -55,7 +56,7 @@ class KubeDraApi:
     async def apply_slice(self, body: Mapping[str, Any]) -> None:
         """Server-side apply, forced: the agent owns its node's slice."""
         name = body["metadata"]["name"]
-        async with kube._Translated(f"apply resourceslice {name}"):
+        async with Translated(f"apply resourceslice {name}"):
             # The stub lacks ``_content_type``, which the client honours (apply needs its own).
             await self._objects.patch_cluster_custom_object(  # type: ignore[call-arg]
                 _GROUP,
@@ -72,11 +73,11 @@ class KubeDraApi:
     async def slice_exists(self, name: str) -> bool:
         """GET the slice; 404 means no."""
         try:
-            async with kube._Translated(f"get resourceslice {name}"):
+            async with Translated(f"get resourceslice {name}"):
                 await self._objects.get_cluster_custom_object(
                     _GROUP, _VERSION, "resourceslices", name, _request_timeout=self._deadline
                 )
-        except kube.ApiError as exc:
+        except ApiError as exc:
             if exc.status == 404:
                 return False
             raise
@@ -84,7 +85,7 @@ class KubeDraApi:
 
     async def get_claim(self, namespace: str, name: str) -> dict[str, Any]:
         """GET the claim as raw JSON."""
-        async with kube._Translated(f"get resourceclaim {namespace}/{name}"):
+        async with Translated(f"get resourceclaim {namespace}/{name}"):
             response = await self._objects.get_namespaced_custom_object(
                 _GROUP,
                 _VERSION,
@@ -101,7 +102,7 @@ class KubeDraApi:
 
     async def gpu_memory_allocatable(self, node: str) -> int:
         """Read the Node's ``status.allocatable``."""
-        async with kube._Translated(f"get node {node}"):
+        async with Translated(f"get node {node}"):
             found = await self._core.read_node(node, _request_timeout=self._deadline)
         allocatable = (found.status.allocatable if found.status else None) or {}
         return int(allocatable.get(names.RESOURCE_GPU_MEMORY) or 0)

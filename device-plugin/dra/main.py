@@ -9,12 +9,14 @@ import asyncio
 import contextlib
 from pathlib import Path
 
-from gpushare.deviceplugin import probes
+import aiohttp.web
+
 from gpushare.deviceplugin.agent import Agent, guard
 from gpushare.deviceplugin.dra.claims import Claims
 from gpushare.deviceplugin.dra.kube import DraApi
 from gpushare.deviceplugin.dra.publisher import Publisher
 from gpushare.deviceplugin.dra.server import DraServer
+from gpushare.runtime import probes as runtime_probes
 
 
 async def serve(
@@ -48,8 +50,10 @@ async def serve(
 
     async with contextlib.AsyncExitStack() as stack:
         if listen is not None:
-            application = probes.app(agent.metrics.registry, not_ready=not_ready)
-            await stack.enter_async_context(probes.listening(application, *listen))
+            application = runtime_probes.add_routes(
+                aiohttp.web.Application(), agent.metrics.registry, not_ready=not_ready
+            )
+            await stack.enter_async_context(runtime_probes.listening(application, *listen))
         claims.adopt()
         await agent.start()
         async with asyncio.TaskGroup() as group:

@@ -15,9 +15,9 @@ from typing import Any
 
 from gpushare import dra, errors, names
 from gpushare.config import Settings
-from gpushare.deviceplugin import kube
 from gpushare.deviceplugin.dra.kube import DraApi
 from gpushare.nodereport import CardReport
+from gpushare.runtime.errors import ApiError
 
 logger = logging.getLogger(__name__)
 
@@ -64,7 +64,7 @@ class Publisher:
             return False
         try:
             await self._api.apply_slice(body)
-        except kube.ApiError as exc:
+        except ApiError as exc:
             logger.warning("node %s: cannot write ResourceSlice %s: %s", self._node, self.name, exc)
             return False
         self._generation += 1

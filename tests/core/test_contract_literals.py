@@ -14,7 +14,7 @@ import pytest
 from gpushare import names
 
 ROOT: Final = Path(__file__).resolve().parents[2]
-PRODUCT: Final = ("core", "scheduler", "webhook", "device-plugin", "simulator")
+PRODUCT: Final = ("core", "runtime", "scheduler", "webhook", "device-plugin", "simulator")
 """The product's folders (the generated gRPC stubs under ``device-plugin/api/`` aside)."""
 HOME: Final = ROOT / "core" / "names.py"
 CONTRACT: Final = (

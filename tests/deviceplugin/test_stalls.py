@@ -18,6 +18,7 @@ from gpushare.deviceplugin import kube
 from gpushare.deviceplugin.dra.kube import KubeDraApi
 from gpushare.deviceplugin.nvml import FakeNvml, Snapshot, XidEvent
 from gpushare.deviceplugin.pods import PodInfo
+from gpushare.runtime.errors import ApiError
 from tests.deviceplugin.conftest import (
     CARD_A,
     CARD_B,
@@ -73,7 +74,7 @@ async def test_every_api_call_ends_at_its_deadline(silent_api: str) -> None:
             api.post_event(PodInfo(namespace="ns", name="p"), reason="Test", message="m"),
         ]
         for call in calls:
-            with pytest.raises(kube.ApiError) as caught:
+            with pytest.raises(ApiError) as caught:
                 await asyncio.wait_for(call, BOUND)
             assert caught.value.temporary
 
@@ -88,7 +89,7 @@ async def test_every_dra_api_call_ends_at_its_deadline(silent_api: str) -> None:
             api.gpu_memory_allocatable("gpu-node"),
         ]
         for call in calls:
-            with pytest.raises(kube.ApiError) as caught:
+            with pytest.raises(ApiError) as caught:
                 await asyncio.wait_for(call, BOUND)
             assert caught.value.temporary
 

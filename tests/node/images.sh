@@ -37,7 +37,7 @@ done
 key="$(
     {
         cd "$repo"
-        find Dockerfile pyproject.toml README.md core scheduler webhook device-plugin simulator \
+        find Dockerfile pyproject.toml README.md core runtime scheduler webhook device-plugin simulator \
             tests/node/images.sh tests/node/vllm_standin.py -type f ! -path '*/__pycache__/*' \
             ! -name '*.pyc' -print0 | LC_ALL=C sort -z | xargs -0 sha256sum
         sha256sum <"$kube_scheduler"
