@@ -8,7 +8,7 @@ from collections.abc import Iterator
 import pytest
 
 from tests import cluster
-from tests.node import local, runtime
+from tests.node import kserve, local, runtime
 
 
 @pytest.fixture(scope="session")
@@ -20,6 +20,23 @@ def real_node(tmp_path_factory: pytest.TempPathFactory) -> Iterator[local.RealNo
     except (cluster.BinariesMissingError, runtime.NodeUnavailableError) as exc:
         if os.environ.get("CI"):
             pytest.fail(f"{exc} (CI installs and builds what the node tests need)", pytrace=False)
+        pytest.skip(str(exc))
+
+
+@pytest.fixture(scope="session")
+def kserve_manager(
+    real_node: local.RealNode, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[cluster.Process]:
+    """KServe's controller manager on the node's cluster (tests/node/kserve.py)."""
+    folder = tmp_path_factory.mktemp("kserve")
+    try:
+        with kserve.start(
+            real_node.cp, real_node.containerd, real_node.images["vllm-standin"], folder
+        ) as manager:
+            yield manager
+    except runtime.NodeUnavailableError as exc:
+        if os.environ.get("CI"):
+            pytest.fail(f"{exc} (CI builds KServe's manager)", pytrace=False)
         pytest.skip(str(exc))
 
 

@@ -92,8 +92,19 @@ echo "gpushare from the Dockerfile ..." >&2
 echo "vllm-standin ..." >&2
 c="$("${B[@]}" from "$ref_gpushare")"
 "${B[@]}" copy "$c" "$here/vllm_standin.py" /opt/standin/vllm_standin.py >&2
+# `python3 -m vllm.entrypoints.api_server` and `...openai.api_server` (the seed's custom container
+# and KServe's vLLM runtime) run the stand-in as well.
+shim="$stage/shim"
+mkdir -p "$shim/vllm/entrypoints/openai"
+touch "$shim/vllm/__init__.py" "$shim/vllm/entrypoints/__init__.py" \
+    "$shim/vllm/entrypoints/openai/__init__.py"
+for module in "$shim/vllm/entrypoints/api_server.py" "$shim/vllm/entrypoints/openai/api_server.py"; do
+    printf 'import runpy\nrunpy.run_path("/opt/standin/vllm_standin.py", run_name="__main__")\n' \
+        >"$module"
+done
+"${B[@]}" copy "$c" "$shim" /opt/standin/shim >&2
 # As vllm/vllm-openai's entrypoint, the stand-in takes vLLM's arguments (KServe's `args`).
-"${B[@]}" config --user 65532:65532 \
+"${B[@]}" config --user 65532:65532 --env PYTHONPATH=/opt/standin/shim \
     --entrypoint '["python3", "/opt/standin/vllm_standin.py"]' --cmd '' "$c" >&2
 "${B[@]}" commit --quiet --rm "$c" "$ref_standin" >&2
 

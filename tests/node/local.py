@@ -31,7 +31,7 @@ from gpushare import config, names
 from tests import cluster
 from tests.deviceplugin.conftest import CARD_A, FakeControl, card, write_fake
 from tests.manifests.parts import install_kserve_crds
-from tests.node import runtime
+from tests.node import kserve, runtime
 
 OVERLAY: Final = Path(__file__).resolve().parent / "overlay"
 HOST_FOLDER: Final = Path("/run/gpushare-test")
@@ -234,11 +234,20 @@ def main() -> int:
     signal.signal(signal.SIGTERM, signal.default_int_handler)
     folder = Path(tempfile.mkdtemp(prefix="gpushare-local-"))
     try:
-        with start(folder) as node:
+        with contextlib.ExitStack() as stack:
+            node = stack.enter_context(start(folder))
+            standin = node.images["vllm-standin"]
+            stack.enter_context(kserve.start(node.cp, node.containerd, standin, folder))
+            example = folder / "bloom.yaml"
+            body = kserve.seed(node.nvml_file, "isvc-vllm-openai.yaml", "bloom", "default", "20Gi")
+            example.write_text(yaml.safe_dump(body, sort_keys=False))
             print(
-                f"node {node.name} is Ready with one fake H100 ({node.nvml_file}).\n"
+                f"node {node.name} is Ready with one fake H100 ({node.nvml_file}), and KServe's"
+                " controller runs.\n"
                 f"  export KUBECONFIG={node.cp.kubeconfig}\n"
-                f"  vLLM stand-in image: {node.images['vllm-standin']}\n"
+                f"  kubectl apply -f {example}    # the seed's InferenceService, 20Gi\n"
+                "  kubectl get inferenceservice bloom    # READY True within a minute\n"
+                f"  vLLM stand-in image: {standin}\n"
                 f"  logs: {folder} and {node.containerd.workdir}\n"
                 "Ctrl-C stops everything.",
                 flush=True,

@@ -3,7 +3,8 @@
 #   sudo tests/node/up.sh
 # Installs Debian's containerd, runc, CNI plugins, buildah and mmdebstrap if missing, builds the
 # control plane with kubelet (tests/controlplane/build.sh, needs Go) and the images
-# (tests/node/images.sh), then runs tests/node/local.py until Ctrl-C.
+# (tests/node/images.sh) and KServe's controller manager (tests/kserve/build.sh), then runs
+# tests/node/local.py until Ctrl-C.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 
@@ -20,6 +21,7 @@ done
 [ -x .venv/bin/python ] || python3 -m venv .venv
 .venv/bin/pip install -q -e '.[test]' --config-settings editable_mode=strict
 bash tests/controlplane/build.sh >/dev/null
+bash tests/kserve/build.sh >/dev/null
 bash tests/node/images.sh \
     "$(.venv/bin/python -c 'from tests import cluster; print(cluster.find_binaries())')/kube-scheduler" >/dev/null
 exec .venv/bin/python -m tests.node.local

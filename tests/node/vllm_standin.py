@@ -4,20 +4,45 @@ Run as the container's entrypoint with vLLM's arguments (as kubelet expanded the
 card it was given (``GPUSHARE_CARD_UUID``) in the fake NVML file named by ``$STANDIN_NVML_FILE``
 (mounted from the host), applies :func:`gpushare.simulator.vllm.start` under the MPS limit in its
 environment, and prints one JSON line: its argv, the gpushare environment it got, and ``started`` or
-``refused`` with vLLM's message. Refused, it exits 1 (as vLLM does); started, it waits for SIGTERM.
+``refused`` with vLLM's message. Refused, it exits 1 (as vLLM does); started, it answers HTTP on
+vLLM's ``--port`` (8000 by default; 200 on every GET, so readiness probes pass) until SIGTERM.
 """
 
+import http.server
 import json
 import os
 import signal
 import sys
 from pathlib import Path
+from typing import Final
 
 from gpushare import names
 from gpushare.deviceplugin.nvml import FakeNvml
 from gpushare.simulator import vllm
 
 ENV_NVML = "STANDIN_NVML_FILE"
+DEFAULT_PORT: Final = 8000
+"""vLLM's own default ``--port``."""
+
+
+def port(words: list[str]) -> int:
+    """The ``--port`` among vLLM's arguments (``--port 8080`` or ``--port=8080``)."""
+    for index, word in enumerate(words):
+        if word == "--port" and index + 1 < len(words):
+            return int(words[index + 1])
+        if word.startswith("--port="):
+            return int(word.removeprefix("--port="))
+    return DEFAULT_PORT
+
+
+class _Healthy(http.server.BaseHTTPRequestHandler):
+    def do_GET(self) -> None:
+        self.send_response(200)
+        self.end_headers()
+        self.wfile.write(b"{}")
+
+    def log_message(self, format: str, *args: object) -> None:
+        return
 
 
 def main() -> int:
@@ -46,8 +71,8 @@ def main() -> int:
     line |= {"result": "started", "utilization": str(outcome.utilization)}
     print(json.dumps(line), flush=True)
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
-    while True:
-        signal.pause()
+    http.server.ThreadingHTTPServer(("", port(words)), _Healthy).serve_forever()
+    return 0
 
 
 if __name__ == "__main__":
