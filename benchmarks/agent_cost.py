@@ -29,6 +29,7 @@ from gpushare import config, quantities
 from gpushare.deviceplugin import mps, nvml
 from gpushare.deviceplugin.agent import Agent
 from gpushare.deviceplugin.api.deviceplugin.v1beta1 import api_pb2, api_pb2_grpc
+from gpushare.deviceplugin.kube import PodEvent
 from gpushare.deviceplugin.metrics import Metrics
 from gpushare.deviceplugin.pods import PodInfo
 from gpushare.deviceplugin.registration import PluginServer
@@ -65,8 +66,8 @@ class NullApi:
         return [], "1"
 
     async def watch_pods(
-        self, node: str, resource_version: str
-    ) -> AsyncIterator[tuple[str, PodInfo]]:
+        self, node: str, resource_version: str, seconds: int
+    ) -> AsyncIterator[PodEvent]:
         return
         yield
 

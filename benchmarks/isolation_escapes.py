@@ -91,6 +91,7 @@ import prometheus_client  # noqa: E402
 from gpushare import config, names, quantities  # noqa: E402
 from gpushare.deviceplugin import escapes, mps, nvml  # noqa: E402
 from gpushare.deviceplugin.agent import Agent  # noqa: E402
+from gpushare.deviceplugin.kube import PodEvent  # noqa: E402
 from gpushare.deviceplugin.main import serve  # noqa: E402
 from gpushare.deviceplugin.metrics import Metrics  # noqa: E402
 from gpushare.deviceplugin.podresources import PodResourcesClient  # noqa: E402
@@ -258,9 +259,9 @@ class RecordingApi:
         return [], ""
 
     async def watch_pods(
-        self, node: str, resource_version: str
-    ) -> AsyncIterator[tuple[str, PodInfo]]:
-        changes: list[tuple[str, PodInfo]] = []
+        self, node: str, resource_version: str, seconds: int
+    ) -> AsyncIterator[PodEvent]:
+        changes: list[PodEvent] = []
         for change in changes:
             yield change
 

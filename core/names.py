@@ -70,6 +70,8 @@ SCHEDULER_NAME: Final = "gpushare-scheduler"
 """Default ``schedulerName`` of mutated pods; the profile name in KubeSchedulerConfiguration."""
 
 SCHEDULER_CONTROLLER: Final = f"{DOMAIN}/scheduler"
+DEVICE_PLUGIN_CONTROLLER: Final = f"{DOMAIN}/device-plugin"
+"""The ``reportingController`` of the device plugin's Events."""
 """``reportingController`` of the extender's Events."""
 
 # --- Environment handed to containers by the device plugin's Allocate -----------------------------

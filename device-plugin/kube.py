@@ -9,32 +9,32 @@ import asyncio
 import json
 import logging
 from collections.abc import AsyncIterator, Mapping
-from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, Final, Protocol
+from typing import Any, Final, NamedTuple, Protocol
 
 import aiohttp
 from kubernetes_asyncio import client
 from kubernetes_asyncio.client.exceptions import ApiException
 
+from gpushare import names
 from gpushare.deviceplugin.pods import PodInfo
-from gpushare.runtime import connection
+from gpushare.runtime import connection, events, reflector
 from gpushare.runtime.errors import ApiError, Translated
 
 logger = logging.getLogger(__name__)
-
-COMPONENT: Final = "gpushare-device-plugin"
-"""The ``source.component`` of the Events the agent posts."""
-
-WATCH_SECONDS: Final = 300
-"""A watch is renewed this often, as client-go's reflector does (it picks 5 to 10 minutes)."""
 
 CALL_SECONDS: Final = 10.0
 """Deadline of every API call but the watch: an apiserver answers in milliseconds, and one that
 accepts connections and never answers must not hold any of the agent's loops for longer."""
 
-RETRY_SECONDS: Final = (1.0, 2.0, 5.0, 10.0)
-"""Backoff after a failed list or watch: quick first, then every 10 s (a restarting apiserver)."""
+
+class PodEvent(NamedTuple):
+    """One event of a pod watch: ``ADDED``, ``MODIFIED``, ``DELETED`` (with the pod) or
+    ``BOOKMARK`` (no pod); the resource version it brings."""
+
+    kind: str
+    pod: PodInfo | None
+    version: str
 
 
 class NodeApi(Protocol):
@@ -56,8 +56,10 @@ class NodeApi(Protocol):
         """The pods bound to ``node`` and the list's resourceVersion."""
         ...
 
-    def watch_pods(self, node: str, resource_version: str) -> AsyncIterator[tuple[str, PodInfo]]:
-        """Changes to ``node``'s pods after ``resource_version``: (ADDED|MODIFIED|DELETED, pod)."""
+    def watch_pods(
+        self, node: str, resource_version: str, seconds: int
+    ) -> AsyncIterator[PodEvent]:
+        """Changes to ``node``'s pods after ``resource_version``, for about ``seconds``."""
         ...
 
     async def post_event(
@@ -77,6 +79,7 @@ class KubeApi:
     def __init__(self, api_client: client.ApiClient, *, call_seconds: float = CALL_SECONDS) -> None:
         self._client = api_client
         self._core = client.CoreV1Api(api_client)
+        self._events = client.EventsV1Api(api_client)
         self._deadline = call_seconds
 
     @classmethod
@@ -126,8 +129,8 @@ class KubeApi:
         return pods, str((raw.get("metadata") or {}).get("resourceVersion") or "")
 
     async def watch_pods(
-        self, node: str, resource_version: str
-    ) -> AsyncIterator[tuple[str, PodInfo]]:
+        self, node: str, resource_version: str, seconds: int
+    ) -> AsyncIterator[PodEvent]:
         """Stream pod changes; raises :class:`ApiError` (410 when the version is too old)."""
         async with Translated(f"watch pods of node {node}"):
             response: Any = await self._core.list_pod_for_all_namespaces(
@@ -135,10 +138,10 @@ class KubeApi:
                 watch=True,
                 resource_version=resource_version,
                 allow_watch_bookmarks=True,
-                timeout_seconds=WATCH_SECONDS,
+                timeout_seconds=seconds,
                 # Connecting (and the TLS handshake) within the call deadline; then the stream.
                 _request_timeout=aiohttp.ClientTimeout(
-                    total=WATCH_SECONDS + 30,
+                    total=seconds + 30,
                     connect=self._deadline,
                     sock_connect=self._deadline,
                 ),
@@ -154,33 +157,31 @@ class KubeApi:
                     kind, obj = event.get("type"), event.get("object") or {}
                     if kind == "ERROR":
                         raise ApiError.from_status(int(obj.get("code") or 500), obj)
+                    version = str((obj.get("metadata") or {}).get("resourceVersion") or "")
                     if kind == "BOOKMARK":
-                        continue
-                    yield kind, PodInfo.from_api(obj)
+                        yield PodEvent(kind, None, version)
+                    else:
+                        yield PodEvent(kind, PodInfo.from_api(obj), version)
 
     async def post_event(
         self, pod: PodInfo, *, reason: str, message: str, warning: bool = True, node: str = ""
     ) -> None:
-        """Create a core/v1 Event on the pod (``kubectl describe pod`` shows it)."""
-        now = datetime.now(UTC)
-        body = client.CoreV1Event(
-            metadata=client.V1ObjectMeta(generate_name=f"{pod.name}.", namespace=pod.namespace),
-            involved_object=client.V1ObjectReference(
-                api_version="v1", kind="Pod", namespace=pod.namespace, name=pod.name, uid=pod.uid
-            ),
+        """Create an Event on the pod (``kubectl describe pod`` shows it)."""
+        body = events.event(
+            regarding=events.pod_reference(pod.namespace, pod.name, pod.uid),
             reason=reason,
-            message=message,
-            type="Warning" if warning else "Normal",
-            source=client.V1EventSource(component=COMPONENT, host=node or None),
-            reporting_component=COMPONENT,
-            reporting_instance=node,
-            first_timestamp=now,
-            last_timestamp=now,
-            count=1,
+            note=message,
+            action=reason,
+            controller=names.DEVICE_PLUGIN_CONTROLLER,
+            instance=node,
+            kind="Warning" if warning else "Normal",
         )
         async with Translated(f"post event on {pod.key}"):
-            await self._core.create_namespaced_event(
-                pod.namespace, body, _request_timeout=self._deadline
+            # The client sends a dict body as it is; its stub names only the generated class.
+            await self._events.create_namespaced_event(
+                pod.namespace,
+                body,  # type: ignore[arg-type]
+                _request_timeout=self._deadline,
             )
 
     async def evict(self, namespace: str, name: str) -> None:
@@ -203,13 +204,15 @@ async def _json(response: Any) -> dict[str, Any]:
 
 
 class PodCache:
-    """This node's pods from a list and a watch, relisting on 410 Gone and retrying on errors."""
+    """This node's pods from a list and a watch (:class:`~gpushare.runtime.reflector.Reflector`:
+    resumed from the last version, listed again on 410, jittered backoff on errors)."""
 
     def __init__(self, api: NodeApi, node: str) -> None:
         self._api = api
         self._node = node
         self._pods: dict[str, PodInfo] = {}
-        self.synced = asyncio.Event()
+        self._reflector = reflector.Reflector(f"pods of node {node}", self._list, self._watch)
+        self.synced = self._reflector.synced
 
     def pods(self) -> list[PodInfo]:
         """The pods known now."""
@@ -219,27 +222,18 @@ class PodCache:
         """Replace the cache with a fresh list; the list's resourceVersion."""
         pods, version = await self._api.list_pods(self._node)
         self._pods = {pod.key: pod for pod in pods}
-        self.synced.set()
+        return version
+
+    async def _watch(self, version: str, seconds: int) -> str:
+        async for event in self._api.watch_pods(self._node, version, seconds):
+            if event.pod is not None:
+                if event.kind == "DELETED":
+                    self._pods.pop(event.pod.key, None)
+                else:
+                    self._pods[event.pod.key] = event.pod
+            version = event.version or version
         return version
 
     async def run(self) -> None:
-        """List, then watch, forever."""
-        failures = 0
-        while True:
-            try:
-                version = await self._list()
-                failures = 0
-                while True:
-                    async for kind, pod in self._api.watch_pods(self._node, version):
-                        if kind == "DELETED":
-                            self._pods.pop(pod.key, None)
-                        else:
-                            self._pods[pod.key] = pod
-                    # A watch that times out normally is renewed from a fresh list: simple and rare.
-                    break
-            except ApiError as exc:
-                delay = RETRY_SECONDS[min(failures, len(RETRY_SECONDS) - 1)]
-                failures += 1
-                log = logger.debug if exc.status == 410 else logger.warning
-                log("pod watch of node %s: %s; relisting in %.0f s", self._node, exc, delay)
-                await asyncio.sleep(0 if exc.status == 410 else delay)
+        """List, then watch, until cancelled."""
+        await self._reflector.run()

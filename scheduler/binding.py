@@ -26,8 +26,10 @@ from typing import Any, Final
 from gpushare import config, errors, names
 from gpushare.ids import NodeName, pod_key
 from gpushare.quantities import format_bytes
+from gpushare.runtime import events
+from gpushare.runtime.errors import ApiError
 from gpushare.scheduler import annotations, demand, ledger, wire
-from gpushare.scheduler.kube import ApiError, Kube
+from gpushare.scheduler.kube import Kube
 from gpushare.scheduler.metrics import Metrics
 
 __all__ = ["Binder"]
@@ -35,7 +37,6 @@ __all__ = ["Binder"]
 logger = logging.getLogger(__name__)
 
 EVENT_REASON: Final = "GPUMemoryGranted"
-MAX_NOTE: Final = 1024
 """events.k8s.io/v1 refuses a note over 1 kB."""
 EVENT_IDLE_SECONDS: Final = 0.02
 """Events wait until no bind came for this long (between pods of a burst binds come faster)."""
@@ -199,31 +200,15 @@ class Binder:
 
     async def _post_event(self, request: demand.PodRequest, note: str, moment: datetime) -> None:
         logger.info("pod %s: %s", request.key, note)
-        body: dict[str, Any] = {
-            "apiVersion": "events.k8s.io/v1",
-            "kind": "Event",
-            # Named as client-go names events: the object's name and the time in hex.
-            "metadata": {
-                "name": f"{request.name[:200]}.{round(moment.timestamp() * 1e9):x}",
-                "namespace": request.namespace,
-            },
-            "eventTime": moment.astimezone(UTC)
-            .isoformat(timespec="microseconds")
-            .replace("+00:00", "Z"),
-            "reportingController": names.SCHEDULER_CONTROLLER,
-            "reportingInstance": self._instance,
-            "action": "Binding",
-            "reason": EVENT_REASON,
-            "type": "Normal",
-            "note": note[:MAX_NOTE],
-            "regarding": {
-                "apiVersion": "v1",
-                "kind": "Pod",
-                "namespace": request.namespace,
-                "name": request.name,
-                "uid": request.uid,
-            },
-        }
+        body = events.event(
+            regarding=events.pod_reference(request.namespace, request.name, request.uid),
+            reason=EVENT_REASON,
+            note=note,
+            action="Binding",
+            controller=names.SCHEDULER_CONTROLLER,
+            instance=self._instance,
+            moment=moment,
+        )
         try:
             await self._kube.request(
                 "POST", f"/apis/events.k8s.io/v1/namespaces/{request.namespace}/events", body=body

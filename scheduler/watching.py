@@ -12,7 +12,6 @@ that finishes leaves the watch as ``DELETED`` and gives its memory back, as a de
 
 import asyncio
 import logging
-import random
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -20,8 +19,10 @@ from typing import Any, Final
 
 from gpushare import config, errors, names, nodereport
 from gpushare.ids import NodeName, PodKey
+from gpushare.runtime import reflector
+from gpushare.runtime.errors import ApiError
 from gpushare.scheduler import annotations, demand, ledger, wire
-from gpushare.scheduler.kube import ApiError, Kube
+from gpushare.scheduler.kube import Kube
 from gpushare.scheduler.metrics import Metrics
 
 __all__ = ["Watcher"]
@@ -31,17 +32,7 @@ logger = logging.getLogger(__name__)
 PAGE_SIZE: Final = 500
 """Objects per list page: the apiserver's own recommendation for large lists."""
 
-WATCH_SECONDS: Final = 300
-"""Server-side length of one watch request (jittered by up to a fifth), as client-go does."""
-
-BACKOFF_FIRST: Final = 0.2
-BACKOFF_MAX: Final = 30.0
-
 _ACTIVE_PODS: Final = "status.phase!=Succeeded,status.phase!=Failed"
-
-
-class _ExpiredError(Exception):
-    """The watch's resource version is gone (410): list again."""
 
 
 @dataclass
@@ -65,8 +56,8 @@ class Watcher:
         settings: config.Settings,
         metrics: Metrics,
         clock: Callable[[], float] = time.time,
-        watch_seconds: int = WATCH_SECONDS,
-        backoff: tuple[float, float] = (BACKOFF_FIRST, BACKOFF_MAX),
+        watch_seconds: int = reflector.WATCH_SECONDS,
+        backoff: tuple[float, float] = reflector.BACKOFF,
     ) -> None:
         self._kube = kube
         self._book = book
@@ -100,36 +91,29 @@ class Watcher:
         """Watch forever (until cancelled)."""
         async with asyncio.TaskGroup() as group:
             for resource in self._resources:
-                group.create_task(self._list_and_watch(resource), name=f"watch {resource.name}")
+                loop = self._reflector(resource)
+                group.create_task(loop.run(), name=f"watch {resource.name}")
 
-    # --- the loop ----------------------------------------------------------------------------
+    def _reflector(self, resource: _Resource) -> reflector.Reflector:
+        async def list_() -> str:
+            return await self._list(resource)
 
-    async def _list_and_watch(self, resource: _Resource) -> None:
-        version = ""
-        failures = 0
-        while True:
-            try:
-                if not version:
-                    version = await self._list(resource)
-                version = await self._watch(resource, version)
-                failures = 0
-                self._metrics.watch_restarts.labels(resource.name, "end").inc()
-            except _ExpiredError:
-                logger.info("%s: version %s expired; listing again", resource.name, version)
-                self._metrics.watch_restarts.labels(resource.name, "expired").inc()
-                version = ""
-            except ApiError as exc:
-                if exc.status == 410:
-                    self._metrics.watch_restarts.labels(resource.name, "expired").inc()
-                    version = ""
-                    continue
-                failures += 1
-                first, most = self._backoff
-                delay = min(most, first * 2 ** min(failures - 1, 16))
-                delay *= random.uniform(0.5, 1.0)
-                logger.warning("%s: %s; retrying in %.1f s", resource.name, exc, delay)
-                self._metrics.watch_restarts.labels(resource.name, "error").inc()
-                await asyncio.sleep(delay)
+        async def watch(version: str, seconds: int) -> str:
+            return await self._watch(resource, version, seconds)
+
+        def restarted(reason: str) -> None:
+            self._metrics.watch_restarts.labels(resource.name, reason).inc()
+
+        return reflector.Reflector(
+            resource.name,
+            list_,
+            watch,
+            restarted=restarted,
+            seconds=self._watch_seconds,
+            backoff=self._backoff,
+        )
+
+    # --- list and watch ----------------------------------------------------------------------
 
     async def _list(self, resource: _Resource) -> str:
         started = self._clock()
@@ -152,9 +136,8 @@ class Watcher:
         logger.info("%s: listed %d", resource.name, len(items))
         return str(meta.get("resourceVersion") or "")
 
-    async def _watch(self, resource: _Resource, version: str) -> str:
+    async def _watch(self, resource: _Resource, version: str, seconds: int) -> str:
         params = {**resource.params, "resourceVersion": version, "allowWatchBookmarks": "true"}
-        seconds = int(self._watch_seconds * random.uniform(1.0, 1.2))
         async for event in self._kube.watch(resource.path, params, timeout_seconds=seconds):
             kind = event.get("type")
             obj = event.get("object")
@@ -162,7 +145,7 @@ class Watcher:
                 continue
             if kind == "ERROR":
                 if obj.get("code") == 410:
-                    raise _ExpiredError
+                    raise reflector.Expired
                 raise ApiError.from_status(int(obj.get("code") or 500), obj)
             if kind in ("ADDED", "MODIFIED", "DELETED"):
                 try:

@@ -372,7 +372,7 @@ async def test_a_container_over_its_grant_gets_an_event_or_an_eviction(
         event["type"] == "Warning" and "6 GiB" in event["message"] and "4 GiB" in event["message"]
     )
     assert event["involvedObject"]["uid"] == uid
-    assert event["source"]["component"] == kube.COMPONENT
+    assert event["reportingComponent"] == names.DEVICE_PLUGIN_CONTROLLER
     after = control_plane.rest().get(f"/api/v1/namespaces/{namespace}/pods/greedy")
     assert ("deletionTimestamp" in after["metadata"]) == (action == "evict")
     labels = container_labels(node, namespace, "greedy")

@@ -79,7 +79,7 @@ DEVICE_PLUGIN: Final = {
     ("pods", "", "watch"),
     ("pods", "", "patch"),
     ("pods/eviction", "", "create"),
-    ("events", "", "create"),
+    ("events.events.k8s.io", "", "create"),
     ("resourceslices.resource.k8s.io", "", "get"),
 }
 CERTS: Final = {
