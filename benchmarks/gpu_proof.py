@@ -930,6 +930,7 @@ async def start_all(stack: Stack, results: Results, entry: Json, wanted: Sequenc
     submitted = entry.setdefault("submitted", [])
     started: list[Instance] = []
     watchers: list[asyncio.Task[bool]] = []
+    began = time.monotonic()
     for name, gib in wanted:
         record = await stack.submit(name, gib)
         submitted.append(record)
@@ -955,7 +956,57 @@ async def start_all(stack: Stack, results: Results, entry: Json, wanted: Sequenc
         if not ok:
             entry.setdefault("failed", {})[instance.name] = instance.log_tail(40)
             await stack.release(instance)
+    entry["all_ready_seconds"] = round(time.monotonic() - began, 1)
     return [i for i in started if i.ready_seconds is not None]
+
+
+async def start_together(
+    stack: Stack, results: Results, entry: Json, wanted: Sequence[tuple[str, int]]
+) -> list[Instance]:
+    """Admit every service, then start them all at once, as kubelet starts the pods of a card."""
+    submitted = entry.setdefault("submitted", [])
+    admitted: list[Instance] = []
+    for name, gib in wanted:
+        record = await stack.submit(name, gib)
+        submitted.append(record)
+        if "refused_by" in record:
+            results.note(f"{name}: refused by {record['refused_by']}: {record['reason']}")
+        else:
+            admitted.append(stack.instances[name])
+    began = time.monotonic()
+    await asyncio.gather(*(stack.spawn(i) for i in admitted))
+    results.note(f"started {[i.name for i in admitted]} together")
+    oks = await asyncio.gather(*(stack.wait_ready(i, READY_SECONDS) for i in admitted))
+    entry["all_ready_seconds"] = round(time.monotonic() - began, 1) if all(oks) else None
+    for instance, ok in zip(admitted, oks, strict=True):
+        results.note(
+            f"{instance.name}: ready {instance.ready_seconds:.1f} s after its start"
+            if ok
+            else f"{instance.name}: NOT ready"
+        )
+        if not ok:
+            entry.setdefault("failed", {})[instance.name] = instance.log_tail(40)
+            await stack.release(instance)
+    return [i for i, ok in zip(admitted, oks, strict=True) if ok]
+
+
+async def phase_concurrent(opts: Options, results: Results, work: Path, name: str) -> None:
+    """The four services started at once under ``mps`` (vllm#55827: instances that profile memory
+    together can mis-size each other): each one's KV cache, start failures, time to all ready."""
+    entry = results.phase(name)
+    entry["isolation"] = "mps"
+    entry["start"] = "concurrent"
+    stack = Stack(opts, "mps", work, results)
+    try:
+        await stack.start()
+        ready = await start_together(stack, results, entry, INSTANCES)
+        entry["ready"] = [i.name for i in ready]
+        results.save()
+        if ready:
+            await measure_instances(stack, entry, "ready")
+    finally:
+        await stack.stop()
+        results.save()
 
 
 async def measure_instances(stack: Stack, entry: Json, when: str) -> Json:
@@ -1116,7 +1167,42 @@ def summarize(data: Json) -> Json:
     mps_figures = phases.get("mps", {}).get("figures", {}).get("ready")
     if mps_figures:
         summary["card"] = mps_figures["card"]
+    concurrent = _concurrent_summary(phases)
+    if concurrent:
+        summary["concurrent_starts"] = concurrent
     return summary
+
+
+def _blocks(phase: Json) -> dict[str, int]:
+    rows = phase.get("figures", {}).get("ready", {}).get("instances", [])
+    return {r["name"]: int(r["num_gpu_blocks"]) for r in rows if r.get("num_gpu_blocks")}
+
+
+def _concurrent_summary(phases: Json) -> list[Json]:
+    """Each concurrent start against the sequential ``mps`` phase: KV blocks per instance, the
+    largest difference, failures, and the time until every server answered."""
+    reference = _blocks(phases.get("mps", {}))
+    out = []
+    for name, phase in phases.items():
+        if phase.get("start") != "concurrent":
+            continue
+        blocks = _blocks(phase)
+        differences = {
+            n: round(100 * (b - reference[n]) / reference[n], 2)
+            for n, b in blocks.items()
+            if reference.get(n)
+        }
+        out.append({
+            "phase": name,
+            "num_gpu_blocks": blocks,
+            "sequential_num_gpu_blocks": {n: reference.get(n) for n in blocks},
+            "difference_percent": differences,
+            "largest_difference_percent": max(map(abs, differences.values()), default=None),
+            "failed": sorted(phase.get("failed", {})),
+            "all_ready_seconds": phase.get("all_ready_seconds"),
+            "sequential_all_ready_seconds": phases.get("mps", {}).get("all_ready_seconds"),
+        })  # fmt: skip
+    return out
 
 
 def plot(data: Json, path: Path) -> None:
@@ -1255,6 +1341,8 @@ async def run(opts: Options) -> Json:
             try:
                 if phase == "alone":
                     await phase_alone(opts, results, work / "alone")
+                elif phase.startswith("concurrent"):
+                    await phase_concurrent(opts, results, work / phase, phase)
                 else:
                     await phase_shared(opts, results, work / phase, phase)
             except Exception as exc:
@@ -1367,9 +1455,14 @@ def main() -> int:
         eager=not args.no_eager,
         deadline=time.monotonic() + args.deadline if args.deadline > 0 else math.inf,
     )
-    unknown = set(opts.phases) - {"alone", "mps", "mps-shared"}
+    unknown = {
+        p for p in opts.phases if p not in ("alone", "mps", "mps-shared", "concurrent")
+        and not re.fullmatch(r"concurrent-\d+", p)
+    }
     if unknown:
-        parser.error(f"unknown phases {sorted(unknown)}: use alone, mps, mps-shared")
+        parser.error(
+            f"unknown phases {sorted(unknown)}: use alone, mps, mps-shared, concurrent[-N]"
+        )
     data = asyncio.run(run(opts))
     print(json.dumps(data.get("summary", {}), indent=1))
     return 0 if all("error" not in p for p in data.get("phases", {}).values()) else 1

@@ -12,7 +12,7 @@ from typing import Annotated, Any, Literal
 import pydantic
 import yaml
 
-from gpushare import errors, names, placement, quantities
+from gpushare import errors, grants, names, placement, quantities
 
 Isolation = Literal["cgroup", "mps", "mps-shared", "none"]
 """A node's isolation: per-cgroup driver limits, an MPS daemon per container or per node, none."""
@@ -104,15 +104,19 @@ class Settings(_Section):
     agent: AgentSettings = AgentSettings()
 
     @property
-    def allocation_overhead_bytes(self) -> int:
-        """Card memory each allocation takes beyond its grant.
+    def overheads(self) -> grants.Overheads:
+        """Card memory outside every grant under this isolation (:mod:`gpushare.grants`)."""
+        return grants.overheads(self.isolation, self.agent.mps_server_bytes)
 
-        In ``mps`` isolation every allocation runs its own ``nvidia-cuda-mps-server``, which holds
-        ``agent.mps_server_bytes`` of the card. A shared daemon (``mps-shared``) is one process per
-        card whatever the number of pods, and the agent reports its memory as used; ``cgroup`` and
-        ``none`` run no daemon. Under ``auto`` a node may pick ``mps``, so its overhead is counted.
-        """
-        return self.agent.mps_server_bytes if self.isolation in ("auto", "mps") else 0
+    @property
+    def allocation_overhead_bytes(self) -> int:
+        """Card memory each allocation takes beyond its grant (one MPS server in ``mps``)."""
+        return self.overheads.per_allocation
+
+    @property
+    def card_overhead_bytes(self) -> int:
+        """Card memory no grant may use, once per card (the shared MPS server in ``mps-shared``)."""
+        return self.overheads.per_card
 
     def card_cost(self, model: str, capacity_bytes: int) -> float:
         """The configured cost of a card of ``model``, else its usable memory in GiB."""

@@ -130,9 +130,12 @@ class Ledger:
         *,
         overhead_bytes: int,
         heartbeat_timeout_seconds: float,
+        card_overhead_bytes: int = 0,
         clock: Callable[[], float] = time.time,
     ) -> None:
         self.overhead_bytes = overhead_bytes
+        self.card_overhead_bytes = card_overhead_bytes
+        """Memory of every card that no grant may use (the shared MPS server in ``mps-shared``)."""
         self.heartbeat_timeout_seconds = heartbeat_timeout_seconds
         self.clock = clock
         """Seconds since the epoch (heartbeats are wall-clock times)."""
@@ -206,8 +209,9 @@ class Ledger:
         return list(self._nodes)
 
     def largest_card_bytes(self) -> int:
-        """The largest CUDA-visible total of any card of any node (0 when none is known)."""
-        return max((size for size, count in self._capacities.items() if count > 0), default=0)
+        """What grants may use of the largest card of any node (0 when none is known)."""
+        largest = max((size for size, count in self._capacities.items() if count > 0), default=0)
+        return max(largest - self.card_overhead_bytes, 0)
 
     def cards(self) -> Iterator[placement.Card]:
         """Every card of every node as placement sees it now."""
@@ -523,7 +527,7 @@ class Ledger:
                 node=name,
                 uuid=card.uuid,
                 index=card.index,
-                capacity_bytes=card.cuda_total_bytes,
+                capacity_bytes=max(card.cuda_total_bytes - self.card_overhead_bytes, 0),
                 granted_bytes=granted[card.uuid],
                 free_bytes=card.free_bytes,
                 healthy=card.healthy,

@@ -42,6 +42,7 @@ class Extender:
         self.kube = kube
         self.book = ledger.Ledger(
             overhead_bytes=settings.allocation_overhead_bytes,
+            card_overhead_bytes=settings.card_overhead_bytes,
             heartbeat_timeout_seconds=settings.scheduler.heartbeat_timeout_seconds,
         )
         self.metrics = Metrics(registry or CollectorRegistry(), self.book)

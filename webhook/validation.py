@@ -9,7 +9,7 @@ from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any, Final
 
-from gpushare import config, errors, names, placement, quantities
+from gpushare import config, errors, grants, names, placement, quantities
 from gpushare.webhook import vllm
 
 USER_ANNOTATIONS: Final = (names.ANNOTATION_GPU_MEMORY, names.ANNOTATION_POLICY)
@@ -66,13 +66,8 @@ class Verdict:
 
 
 def largest_grant_bytes(cuda_total_bytes: int, *, settings: config.Settings) -> int:
-    """The largest grant a card holds: whole units of its CUDA total less one allocation's overhead.
-
-    This is what the device plugin offers of an idle card (in ``mps`` it keeps room for the
-    container's own MPS server); a larger request would wait forever for a card.
-    """
-    room = max(cuda_total_bytes - settings.allocation_overhead_bytes, 0)
-    return quantities.card_units(room, settings.unit_bytes) * settings.unit_bytes
+    """The largest grant an idle card of ``cuda_total_bytes`` holds (:mod:`gpushare.grants`)."""
+    return grants.largest_grant_bytes(cuda_total_bytes, settings.unit_bytes, settings.overheads)
 
 
 def memory_bytes(
@@ -131,8 +126,8 @@ def memory_bytes(
 def _above_largest_grant(
     value: str, requested: int, *, most: int, cuda_total_bytes: int, settings: config.Settings
 ) -> Reason:
-    overhead = settings.allocation_overhead_bytes
-    server = f", less {quantities.format_bytes(overhead)} for its MPS server" if overhead else ""
+    overhead = settings.allocation_overhead_bytes + settings.card_overhead_bytes
+    server = f", less {quantities.format_bytes(overhead)} for an MPS server" if overhead else ""
     advice = (
         f"ask for at most {quantities.to_quantity(most)!r}, or remove the annotation to use whole"
         " cards"

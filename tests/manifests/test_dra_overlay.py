@@ -1,5 +1,6 @@
 """``manifests/dra/``: the DRA backend's install, rendered as ``kubectl apply -k`` would."""
 
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -28,15 +29,25 @@ def test_no_extender_and_no_second_scheduler_profile(rendered: Objects) -> None:
     assert deployments == ["gpushare-webhook"]
 
 
-def test_the_configmap_chooses_the_dra_backend_and_mps_and_otherwise_matches_the_base(
-    rendered: Objects, base: Objects
+def _settings(objects: Objects, kind: str, name: str, tmp_path: Path) -> config.Settings:
+    """What the part reads: the ConfigMap's file, then its container's environment."""
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump(_config(objects)))
+    (container,) = find(objects, kind, name)["spec"]["template"]["spec"]["containers"]
+    environ = {e["name"]: e["value"] for e in container.get("env") or [] if "value" in e}
+    environ[names.ENV_CONFIG_FILE] = str(tmp_path / "config.yaml")
+    return config.load(environ=environ)
+
+
+def test_the_configmap_is_the_bases_and_the_parts_choose_dra_and_mps(
+    rendered: Objects, base: Objects, tmp_path: Path
 ) -> None:
-    ours, theirs = _config(rendered), _config(base)
-    assert config.validate(ours).backend == "dra"
-    assert config.validate(theirs).backend == "extender"
+    assert _config(rendered) == _config(base)
+    plugin = _settings(rendered, "DaemonSet", "gpushare-device-plugin", tmp_path)
+    webhook = _settings(rendered, "Deployment", "gpushare-webhook", tmp_path)
+    assert plugin.backend == webhook.backend == "dra"
     # The agent's escape checks and per-cgroup backstop do not see claims yet: MPS holds them.
-    assert config.validate(ours).isolation == "mps"
-    assert {**ours, "backend": "extender", "isolation": theirs["isolation"]} == theirs
+    assert plugin.isolation == "mps"
+    assert _settings(base, "DaemonSet", "gpushare-device-plugin", tmp_path).backend == "extender"
 
 
 def test_the_device_class_selects_every_device_of_the_driver(rendered: Objects) -> None:
