@@ -991,12 +991,14 @@ async def start_together(
 
 
 async def phase_concurrent(opts: Options, results: Results, work: Path, name: str) -> None:
-    """The four services started at once under ``mps`` (vllm#55827: instances that profile memory
-    together can mis-size each other): each one's KV cache, start failures, time to all ready."""
+    """The four services started at once (vllm#55827: instances that profile memory together can
+    mis-size each other): each one's KV cache, start failures, time to all ready. The isolation
+    is ``mps`` unless the phase's name says ``none`` or ``shared`` (``concurrent-none-1``)."""
+    isolation = "none" if "-none" in name else "mps-shared" if "-shared" in name else "mps"
     entry = results.phase(name)
-    entry["isolation"] = "mps"
+    entry["isolation"] = isolation
     entry["start"] = "concurrent"
-    stack = Stack(opts, "mps", work, results)
+    stack = Stack(opts, isolation, work, results)
     try:
         await stack.start()
         ready = await start_together(stack, results, entry, INSTANCES)
@@ -1457,11 +1459,12 @@ def main() -> int:
     )
     unknown = {
         p for p in opts.phases if p not in ("alone", "mps", "mps-shared", "concurrent")
-        and not re.fullmatch(r"concurrent-\d+", p)
+        and not re.fullmatch(r"concurrent(-none|-shared)?(-\d+)?", p)
     }
     if unknown:
         parser.error(
-            f"unknown phases {sorted(unknown)}: use alone, mps, mps-shared, concurrent[-N]"
+            f"unknown phases {sorted(unknown)}: use alone, mps, mps-shared,"
+            " concurrent[-none|-shared][-N]"
         )
     data = asyncio.run(run(opts))
     print(json.dumps(data.get("summary", {}), indent=1))

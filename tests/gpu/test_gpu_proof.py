@@ -142,8 +142,17 @@ def test_the_stand_in_proof_holds_on_a_real_card(tmp_path: Path) -> None:
     if not torch.cuda.is_available():
         pytest.skip("torch sees no CUDA device")
     data = run_proof(
-        tmp_path, "--fake-server", "--phases", "mps,mps-shared", "--requests", "3",
-        "--tokens", "16", "--busy-streams", "2", timeout=600,
+        tmp_path,
+        "--fake-server",
+        "--phases",
+        "mps,mps-shared",
+        "--requests",
+        "3",
+        "--tokens",
+        "16",
+        "--busy-streams",
+        "2",
+        timeout=600,
     )
     for phase in ("mps", "mps-shared"):
         check_packing(data, phase, tokens=16, real_memory=False)
@@ -167,8 +176,66 @@ def test_gpushare_packs_four_vllm_servers_onto_one_card(tmp_path: Path) -> None:
     if not (Path(model) / "config.json").exists():
         pytest.skip(f"no model in {model}: run make_model.py (set GPUSHARE_PROOF_MODEL)")
     data = run_proof(
-        tmp_path, "--phases", "mps", "--model", model, "--requests", "5", "--tokens", "32",
-        timeout=840, env={"SERVER_PYTHONPATH": site},
+        tmp_path,
+        "--phases",
+        "mps",
+        "--model",
+        model,
+        "--requests",
+        "5",
+        "--tokens",
+        "32",
+        timeout=840,
+        env={"SERVER_PYTHONPATH": site},
     )
     check_packing(data, "mps", tokens=32, real_memory=True)
     check_refusals(data)
+
+
+def check_concurrent(data: Any) -> None:
+    """Every concurrent start under MPS: no start failed, each KV cache within 1% of the
+    sequential start's (vllm#55827 mis-sizes instances that profile memory together)."""
+    starts = data["summary"]["concurrent_starts"]
+    assert starts, data["summary"]
+    for start in starts:
+        assert start["failed"] == [], start
+        assert len(start["num_gpu_blocks"]) == 4, start
+        assert start["largest_difference_percent"] is not None, start
+        assert start["largest_difference_percent"] <= 1.0, start
+        assert start["all_ready_seconds"] is not None, start
+
+
+def test_concurrent_starts_run_through_stand_ins_on_a_cpu(tmp_path: Path) -> None:
+    data = run_proof(
+        tmp_path, "--dry-run", "--phases", "mps,concurrent-1,concurrent-shared-1",
+        "--requests", "2", "--tokens", "4", "--busy-streams", "1", timeout=240,
+    )  # fmt: skip
+    check_concurrent(data)
+    isolations = {
+        p: data["phases"][p]["isolation"] for p in ("concurrent-1", "concurrent-shared-1")
+    }
+    assert isolations == {"concurrent-1": "mps", "concurrent-shared-1": "mps-shared"}
+
+
+@pytest.mark.gpu
+@pytest.mark.timeout(900)
+def test_four_vllm_servers_started_at_once_size_their_caches_as_if_alone(tmp_path: Path) -> None:
+    _gpu_or_skip()
+    site = os.environ.get("SERVER_PYTHONPATH", "")
+    probe = subprocess.run(
+        [sys.executable, "-c", "import vllm"],
+        env={**os.environ, "PYTHONPATH": site},
+        capture_output=True,
+        check=False,
+    )
+    if probe.returncode != 0:
+        pytest.skip("vLLM is not importable: set SERVER_PYTHONPATH to the folder that holds it")
+    model = os.environ.get("GPUSHARE_PROOF_MODEL", "/tmp/model")
+    if not (Path(model) / "config.json").exists():
+        pytest.skip(f"no model in {model}: run make_model.py (set GPUSHARE_PROOF_MODEL)")
+    data = run_proof(
+        tmp_path, "--phases", "concurrent-1,concurrent-shared-1,mps", "--model", model,
+        "--requests", "3", "--tokens", "16", "--deadline", "420",
+        timeout=840, env={"SERVER_PYTHONPATH": site},
+    )  # fmt: skip
+    check_concurrent(data)
