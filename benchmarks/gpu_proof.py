@@ -946,8 +946,16 @@ async def start_all(stack: Stack, results: Results, entry: Json, wanted: Sequenc
         started.append(instance)
         watchers.append(asyncio.create_task(stack.wait_ready(instance, READY_SECONDS)))
         await stack.wait_sized_or_ready(instance, READY_SECONDS)
-    for instance, watcher in zip(started, watchers, strict=True):
-        ok = await watcher
+    oks = [await watcher for watcher in watchers]
+    entry["all_ready_seconds"] = round(time.monotonic() - began, 1)
+    return await _keep_ready(stack, results, entry, started, oks)
+
+
+async def _keep_ready(
+    stack: Stack, results: Results, entry: Json, started: Sequence[Instance], oks: Sequence[bool]
+) -> list[Instance]:
+    """Note each start; release (and keep the log tail of) each server that never answered."""
+    for instance, ok in zip(started, oks, strict=True):
         results.note(
             f"{instance.name}: ready {instance.ready_seconds:.1f} s after its start"
             if ok
@@ -956,8 +964,7 @@ async def start_all(stack: Stack, results: Results, entry: Json, wanted: Sequenc
         if not ok:
             entry.setdefault("failed", {})[instance.name] = instance.log_tail(40)
             await stack.release(instance)
-    entry["all_ready_seconds"] = round(time.monotonic() - began, 1)
-    return [i for i in started if i.ready_seconds is not None]
+    return [i for i, ok in zip(started, oks, strict=True) if ok]
 
 
 async def start_together(
@@ -978,16 +985,7 @@ async def start_together(
     results.note(f"started {[i.name for i in admitted]} together")
     oks = await asyncio.gather(*(stack.wait_ready(i, READY_SECONDS) for i in admitted))
     entry["all_ready_seconds"] = round(time.monotonic() - began, 1) if all(oks) else None
-    for instance, ok in zip(admitted, oks, strict=True):
-        results.note(
-            f"{instance.name}: ready {instance.ready_seconds:.1f} s after its start"
-            if ok
-            else f"{instance.name}: NOT ready"
-        )
-        if not ok:
-            entry.setdefault("failed", {})[instance.name] = instance.log_tail(40)
-            await stack.release(instance)
-    return [i for i, ok in zip(admitted, oks, strict=True) if ok]
+    return await _keep_ready(stack, results, entry, admitted, oks)
 
 
 async def phase_concurrent(opts: Options, results: Results, work: Path, name: str) -> None:

@@ -331,6 +331,16 @@ def _https_get(url: str, context: ssl.SSLContext, timeout: float = 2.0) -> tuple
         return exc.code, exc.read().decode(errors="replace")
 
 
+def answers(url: str, process: Process, timeout: float = 2.0) -> bool:
+    """Whether ``url`` answers 200 (plain HTTP), once; raises if ``process`` has exited."""
+    process.check_alive()
+    try:
+        with urllib.request.urlopen(url, timeout=timeout) as response:
+            return bool(response.status == 200)
+    except OSError:
+        return False
+
+
 def wait_for(
     probe: Callable[[], T | None],
     *,

@@ -132,6 +132,24 @@ def _gpu_or_skip() -> None:
         pytest.skip("MPS control daemons need root")
 
 
+def _vllm_or_skip() -> tuple[str, str]:
+    """A GPU, vLLM importable through ``SERVER_PYTHONPATH`` and a model: those two, or skip."""
+    _gpu_or_skip()
+    site = os.environ.get("SERVER_PYTHONPATH", "")
+    probe = subprocess.run(
+        [sys.executable, "-c", "import vllm"],
+        env={**os.environ, "PYTHONPATH": site},
+        capture_output=True,
+        check=False,
+    )
+    if probe.returncode != 0:
+        pytest.skip("vLLM is not importable: set SERVER_PYTHONPATH to the folder that holds it")
+    model = os.environ.get("GPUSHARE_PROOF_MODEL", "/tmp/model")
+    if not (Path(model) / "config.json").exists():
+        pytest.skip(f"no model in {model}: run make_model.py (set GPUSHARE_PROOF_MODEL)")
+    return site, model
+
+
 @pytest.mark.gpu
 def test_the_stand_in_proof_holds_on_a_real_card(tmp_path: Path) -> None:
     _gpu_or_skip()
@@ -162,19 +180,7 @@ def test_the_stand_in_proof_holds_on_a_real_card(tmp_path: Path) -> None:
 @pytest.mark.gpu
 @pytest.mark.timeout(900)
 def test_gpushare_packs_four_vllm_servers_onto_one_card(tmp_path: Path) -> None:
-    _gpu_or_skip()
-    site = os.environ.get("SERVER_PYTHONPATH", "")
-    probe = subprocess.run(
-        [sys.executable, "-c", "import vllm"],
-        env={**os.environ, "PYTHONPATH": site},
-        capture_output=True,
-        check=False,
-    )
-    if probe.returncode != 0:
-        pytest.skip("vLLM is not importable: set SERVER_PYTHONPATH to the folder that holds it")
-    model = os.environ.get("GPUSHARE_PROOF_MODEL", "/tmp/model")
-    if not (Path(model) / "config.json").exists():
-        pytest.skip(f"no model in {model}: run make_model.py (set GPUSHARE_PROOF_MODEL)")
+    site, model = _vllm_or_skip()
     data = run_proof(
         tmp_path,
         "--phases",
@@ -220,19 +226,7 @@ def test_concurrent_starts_run_through_stand_ins_on_a_cpu(tmp_path: Path) -> Non
 @pytest.mark.gpu
 @pytest.mark.timeout(900)
 def test_four_vllm_servers_started_at_once_size_their_caches_as_if_alone(tmp_path: Path) -> None:
-    _gpu_or_skip()
-    site = os.environ.get("SERVER_PYTHONPATH", "")
-    probe = subprocess.run(
-        [sys.executable, "-c", "import vllm"],
-        env={**os.environ, "PYTHONPATH": site},
-        capture_output=True,
-        check=False,
-    )
-    if probe.returncode != 0:
-        pytest.skip("vLLM is not importable: set SERVER_PYTHONPATH to the folder that holds it")
-    model = os.environ.get("GPUSHARE_PROOF_MODEL", "/tmp/model")
-    if not (Path(model) / "config.json").exists():
-        pytest.skip(f"no model in {model}: run make_model.py (set GPUSHARE_PROOF_MODEL)")
+    site, model = _vllm_or_skip()
     data = run_proof(
         tmp_path, "--phases", "concurrent-1,concurrent-shared-1,mps", "--model", model,
         "--requests", "3", "--tokens", "16", "--deadline", "420",

@@ -16,7 +16,6 @@ import json
 import os
 import subprocess
 import sys
-import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, Final
@@ -105,15 +104,6 @@ def _webhooks(release: Path, port: int, ca: bytes) -> list[dict[str, Any]]:
     return out
 
 
-def _healthy(port: int, process: cluster.Process) -> bool:
-    process.check_alive()
-    try:
-        with urllib.request.urlopen(f"http://127.0.0.1:{port}/readyz", timeout=2) as answer:
-            return bool(answer.status == 200)
-    except OSError:
-        return False
-
-
 @contextlib.contextmanager
 def start(
     cp: cluster.ControlPlane, containerd: runtime.Containerd, standin: str, folder: Path
@@ -150,8 +140,9 @@ def start(
              "POD_NAMESPACE": NAMESPACE},
     )  # fmt: skip
     try:
+        ready = f"http://127.0.0.1:{probe_port}/readyz"
         cluster.wait_for(
-            lambda: _healthy(probe_port, process), timeout=120, interval=0.5,
+            lambda: cluster.answers(ready, process), timeout=120, interval=0.5,
             what="KServe's manager /readyz",
         )  # fmt: skip
         cp.kubectl("apply", "--server-side", "-f", "-", input=yaml.safe_dump_all(hooks))

@@ -23,7 +23,6 @@ import os
 import shutil
 import subprocess
 import tempfile
-import urllib.request
 from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any, Final
@@ -395,16 +394,11 @@ class Kubelet:
             self.workdir / f"kubelet-{self.starts}.log",
         )
 
-        def healthy() -> bool:
-            process.check_alive()
-            url = f"http://127.0.0.1:{self.healthz_port}/healthz"
-            try:
-                with urllib.request.urlopen(url, timeout=2) as response:
-                    return bool(response.status == 200)
-            except OSError:
-                return False
-
-        cluster.wait_for(healthy, timeout=120, interval=0.5, what="kubelet /healthz")
+        url = f"http://127.0.0.1:{self.healthz_port}/healthz"
+        cluster.wait_for(
+            lambda: cluster.answers(url, process), timeout=120, interval=0.5,
+            what="kubelet /healthz",
+        )  # fmt: skip
 
     def stop(self) -> None:
         if self.process is not None:

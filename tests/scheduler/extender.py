@@ -64,15 +64,10 @@ class ExtenderProcess:
         )
         process = self.process
 
-        def ready() -> bool:
-            process.check_alive()
-            try:
-                with urllib.request.urlopen(f"http://127.0.0.1:{self.port}/readyz", timeout=1) as r:
-                    return bool(r.status == 200)
-            except OSError:
-                return False
-
-        cluster.wait_for(ready, timeout=60, what="the extender's /readyz")
+        url = f"http://127.0.0.1:{self.port}/readyz"
+        cluster.wait_for(
+            lambda: cluster.answers(url, process, 1), timeout=60, what="the extender's /readyz"
+        )
 
     def kill(self) -> None:
         assert self.process is not None
