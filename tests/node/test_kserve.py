@@ -145,6 +145,11 @@ def test_the_transformer_is_left_alone_and_the_predictor_gets_its_slice(
     assert names.ANNOTATION_MUTATED not in front["metadata"]["annotations"]
     for container in front["spec"]["containers"]:
         assert names.RESOURCE_GPU_MEMORY not in (container.get("resources") or {}).get("limits", {})
+    # Our KServe pod builder makes the same transformer: the arguments KServe adds to reach the
+    # predictor, the container's name and image.
+    [ours] = builder.component_pod(body, "transformer")["spec"]["containers"]
+    [real] = [c for c in front["spec"]["containers"] if c["name"] == builder.CONTAINER]
+    assert (real["image"], real.get("args")) == (ours["image"], ours.get("args"))
 
 
 def test_four_services_created_at_once_share_the_card(
