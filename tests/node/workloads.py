@@ -95,10 +95,13 @@ def running(pod: dict[str, Any]) -> bool:
 
 
 def standin_line(cp: cluster.ControlPlane, namespace: str, pod: str) -> dict[str, Any]:
-    """The stand-in's JSON line, from the container's log (kubectl logs, through kubelet)."""
+    """The stand-in's JSON line, from the container's log (kubectl logs, through kubelet), once
+    the container has started and written it."""
 
     def first_line() -> str | None:
-        lines = cp.kubectl("logs", "-n", namespace, pod).stdout.strip().splitlines()
+        # Not yet started ("waiting to start: ContainerCreating") is an error of kubectl's.
+        result = cp.kubectl("logs", "-n", namespace, pod, check=False)
+        lines = result.stdout.strip().splitlines() if result.returncode == 0 else []
         return lines[0] if lines else None
 
     line: dict[str, Any] = json.loads(
