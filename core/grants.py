@@ -35,11 +35,6 @@ def grantable_bytes(cuda_total_bytes: int, costs: Overheads) -> int:
     return max(cuda_total_bytes - costs.per_card, 0)
 
 
-def cost_bytes(grant_bytes: int, costs: Overheads) -> int:
-    """What one allocation takes from a card's grantable memory."""
-    return grant_bytes + costs.per_allocation
-
-
 def largest_grant_bytes(cuda_total_bytes: int, unit_bytes: int, costs: Overheads) -> int:
     """The largest grant an idle card holds: whole units of what is left after the overheads."""
     room = max(grantable_bytes(cuda_total_bytes, costs) - costs.per_allocation, 0)

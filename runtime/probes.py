@@ -2,7 +2,7 @@
 with the reason in the body; ``/metrics`` is a Prometheus registry in the text format."""
 
 import contextlib
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 
 import aiohttp.web
 import prometheus_client
@@ -24,7 +24,7 @@ def add_routes(
 ) -> aiohttp.web.Application:
     """Add ``/healthz``, ``/readyz`` and ``/metrics`` to ``application``; return it."""
 
-    def probe(reason: Reason) -> Callable[[aiohttp.web.Request], object]:
+    def probe(reason: Reason) -> Callable[[aiohttp.web.Request], Awaitable[aiohttp.web.Response]]:
         async def answer(_: aiohttp.web.Request) -> aiohttp.web.Response:
             why = reason()
             if why is None:
@@ -39,8 +39,8 @@ def add_routes(
             headers={"Content-Type": prometheus_client.CONTENT_TYPE_LATEST},
         )
 
-    application.router.add_get("/healthz", probe(not_live))  # type: ignore[arg-type]
-    application.router.add_get("/readyz", probe(not_ready))  # type: ignore[arg-type]
+    application.router.add_get("/healthz", probe(not_live))
+    application.router.add_get("/readyz", probe(not_ready))
     application.router.add_get("/metrics", exposition)
     return application
 

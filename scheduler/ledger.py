@@ -31,7 +31,7 @@ from typing import Final, Literal
 import numpy as np
 import numpy.typing as npt
 
-from gpushare import errors, placement
+from gpushare import errors, grants, placement
 from gpushare.allocations import Allocation
 from gpushare.ids import CardUUID, NodeName, PodKey
 from gpushare.nodereport import NodeReport
@@ -134,8 +134,9 @@ class Ledger:
         clock: Callable[[], float] = time.time,
     ) -> None:
         self.overhead_bytes = overhead_bytes
-        self.card_overhead_bytes = card_overhead_bytes
-        """Memory of every card that no grant may use (the shared MPS server in ``mps-shared``)."""
+        self._costs = grants.Overheads(per_card=card_overhead_bytes, per_allocation=overhead_bytes)
+        """What no grant may use: once per card (the shared MPS server in ``mps-shared``), and
+        once per allocation (its own MPS server in ``mps``)."""
         self.heartbeat_timeout_seconds = heartbeat_timeout_seconds
         self.clock = clock
         """Seconds since the epoch (heartbeats are wall-clock times)."""
@@ -211,7 +212,7 @@ class Ledger:
     def largest_card_bytes(self) -> int:
         """What grants may use of the largest card of any node (0 when none is known)."""
         largest = max((size for size, count in self._capacities.items() if count > 0), default=0)
-        return max(largest - self.card_overhead_bytes, 0)
+        return grants.grantable_bytes(largest, self._costs)
 
     def cards(self) -> Iterator[placement.Card]:
         """Every card of every node as placement sees it now."""
@@ -527,7 +528,7 @@ class Ledger:
                 node=name,
                 uuid=card.uuid,
                 index=card.index,
-                capacity_bytes=max(card.cuda_total_bytes - self.card_overhead_bytes, 0),
+                capacity_bytes=grants.grantable_bytes(card.cuda_total_bytes, self._costs),
                 granted_bytes=granted[card.uuid],
                 free_bytes=card.free_bytes,
                 healthy=card.healthy,

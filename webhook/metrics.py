@@ -2,7 +2,6 @@
 
 from typing import Final
 
-import prometheus_client
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 LATENCY_BUCKETS: Final = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0)
@@ -45,7 +44,3 @@ class WebhookMetrics:
             "Nodes whose agent report the webhook has read.",
             registry=registry,
         )
-
-    def exposition(self) -> bytes:
-        """The registry in Prometheus' text format."""
-        return prometheus_client.generate_latest(self.registry)

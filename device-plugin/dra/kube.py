@@ -2,7 +2,7 @@
 
 kubernetes_asyncio's typed models lag the API's newest fields (consumable capacity), so the
 objects travel as plain dicts through its generic client; errors stop here as
-:class:`gpushare.deviceplugin.ApiError`. Every call has the agent's API deadline
+:class:`gpushare.runtime.errors.ApiError`. Every call has the agent's API deadline
 (:data:`gpushare.deviceplugin.kube.CALL_SECONDS`).
 """
 
