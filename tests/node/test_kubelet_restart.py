@@ -31,13 +31,7 @@ def test_a_kubelet_restart_keeps_the_running_grant_and_registers_the_plugin_agai
     real_node: RealNode, node_namespace: str
 ) -> None:
     cp, ns = real_node.cp, node_namespace
-    body = workloads.predictor(
-        "steady",
-        image=real_node.images["vllm-standin"],
-        nvml_file=real_node.nvml_file,
-        memory="8Gi",
-    )
-    cp.rest().create(f"/apis/apps/v1/namespaces/{ns}/deployments", body)
+    workloads.deploy(real_node, ns, "steady", memory="8Gi")
     [before] = workloads.wait_running(real_node, ns, "steady-predictor", 1)
     uid = before["metadata"]["uid"]
     container = before["status"]["containerStatuses"][0]
@@ -62,10 +56,7 @@ def test_a_kubelet_restart_keeps_the_running_grant_and_registers_the_plugin_agai
     assert len(checkpoint_devices(uid)) == 8
 
     # A new pod after the restart is admitted with the plugin's devices again.
-    late = workloads.predictor(
-        "late", image=real_node.images["vllm-standin"], nvml_file=real_node.nvml_file, memory="4Gi"
-    )
-    cp.rest().create(f"/apis/apps/v1/namespaces/{ns}/deployments", late)
+    workloads.deploy(real_node, ns, "late", memory="4Gi")
     [pod] = workloads.wait_running(real_node, ns, "late-predictor", 1)
     line = workloads.standin_line(cp, ns, pod["metadata"]["name"])
     assert line["result"] == "started", line

@@ -36,9 +36,7 @@ def test_a_replaced_device_plugin_pod_keeps_grants_and_grants_nothing_twice(
     real_node: RealNode, node_namespace: str
 ) -> None:
     cp, ns = real_node.cp, node_namespace
-    image, nvml = real_node.images["vllm-standin"], real_node.nvml_file
-    kept = workloads.predictor("kept", image=image, nvml_file=nvml, memory="30Gi")
-    cp.rest().create(f"/apis/apps/v1/namespaces/{ns}/deployments", kept)
+    workloads.deploy(real_node, ns, "kept", memory="30Gi")
     [before] = workloads.wait_running(real_node, ns, "kept-predictor", 1)
     held = {(h.namespace, h.name): h.devices for h in workloads.kubelet_holdings()}
     kept_ids = set(held[ns, before["metadata"]["name"]])
@@ -69,8 +67,7 @@ def test_a_replaced_device_plugin_pod_keeps_grants_and_grants_nothing_twice(
     )
 
     # 40 GiB beside the 30 fit on the 79 GiB card; the new plugin hands out none of the 30's IDs.
-    beside = workloads.predictor("beside", image=image, nvml_file=nvml, memory="40Gi")
-    cp.rest().create(f"/apis/apps/v1/namespaces/{ns}/deployments", beside)
+    workloads.deploy(real_node, ns, "beside", memory="40Gi")
     [pod] = workloads.wait_running(real_node, ns, "beside-predictor", 1)
     line = workloads.standin_line(cp, ns, pod["metadata"]["name"])
     assert line["result"] == "started", line
@@ -81,8 +78,7 @@ def test_a_replaced_device_plugin_pod_keeps_grants_and_grants_nothing_twice(
     assert set(held[ns, after["metadata"]["name"]]) == kept_ids
 
     # What is left (about 9 GiB) is too little for 12: the 30 were not forgotten.
-    late = workloads.predictor("late", image=image, nvml_file=nvml, memory="12Gi")
-    cp.rest().create(f"/apis/apps/v1/namespaces/{ns}/deployments", late)
+    workloads.deploy(real_node, ns, "late", memory="12Gi")
 
     def waiting() -> bool:
         pods = workloads.pods(cp, ns, "late-predictor")

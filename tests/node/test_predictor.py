@@ -17,10 +17,7 @@ def test_a_predictor_deployment_runs_with_the_grant_kubelet_expanded(
     real_node: RealNode, node_namespace: str
 ) -> None:
     cp, ns = real_node.cp, node_namespace
-    body = workloads.predictor(
-        "bloom", image=real_node.images["vllm-standin"], nvml_file=real_node.nvml_file
-    )
-    cp.rest().create(f"/apis/apps/v1/namespaces/{ns}/deployments", body)
+    workloads.deploy(real_node, ns, "bloom")
     [pod] = workloads.wait_running(real_node, ns, "bloom-predictor", 1)
 
     # Deployment → ReplicaSet → pod, each made by kube-controller-manager.
@@ -54,14 +51,7 @@ def test_four_predictors_started_together_share_the_card_each_with_its_own_grant
     real_node: RealNode, node_namespace: str
 ) -> None:
     cp, ns = real_node.cp, node_namespace
-    body = workloads.predictor(
-        "four",
-        image=real_node.images["vllm-standin"],
-        nvml_file=real_node.nvml_file,
-        memory="16Gi",
-        replicas=4,
-    )
-    cp.rest().create(f"/apis/apps/v1/namespaces/{ns}/deployments", body)
+    workloads.deploy(real_node, ns, "four", memory="16Gi", replicas=4)
     started = workloads.wait_running(real_node, ns, "four-predictor", 4)
 
     grants = []

@@ -16,12 +16,8 @@ def test_a_rollout_on_a_full_card_needs_max_surge_zero(
     real_node: RealNode, node_namespace: str
 ) -> None:
     cp, ns = real_node.cp, node_namespace
-    body = workloads.predictor(
-        "rolled", image=real_node.images["vllm-standin"], nvml_file=real_node.nvml_file,
-        memory="48Gi",
-    )  # fmt: skip
+    body = workloads.deploy(real_node, ns, "rolled", memory="48Gi")
     path = f"/apis/apps/v1/namespaces/{ns}/deployments/rolled-predictor"
-    cp.rest().create(f"/apis/apps/v1/namespaces/{ns}/deployments", body)
     [old] = workloads.wait_running(real_node, ns, "rolled-predictor", 1)
 
     args = body["spec"]["template"]["spec"]["containers"][0]["args"]

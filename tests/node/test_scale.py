@@ -18,9 +18,7 @@ def test_scaling_down_frees_the_card_for_the_next_service(
     real_node: RealNode, node_namespace: str
 ) -> None:
     cp, ns = real_node.cp, node_namespace
-    image, nvml = real_node.images["vllm-standin"], real_node.nvml_file
-    body = workloads.predictor("scaled", image=image, nvml_file=nvml, memory="24Gi")
-    cp.rest().create(f"/apis/apps/v1/namespaces/{ns}/deployments", body)
+    workloads.deploy(real_node, ns, "scaled", memory="24Gi")
     workloads.wait_running(real_node, ns, "scaled-predictor", 1)
 
     scale(real_node, ns, "scaled-predictor", 3)  # 72 of the card's 79 GiB
@@ -34,8 +32,7 @@ def test_scaling_down_frees_the_card_for_the_next_service(
     cluster.wait_for(gone, timeout=120, interval=1, what="the two extra pods to be deleted")
 
     # 48 GiB fit beside the 24 left only if the 48 of the two removed pods were freed.
-    wide = workloads.predictor("wide", image=image, nvml_file=nvml, memory="48Gi")
-    cp.rest().create(f"/apis/apps/v1/namespaces/{ns}/deployments", wide)
+    workloads.deploy(real_node, ns, "wide", memory="48Gi")
     [pod] = workloads.wait_running(real_node, ns, "wide-predictor", 1)
     line = workloads.standin_line(cp, ns, pod["metadata"]["name"])
     assert line["result"] == "started", line

@@ -13,12 +13,8 @@ pytestmark = pytest.mark.timeout(600)
 def test_the_cgroup_locator_maps_container_processes_to_their_pods(
     real_node: RealNode, node_namespace: str
 ) -> None:
-    cp, ns = real_node.cp, node_namespace
-    body = workloads.predictor(
-        "located", image=real_node.images["vllm-standin"], nvml_file=real_node.nvml_file,
-        memory="4Gi", replicas=2,
-    )  # fmt: skip
-    cp.rest().create(f"/apis/apps/v1/namespaces/{ns}/deployments", body)
+    ns = node_namespace
+    workloads.deploy(real_node, ns, "located", memory="4Gi", replicas=2)
     pods = workloads.wait_running(real_node, ns, "located-predictor", 2)
 
     tasks = real_node.containerd.ctr("tasks", "list").stdout.splitlines()[1:]

@@ -68,6 +68,21 @@ def predictor(
     }
 
 
+def deploy(
+    node: "RealNode", namespace: str, name: str, *, memory: str = "20Gi", replicas: int = 1
+) -> dict[str, Any]:
+    """Create :func:`predictor` ``name`` on the node's stand-in image and fake card; its body."""
+    body = predictor(
+        name,
+        image=node.images["vllm-standin"],
+        nvml_file=node.nvml_file,
+        memory=memory,
+        replicas=replicas,
+    )
+    node.cp.rest().create(f"/apis/apps/v1/namespaces/{namespace}/deployments", body)
+    return body
+
+
 def wait_running(node: "RealNode", namespace: str, app: str, count: int) -> list[dict[str, Any]]:
     """Wait until exactly ``count`` pods of ``app`` run; on timeout show the pods, events, logs."""
 
