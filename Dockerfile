@@ -13,6 +13,7 @@ ENV PIP_DISABLE_PIP_VERSION_CHECK=1 \
 RUN python -m venv /opt/gpushare
 WORKDIR /src
 COPY pyproject.toml README.md ./
+COPY cli/ cli/
 COPY core/ core/
 COPY runtime/ runtime/
 COPY scheduler/ scheduler/

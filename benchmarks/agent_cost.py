@@ -25,7 +25,7 @@ import grpc.aio
 import prometheus_client
 import yaml
 
-from gpushare import config, quantities
+from gpushare.core import config, quantities
 from gpushare.deviceplugin import mps, nvml
 from gpushare.deviceplugin.agent import Agent
 from gpushare.deviceplugin.api.deviceplugin.v1beta1 import api_pb2, api_pb2_grpc

@@ -36,7 +36,7 @@ from benchmarks.scheduler_e2e import (
     register_nodes,
     scheduler_config,
 )
-from gpushare import config, dra, names
+from gpushare.core import config, dra, names
 from gpushare.webhook import mutation
 from tests import cluster
 from tests.dra import objects

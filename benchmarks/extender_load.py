@@ -43,8 +43,8 @@ import aiohttp
 import uvloop
 from aiohttp import web
 
-from gpushare import names, nodereport
-from gpushare.quantities import GI
+from gpushare.core import names, nodereport
+from gpushare.core.quantities import GI
 
 CARDS = 8
 CARD_BYTES = 80 * GI

@@ -53,7 +53,8 @@ import jsonpatch
 import prometheus_client
 from prometheus_client.parser import text_string_to_metric_families
 
-from gpushare import config, errors, names, quantities
+from gpushare.core import config, errors, names, quantities
+from gpushare.core.ids import pod_key
 from gpushare.deviceplugin import kube as agent_kube
 from gpushare.deviceplugin import mps, nvml
 from gpushare.deviceplugin.agent import Agent
@@ -61,7 +62,6 @@ from gpushare.deviceplugin.main import serve
 from gpushare.deviceplugin.metrics import Metrics
 from gpushare.deviceplugin.podresources import PodResourcesClient
 from gpushare.deviceplugin.watchdog import Location
-from gpushare.ids import pod_key
 from gpushare.scheduler.kube import Kube
 from gpushare.scheduler.service import Extender
 from gpushare.simulator import apiserver, kserve, kubelet, mpsfake, scheduling

@@ -88,7 +88,8 @@ from typing import Any, Final  # noqa: E402
 
 import prometheus_client  # noqa: E402
 
-from gpushare import config, names, quantities  # noqa: E402
+from gpushare.core import config, names, quantities  # noqa: E402
+from gpushare.core.ids import pod_key  # noqa: E402
 from gpushare.deviceplugin import escapes, mps, nvml  # noqa: E402
 from gpushare.deviceplugin.agent import Agent  # noqa: E402
 from gpushare.deviceplugin.kube import PodEvent  # noqa: E402
@@ -97,7 +98,6 @@ from gpushare.deviceplugin.metrics import Metrics  # noqa: E402
 from gpushare.deviceplugin.podresources import PodResourcesClient  # noqa: E402
 from gpushare.deviceplugin.pods import PodInfo  # noqa: E402
 from gpushare.deviceplugin.watchdog import Location  # noqa: E402
-from gpushare.ids import pod_key  # noqa: E402
 from gpushare.simulator import kubelet, mpsfake  # noqa: E402
 
 MI: Final = quantities.MI

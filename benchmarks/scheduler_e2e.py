@@ -30,7 +30,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
-from gpushare import names
+from gpushare.core import names
 from tests import cluster
 from tests.scheduler import extender as extender_process
 from tests.scheduler.extender import ExtenderProcess, started

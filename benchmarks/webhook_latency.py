@@ -27,7 +27,7 @@ from typing import Any
 import aiohttp
 import yaml
 
-from gpushare import names
+from gpushare.core import names
 from gpushare.webhook import certs, paths
 from tests import cluster
 from tests.webhook import builders, strategies

@@ -1,14 +1,5 @@
-"""gpushare: several vLLM servers on one NVIDIA GPU, each with a driver-enforced memory grant.
+"""The shared core: the pure functions and models every part speaks.
 
-This package is the shared core: pure functions and models every part speaks (no Kubernetes
-client, no network, no NVML).
+No Kubernetes client, no network, no NVML: names, quantities, the grant arithmetic, the allocation
+codec, placement and the configuration that cross a process boundary live here, once.
 """
-
-from importlib.metadata import PackageNotFoundError, version
-
-try:
-    __version__ = version("gpushare")
-except PackageNotFoundError:  # pragma: no cover - running from a source tree without install
-    __version__ = "0.0.0"
-
-__all__ = ["__version__"]

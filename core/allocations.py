@@ -20,8 +20,8 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any, Final
 
-from gpushare import errors, names
-from gpushare.ids import CardUUID
+from gpushare.core import errors, names
+from gpushare.core.ids import CardUUID
 
 __all__ = ["Allocation", "decode", "encode", "format_time"]
 

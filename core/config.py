@@ -12,7 +12,7 @@ from typing import Annotated, Any, Literal
 import pydantic
 import yaml
 
-from gpushare import errors, grants, names, placement, quantities
+from gpushare.core import errors, grants, names, placement, quantities
 
 Isolation = Literal["cgroup", "mps", "mps-shared", "none"]
 """A node's isolation: per-cgroup driver limits, an MPS daemon per container or per node, none."""
@@ -105,7 +105,7 @@ class Settings(_Section):
 
     @property
     def overheads(self) -> grants.Overheads:
-        """Card memory outside every grant under this isolation (:mod:`gpushare.grants`)."""
+        """Card memory outside every grant under this isolation (:mod:`gpushare.core.grants`)."""
         return grants.overheads(self.isolation, self.agent.mps_server_bytes)
 
     @property

@@ -3,7 +3,7 @@
 Each card is one device of the node's ResourceSlice with ``allowMultipleAllocations`` and a
 ``memory`` capacity (its CUDA-visible total, whole units). A claim asks for its grant plus the
 per-allocation overhead (one MPS server per grant in ``mps`` isolation), the same cost the
-extender charges (:func:`gpushare.placement.cost`), so kube-scheduler's allocator packs a card
+extender charges (:func:`gpushare.core.placement.cost`), so kube-scheduler's allocator packs a card
 exactly as far as the extender would. The capacity's request policy (minimum one unit plus the
 overhead, steps of one unit) rounds any other request up to that form, so the node side recovers
 the grant as ``consumed - overhead`` whatever a tenant wrote in its own claim.
@@ -15,8 +15,8 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Final
 
-from gpushare import errors, names, placement, quantities
-from gpushare.nodereport import CardReport
+from gpushare.core import errors, names, placement, quantities
+from gpushare.core.nodereport import CardReport
 
 JsonObject = dict[str, Any]
 

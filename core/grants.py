@@ -10,7 +10,7 @@ offers its CUDA total less one server. ``cgroup`` and ``none`` run no server. ``
 
 from dataclasses import dataclass
 
-from gpushare import quantities
+from gpushare.core import quantities
 
 
 @dataclass(frozen=True, slots=True)

@@ -43,7 +43,7 @@ ANNOTATION_MUTATED: Final = f"{DOMAIN}/mutated"
 """Set by the webhook on pods it rewrote: the units granted (marks idempotent re-invocation)."""
 
 ANNOTATION_NODE_REPORT: Final = f"{DOMAIN}/node-report"
-"""On Nodes: the agent's JSON report of every card (see :mod:`gpushare.nodereport`)."""
+"""On Nodes: the agent's JSON report of every card (see :mod:`gpushare.core.nodereport`)."""
 
 SYSTEM_ANNOTATIONS: Final = frozenset(
     {

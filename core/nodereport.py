@@ -1,8 +1,8 @@
 """The node report: what the agent tells the extender about every card of its node.
 
-It travels as JSON in the Node annotation :data:`gpushare.names.ANNOTATION_NODE_REPORT`. Both sides
-use this one model, so they agree byte for byte. ``version`` grows when a field changes meaning; a
-reader rejects a report newer than it understands instead of misreading it.
+It travels as JSON in the Node annotation :data:`gpushare.core.names.ANNOTATION_NODE_REPORT`.
+Both sides use this one model, so they agree byte for byte. ``version`` grows when a field
+changes meaning; a reader rejects a report newer than it understands instead of misreading it.
 
 Version 2 adds the node's ``isolation`` and each card's ``memory_limits`` (per-cgroup driver limits
 supported); a version-1 report still reads, with ``isolation`` unknown and no card supporting them.
@@ -14,9 +14,9 @@ from typing import Annotated, Final
 
 import pydantic
 
-from gpushare import errors
-from gpushare.config import Isolation
-from gpushare.ids import CardUUID
+from gpushare.core import errors
+from gpushare.core.config import Isolation
+from gpushare.core.ids import CardUUID
 
 VERSION: Final = 2
 """The report version this code writes and the newest it reads."""

@@ -15,8 +15,8 @@ from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Final, Literal
 
-from gpushare.ids import CardUUID, NodeName
-from gpushare.quantities import format_bytes
+from gpushare.core.ids import CardUUID, NodeName
+from gpushare.core.quantities import format_bytes
 
 Policy = Literal["fill", "binpack", "spread"]
 POLICIES: Final[tuple[Policy, ...]] = ("fill", "binpack", "spread")

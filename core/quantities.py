@@ -11,7 +11,7 @@ import re
 from decimal import Decimal, InvalidOperation, localcontext
 from typing import Final
 
-from gpushare import errors
+from gpushare.core import errors
 
 KI: Final = 1024
 MI: Final = 1024**2

@@ -13,9 +13,9 @@ import math
 from decimal import Decimal
 from typing import Final
 
-from gpushare import errors
-from gpushare.config import Isolation
-from gpushare.quantities import format_bytes
+from gpushare.core import errors
+from gpushare.core.config import Isolation
+from gpushare.core.quantities import format_bytes
 
 PRECISION: Final = 4
 """Decimal places handed to vLLM: 0.0001 of an 80 GB card is 8 MB, finer than any allocation."""

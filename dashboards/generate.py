@@ -10,7 +10,7 @@ from grafana_foundation_sdk.cog.encoder import JSONEncoder
 from grafana_foundation_sdk.models import dashboard as models
 
 from dashboards import cards, inferenceservices, overview, scheduler, webhook
-from gpushare import names
+from gpushare.core import names
 
 ROOT: Final = Path(__file__).resolve().parent.parent
 MANIFESTS: Final = ROOT / "manifests"

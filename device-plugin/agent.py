@@ -13,8 +13,10 @@ from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Final
 
-from gpushare import errors
-from gpushare.config import Settings
+from gpushare.core import errors
+from gpushare.core.config import Settings
+from gpushare.core.ids import CardUUID, DeviceID, PodKey
+from gpushare.core.nodereport import CardReport
 from gpushare.deviceplugin import (
     allocation,
     cgrouplimit,
@@ -31,8 +33,6 @@ from gpushare.deviceplugin.podresources import Holding, PodResourcesClient, PodR
 from gpushare.deviceplugin.pods import PodSource, next_wanted
 from gpushare.deviceplugin.report import Reporter
 from gpushare.deviceplugin.watchdog import PollLocator, ProcessLocator, Watchdog, usage
-from gpushare.ids import CardUUID, DeviceID, PodKey
-from gpushare.nodereport import CardReport
 
 logger = logging.getLogger(__name__)
 

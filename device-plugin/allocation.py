@@ -10,10 +10,10 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from gpushare import errors, names, quantities, sizing
-from gpushare.config import Isolation, Settings
+from gpushare.core import errors, names, quantities, sizing
+from gpushare.core.config import Isolation, Settings
+from gpushare.core.ids import CardUUID, DeviceID
 from gpushare.deviceplugin import devices
-from gpushare.ids import CardUUID, DeviceID
 
 
 @dataclass(frozen=True)

@@ -23,11 +23,11 @@ from collections.abc import Collection, Iterable, Mapping
 from pathlib import Path
 from typing import Final
 
-from gpushare.config import Isolation, IsolationSetting
+from gpushare.core.config import Isolation, IsolationSetting
+from gpushare.core.ids import CardUUID, PodKey
 from gpushare.deviceplugin.allocation import Grant
 from gpushare.deviceplugin.nvml import CardReading, LimitError, Nvml, ProcessUsage
 from gpushare.deviceplugin.watchdog import ProcessLocator
-from gpushare.ids import CardUUID, PodKey
 
 logger = logging.getLogger(__name__)
 

@@ -11,8 +11,8 @@ follows the last hyphen.
 from collections.abc import Iterable
 from typing import Final
 
-from gpushare import errors, quantities
-from gpushare.ids import CardUUID, DeviceID
+from gpushare.core import errors, quantities
+from gpushare.core.ids import CardUUID, DeviceID
 
 MAX_ID_LENGTH: Final = 63
 """The longest device ID we hand kubelet: a DNS label's length, safe wherever kubelet puts it."""

@@ -27,13 +27,13 @@ from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Final, Literal
 
-from gpushare import quantities
-from gpushare.config import Isolation
+from gpushare.core import quantities
+from gpushare.core.config import Isolation
+from gpushare.core.ids import CardUUID, PodKey
 from gpushare.deviceplugin import kube
 from gpushare.deviceplugin.nvml import ProcessUsage
 from gpushare.deviceplugin.pods import PodInfo
 from gpushare.deviceplugin.watchdog import ProcessLocator
-from gpushare.ids import CardUUID, PodKey
 from gpushare.runtime.errors import ApiError
 
 logger = logging.getLogger(__name__)

@@ -13,8 +13,8 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Final
 
+from gpushare.core.ids import CardUUID
 from gpushare.deviceplugin import nvml
-from gpushare.ids import CardUUID
 
 logger = logging.getLogger(__name__)
 

@@ -16,7 +16,7 @@ import aiohttp
 from kubernetes_asyncio import client
 from kubernetes_asyncio.client.exceptions import ApiException
 
-from gpushare import names
+from gpushare.core import names
 from gpushare.deviceplugin.pods import PodInfo
 from gpushare.runtime import connection, events, reflector
 from gpushare.runtime.errors import ApiError, Translated

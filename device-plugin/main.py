@@ -20,8 +20,8 @@ from typing import get_args
 import aiohttp.web
 import prometheus_client
 
-from gpushare import config, errors
-from gpushare.config import Settings
+from gpushare.core import config, errors
+from gpushare.core.config import Settings
 from gpushare.deviceplugin import kube, mps, nvml, probes
 from gpushare.deviceplugin.agent import Agent, guard
 from gpushare.deviceplugin.dra import kube as dra_kube

@@ -13,7 +13,7 @@ import prometheus_client
 from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
-from gpushare.config import Isolation
+from gpushare.core.config import Isolation
 from gpushare.deviceplugin.escapes import Finding
 from gpushare.deviceplugin.nvml import CardReading
 from gpushare.deviceplugin.watchdog import ContainerUsage

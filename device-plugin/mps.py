@@ -37,12 +37,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Final, Protocol
 
-from gpushare import errors, names
-from gpushare.config import Isolation, IsolationSetting
+from gpushare.core import errors, names
+from gpushare.core.config import Isolation, IsolationSetting
+from gpushare.core.ids import CardUUID
 from gpushare.deviceplugin import cgrouplimit
 from gpushare.deviceplugin.allocation import Grant
 from gpushare.deviceplugin.nvml import Nvml
-from gpushare.ids import CardUUID
 
 logger = logging.getLogger(__name__)
 

@@ -31,8 +31,8 @@ from typing import Annotated, Any, Final, Literal, Protocol
 import pydantic
 import yaml
 
-from gpushare import config, errors
-from gpushare.ids import CardUUID
+from gpushare.core import config, errors
+from gpushare.core.ids import CardUUID
 
 logger = logging.getLogger(__name__)
 

@@ -7,9 +7,9 @@ from pathlib import Path
 import grpc
 import grpc.aio
 
-from gpushare import errors, names
+from gpushare.core import errors, names
+from gpushare.core.ids import DeviceID, PodKey, pod_key
 from gpushare.deviceplugin.api.podresources.v1 import api_pb2, api_pb2_grpc
-from gpushare.ids import DeviceID, PodKey, pod_key
 
 CALL_SECONDS = 5.0
 """kubelet answers List from memory; five seconds means it is not there."""

@@ -15,9 +15,9 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any, Protocol
 
-from gpushare import allocations, errors, names, quantities
-from gpushare.allocations import Allocation
-from gpushare.ids import CardUUID, PodKey, pod_key
+from gpushare.core import allocations, errors, names, quantities
+from gpushare.core.allocations import Allocation
+from gpushare.core.ids import CardUUID, PodKey, pod_key
 
 _EPOCH = datetime.fromtimestamp(0, UTC)
 

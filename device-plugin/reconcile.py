@@ -12,13 +12,13 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Final
 
-from gpushare import allocations, errors
-from gpushare.allocations import Allocation
+from gpushare.core import allocations, errors
+from gpushare.core.allocations import Allocation
+from gpushare.core.ids import CardUUID, PodKey
 from gpushare.deviceplugin import allocation, kube
 from gpushare.deviceplugin.nvml import CardReading
 from gpushare.deviceplugin.podresources import Holding
 from gpushare.deviceplugin.pods import PodInfo
-from gpushare.ids import CardUUID, PodKey
 from gpushare.runtime.errors import ApiError
 
 logger = logging.getLogger(__name__)

@@ -15,7 +15,7 @@ from typing import Final
 import grpc
 import grpc.aio
 
-from gpushare import names
+from gpushare.core import names
 from gpushare.deviceplugin.agent import Agent
 from gpushare.deviceplugin.api.deviceplugin.v1beta1 import api_pb2, api_pb2_grpc
 from gpushare.deviceplugin.server import OPTIONS, DevicePlugin

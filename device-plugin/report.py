@@ -10,10 +10,10 @@ import time
 from collections.abc import Callable, Iterable
 from datetime import UTC, datetime
 
-from gpushare import names
-from gpushare.config import Isolation
+from gpushare.core import names
+from gpushare.core.config import Isolation
+from gpushare.core.nodereport import CardReport, NodeReport
 from gpushare.deviceplugin import kube
-from gpushare.nodereport import CardReport, NodeReport
 from gpushare.runtime.errors import ApiError
 
 logger = logging.getLogger(__name__)

@@ -12,12 +12,12 @@ from typing import Final
 import grpc
 import grpc.aio
 
-from gpushare import errors
+from gpushare.core import errors
+from gpushare.core.ids import DeviceID
 from gpushare.deviceplugin import devices
 from gpushare.deviceplugin.agent import Agent
 from gpushare.deviceplugin.allocation import ContainerSetup
 from gpushare.deviceplugin.api.deviceplugin.v1beta1 import api_pb2, api_pb2_grpc
-from gpushare.ids import DeviceID
 
 logger = logging.getLogger(__name__)
 

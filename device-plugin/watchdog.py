@@ -14,11 +14,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Final, Literal, Protocol
 
-from gpushare import quantities
+from gpushare.core import quantities
+from gpushare.core.ids import CardUUID, PodKey
 from gpushare.deviceplugin import kube
 from gpushare.deviceplugin.nvml import ProcessUsage
 from gpushare.deviceplugin.pods import PodInfo
-from gpushare.ids import CardUUID, PodKey
 from gpushare.runtime.errors import ApiError
 
 logger = logging.getLogger(__name__)

@@ -16,7 +16,7 @@ from typing import Final
 import yaml
 from kubernetes_asyncio import client, config
 
-from gpushare import errors
+from gpushare.core import errors
 
 DEFAULT_KUBECONFIG: Final = Path("~/.kube/config")
 FLAG_HELP: Final = (
@@ -37,8 +37,10 @@ def source(kubeconfig: Path | None = None) -> str:
 
 
 async def configuration(kubeconfig: Path | None = None) -> client.Configuration:
-    """The connection, in the order above; :class:`~gpushare.errors.ConfigError` names the source
-    that failed."""
+    """The connection, in the order above.
+
+    :class:`~gpushare.core.errors.ConfigError` names the source that failed.
+    """
     where = source(kubeconfig)
     result = client.Configuration()
     try:

@@ -7,7 +7,7 @@ from typing import Any
 import aiohttp
 from kubernetes_asyncio.client.exceptions import ApiException
 
-from gpushare import errors
+from gpushare.core import errors
 
 
 class ApiError(errors.GpushareError):

@@ -1,13 +1,13 @@
 """The allocation annotations as the extender writes and reads them (the codec is the core's).
 
-:func:`encode` and :func:`format_time` are :mod:`gpushare.allocations`'; :func:`decode` names the
-pod's memory-requesting containers from its parsed request.
+:func:`encode` and :func:`format_time` are :mod:`gpushare.core.allocations`';
+:func:`decode` names the pod's memory-requesting containers from its parsed request.
 """
 
 from collections.abc import Mapping
 
-from gpushare import allocations
-from gpushare.allocations import Allocation, encode, format_time
+from gpushare.core import allocations
+from gpushare.core.allocations import Allocation, encode, format_time
 from gpushare.scheduler import demand
 
 __all__ = ["decode", "encode", "format_time"]

@@ -23,9 +23,9 @@ from collections.abc import Callable
 from datetime import UTC, datetime
 from typing import Any, Final
 
-from gpushare import config, errors, names
-from gpushare.ids import NodeName, pod_key
-from gpushare.quantities import format_bytes
+from gpushare.core import config, errors, names
+from gpushare.core.ids import NodeName, pod_key
+from gpushare.core.quantities import format_bytes
 from gpushare.runtime import events
 from gpushare.runtime.errors import ApiError
 from gpushare.scheduler import annotations, demand, ledger, wire

@@ -11,8 +11,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Final
 
-from gpushare import errors, names, placement, quantities
-from gpushare.ids import PodKey, pod_key
+from gpushare.core import errors, names, placement, quantities
+from gpushare.core.ids import PodKey, pod_key
 from gpushare.scheduler import wire
 
 __all__ = ["Demand", "PodRequest", "from_pod", "policy_of"]

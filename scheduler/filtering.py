@@ -2,14 +2,14 @@
 
 A node passes when one healthy card, on a node whose agent reported recently, has room for each
 container's grant plus its per-allocation overhead, and the agent's free memory agrees (see
-:attr:`gpushare.placement.Card.room_bytes`). A pod that is malformed, or larger than any card in
-the cluster, fails every node as unresolvable: preemption cannot help it.
+:attr:`gpushare.core.placement.Card.room_bytes`). A pod that is malformed, or larger than any
+card in the cluster, fails every node as unresolvable: preemption cannot help it.
 """
 
 from collections import Counter
 from dataclasses import dataclass
 
-from gpushare import config, errors
+from gpushare.core import config, errors
 from gpushare.scheduler import demand, ledger, wire
 from gpushare.scheduler.candidates import Candidates
 

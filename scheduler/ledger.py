@@ -10,17 +10,16 @@ Binding was accepted) and ``observed`` (seen in the API with its annotations, th
 restart). Each card's granted memory is the sum of its grants plus one per-allocation overhead
 (``Settings.allocation_overhead_bytes``).
 
-Filtering thousands of nodes must cost little per node, so each node keeps its placement view of
-its cards and its best room (the most any healthy card can still take), and one NumPy array holds
-the best room of every node that may take pods now, at the node's slot: a single-container request
-is checked against all candidates in one vectorized comparison. Failure reasons and scores are
-cached per request size until their node next changes (scores in one array per policy and size);
-nodes whose heartbeat runs out are swept from the array when the earliest deadline passes, not
-checked on every call.
+This module is the grant state machine: nodes, grants and pending requests in dicts, and each
+node's cards as :mod:`gpushare.core.placement` sees them. Filtering thousands of nodes must cost
+little per node, so every change is mirrored into the room index
+(:mod:`gpushare.scheduler.roomindex`): a single-container request is checked against all
+candidates in one vectorized comparison, with scores and failure reasons cached until their node
+next changes. Nodes whose heartbeat runs out are closed in the index when the earliest deadline
+passes, not checked on every call.
 """
 
 import dataclasses
-import enum
 import math
 import time
 from collections import Counter
@@ -29,15 +28,16 @@ from dataclasses import dataclass
 from typing import Final, Literal
 
 import numpy as np
-import numpy.typing as npt
 
-from gpushare import errors, grants, placement
-from gpushare.allocations import Allocation
-from gpushare.ids import CardUUID, NodeName, PodKey
-from gpushare.nodereport import NodeReport
-from gpushare.quantities import format_bytes
-from gpushare.scheduler.candidates import Candidates, Slots
+from gpushare.core import errors, grants, placement
+from gpushare.core.allocations import Allocation
+from gpushare.core.ids import CardUUID, NodeName, PodKey
+from gpushare.core.nodereport import NodeReport
+from gpushare.core.quantities import format_bytes
+from gpushare.scheduler.candidates import Candidates
 from gpushare.scheduler.demand import Demand, PodRequest
+from gpushare.scheduler.failures import Failure, Reason
+from gpushare.scheduler.roomindex import RoomIndex, Scores
 
 __all__ = [
     "Allocation",
@@ -50,28 +50,6 @@ __all__ = [
 ]
 
 GrantState = Literal["reserved", "bound", "observed"]
-Scores = npt.NDArray[np.int8]
-
-
-class Reason(enum.StrEnum):
-    """Why a node cannot take a pod; the stable label of the filter-failure metric."""
-
-    UNKNOWN_NODE = "unknown-node"
-    NO_REPORT = "no-report"
-    BAD_REPORT = "bad-report"
-    STALE = "stale-heartbeat"
-    UNHEALTHY = "unhealthy"
-    NO_ROOM = "no-room"
-    TOO_LARGE = "too-large"
-    BAD_REQUEST = "bad-request"
-
-
-@dataclass(frozen=True, slots=True)
-class Failure:
-    """A node that cannot take a pod, with a line a person understands."""
-
-    reason: Reason
-    message: str
 
 
 @dataclass(slots=True)
@@ -89,19 +67,10 @@ class Grant:
     """The pod's priority, for preemption."""
 
 
-_NO_ROOM: Final = -1
-_UNSCORED: Final = -1
-_MAX_SCORE_KEYS: Final = 256
-"""Score caches kept, one per policy and request size; more than this and they start over."""
-_FIRST_SLOTS: Final = 1024
-_FIRST_CARDS: Final = 8
-
-
 class _Node:
     """One node: its agent's report, and its cards as placement sees them after the last change."""
 
     __slots__ = (
-        "best_room",
         "capacities",
         "fresh_until",
         "problem",
@@ -114,7 +83,6 @@ class _Node:
         self.problem: Failure | None = None
         self.fresh_until = -math.inf
         self.views: tuple[placement.Card, ...] = ()
-        self.best_room = _NO_ROOM
         self.capacities: tuple[int, ...] = ()
 
 
@@ -146,24 +114,10 @@ class Ledger:
         self._requests: dict[str, tuple[PodRequest, float]] = {}
         self._capacities: Counter[int] = Counter()
         self._dirty: set[NodeName] = set()
-        self._slots: dict[str, int] = {}
-        """Each node name ever seen, its position in :attr:`_rooms` (0: names never seen)."""
-        self._slot_version = 0
-        """Changes whenever a name gets a slot, so that candidate lists map their names again."""
-        self._rooms: npt.NDArray[np.int64] = np.full(_FIRST_SLOTS, _NO_ROOM, dtype=np.int64)
-        """Best room of every node that may take pods now; -1 for the others and unused slots."""
-        self._card_rooms = np.full((_FIRST_SLOTS, _FIRST_CARDS), _NO_ROOM, dtype=np.int64)
-        """Per slot, each healthy card's room (-1: unhealthy, or no such card), for scoring."""
-        self._card_sizes = np.ones((_FIRST_SLOTS, _FIRST_CARDS), dtype=np.int64)
-        """Per slot, each card's capacity (1 where there is no card, never divided by zero)."""
-        self._card_in_use = np.zeros((_FIRST_SLOTS, _FIRST_CARDS), dtype=np.bool_)
-        """Per slot, whether each card holds a grant already (for ``fill``)."""
+        self._index = RoomIndex()
+        """The vectorized mirror of every node's room, for filtering and scoring."""
         self._next_sweep = math.inf
         """When the next node's heartbeat runs out (or earlier)."""
-        self._scores: dict[tuple[placement.Policy, int], Scores] = {}
-        """Per policy and cost, each slot's score (-1: not known yet; slot 0 scores 0)."""
-        self._failures: dict[int, dict[str, Failure]] = {}
-        """Per cost, why each known node that was asked about cannot take it."""
         self._stale_failure = Failure(
             Reason.STALE,
             f"GPU agent silent: its last report is older than {heartbeat_timeout_seconds:g} s",
@@ -178,7 +132,7 @@ class Ledger:
         node = self._nodes.get(name)
         if node is None:
             node = self._nodes[name] = _Node()
-            self._slot(name)
+            self._index.add(name)
         self._capacities.subtract(node.capacities)
         node.report = None if problem is not None else report
         node.problem = problem
@@ -199,9 +153,7 @@ class Ledger:
         if node is not None:
             self._capacities.subtract(node.capacities)
         self._dirty.discard(name)
-        self._set_room(name, _NO_ROOM)
-        self._set_cards(name, ())
-        self._forget(name)
+        self._index.remove(name)
 
     def __contains__(self, name: object) -> bool:
         return name in self._nodes
@@ -256,11 +208,10 @@ class Ledger:
         candidates = names if isinstance(names, Candidates) else Candidates(list(names))
         if len(request.demands) == 1:
             cost = request.demands[0].bytes + self.overhead_bytes
-            rooms = self._rooms[self._slots_of(candidates)]
-            refused = np.flatnonzero(rooms < cost)
+            refused = self._index.refusing(candidates, cost)
             if not refused.size:
                 return candidates, {}
-            cached = self._failure_cache(cost)
+            cached = self._index.failures(cost)
             every = candidates.names
             failed = {}
             for i in refused.tolist():
@@ -308,21 +259,7 @@ class Ledger:
                 dtype=np.int8,
             )
         cost = request.demands[0].bytes + self.overhead_bytes
-        cache = self._score_cache(policy, cost)
-        slots = self._slots_of(candidates)
-        result = cache[slots]
-        missing = np.flatnonzero(result == _UNSCORED)
-        if missing.size:
-            rows = slots[missing]
-            fresh = _best_scores(
-                self._card_rooms[rows],
-                self._card_sizes[rows],
-                self._card_in_use[rows],
-                cost,
-                policy,
-            )
-            result[missing] = cache[rows] = fresh
-        return result
+        return self._index.scores(candidates, cost, policy)
 
     def score(self, name: NodeName, request: PodRequest, *, policy: placement.Policy) -> int:
         """One node's score (see :meth:`scores`)."""
@@ -503,8 +440,7 @@ class Ledger:
             self._next_sweep = math.inf
             for name, node in self._nodes.items():
                 if node.fresh_until < now:
-                    self._set_room(name, _NO_ROOM)
-                    self._forget(name)
+                    self._index.close(name)
                 elif node.problem is None:
                     self._next_sweep = min(self._next_sweep, node.fresh_until)
 
@@ -512,12 +448,9 @@ class Ledger:
         node = self._nodes.get(name)
         if node is None:
             return
-        self._forget(name)
         if node.report is None:
             node.views = ()
-            node.best_room = _NO_ROOM
-            self._set_room(name, _NO_ROOM)
-            self._set_cards(name, ())
+            self._index.update(name, (), takes_pods=False)
             return
         granted: Counter[CardUUID] = Counter()
         for grant in self._by_node.get(name, {}).values():
@@ -535,101 +468,10 @@ class Ledger:
             )
             for card in node.report.cards
         )
-        node.best_room = max(
-            (card.room_bytes for card in node.views if card.healthy), default=_NO_ROOM
-        )
-        self._set_cards(name, node.views)
         fresh = node.fresh_until >= now
-        self._set_room(name, node.best_room if fresh else _NO_ROOM)
+        self._index.update(name, node.views, takes_pods=fresh)
         if fresh:
             self._next_sweep = min(self._next_sweep, node.fresh_until)
-
-    def _slot(self, name: str) -> int:
-        """The name's slot, given one now if it has none."""
-        slot = self._slots.get(name)
-        if slot is None:
-            slot = self._slots[name] = len(self._slots) + 1
-            self._slot_version += 1
-            if slot >= len(self._rooms):
-                self._grow()
-        return slot
-
-    def _grow(self) -> None:
-        size = len(self._rooms)
-        self._rooms = np.concatenate([self._rooms, np.full(size, _NO_ROOM, dtype=np.int64)])
-        self._card_rooms = np.concatenate([self._card_rooms, np.full_like(self._card_rooms, -1)])
-        self._card_sizes = np.concatenate([self._card_sizes, np.ones_like(self._card_sizes)])
-        self._card_in_use = np.concatenate(
-            [self._card_in_use, np.zeros_like(self._card_in_use)]
-        )
-        for key, cache in self._scores.items():
-            self._scores[key] = np.concatenate([cache, np.full(size, _UNSCORED, dtype=np.int8)])
-
-    def _set_room(self, name: str, room: int) -> None:
-        slot = self._slots.get(name)
-        if slot is not None:
-            self._rooms[slot] = room
-
-    def _set_cards(self, name: str, views: Sequence[placement.Card]) -> None:
-        slot = self._slots.get(name)
-        if slot is None:
-            return
-        width = self._card_rooms.shape[1]
-        if len(views) > width:
-            extra = len(views) - width
-            self._card_rooms = np.pad(self._card_rooms, ((0, 0), (0, extra)), constant_values=-1)
-            self._card_sizes = np.pad(self._card_sizes, ((0, 0), (0, extra)), constant_values=1)
-            self._card_in_use = np.pad(self._card_in_use, ((0, 0), (0, extra)))
-        rooms = self._card_rooms[slot]
-        sizes = self._card_sizes[slot]
-        in_use = self._card_in_use[slot]
-        rooms[:] = _NO_ROOM
-        sizes[:] = 1
-        in_use[:] = False
-        for column, card in enumerate(views):
-            if card.healthy:
-                rooms[column] = card.room_bytes
-                sizes[column] = card.capacity_bytes
-                in_use[column] = card.in_use
-
-    def _slots_of(self, candidates: Candidates) -> Slots:
-        """Each candidate's slot, in order (0 for names never seen), mapped once per list."""
-        slots = candidates.slots(self, self._slot_version)
-        if slots is None:
-            get = self._slots.get
-            slots = np.fromiter(
-                (get(name, 0) for name in candidates.names), dtype=np.intp, count=len(candidates)
-            )
-            candidates.keep_slots(self, self._slot_version, slots)
-        return slots
-
-    def _score_cache(self, policy: placement.Policy, cost: int) -> Scores:
-        cache = self._scores.get((policy, cost))
-        if cache is None:
-            if len(self._scores) >= _MAX_SCORE_KEYS:
-                self._scores.clear()
-            cache = self._scores[(policy, cost)] = np.full(
-                len(self._rooms), _UNSCORED, dtype=np.int8
-            )
-            cache[0] = 0  # names never seen
-        return cache
-
-    def _failure_cache(self, cost: int) -> dict[str, Failure]:
-        cache = self._failures.get(cost)
-        if cache is None:
-            if len(self._failures) >= _MAX_SCORE_KEYS:
-                self._failures.clear()
-            cache = self._failures[cost] = {}
-        return cache
-
-    def _forget(self, name: str) -> None:
-        """Drop the node's cached scores and failure reasons: it changed."""
-        slot = self._slots.get(name)
-        if slot is not None:
-            for cache in self._scores.values():
-                cache[slot] = _UNSCORED
-        for failures in self._failures.values():
-            failures.pop(name, None)
 
     def _node_failure(self, node: _Node | None, now: float) -> Failure | None:
         if node is None:
@@ -693,46 +535,6 @@ class Ledger:
                 fit.card, granted_bytes=fit.card.granted_bytes + fit.cost_bytes
             )
         return [(demand, chosen[demand.container]) for demand in demands]
-
-
-def _best_scores(
-    rooms: npt.NDArray[np.int64],
-    sizes: npt.NDArray[np.int64],
-    in_use: npt.NDArray[np.bool_],
-    cost: int,
-    policy: placement.Policy,
-) -> Scores:
-    """Per row of cards, :func:`placement.score` of the card :func:`placement.best` would pick.
-
-    The same choice and the same arithmetic, for thousands of nodes in a few NumPy steps: fill
-    takes the least share left after the grant among the cards in use, else among the empty
-    ones; binpack the least room left after the grant, and of those the largest card; spread the
-    largest share of its card left after. Cards that cannot hold ``cost`` (room -1 when unhealthy)
-    score nothing; a row without one scores 0.
-    """
-    fits = rooms >= cost
-    after = np.where(fits, rooms - cost, 0)
-    if policy == "fill":
-        left = np.where(fits, after / sizes, np.inf)
-        opened_left = np.where(in_use, left, np.inf).min(axis=1)
-        empty_left = left.min(axis=1)
-        opened = np.isfinite(opened_left)
-        top = placement.MAX_SCORE - placement.FILL_OPEN_SCORES
-        scores = np.where(
-            opened,
-            top + np.clip(np.rint((1 - opened_left) * placement.FILL_OPEN_SCORES), 0,
-                          placement.FILL_OPEN_SCORES),
-            np.clip(np.rint((1 - empty_left) * (top - 1)), 0, top - 1),
-        )
-        return np.where(fits.any(axis=1), scores, 0).astype(np.int8)
-    if policy == "binpack":
-        least = np.where(fits, after, np.iinfo(np.int64).max).min(axis=1)
-        size = np.where(fits & (after == least[:, None]), sizes, 0).max(axis=1)
-        share = 1 - least / np.maximum(size, 1)
-    else:
-        share = 1 - (1 - np.where(fits, after / sizes, -1.0).max(axis=1))
-    scores = np.clip(np.rint(share * placement.MAX_SCORE), 0, placement.MAX_SCORE)
-    return np.where(fits.any(axis=1), scores, 0).astype(np.int8)
 
 
 _UNKNOWN: Final = Failure(

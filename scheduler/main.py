@@ -8,7 +8,7 @@ from pathlib import Path
 
 import uvloop
 
-from gpushare import config, placement
+from gpushare.core import config, placement
 from gpushare.runtime import connection
 from gpushare.scheduler.kube import Kube
 from gpushare.scheduler.service import Extender

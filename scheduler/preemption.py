@@ -31,8 +31,8 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Final
 
-from gpushare import errors, placement
-from gpushare.ids import CardUUID, NodeName
+from gpushare.core import errors, placement
+from gpushare.core.ids import CardUUID, NodeName
 from gpushare.scheduler import demand, ledger, wire
 
 __all__ = ["Choice", "Holder", "choose_on_card", "parse", "preempt"]

@@ -12,7 +12,7 @@ from typing import Final
 
 import numpy as np
 
-from gpushare import placement
+from gpushare.core import placement
 from gpushare.scheduler.candidates import Candidates
 from gpushare.scheduler.ledger import Scores
 

@@ -4,14 +4,14 @@
 would have to open an empty card, and within each the fuller share of the card higher, so pods
 fill the cards in use before opening new ones, and a new card is the smallest that fits;
 ``binpack`` scores by the share filled of the card with the fewest bytes left; ``spread`` scores
-the emptiest card highest (see :mod:`gpushare.placement`). A pod picks
-its own policy with the annotation :data:`gpushare.names.ANNOTATION_POLICY`. Nodes that cannot take
-the pod score 0.
+the emptiest card highest (see :mod:`gpushare.core.placement`). A pod picks
+its own policy with the annotation :data:`gpushare.core.names.ANNOTATION_POLICY`. Nodes that
+cannot take the pod score 0.
 """
 
 import numpy as np
 
-from gpushare import config, errors
+from gpushare.core import config, errors
 from gpushare.scheduler import demand, ledger, wire
 from gpushare.scheduler.candidates import Candidates
 from gpushare.scheduler.priorities import PriorityLists

@@ -15,7 +15,7 @@ from typing import Final
 
 from aiohttp import web
 
-from gpushare import config, errors
+from gpushare.core import config, errors
 from gpushare.runtime import probes
 from gpushare.scheduler import filtering, ledger, preemption, scoring, wire
 from gpushare.scheduler.binding import Binder

@@ -11,7 +11,7 @@ from typing import Final
 from aiohttp import web
 from prometheus_client import CollectorRegistry
 
-from gpushare import config
+from gpushare.core import config
 from gpushare.scheduler import ledger, server
 from gpushare.scheduler.binding import Binder
 from gpushare.scheduler.kube import Kube

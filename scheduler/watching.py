@@ -17,8 +17,8 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Final
 
-from gpushare import config, errors, names, nodereport
-from gpushare.ids import NodeName, PodKey
+from gpushare.core import config, errors, names, nodereport
+from gpushare.core.ids import NodeName, PodKey
 from gpushare.runtime import reflector
 from gpushare.runtime.errors import ApiError
 from gpushare.scheduler import annotations, demand, ledger, wire

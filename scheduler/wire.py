@@ -20,7 +20,7 @@ from typing import Annotated, Any, Final, Generic, TypeVar
 
 import pydantic
 
-from gpushare import errors
+from gpushare.core import errors
 from gpushare.scheduler.candidates import Candidates
 
 __all__ = [

@@ -15,7 +15,7 @@ from typing import Any, Final
 import aiohttp
 import jsonpatch
 
-from gpushare import errors
+from gpushare.core import errors
 
 CALL_SECONDS: Final = 10.0
 """The webhook configurations' ``timeoutSeconds`` (at most 10)."""

@@ -32,9 +32,9 @@ import aiohttp
 import yaml
 from prometheus_client.parser import text_string_to_metric_families
 
-from gpushare import config, errors, names, nodereport
+from gpushare.core import config, errors, names, nodereport
+from gpushare.core.ids import CardUUID, PodKey, pod_key
 from gpushare.deviceplugin import devices
-from gpushare.ids import CardUUID, PodKey, pod_key
 from gpushare.simulator import (
     admission,
     apiserver,

@@ -20,8 +20,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Final
 
-from gpushare import config, errors, names, quantities
-from gpushare.quantities import MI, format_bytes
+from gpushare.core import config, errors, names, quantities
+from gpushare.core.quantities import MI, format_bytes
 from gpushare.simulator import models
 from gpushare.simulator.models import ModelShape
 

@@ -10,9 +10,9 @@ import re
 from dataclasses import dataclass
 from typing import Final
 
-from gpushare import errors
-from gpushare.ids import CardUUID, NodeName
-from gpushare.quantities import MI, format_bytes
+from gpushare.core import errors
+from gpushare.core.ids import CardUUID, NodeName
+from gpushare.core.quantities import MI, format_bytes
 
 
 @dataclass(frozen=True, slots=True)

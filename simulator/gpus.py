@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from gpushare.ids import CardUUID
+from gpushare.core.ids import CardUUID
 from gpushare.simulator.fleet import Card, Node
 
 _PIDS = itertools.count(10_000)

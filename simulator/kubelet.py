@@ -20,11 +20,11 @@ from typing import Final
 import grpc
 import grpc.aio
 
-from gpushare import errors
+from gpushare.core import errors
+from gpushare.core.ids import PodKey, pod_key
 from gpushare.deviceplugin.api.deviceplugin.v1beta1 import api_pb2, api_pb2_grpc
 from gpushare.deviceplugin.api.podresources.v1 import api_pb2 as pr_pb2
 from gpushare.deviceplugin.api.podresources.v1 import api_pb2_grpc as pr_grpc
-from gpushare.ids import PodKey, pod_key
 
 logger = logging.getLogger(__name__)
 

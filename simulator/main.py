@@ -15,7 +15,7 @@ import json
 import sys
 from pathlib import Path
 
-from gpushare import config, errors, placement
+from gpushare.core import config, errors, placement
 from gpushare.simulator import fleet, optimum, processes
 
 __all__ = ["add_arguments", "run"]

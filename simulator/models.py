@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Final, Literal
 
-from gpushare import errors
+from gpushare.core import errors
 
 Dtype = Literal["bfloat16", "float16", "float32"]
 

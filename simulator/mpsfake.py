@@ -12,7 +12,7 @@ import stat
 from pathlib import Path
 from typing import Final
 
-from gpushare.quantities import GI, MI
+from gpushare.core.quantities import GI, MI
 
 COMMANDS: Final = "commands"
 PID_FILE: Final = "nvidia-cuda-mps-control.pid"

@@ -13,7 +13,7 @@ from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from typing import TYPE_CHECKING, Any, Literal
 
-from gpushare.ids import CardUUID
+from gpushare.core.ids import CardUUID
 
 if TYPE_CHECKING:
     from gpushare.simulator.optimum import Packing

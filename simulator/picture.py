@@ -19,8 +19,8 @@ import matplotlib.pyplot as plt
 from matplotlib.lines import Line2D
 from matplotlib.patches import Patch
 
-from gpushare import errors
-from gpushare.quantities import GI
+from gpushare.core import errors
+from gpushare.core.quantities import GI
 from gpushare.simulator.outcome import CardState, Outcome, Placement
 
 MAX_BARS: Final = 160

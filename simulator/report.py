@@ -5,7 +5,7 @@ from rich.console import Console, Group, RenderableType
 from rich.table import Table
 from rich.text import Text
 
-from gpushare.quantities import GI, format_bytes
+from gpushare.core.quantities import GI, format_bytes
 from gpushare.simulator.outcome import CardState, Outcome
 
 BAR_WIDTH = 12

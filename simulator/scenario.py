@@ -19,8 +19,8 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Final
 
-from gpushare import config, errors
-from gpushare.quantities import format_bytes
+from gpushare.core import config, errors
+from gpushare.core.quantities import format_bytes
 from gpushare.simulator import optimum
 from gpushare.simulator.cluster import Simulation
 from gpushare.simulator.fleet import Fleet, describe

@@ -16,7 +16,7 @@ from typing import Any, Final
 
 import aiohttp
 
-from gpushare import errors
+from gpushare.core import errors
 
 CALL_SECONDS: Final = 30.0
 """kube-scheduler's extender ``httpTimeout`` in the manifests is shorter; a simulation may wait."""

@@ -14,7 +14,7 @@ import random
 from dataclasses import dataclass
 from typing import Final
 
-from gpushare import names
+from gpushare.core import names
 from gpushare.simulator import estimate, models
 from gpushare.simulator.workload import Manifest, Service
 

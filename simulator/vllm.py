@@ -14,8 +14,8 @@ from dataclasses import dataclass
 from decimal import Decimal, InvalidOperation
 from typing import Final
 
-from gpushare import names
-from gpushare.quantities import GI, MI
+from gpushare.core import names
+from gpushare.core.quantities import GI, MI
 
 DEFAULT_UTILIZATION: Final = Decimal("0.92")
 CONTEXT_AT_CHECK_BYTES: Final = 512 * MI

@@ -14,7 +14,7 @@ from typing import Any, Final
 
 import yaml
 
-from gpushare import errors, names, quantities
+from gpushare.core import errors, names, quantities
 
 Manifest = dict[str, Any]
 

@@ -54,8 +54,8 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
-from gpushare import names, quantities
-from gpushare.nodereport import CardReport, NodeReport
+from gpushare.core import names, quantities
+from gpushare.core.nodereport import CardReport, NodeReport
 
 if TYPE_CHECKING:  # the official client is imported only when asked for (0.2 s)
     from kubernetes import client as k8s

@@ -9,8 +9,8 @@ from typing import get_args
 
 from hypothesis import strategies as st
 
-from gpushare import config, nodereport, placement, quantities
-from gpushare.ids import CardUUID, NodeName
+from gpushare.core import config, nodereport, placement, quantities
+from gpushare.core.ids import CardUUID, NodeName
 
 GI = quantities.GI
 MI = quantities.MI

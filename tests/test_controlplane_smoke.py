@@ -6,7 +6,7 @@ from typing import Any
 import pytest
 from kubernetes import client as k8s
 
-from gpushare import names, nodereport
+from gpushare.core import names, nodereport
 from tests import cluster
 
 pytestmark = pytest.mark.cluster

@@ -18,7 +18,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
-from gpushare import errors
+from gpushare.core import errors
 
 DEFAULT_DAYS: Final = 365
 _CLOCK_SKEW: Final = datetime.timedelta(minutes=5)

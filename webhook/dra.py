@@ -5,7 +5,7 @@ The extender's mutation (:mod:`.mutation`) is computed first and then rewritten 
 - the GPU container's ``nvidia.com/gpu`` goes and no extended resource takes its place; the
   container names the pod's claim ``gpushare-gpu-memory`` in ``resources.claims`` instead;
 - the pod gets that claim from the ResourceClaimTemplate of its grant's size
-  (:func:`gpushare.dra.template_name`, one per size and namespace; the webhook creates it);
+  (:func:`gpushare.core.dra.template_name`, one per size and namespace; the webhook creates it);
 - ``schedulerName`` is left as it is: kube-scheduler's own DRA allocator places the pod;
 - the vLLM argument carries its value itself: kubelet expands ``$(VAR)`` only from variables it
   knows, and a DRA driver hands the container its environment through CDI, which only the
@@ -21,7 +21,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from gpushare import config, dra, names, quantities, sizing
+from gpushare.core import config, dra, names, quantities, sizing
 from gpushare.webhook.validation import Reason
 
 Patch = tuple[dict[str, Any], ...]

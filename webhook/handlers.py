@@ -11,8 +11,8 @@ from typing import Any, Final
 import jsonpatch
 import kopf
 
-from gpushare import config, errors, names
-from gpushare.ids import NodeName
+from gpushare.core import config, errors, names
+from gpushare.core.ids import NodeName
 from gpushare.webhook import inventory, mutation, paths, server, validation
 from gpushare.webhook.metrics import WebhookMetrics
 from gpushare.webhook.templates import Templates

@@ -6,8 +6,8 @@ and vLLM can use, 79.18 GiB of an H100's 79.65 GiB.
 
 import logging
 
-from gpushare import errors, nodereport
-from gpushare.ids import NodeName
+from gpushare.core import errors, nodereport
+from gpushare.core.ids import NodeName
 
 logger = logging.getLogger(__name__)
 

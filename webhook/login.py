@@ -26,7 +26,7 @@ def handler(kubeconfig: Path | None) -> LoginFn:
 async def connection_info(
     kubeconfig: Path | None = None, *, trust_env: bool = False
 ) -> kopf.ConnectionInfo:
-    """The connection as kopf takes it; :class:`~gpushare.errors.ConfigError` if unusable."""
+    """The connection as kopf takes it; :class:`~gpushare.core.errors.ConfigError` if unusable."""
     configuration = await connection.configuration(kubeconfig)
     header: str | None = await configuration.get_api_key_with_prefix("BearerToken")
     scheme, _, token = (header or "").rpartition(" ")

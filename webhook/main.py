@@ -22,7 +22,7 @@ import aiohttp.web
 import kopf
 from prometheus_client import CollectorRegistry
 
-from gpushare import config, errors
+from gpushare.core import config, errors
 from gpushare.runtime import connection, probes
 from gpushare.webhook import handlers, inventory, login, server
 from gpushare.webhook.metrics import WebhookMetrics

@@ -2,11 +2,11 @@
 
 The one container that holds the GPU (``nvidia.com/gpu``, or a grant set by hand) gets
 ``gpushare.io/gpu-memory: <units>`` in place of ``nvidia.com/gpu``; if it is shown to run vLLM
-(:mod:`.vllm`), its command line gets :data:`gpushare.names.VLLM_UTILIZATION_ARG` in place of any
-user value; otherwise a warning says that nothing sizes the server to the grant. A pod in which
+(:mod:`.vllm`), its command line gets :data:`gpushare.core.names.VLLM_UTILIZATION_ARG` in place of
+any user value; otherwise a warning says that nothing sizes the server to the grant. A pod in which
 no container asks for a GPU is left as it is (KServe copies the annotation to a transformer's
 CPU pods too). The pod gets gpushare's ``schedulerName`` and the
-:data:`gpushare.names.ANNOTATION_MUTATED` mark. The result is a JSON patch (RFC 6902) computed
+:data:`gpushare.core.names.ANNOTATION_MUTATED` mark. The result is a JSON patch (RFC 6902) computed
 from the pod as it is, so a mutated pod yields an empty patch: re-invocation
 (``reinvocationPolicy: IfNeeded``) changes nothing.
 
@@ -21,7 +21,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, Final
 
-from gpushare import config, names, quantities
+from gpushare.core import config, names, quantities
 from gpushare.webhook import dra, validation, vllm
 from gpushare.webhook.validation import Reason
 

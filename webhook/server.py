@@ -27,7 +27,7 @@ from typing import Any, Final
 
 import aiohttp.web
 
-from gpushare import quantities
+from gpushare.core import quantities
 from gpushare.webhook.metrics import WebhookMetrics
 
 logger = logging.getLogger(__name__)

@@ -1,9 +1,9 @@
 """The ResourceClaimTemplates DRA pods name: created by the webhook, one per size and namespace.
 
 A pod rewritten for the DRA backend takes its claim from the template of its grant's size
-(:func:`gpushare.dra.claim_template`). Before the webhook answers, it creates that template in the
-pod's namespace (an existing one is fine), so kube-controller-manager finds it when it makes the
-pod's claim. Never on a dry run: the webhook configuration declares ``sideEffects:
+(:func:`gpushare.core.dra.claim_template`). Before the webhook answers, it creates that template
+in the pod's namespace (an existing one is fine), so kube-controller-manager finds it when it
+makes the pod's claim. Never on a dry run: the webhook configuration declares ``sideEffects:
 NoneOnDryRun``. A template the webhook cannot create refuses the pod, saying why; the controller
 that made the pod tries again.
 """
@@ -17,7 +17,7 @@ import aiohttp
 from kubernetes_asyncio import client
 from kubernetes_asyncio.client.exceptions import ApiException
 
-from gpushare import config, dra, errors, names
+from gpushare.core import config, dra, errors, names
 from gpushare.runtime import connection
 
 REQUEST_SECONDS: Final = 2

@@ -9,7 +9,7 @@ from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any, Final
 
-from gpushare import config, errors, grants, names, placement, quantities
+from gpushare.core import config, errors, grants, names, placement, quantities
 from gpushare.webhook import vllm
 
 USER_ANNOTATIONS: Final = (names.ANNOTATION_GPU_MEMORY, names.ANNOTATION_POLICY)
@@ -66,7 +66,7 @@ class Verdict:
 
 
 def largest_grant_bytes(cuda_total_bytes: int, *, settings: config.Settings) -> int:
-    """The largest grant an idle card of ``cuda_total_bytes`` holds (:mod:`gpushare.grants`)."""
+    """The largest grant an idle card of ``cuda_total_bytes`` holds (see ``core/grants.py``)."""
     return grants.largest_grant_bytes(cuda_total_bytes, settings.unit_bytes, settings.overheads)
 
 
@@ -375,8 +375,8 @@ def environment_reasons(where: str, container: Mapping[str, Any]) -> tuple[list[
     """Refusals and warnings for environment that would override what gpushare sets.
 
     A name in ``env`` (a literal value or one from a ConfigMap or Secret) is seen and refused
-    when it is one of :data:`gpushare.names.SYSTEM_ENV` or starts with one of
-    :data:`gpushare.names.SYSTEM_ENV_PREFIXES`. ``envFrom`` names no keys: an entry whose
+    when it is one of :data:`gpushare.core.names.SYSTEM_ENV` or starts with one of
+    :data:`gpushare.core.names.SYSTEM_ENV_PREFIXES`. ``envFrom`` names no keys: an entry whose
     ``prefix`` alone could start such a name is refused; one without a prefix is warned about,
     since the webhook cannot see the keys of the ConfigMap or Secret it reads.
     """

@@ -13,7 +13,7 @@ gets a :attr:`Plan.problem`, which refuses the container that holds the GPU.
 vLLM takes every spelling of ``--gpu-memory-utilization`` (``--flag v``, ``--flag=v``,
 ``--gpu_memory_utilization v``, unique prefixes) and the last one wins, so every one is removed,
 with its value even where ``command`` ends with the flag and ``args`` starts with the value, and
-:data:`gpushare.names.VLLM_UTILIZATION_ARG` is added once, last.
+:data:`gpushare.core.names.VLLM_UTILIZATION_ARG` is added once, last.
 """
 
 import itertools
@@ -21,7 +21,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Final
 
-from gpushare import names
+from gpushare.core import names
 from gpushare.webhook import shell
 
 SERVER_MODULES: Final = frozenset(

@@ -16,9 +16,9 @@ import os
 from pathlib import Path
 from typing import Any, Final
 
-from gpushare import names
+from gpushare.core import names
+from gpushare.core.ids import CardUUID, DeviceID
 from gpushare.deviceplugin.allocation import ContainerSetup, Grant
-from gpushare.ids import CardUUID, DeviceID
 
 logger = logging.getLogger(__name__)
 

@@ -2,7 +2,7 @@
 
 The claim's ``status.allocation`` names the card (the device of this node's pool) and the memory
 consumed there; the grant is that memory less the per-allocation overhead, in whole units
-(:func:`gpushare.dra.granted_bytes`). The agent then grants it exactly as the device plugin's
+(:func:`gpushare.core.dra.granted_bytes`). The agent then grants it exactly as the device plugin's
 ``Allocate`` does (same checks, same MPS daemon, same environment), and the environment goes
 into the claim's CDI spec. Preparing a claim twice answers the same; unpreparing forgets it.
 Until then the agent's reconciliation keeps the claim's grant booked and its MPS daemon running
@@ -14,12 +14,12 @@ import logging
 from dataclasses import dataclass
 from pathlib import Path
 
-from gpushare import dra, errors
+from gpushare.core import dra, errors
+from gpushare.core.ids import CardUUID
 from gpushare.deviceplugin.agent import Agent, Booked
 from gpushare.deviceplugin.allocation import Grant
 from gpushare.deviceplugin.dra import cdi
 from gpushare.deviceplugin.dra.kube import DraApi
-from gpushare.ids import CardUUID
 
 logger = logging.getLogger(__name__)
 

@@ -13,7 +13,7 @@ from typing import Any, Final, Protocol
 
 from kubernetes_asyncio import client
 
-from gpushare import names
+from gpushare.core import names
 from gpushare.deviceplugin import kube
 from gpushare.runtime.errors import ApiError, Translated
 

@@ -13,10 +13,10 @@ import time
 from collections.abc import Callable, Iterable
 from typing import Any
 
-from gpushare import dra, errors, names
-from gpushare.config import Settings
+from gpushare.core import dra, errors, names
+from gpushare.core.config import Settings
+from gpushare.core.nodereport import CardReport
 from gpushare.deviceplugin.dra.kube import DraApi
-from gpushare.nodereport import CardReport
 from gpushare.runtime.errors import ApiError
 
 logger = logging.getLogger(__name__)

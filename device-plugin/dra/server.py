@@ -17,7 +17,7 @@ from typing import Final
 import grpc
 import grpc.aio
 
-from gpushare import errors, names
+from gpushare.core import errors, names
 from gpushare.deviceplugin.api.dra.v1 import api_pb2, api_pb2_grpc
 from gpushare.deviceplugin.api.pluginregistration.v1 import api_pb2 as reg_pb2
 from gpushare.deviceplugin.api.pluginregistration.v1 import api_pb2_grpc as reg_grpc

@@ -28,7 +28,7 @@ from cryptography import x509
 from kubernetes_asyncio import client, config
 from kubernetes_asyncio.client.exceptions import ApiException
 
-from gpushare import names
+from gpushare.core import names
 from gpushare.webhook import certs
 
 logger = logging.getLogger("gpushare.install-certs")

@@ -4,9 +4,9 @@ from datetime import UTC, datetime
 
 import pytest
 
-from gpushare import allocations, errors, names
-from gpushare.allocations import Allocation
-from gpushare.ids import CardUUID
+from gpushare.core import allocations, errors, names
+from gpushare.core.allocations import Allocation
+from gpushare.core.ids import CardUUID
 
 GI = 1 << 30
 FIRST = Allocation("vllm", CardUUID("GPU-a"), 0, 79 * GI, 20 * GI)

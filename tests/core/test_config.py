@@ -9,8 +9,8 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from gpushare import config, errors
-from gpushare.quantities import GI, MI
+from gpushare.core import config, errors
+from gpushare.core.quantities import GI, MI
 
 SECTIONS: dict[str, type[pydantic.BaseModel]] = {
     "": config.Settings,

@@ -11,10 +11,10 @@ from typing import Final
 
 import pytest
 
-from gpushare import names
+from gpushare.core import names
 
 ROOT: Final = Path(__file__).resolve().parents[2]
-PRODUCT: Final = ("core", "runtime", "scheduler", "webhook", "device-plugin", "simulator")
+PRODUCT: Final = ("cli", "core", "runtime", "scheduler", "webhook", "device-plugin", "simulator")
 """The product's folders (the generated gRPC stubs under ``device-plugin/api/`` aside)."""
 HOME: Final = ROOT / "core" / "names.py"
 CONTRACT: Final = (
@@ -104,4 +104,4 @@ def test_no_contract_literal_outside_names() -> None:
         for path in _sources()
         for line in offenders(path.read_text(), str(path.relative_to(ROOT)))
     ]
-    assert not found, "import these from gpushare.names instead:\n" + "\n".join(found)
+    assert not found, "import these from gpushare.core.names instead:\n" + "\n".join(found)

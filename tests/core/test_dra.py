@@ -8,9 +8,9 @@ import yaml
 from hypothesis import given
 from hypothesis import strategies as st
 
-from gpushare import dra, errors, names, placement, quantities
-from gpushare.nodereport import CardReport
-from gpushare.quantities import GI, MI
+from gpushare.core import dra, errors, names, placement, quantities
+from gpushare.core.nodereport import CardReport
+from gpushare.core.quantities import GI, MI
 
 UNIT = GI
 DEVICE_CLASS = Path(__file__).resolve().parents[2] / "manifests" / "dra" / "deviceclass.yaml"

@@ -1,6 +1,6 @@
 """The product's names: one module holds them, and they do not collide."""
 
-from gpushare import config, names
+from gpushare.core import config, names
 
 
 def _constants() -> dict[str, str]:

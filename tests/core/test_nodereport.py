@@ -6,8 +6,8 @@ from datetime import UTC, datetime, timedelta
 import pytest
 from hypothesis import given
 
-from gpushare import errors, nodereport
-from gpushare.ids import CardUUID
+from gpushare.core import errors, nodereport
+from gpushare.core.ids import CardUUID
 from tests import strategies
 
 H100 = nodereport.CardReport(

@@ -4,10 +4,10 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from gpushare import placement
-from gpushare.ids import CardUUID, NodeName
-from gpushare.placement import Card, Fit, Miss
-from gpushare.quantities import GI, MI
+from gpushare.core import placement
+from gpushare.core.ids import CardUUID, NodeName
+from gpushare.core.placement import Card, Fit, Miss
+from gpushare.core.quantities import GI, MI
 from tests import strategies
 
 H100 = 80 * GI

@@ -9,8 +9,8 @@ from hypothesis import given
 from hypothesis import strategies as st
 from kubernetes import utils as kubernetes_utils
 
-from gpushare import errors, quantities
-from gpushare.quantities import GI, KI, MI
+from gpushare.core import errors, quantities
+from gpushare.core.quantities import GI, KI, MI
 from tests import strategies
 
 parse_quantity: Callable[[str], Decimal] = kubernetes_utils.parse_quantity

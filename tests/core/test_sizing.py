@@ -6,8 +6,8 @@ import pytest
 from hypothesis import assume, given
 from hypothesis import strategies as st
 
-from gpushare import errors, sizing
-from gpushare.quantities import GI, MI
+from gpushare.core import errors, sizing
+from gpushare.core.quantities import GI, MI
 
 # An H100 80GB HBM3 as measured: NVML total 81,559 MiB, CUDA (and vLLM) sees 79.18 GiB.
 H100_CUDA_TOTAL = int(79.18 * GI)

@@ -16,8 +16,8 @@ import prometheus_client
 import pytest
 import yaml
 
-from gpushare import config, quantities
-from gpushare.config import Settings
+from gpushare.core import config, quantities
+from gpushare.core.config import Settings
 from gpushare.deviceplugin import kube, mps
 from gpushare.deviceplugin.agent import Agent
 from gpushare.deviceplugin.api.deviceplugin.v1beta1 import api_pb2 as dp

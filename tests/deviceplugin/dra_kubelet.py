@@ -11,7 +11,7 @@ from pathlib import Path
 import grpc
 import grpc.aio
 
-from gpushare import names
+from gpushare.core import names
 from gpushare.deviceplugin.api.dra.v1 import api_pb2 as dra_pb
 from gpushare.deviceplugin.api.dra.v1 import api_pb2_grpc as dra_grpc
 from gpushare.deviceplugin.api.pluginregistration.v1 import api_pb2 as reg_pb

@@ -5,9 +5,9 @@ from pathlib import Path
 
 import pytest
 
-from gpushare import config, errors, names, sizing
+from gpushare.core import config, errors, names, sizing
+from gpushare.core.ids import CardUUID
 from gpushare.deviceplugin import allocation, devices
-from gpushare.ids import CardUUID
 from tests.deviceplugin.conftest import CARD_A, CARD_B, GI, H100_CUDA_TOTAL, MI
 
 A = CardUUID(CARD_A)

@@ -10,11 +10,11 @@ from pathlib import Path
 
 import pytest
 
-from gpushare import errors, names
-from gpushare.config import IsolationSetting
+from gpushare.core import errors, names
+from gpushare.core.config import IsolationSetting
+from gpushare.core.ids import CardUUID
 from gpushare.deviceplugin import cgrouplimit, mps, watchdog
 from gpushare.deviceplugin.nvml import CardReading
-from gpushare.ids import CardUUID
 from tests.deviceplugin.conftest import (
     CARD_A,
     CARD_B,

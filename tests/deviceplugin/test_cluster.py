@@ -9,12 +9,12 @@ from typing import Any
 
 import pytest
 
-from gpushare import allocations, names, nodereport
-from gpushare.allocations import Allocation
+from gpushare.core import allocations, names, nodereport
+from gpushare.core.allocations import Allocation
+from gpushare.core.ids import CardUUID
 from gpushare.deviceplugin import escapes, kube, reconcile, watchdog
 from gpushare.deviceplugin.agent import Agent
 from gpushare.deviceplugin.watchdog import CgroupLocator
-from gpushare.ids import CardUUID
 from tests import cluster
 from tests.deviceplugin.conftest import (
     CARD_A,

@@ -8,7 +8,7 @@ import sys
 import urllib.request
 from pathlib import Path
 
-from gpushare import names, nodereport
+from gpushare.core import names, nodereport
 from tests import cluster
 from tests.deviceplugin.kubelet import TestKubelet
 

@@ -11,8 +11,8 @@ from typing import Any
 
 import pytest
 
-from gpushare import config, dra, errors, names
-from gpushare.config import Settings
+from gpushare.core import config, dra, errors, names
+from gpushare.core.config import Settings
 from gpushare.deviceplugin import kube
 from gpushare.deviceplugin.agent import Agent
 from gpushare.deviceplugin.dra import cdi

@@ -5,10 +5,10 @@ from pathlib import Path
 
 import pytest
 
-from gpushare import names
+from gpushare.core import names
+from gpushare.core.ids import CardUUID
 from gpushare.deviceplugin.allocation import ContainerSetup, Grant, Mount
 from gpushare.deviceplugin.dra import cdi
-from gpushare.ids import CardUUID
 
 UID = "5f0c3a52-8d3e-4f7e-9a36-1d2b7c0e9f10"
 CARD = CardUUID("GPU-0a0a0a0a-0000-4000-8000-00000000000a")

@@ -9,11 +9,11 @@ from typing import Any
 
 import pytest
 
-from gpushare import dra, errors, names
+from gpushare.core import dra, errors, names
+from gpushare.core.ids import CardUUID
 from gpushare.deviceplugin import mps
 from gpushare.deviceplugin.dra import cdi
 from gpushare.deviceplugin.dra.claims import Claims
-from gpushare.ids import CardUUID
 from tests.deviceplugin.conftest import CARD_A, AgentFactory, make_settings
 
 GI = 1024**3

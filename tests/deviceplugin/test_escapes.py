@@ -12,13 +12,13 @@ from typing import Any, Final
 
 import pytest
 
-from gpushare import names
-from gpushare.config import Isolation
+from gpushare.core import names
+from gpushare.core.config import Isolation
+from gpushare.core.ids import CardUUID, pod_key
 from gpushare.deviceplugin import escapes, watchdog
 from gpushare.deviceplugin.agent import Agent
 from gpushare.deviceplugin.nvml import ProcessKind, ProcessUsage
 from gpushare.deviceplugin.pods import PodInfo
-from gpushare.ids import CardUUID, pod_key
 from tests.deviceplugin.conftest import (
     CARD_A,
     CARD_B,

@@ -25,7 +25,7 @@ from typing import Any
 import prometheus_client
 import pytest
 
-from gpushare import config, names, quantities
+from gpushare.core import config, names, quantities
 from gpushare.deviceplugin import mps, nvml
 from gpushare.deviceplugin.agent import Agent
 from gpushare.deviceplugin.main import serve

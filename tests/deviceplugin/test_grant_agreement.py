@@ -1,5 +1,5 @@
 """The webhook's ceiling, the extender's fit and the device plugin's capacity agree by
-construction (:mod:`gpushare.grants`): for any card and any isolation, the largest grant the
+construction (:mod:`gpushare.core.grants`): for any card and any isolation, the largest grant the
 webhook accepts is placed by the extender and offered by the plugin, and one unit more is refused
 by all three."""
 
@@ -11,8 +11,8 @@ from pathlib import Path
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from gpushare import config, grants, nodereport, quantities
-from gpushare.ids import CardUUID, NodeName, pod_key
+from gpushare.core import config, grants, nodereport, quantities
+from gpushare.core.ids import CardUUID, NodeName, pod_key
 from gpushare.scheduler import demand, ledger
 from gpushare.webhook import validation
 from tests.deviceplugin.conftest import CARD_A, AgentFactory, card, make_settings, write_fake

@@ -1,8 +1,8 @@
 """Health goes both ways: faults, XIDs and a down MPS daemon make a card unhealthy; recovery
 clears them."""
 
+from gpushare.core.ids import CardUUID
 from gpushare.deviceplugin import health, nvml
-from gpushare.ids import CardUUID
 from tests.deviceplugin.conftest import CARD_A, CARD_B
 
 A = CardUUID(CARD_A)

@@ -9,7 +9,7 @@ import prometheus_client
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from gpushare import names
+from gpushare.core import names
 from gpushare.deviceplugin.pods import PodInfo
 from gpushare.deviceplugin.watchdog import CgroupLocator
 from tests.deviceplugin.conftest import (

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from gpushare.config import Isolation
+from gpushare.core.config import Isolation
 from gpushare.deviceplugin import allocation, mps
 from tests.deviceplugin.conftest import CARD_A, CARD_B, GI, FakeControl
 

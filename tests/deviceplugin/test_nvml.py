@@ -4,7 +4,7 @@ from pathlib import Path
 
 import pytest
 
-from gpushare import errors
+from gpushare.core import errors
 from gpushare.deviceplugin import nvml
 from tests.deviceplugin.conftest import (
     CARD_A,

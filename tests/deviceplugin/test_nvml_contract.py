@@ -15,8 +15,8 @@ from typing import Any
 
 import pytest
 
+from gpushare.core.ids import CardUUID
 from gpushare.deviceplugin import nvml
-from gpushare.ids import CardUUID
 
 pynvml = pytest.importorskip("pynvml")
 

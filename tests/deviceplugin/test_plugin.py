@@ -10,12 +10,12 @@ import grpc
 import grpc.aio
 import pytest
 
-from gpushare import allocations, names
-from gpushare.allocations import Allocation
+from gpushare.core import allocations, names
+from gpushare.core.allocations import Allocation
+from gpushare.core.ids import CardUUID
 from gpushare.deviceplugin import devices, mps
 from gpushare.deviceplugin.api.deviceplugin.v1beta1 import api_pb2 as dp
 from gpushare.deviceplugin.pods import PodInfo
-from gpushare.ids import CardUUID
 from tests.deviceplugin.conftest import (
     CARD_A,
     CARD_B,

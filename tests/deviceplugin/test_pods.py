@@ -2,10 +2,10 @@
 
 from datetime import UTC, datetime
 
-from gpushare import allocations, names
-from gpushare.allocations import Allocation
+from gpushare.core import allocations, names
+from gpushare.core.allocations import Allocation
+from gpushare.core.ids import CardUUID, pod_key
 from gpushare.deviceplugin.pods import PodInfo, next_wanted
-from gpushare.ids import CardUUID, pod_key
 from tests.deviceplugin.conftest import CARD_A, CARD_B, GI
 
 CARDS = {CardUUID(CARD_A), CardUUID(CARD_B)}

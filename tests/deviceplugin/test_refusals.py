@@ -7,7 +7,7 @@ import grpc
 import grpc.aio
 import pytest
 
-from gpushare import names
+from gpushare.core import names
 from gpushare.deviceplugin.api.deviceplugin.v1beta1 import api_pb2 as dp
 from tests.deviceplugin.conftest import (
     CARD_A,

@@ -9,7 +9,7 @@ from typing import Any
 
 import pytest
 
-from gpushare import allocations, names
+from gpushare.core import allocations, names
 from gpushare.deviceplugin import kube
 from tests import cluster
 from tests.deviceplugin.conftest import (

@@ -13,7 +13,7 @@ import grpc.aio
 import pytest
 from kubernetes_asyncio import client
 
-from gpushare import names
+from gpushare.core import names
 from gpushare.deviceplugin import kube
 from gpushare.deviceplugin.dra.kube import KubeDraApi
 from gpushare.deviceplugin.nvml import FakeNvml, Snapshot, XidEvent

@@ -16,7 +16,7 @@ import grpc
 import grpc.aio
 import pytest
 
-from gpushare import names
+from gpushare.core import names
 from gpushare.deviceplugin import mps
 from tests.deviceplugin.conftest import (
     CARD_A,

@@ -5,11 +5,11 @@ from pathlib import Path
 
 import pytest
 
-from gpushare import names
+from gpushare.core import names
+from gpushare.core.ids import CardUUID, pod_key
 from gpushare.deviceplugin import watchdog
 from gpushare.deviceplugin.nvml import ProcessUsage
 from gpushare.deviceplugin.pods import PodInfo
-from gpushare.ids import CardUUID, pod_key
 from tests.deviceplugin.conftest import CARD_A, GI
 
 UID = "6f1c2d3e-4a5b-4c6d-8e9f-0a1b2c3d4e5f"

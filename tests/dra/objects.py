@@ -12,8 +12,8 @@ from typing import Any, Final
 
 import yaml
 
-from gpushare import config, dra, names, quantities
-from gpushare.nodereport import CardReport
+from gpushare.core import config, dra, names, quantities
+from gpushare.core.nodereport import CardReport
 from gpushare.webhook import mutation
 from tests import cluster
 from tests.webhook import builders

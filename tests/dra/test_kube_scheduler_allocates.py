@@ -14,7 +14,7 @@ from typing import Any
 
 import pytest
 
-from gpushare import config, dra, names, quantities
+from gpushare.core import config, dra, names, quantities
 from tests import cluster
 from tests.dra import objects
 from tests.webhook import builders

@@ -19,7 +19,7 @@ from typing import Any
 
 import pytest
 
-from gpushare import config
+from gpushare.core import config
 
 BENCHMARK = Path(__file__).resolve().parents[2] / "benchmarks" / "gpu_proof.py"
 GI = 1 << 30

@@ -15,7 +15,7 @@ from typing import Any, Final
 import pytest
 import yaml
 
-from gpushare import names
+from gpushare.core import names
 from tests import cluster
 
 ROOT: Final = Path(__file__).resolve().parents[2]

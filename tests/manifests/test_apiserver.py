@@ -26,7 +26,7 @@ import pytest
 import yaml
 from cryptography import x509
 
-from gpushare import names
+from gpushare.core import names
 from tests import cluster
 from tests.manifests import parts, rbac
 from tests.manifests.render import MANIFESTS, find, render

@@ -6,7 +6,7 @@ from typing import Any
 import pytest
 import yaml
 
-from gpushare import config, names
+from gpushare.core import config, names
 from tests.manifests.conftest import Objects, _render
 from tests.manifests.render import MANIFESTS, find
 

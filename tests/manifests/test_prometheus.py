@@ -33,7 +33,7 @@ import pytest
 import yaml
 
 from dashboards import generate
-from gpushare import names
+from gpushare.core import names
 from gpushare.simulator import mpsfake
 from tests import cluster
 from tests.manifests import panels, parts

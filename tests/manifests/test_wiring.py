@@ -11,7 +11,8 @@ import pytest
 import yaml
 from pydantic import BaseModel
 
-from gpushare import cli, config, names
+from gpushare import cli
+from gpushare.core import config, names
 from tests import cluster
 from tests.manifests import policy
 from tests.manifests.conftest import Objects

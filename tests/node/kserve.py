@@ -22,7 +22,7 @@ from typing import Any, Final
 
 import yaml
 
-from gpushare import names
+from gpushare.core import names
 from tests import cluster
 from tests.manifests import parts
 from tests.node import runtime, workloads

@@ -27,7 +27,7 @@ from typing import Any, Final
 
 import yaml
 
-from gpushare import config, names
+from gpushare.core import config, names
 from tests import cluster
 from tests.deviceplugin.conftest import CARD_A, FakeControl, card, write_fake
 from tests.manifests.parts import install_kserve_crds

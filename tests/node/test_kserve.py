@@ -9,7 +9,7 @@ from typing import Any
 
 import pytest
 
-from gpushare import names
+from gpushare.core import names
 from gpushare.simulator import kserve as builder
 from tests import cluster
 from tests.node import kserve, workloads

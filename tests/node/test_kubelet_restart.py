@@ -6,7 +6,7 @@ from typing import Any
 
 import pytest
 
-from gpushare import names
+from gpushare.core import names
 from tests import cluster
 from tests.node import runtime, workloads
 from tests.node.local import RealNode

@@ -9,7 +9,7 @@ from typing import Any
 
 import pytest
 
-from gpushare import names
+from gpushare.core import names
 from tests import cluster
 from tests.node import workloads
 from tests.node.local import DAEMONSET, MPS_ROOT, RealNode

@@ -5,7 +5,7 @@ from decimal import Decimal
 
 import pytest
 
-from gpushare import names
+from gpushare.core import names
 from tests.deviceplugin.conftest import CARD_A
 from tests.node import workloads
 from tests.node.local import RealNode

@@ -16,7 +16,7 @@ import sys
 from pathlib import Path
 from typing import Final
 
-from gpushare import names
+from gpushare.core import names
 from gpushare.deviceplugin.nvml import FakeNvml
 from gpushare.simulator import vllm
 

@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING, Any, Final
 
 from prometheus_client.parser import text_string_to_metric_families
 
-from gpushare import config, names
+from gpushare.core import config, names
 from gpushare.deviceplugin.podresources import Holding, PodResourcesClient
 from tests import cluster
 from tests.node import runtime

@@ -8,7 +8,7 @@ from types import ModuleType
 import pytest
 import yaml
 
-from gpushare import errors
+from gpushare.core import errors
 from gpushare.deviceplugin import main as plugin
 from gpushare.runtime import connection
 from gpushare.scheduler import main as scheduler

@@ -4,8 +4,8 @@ import uuid
 from datetime import UTC, datetime
 from typing import Any
 
-from gpushare import config, names, nodereport, quantities
-from gpushare.ids import CardUUID, NodeName, pod_key
+from gpushare.core import config, names, nodereport, quantities
+from gpushare.core.ids import CardUUID, NodeName, pod_key
 from gpushare.scheduler import demand, ledger
 
 GI = quantities.GI

@@ -9,7 +9,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from gpushare import errors
+from gpushare.core import errors
 from gpushare.scheduler import wire
 from gpushare.scheduler.candidates import Candidates
 from gpushare.scheduler.priorities import PriorityList, PriorityLists

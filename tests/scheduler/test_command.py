@@ -4,7 +4,7 @@ from pathlib import Path
 
 import yaml
 
-from gpushare import names
+from gpushare.core import names
 
 MANIFEST = Path(__file__).resolve().parents[2] / "manifests/scheduler/kube-scheduler-config.yaml"
 

@@ -12,8 +12,8 @@ import kmock
 import pytest
 from prometheus_client import CollectorRegistry
 
-from gpushare import names
-from gpushare.ids import CardUUID, NodeName
+from gpushare.core import names
+from gpushare.core.ids import CardUUID, NodeName
 from gpushare.scheduler import ledger
 from gpushare.scheduler.metrics import Metrics
 from gpushare.scheduler.service import Extender

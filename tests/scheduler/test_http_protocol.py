@@ -7,8 +7,8 @@ from typing import Any
 import aiohttp
 import pytest
 
-from gpushare import names
-from gpushare.ids import NodeName
+from gpushare.core import names
+from gpushare.core.ids import NodeName
 from gpushare.scheduler.service import Extender
 from tests.scheduler.conftest import UNREACHABLE, kube_at
 from tests.scheduler.objects import GI, SETTINGS, node, pod, report

@@ -7,8 +7,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from gpushare import config, errors, nodereport, placement
-from gpushare.ids import CardUUID, NodeName
+from gpushare.core import config, errors, nodereport, placement
+from gpushare.core.ids import CardUUID, NodeName
 from gpushare.scheduler import ledger
 from tests import strategies
 from tests.scheduler.objects import GI, MI, NOW, OVERHEAD, card, new_ledger, report, request

@@ -10,8 +10,8 @@ from hypothesis import settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
 
-from gpushare import errors
-from gpushare.ids import CardUUID, NodeName, PodKey
+from gpushare.core import errors
+from gpushare.core.ids import CardUUID, NodeName, PodKey
 from gpushare.scheduler import annotations, demand, ledger, wire
 from tests.scheduler.objects import GI, NOW, OVERHEAD, SETTINGS, pod, report
 

@@ -9,8 +9,8 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from gpushare import placement
-from gpushare.ids import CardUUID, NodeName, pod_key
+from gpushare.core import placement
+from gpushare.core.ids import CardUUID, NodeName, pod_key
 from gpushare.scheduler import ledger, preemption
 from gpushare.scheduler.service import Extender
 from tests.scheduler.objects import GI, pod, report

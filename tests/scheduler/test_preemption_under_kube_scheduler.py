@@ -14,7 +14,7 @@ from typing import Any
 
 import pytest
 
-from gpushare import names
+from gpushare.core import names
 from tests import cluster
 from tests.scheduler.extender import ExtenderProcess, kube_scheduler, started
 from tests.scheduler.objects import GI, pod

@@ -15,7 +15,7 @@ from typing import Any
 import aiohttp
 import pytest
 
-from gpushare import names, nodereport
+from gpushare.core import names, nodereport
 from tests import cluster
 from tests.scheduler.extender import ExtenderProcess, kube_scheduler, started
 from tests.scheduler.objects import GI, OVERHEAD, pod

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from gpushare import names
+from gpushare.core import names
 
 TRACE = [
     ("chat", "20Gi"), ("search", "30Gi"), ("tiny", "4Gi"), ("agent", "12Gi"), ("eval", "40Gi"),

@@ -10,8 +10,9 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from gpushare import cli, errors
-from gpushare.quantities import GI, MI
+from gpushare import cli
+from gpushare.core import errors
+from gpushare.core.quantities import GI, MI
 from gpushare.simulator import estimate, models
 
 RESERVE = 716 * MI  # the configuration's default per-instance reserve: 750,780,416 bytes

@@ -2,8 +2,8 @@
 
 import pytest
 
-from gpushare import errors
-from gpushare.quantities import MI
+from gpushare.core import errors
+from gpushare.core.quantities import MI
 from gpushare.simulator import fleet
 
 

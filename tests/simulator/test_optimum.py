@@ -3,7 +3,7 @@
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from gpushare.quantities import GI
+from gpushare.core.quantities import GI
 from gpushare.simulator import optimum
 
 

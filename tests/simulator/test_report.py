@@ -6,9 +6,9 @@ from pathlib import Path
 import pytest
 from rich.console import Console
 
-from gpushare import errors
-from gpushare.ids import CardUUID
-from gpushare.quantities import GI, MI
+from gpushare.core import errors
+from gpushare.core.ids import CardUUID
+from gpushare.core.quantities import GI, MI
 from gpushare.simulator import optimum, picture, report
 from gpushare.simulator.outcome import CardState, Failure, Outcome, Placement, stranded
 

@@ -17,9 +17,9 @@ from typing import Any
 import pytest
 import yaml
 
-from gpushare import config, names, nodereport, sizing
-from gpushare.ids import CardUUID
-from gpushare.quantities import GI
+from gpushare.core import config, names, nodereport, sizing
+from gpushare.core.ids import CardUUID
+from gpushare.core.quantities import GI
 from gpushare.simulator import cluster, fleet, workload
 from gpushare.simulator.outcome import CardState, Failure, Placement
 from gpushare.webhook import paths

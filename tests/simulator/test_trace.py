@@ -2,8 +2,8 @@
 
 from collections import Counter
 
-from gpushare import names, quantities
-from gpushare.quantities import GI, MI
+from gpushare.core import names, quantities
+from gpushare.core.quantities import GI, MI
 from gpushare.simulator import estimate, models, trace, workload
 
 RESERVE = 716 * MI

@@ -4,8 +4,8 @@ from decimal import Decimal
 
 import pytest
 
-from gpushare import names, sizing
-from gpushare.quantities import GI, MI
+from gpushare.core import names, sizing
+from gpushare.core.quantities import GI, MI
 from gpushare.simulator import fleet, vllm
 
 H100 = fleet.lookup("H100-80GB").cuda_total_bytes

@@ -5,7 +5,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from gpushare import errors, names
+from gpushare.core import errors, names
 from gpushare.simulator import kserve, workload
 
 SHARED = Path(__file__).resolve().parents[1] / "data" / "fixtures"

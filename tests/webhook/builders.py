@@ -24,7 +24,7 @@ import kubernetes_validate
 import pytest
 import yaml
 
-from gpushare import config, names
+from gpushare.core import config, names
 from gpushare.simulator import kserve
 from gpushare.webhook import mutation
 

@@ -9,7 +9,8 @@ from typing import Any
 import pytest
 import yaml
 
-from gpushare import cli, names, nodereport
+from gpushare import cli
+from gpushare.core import names, nodereport
 from tests import cluster
 from tests.webhook import builders
 from tests.webhook.process import Webhook, configurations

@@ -6,7 +6,7 @@ from typing import Any
 
 from hypothesis import strategies as st
 
-from gpushare import names
+from gpushare.core import names
 
 QUANTITY_TEXT = st.from_regex(
     r"\A[+-]?[0-9]{0,6}(\.[0-9]{0,3})?(Ki|Mi|Gi|Ti|Pi|Ei|[numkMGTPE]|[eE][+-]?[0-9]{1,2})?\Z"

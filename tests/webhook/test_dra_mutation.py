@@ -4,7 +4,7 @@ from typing import Any
 
 import pytest
 
-from gpushare import config, dra, names, sizing
+from gpushare.core import config, dra, names, sizing
 from gpushare.webhook import mutation
 from tests.webhook import builders
 from tests.webhook.test_pod_mutation import kserve_pods

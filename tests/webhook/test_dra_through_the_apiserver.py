@@ -9,7 +9,7 @@ from typing import Any
 
 import pytest
 
-from gpushare import config, dra, names
+from gpushare.core import config, dra, names
 from tests import cluster
 from tests.dra import objects
 from tests.webhook import builders

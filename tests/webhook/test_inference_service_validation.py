@@ -6,9 +6,9 @@ from typing import Any
 
 import pytest
 
-from gpushare import config, names, nodereport
-from gpushare.ids import CardUUID, NodeName
-from gpushare.quantities import GI, MI
+from gpushare.core import config, names, nodereport
+from gpushare.core.ids import CardUUID, NodeName
+from gpushare.core.quantities import GI, MI
 from gpushare.webhook import inventory, validation
 from tests.webhook import builders
 

@@ -9,7 +9,7 @@ from typing import Any
 
 import pytest
 
-from gpushare import names
+from gpushare.core import names
 from gpushare.webhook import paths
 from tests.webhook import builders, strategies
 from tests.webhook.process import Webhook

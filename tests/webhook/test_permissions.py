@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from gpushare import names
+from gpushare.core import names
 from gpushare.webhook import paths
 from tests import cluster
 from tests.webhook import builders, strategies

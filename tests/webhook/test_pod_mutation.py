@@ -5,7 +5,7 @@ from typing import Any
 
 import pytest
 
-from gpushare import config, names
+from gpushare.core import config, names
 from gpushare.webhook import mutation
 from tests.webhook import builders
 from tests.webhook.builders import mutate, mutated

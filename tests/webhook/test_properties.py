@@ -6,7 +6,7 @@ from typing import Any
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from gpushare import config, names
+from gpushare.core import config, names
 from gpushare.webhook import mutation, shell, validation, vllm
 from tests.webhook import builders, strategies
 

@@ -17,7 +17,7 @@ from typing import Any
 import pytest
 import yaml
 
-from gpushare import names
+from gpushare.core import names
 from gpushare.webhook import paths
 from tests import cluster
 from tests.webhook import builders

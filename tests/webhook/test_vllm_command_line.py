@@ -5,7 +5,7 @@ from typing import Any
 
 import pytest
 
-from gpushare import names
+from gpushare.core import names
 from gpushare.webhook import vllm
 
 OURS = names.VLLM_UTILIZATION_ARG

@@ -11,7 +11,8 @@ import sys
 from collections.abc import Sequence
 from typing import Final, Protocol
 
-from gpushare import __version__, errors
+from gpushare import __version__
+from gpushare.core import errors
 
 PARTS: Final = {
     "scheduler": ("gpushare.scheduler.main", "the kube-scheduler extender"),
