@@ -123,7 +123,7 @@ class RoomIndexMachine(RuleBasedStateMachine):
         name = data.draw(st.sampled_from(sorted(self.reports)))
         self.serial += 1
         uid = f"pod-{self.serial}"
-        wanted = request(units, uid=uid, **({"sidecar": sidecar} if sidecar else {}))
+        wanted = request(units, uid=uid, sidecar=sidecar) if sidecar else request(units, uid=uid)
         try:
             grant = self.book.reserve(wanted, name, policy=policy)
         except errors.NoFit:
