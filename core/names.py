@@ -121,6 +121,15 @@ ENV_CONFIG_FILE: Final = "GPUSHARE_CONFIG"
 ENV_PREFIX: Final = "GPUSHARE_"
 """Prefix of environment overrides of configuration keys (``GPUSHARE_UNIT_BYTES``...)."""
 
+ENV_CONTROLPLANE_BIN: Final = "GPUSHARE_CONTROLPLANE_BIN"
+"""Folder of etcd, kube-apiserver, kube-scheduler and kubectl for a local control plane."""
+
+ENV_CONTROLPLANE_CACHE: Final = "GPUSHARE_CONTROLPLANE_CACHE"
+"""Where ``tests/controlplane/build.sh`` caches those binaries, one folder per version."""
+
+ENV_KEEP_CONTROLPLANE: Final = "GPUSHARE_KEEP_CONTROLPLANE"
+"""Set: a local control plane keeps its work folder (certificates, etcd data, logs) on stop."""
+
 # --- vLLM -----------------------------------------------------------------------------------------
 VLLM_UTILIZATION_FLAG: Final = "--gpu-memory-utilization"
 VLLM_UTILIZATION_FLAG_UNDERSCORED: Final = "--gpu_memory_utilization"

@@ -14,13 +14,10 @@ A program that runs a :class:`Simulation` must guard its top level with
 
 import asyncio
 import contextlib
-import copy
 import logging
 import os
-import random
 import shutil
 import signal
-import socket
 import tempfile
 import time
 from collections.abc import Awaitable, Callable, Mapping
@@ -36,20 +33,22 @@ from gpushare.core import config, errors, names, nodereport
 from gpushare.core.ids import CardUUID, PodKey, pod_key
 from gpushare.deviceplugin import devices
 from gpushare.simulator import (
-    admission,
     apiserver,
     kserve,
     kubelet,
     mpsfake,
+    planes,
     processes,
     scheduling,
 )
 from gpushare.simulator import vllm as vllm_sim
+from gpushare.simulator.controlplane.launch import free_port
+from gpushare.simulator.controlplane.rest import ApiError
 from gpushare.simulator.fleet import Fleet, Node
 from gpushare.simulator.gpus import NodeGpus
 from gpushare.simulator.outcome import CardState, Failure, Placement
 from gpushare.simulator.workload import Service
-from gpushare.webhook import certs, paths
+from gpushare.webhook import certs
 
 logger = logging.getLogger(__name__)
 
@@ -69,14 +68,6 @@ ISVCS: Final = apiserver.resource("serving.kserve.io", "inferenceservices")
 PODS: Final = apiserver.resource("", "pods")
 NODES: Final = apiserver.resource("", "nodes")
 NAMESPACES: Final = apiserver.resource("", "namespaces")
-
-
-def free_port() -> int:
-    """A port nothing listens on now (the parts bind it a moment later)."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
 
 
 @dataclass(slots=True)
@@ -104,9 +95,11 @@ class Simulation:
     """Keep the work folder (logs, configuration) here instead of a temporary one."""
     progress: Callable[[str], None] = lambda _: None
     """Told each start-up step, for a progress display."""
+    control_plane: planes.ControlPlaneName = "embedded"
+    """``embedded``, ``real`` (kube-apiserver and kube-scheduler), or ``auto`` (real when built)."""
     workdir: Path = field(init=False)
     settings: config.Settings = field(init=False)
-    api: apiserver.ApiServer = field(default_factory=apiserver.ApiServer)
+    plane: planes.Plane = field(init=False)
     kubelets: dict[str, kubelet.Kubelet] = field(default_factory=dict)
     node_gpus: dict[str, NodeGpus] = field(default_factory=dict)
     running: dict[str, _Running] = field(default_factory=dict)
@@ -118,9 +111,11 @@ class Simulation:
     _processes: list[processes.Part] = field(default_factory=list)
     _extender_url: str = ""
     _extender_base: str = ""
-    _webhook: admission.AdmissionClient | None = None
-    _scheduler: scheduling.SchedulerClient | None = None
     _http: aiohttp.ClientSession | None = None
+    _namespaces: set[str] = field(default_factory=lambda: {"default"})
+
+    def __post_init__(self) -> None:
+        self.plane = planes.choose(self.control_plane, seed=self.seed)
 
     async def __aenter__(self) -> "Simulation":
         try:
@@ -139,9 +134,8 @@ class Simulation:
         """Start the API server, the kubelets and the parts, and wait until all are ready."""
         self.workdir = self.keep or Path(tempfile.mkdtemp(prefix="gpushare-sim-"))
         self.workdir.mkdir(parents=True, exist_ok=True)
-        self.progress("API server")
-        await self.api.start()
-        await self.api.store.create(NAMESPACES, {"metadata": {"name": "default"}})
+        self.progress(self.plane.label)
+        await self.plane.start(self.workdir)
         extender_port, webhook_port, probe_port = free_port(), free_port(), free_port()
         env = self._configure(extender_port, webhook_port)
         pair = certs.make(["127.0.0.1", "localhost"])
@@ -175,18 +169,18 @@ class Simulation:
         self._extender_base = f"http://127.0.0.1:{extender_port}"
         prefix = self.settings.scheduler.url_prefix.strip("/")
         self._extender_url = self._extender_base + (f"/{prefix}" if prefix else "")
-        self._webhook = admission.AdmissionClient(
-            f"https://127.0.0.1:{webhook_port}", ca_pem=pair.ca_pem
-        )
-        self._scheduler = scheduling.SchedulerClient(
-            self._extender_url, rng=random.Random(self.seed)
-        )
         await self._wait_ready(f"http://127.0.0.1:{probe_port}")
+        self.progress("admission and scheduling")
+        await self.plane.connect(
+            extender_url=self._extender_url,
+            webhook_url=f"https://127.0.0.1:{webhook_port}",
+            ca_pem=pair.ca_pem,
+        )
 
     def _configure(self, extender_port: int, webhook_port: int) -> dict[str, str]:
         """Write the kubeconfig and the shared configuration; the parts' environment."""
         kubeconfig = self.workdir / "kubeconfig"
-        kubeconfig.write_text(self.api.kubeconfig())
+        kubeconfig.write_text(self.plane.kubeconfig())
         raw = self.base.model_dump(mode="json")
         raw["scheduler"]["listen"] = f"127.0.0.1:{extender_port}"
         raw["webhook"]["listen"] = f"127.0.0.1:{webhook_port}"
@@ -263,13 +257,12 @@ class Simulation:
                 "conditions": [{"type": "Ready", "status": "True", "reason": "KubeletReady"}],
             },
         }
-        await self.api.store.create(NODES, node)
+        await self.plane.add_node(node)
 
     async def _set_allocatable(self, name: str, count: int) -> None:
-        node = copy.deepcopy(self.api.store.get(NODES, "", name))
-        for key in ("capacity", "allocatable"):
-            node["status"][key][names.RESOURCE_GPU_MEMORY] = str(count)
-        await self.api.store.put(NODES, node, event="MODIFIED")
+        resources = {**NODE_CAPACITY, names.RESOURCE_GPU_MEMORY: str(count)}
+        status = {"capacity": resources, "allocatable": resources}
+        await self.plane.patch_status(NODES, "", name, status)
 
     async def _until(self, check: Callable[[], Awaitable[bool]], what: str) -> None:
         deadline = time.monotonic() + START_SECONDS
@@ -294,7 +287,8 @@ class Simulation:
 
     async def _reports_in(self) -> bool:
         for node in self.fleet.nodes:
-            annotations = self.api.store.get(NODES, "", node.name)["metadata"].get("annotations")
+            found = await self.plane.get(NODES, "", node.name)
+            annotations = found["metadata"].get("annotations")
             text = (annotations or {}).get(names.ANNOTATION_NODE_REPORT)
             if text is None or len(nodereport.decode(text).cards) != len(node.cards):
                 return False
@@ -338,12 +332,9 @@ class Simulation:
         deadline = time.monotonic() + STOP_SECONDS
         for process in self._processes:
             process.reap(deadline - time.monotonic())
-        for session in (self._webhook, self._scheduler):
-            if session is not None:
-                await session.close()
         if self._http is not None:
             await self._http.close()
-        await self.api.stop()
+        await self.plane.stop()
         if hasattr(self, "workdir"):
             self._stop_daemons()
             if self.keep is None:
@@ -361,32 +352,26 @@ class Simulation:
 
     async def submit(self, service: Service) -> Placement | Failure:
         """``kubectl apply`` of one InferenceService, and everything that follows."""
-        assert self._webhook is not None
         self.submitted[service.key] = service
-        verdict = await self._webhook.review(
-            paths.VALIDATE_INFERENCE_SERVICES, service.manifest, group="serving.kserve.io",
-            version="v1beta1", resource="inferenceservices", kind="InferenceService",
-        )
-        if not verdict.allowed:
-            return self._failure(service, "admission", verdict.message)
         await self._ensure_namespace(service.namespace)
-        await self.api.store.create(ISVCS, service.manifest)
-        pod = kserve.predictor_pod(service)
-        verdict = await self._webhook.review(
-            paths.MUTATE_PODS, pod, group="", version="v1", resource="pods", kind="Pod",
-        )
-        if not verdict.allowed:
-            await self.api.store.delete(ISVCS, service.namespace, service.name)
-            return self._failure(service, "mutation", verdict.message)
-        await self.api.store.create(PODS, verdict.obj)
-        return await self.schedule(service)
+        denied = await self.plane.admit_inference_service(service.manifest)
+        if denied is not None:
+            return self._failure(service, "admission", denied)
+        admitted = await self.plane.admit_pod(kserve.predictor_pod(service))
+        if isinstance(admitted, str):
+            await self.plane.delete(ISVCS, service.namespace, service.name)
+            return self._failure(service, "mutation", admitted)
+        return await self._schedule(service, retry=False)
 
     async def schedule(self, service: Service) -> Placement | Failure:
-        """One kube-scheduler cycle for the service's pod, then kubelet's start."""
-        assert self._scheduler is not None
+        """Another kube-scheduler cycle for a pending service's pod, then kubelet's start."""
+        return await self._schedule(service, retry=True)
+
+    async def _schedule(self, service: Service, *, retry: bool) -> Placement | Failure:
         key = _pod_key(service)
-        pod = self.api.store.get(PODS, service.namespace, key.split("/", 1)[1])
-        result = await self._scheduler.schedule(pod, [node.name for node in self.fleet.nodes])
+        pod = await self.plane.get(PODS, service.namespace, key.split("/", 1)[1])
+        nodes = [node.name for node in self.fleet.nodes]
+        result = await self.plane.schedule(pod, nodes, retry=retry)
         if isinstance(result, scheduling.Unschedulable):
             self.pending[service.key] = service
             return self._failure(service, "scheduling", result.message)
@@ -398,7 +383,7 @@ class Simulation:
 
     async def _start_pod(self, service: Service, key: PodKey, node: str) -> Placement | Failure:
         namespace, name = key.split("/", 1)
-        pod = self.api.store.get(PODS, namespace, name)
+        pod = await self.plane.get(PODS, namespace, name)
         target = _gpu_container(pod)
         if target is None:
             return self._failure(service, "allocation", "no container requests GPU memory")
@@ -477,16 +462,16 @@ class Simulation:
     async def _set_phase(
         self, namespace: str, name: str, phase: str, reason: str, message: str
     ) -> None:
-        pod = copy.deepcopy(self.api.store.get(PODS, namespace, name))
-        status = pod.setdefault("status", {})
-        status["phase"] = phase
+        status = {"phase": phase}
         if reason:
-            status["reason"], status["message"] = reason, message
-        await self.api.store.put(PODS, pod, event="MODIFIED")
+            status |= {"reason": reason, "message": message}
+        await self.plane.patch_status(PODS, namespace, name, status)
 
     async def _ensure_namespace(self, namespace: str) -> None:
-        with contextlib.suppress(apiserver.ApiError):
-            await self.api.store.create(NAMESPACES, {"metadata": {"name": namespace}})
+        if namespace not in self._namespaces:
+            with contextlib.suppress(ApiError):
+                await self.plane.create(NAMESPACES, {"metadata": {"name": namespace}})
+            self._namespaces.add(namespace)
 
     def _failure(self, service: Service, stage: Any, reason: str) -> Failure:
         return Failure(service.key, service.label, service.requested_bytes, stage, reason)
@@ -495,10 +480,8 @@ class Simulation:
         """``kubectl delete`` of the InferenceService: its pod goes, kubelet stops it."""
         key = _pod_key(service)
         namespace, name = key.split("/", 1)
-        with contextlib.suppress(apiserver.ApiError):
-            await self.api.store.delete(PODS, namespace, name)
-        with contextlib.suppress(apiserver.ApiError):
-            await self.api.store.delete(ISVCS, service.namespace, service.name)
+        await self.plane.delete(PODS, namespace, name)
+        await self.plane.delete(ISVCS, service.namespace, service.name)
         self.pending.pop(service.key, None)
         running = self.running.pop(service.key, None)
         if running is None:
@@ -605,8 +588,8 @@ class Simulation:
     def unit_bytes(self) -> int:
         return self.settings.unit_bytes
 
-    def api_requests(self) -> dict[str, int]:
-        return dict(self.api.store.requests)
+    async def api_requests(self) -> dict[str, int]:
+        return await self.plane.requests()
 
     def log_tails(self) -> str:
         return "\n".join(f"--- {p.name}\n{p.tail()}" for p in self._processes)

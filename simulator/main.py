@@ -16,7 +16,7 @@ import sys
 from pathlib import Path
 
 from gpushare.core import config, errors, placement
-from gpushare.simulator import fleet, optimum, processes
+from gpushare.simulator import fleet, optimum, planes, processes
 
 __all__ = ["add_arguments", "run"]
 
@@ -48,6 +48,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--rollouts", type=_non_negative, default=0, metavar="N",
         help="rolling updates (maxSurge 1) of N running services, one after another, at the end"
         " (default 0)",
+    )
+    parser.add_argument(
+        "--control-plane", choices=planes.CONTROL_PLANES, default="auto",
+        help="embedded: an in-process API server, the simulation plays one kube-scheduler cycle"
+        " per pod; real: kube-apiserver and kube-scheduler built by tests/controlplane/build.sh;"
+        " auto (default): real where those are built, else embedded",
     )
     parser.add_argument("--seed", type=int, default=0, help="arrival order and churn (default 0)")
     parser.add_argument("--json", action="store_true", help="print the outcome as JSON only")
@@ -96,7 +102,7 @@ def run(args: argparse.Namespace) -> int:
         raise errors.BadRequest(f"--report {args.report}: no such folder {args.report.parent}")
     options = scenario.Options(
         seed=args.seed, churn=args.churn, rollouts=args.rollouts,
-        optimum_seconds=args.optimum_seconds,
+        optimum_seconds=args.optimum_seconds, control_plane=args.control_plane,
     )
     console = Console(stderr=True)
     with Progress(

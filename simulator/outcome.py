@@ -135,6 +135,8 @@ class Outcome:
     seed: int
     services: int
     """InferenceServices submitted, churn arrivals included."""
+    control_plane: str = ""
+    """Which API server and scheduler produced the figures."""
     placements: list[Placement] = field(default_factory=list)
     failures: list[Failure] = field(default_factory=list)
     cards: list[CardState] = field(default_factory=list)
@@ -245,6 +247,7 @@ class Outcome:
             "policy": self.policy,
             "isolation": self.isolation,
             "seed": self.seed,
+            "control_plane": self.control_plane,
             "seconds": round(self.seconds, 3),
             "summary": {
                 "services": self.services,

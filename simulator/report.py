@@ -42,6 +42,8 @@ def _header(outcome: Outcome) -> Text:
         f" {outcome.services} InferenceServices: {len(outcome.placements)} running,"
         f" {len(outcome.failures)} not · {outcome.seconds:.1f} s"
     )
+    if outcome.control_plane:
+        text.append(f"\nscheduled by: {outcome.control_plane}", style="dim")
     return text
 
 

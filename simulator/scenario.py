@@ -21,7 +21,7 @@ from typing import Final
 
 from gpushare.core import config, errors
 from gpushare.core.quantities import format_bytes
-from gpushare.simulator import optimum
+from gpushare.simulator import optimum, planes
 from gpushare.simulator.cluster import Simulation
 from gpushare.simulator.fleet import Fleet, describe
 from gpushare.simulator.outcome import (
@@ -47,6 +47,7 @@ class Options:
     churn: int = 0
     rollouts: int = 0
     optimum_seconds: float = optimum.DEFAULT_TIME_LIMIT
+    control_plane: planes.ControlPlaneName = "embedded"
 
 
 Step = Callable[[str], None]
@@ -84,7 +85,10 @@ async def run(
 ) -> Outcome:
     """Simulate ``services`` on ``fleet``; ``advance(n)`` counts submitted services."""
     began = time.perf_counter()
-    async with Simulation(fleet, base=settings, seed=options.seed, progress=step) as sim:
+    async with Simulation(
+        fleet, base=settings, seed=options.seed, progress=step,
+        control_plane=options.control_plane,
+    ) as sim:
         outcome = Outcome(
             fleet=fleet.spec,
             fleet_description=describe(fleet),
@@ -94,6 +98,7 @@ async def run(
             services=len(services),
             overhead_bytes=sim.overhead_bytes,
             reserve_bytes=sim.settings.reserve_bytes,
+            control_plane=sim.plane.label,
         )
         try:
             results = await _drive(sim, services, options, outcome, step=step, advance=advance)
@@ -102,7 +107,7 @@ async def run(
         outcome.placements = [r for r in results.values() if isinstance(r, Placement)]
         outcome.failures = [r for r in results.values() if isinstance(r, Failure)]
         outcome.cards = await sim.cards()
-        outcome.api_requests = sim.api_requests()
+        outcome.api_requests = await sim.api_requests()
         outcome.extender_requests = await sim.extender_calls()
         _check_no_overcommit(sim, outcome)
         step("offline optimum")

@@ -1,6 +1,7 @@
 """``gpushare simulate`` as a person runs it: JSON that parses, and clear refusals of bad input."""
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -9,15 +10,17 @@ import pytest
 import yaml
 
 from gpushare.core import names
+from tests import cluster
 
 TRACE = [
     ("chat", "20Gi"), ("search", "30Gi"), ("tiny", "4Gi"), ("agent", "12Gi"), ("eval", "40Gi"),
 ]
 
 
-def _gpushare(*args: str) -> subprocess.CompletedProcess[str]:
+def _gpushare(*args: str, plane: str = "embedded") -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        [str(Path(sys.executable).with_name("gpushare")), "simulate", *args],
+        [str(Path(sys.executable).with_name("gpushare")), "simulate", "--control-plane", plane,
+         *args],
         capture_output=True, text=True, timeout=240, check=False,
     )
 
@@ -96,3 +99,46 @@ def test_bad_input_exits_non_zero_with_a_message_and_no_traceback(
     assert says in run.stderr
     assert "Traceback" not in run.stderr
     assert run.stdout == ""
+
+
+@pytest.mark.cluster
+def test_the_real_control_plane_runs_the_same_trace_and_the_report_says_so(
+    tmp_path: Path,
+) -> None:
+    trace = _write_trace(tmp_path / "trace.yaml")
+    run = _gpushare("--nodes", "1x2xH100-80GB", "--trace", str(trace), "--churn", "1", "--json",
+                    plane="real")
+    assert run.returncode == 0, run.stderr
+    data = json.loads(run.stdout)
+    assert data["control_plane"].startswith("kube-apiserver and kube-scheduler (v1.")
+    assert data["summary"]["running"] == len(TRACE)
+    # kube-scheduler itself called the extender and posted nothing: the extender bound each pod.
+    assert data["extender_requests"]["bind"] == data["api_requests"]["POST pods/binding"]
+    for card in data["cards"]:
+        assert card["granted_bytes"] <= card["capacity_bytes"]
+
+
+def test_auto_is_embedded_where_no_control_plane_is_built(tmp_path: Path) -> None:
+    trace = _write_trace(tmp_path / "trace.yaml")
+    env = {k: v for k, v in os.environ.items() if k != names.ENV_CONTROLPLANE_BIN}
+    env[names.ENV_CONTROLPLANE_CACHE] = str(tmp_path / "empty")
+    run = subprocess.run(
+        [str(Path(sys.executable).with_name("gpushare")), "simulate", "--nodes", "1x2xH100-80GB",
+         "--trace", str(trace), "--json"],
+        capture_output=True, text=True, timeout=240, check=False, env=env,
+    )
+    assert run.returncode == 0, run.stderr
+    assert json.loads(run.stdout)["control_plane"].startswith("embedded API server")
+
+
+@pytest.mark.cluster
+def test_auto_is_real_where_the_control_plane_is_built(tmp_path: Path) -> None:
+    trace = _write_trace(tmp_path / "trace.yaml")
+    run = subprocess.run(
+        [str(Path(sys.executable).with_name("gpushare")), "simulate", "--nodes", "1x2xH100-80GB",
+         "--trace", str(trace), "--json"],
+        capture_output=True, text=True, timeout=240, check=False,
+        env={**os.environ, names.ENV_CONTROLPLANE_BIN: str(cluster.find_binaries())},
+    )
+    assert run.returncode == 0, run.stderr
+    assert json.loads(run.stdout)["control_plane"].startswith("kube-apiserver and kube-scheduler")
