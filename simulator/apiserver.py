@@ -182,8 +182,13 @@ class Store:
         return await self.put(res, obj, event="ADDED")
 
     async def delete(self, res: Resource, namespace: str, name: str) -> Obj:
+        """Delete at once; a pod first shows its ``deletionTimestamp`` (MODIFIED), as
+        kube-apiserver's graceful deletion does even with a grace period of 0."""
         obj = copy.deepcopy(self.get(res, namespace, name))
-        return await self.put(res, obj, event="DELETED")
+        if res.plural == "pods":
+            obj["metadata"] |= {"deletionTimestamp": _now(), "deletionGracePeriodSeconds": 0}
+            obj = await self.put(res, obj, event="MODIFIED")
+        return await self.put(res, copy.deepcopy(obj), event="DELETED")
 
     async def bind(self, namespace: str, name: str, binding: Obj) -> None:
         """The pods/binding subresource: set the node and the Binding's annotations at once."""

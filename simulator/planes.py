@@ -152,8 +152,12 @@ class Embedded:
     async def admit_inference_service(self, manifest: Obj) -> str | None:
         assert self._webhook is not None
         verdict = await self._webhook.review(
-            paths.VALIDATE_INFERENCE_SERVICES, manifest, group="serving.kserve.io",
-            version="v1beta1", resource="inferenceservices", kind="InferenceService",
+            paths.VALIDATE_INFERENCE_SERVICES,
+            manifest,
+            group="serving.kserve.io",
+            version="v1beta1",
+            resource="inferenceservices",
+            kind="InferenceService",
         )
         return None if verdict.allowed else verdict.message
 
@@ -279,8 +283,11 @@ def _webhook_configurations(webhook_url: str, ca_pem: bytes) -> list[Obj]:
             "metadata": {"name": "gpushare-webhook"},
             "webhooks": [
                 hook(
-                    "inferenceservices.gpushare.io", paths.VALIDATE_INFERENCE_SERVICES,
-                    "serving.kserve.io", "inferenceservices", ["CREATE", "UPDATE"],
+                    "inferenceservices.gpushare.io",
+                    paths.VALIDATE_INFERENCE_SERVICES,
+                    "serving.kserve.io",
+                    "inferenceservices",
+                    ["CREATE", "UPDATE"],
                 )
             ],
         },
@@ -301,8 +308,9 @@ class Real:
         self.label = f"kube-apiserver and kube-scheduler ({folder.name})"
         # No kube-controller-manager makes the ``default`` ServiceAccounts this plug-in wants.
         args = ["--disable-admission-plugins=ServiceAccount"]
-        plane = server.ControlPlane(folder, workdir=workdir / "control-plane", keep=True,
-                                    apiserver_args=args)
+        plane = server.ControlPlane(
+            folder, workdir=workdir / "control-plane", keep=True, apiserver_args=args
+        )
         self.plane = plane
         await asyncio.to_thread(plane.start)
         self._rest = plane.rest()
@@ -315,8 +323,9 @@ class Real:
             name = INFERENCE_SERVICE_CRD["metadata"]["name"]
             crd = await self._call(self._rest_client().get, _path(_CRDS, name=name))
             conditions = (crd.get("status") or {}).get("conditions") or []
-            if any(c.get("type") == "Established" and c.get("status") == "True"
-                   for c in conditions):
+            if any(
+                c.get("type") == "Established" and c.get("status") == "True" for c in conditions
+            ):
                 return
             await asyncio.sleep(POLL_SECONDS)
         raise errors.Conflict("the InferenceService CRD was not established in time")
@@ -371,8 +380,10 @@ class Real:
         self, res: apiserver.Resource, namespace: str, name: str, status: Obj
     ) -> None:
         await self._call(
-            self._rest_client().patch, _path(res, namespace, name) + "/status",
-            {"status": status}, "merge",
+            self._rest_client().patch,
+            _path(res, namespace, name) + "/status",
+            {"status": status},
+            "merge",
         )
 
     async def delete(self, res: apiserver.Resource, namespace: str, name: str) -> None:
@@ -384,8 +395,9 @@ class Real:
 
     async def admit_inference_service(self, manifest: Obj) -> str | None:
         try:
-            await self.create(apiserver.resource("serving.kserve.io", "inferenceservices"),
-                              manifest)
+            await self.create(
+                apiserver.resource("serving.kserve.io", "inferenceservices"), manifest
+            )
         except ApiError as exc:
             return exc.message
         return None

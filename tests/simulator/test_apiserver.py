@@ -108,7 +108,7 @@ async def test_watch_resumes_from_a_resource_version(core: client.CoreV1Api) -> 
             timeout_seconds=1,
         ):
             seen.append((event["type"], event["object"].metadata.name))
-    assert seen == [("ADDED", "a"), ("DELETED", "a")]
+    assert seen == [("ADDED", "a"), ("MODIFIED", "a"), ("DELETED", "a")]  # deletionTimestamp first
 
 
 async def test_watch_from_a_compacted_version_is_gone(
