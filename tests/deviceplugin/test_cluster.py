@@ -11,7 +11,7 @@ import pytest
 
 from gpushare.core import allocations, names, nodereport
 from gpushare.core.allocations import Allocation
-from gpushare.core.ids import CardUUID
+from gpushare.core.ids import CardUUID, pod_key
 from gpushare.deviceplugin import escapes, kube, reconcile, watchdog
 from gpushare.deviceplugin.agent import Agent
 from gpushare.deviceplugin.watchdog import CgroupLocator
@@ -175,9 +175,9 @@ def running_pod(
             },
             "strategic",
         )
-        kubelet.assigned[(namespace, name)] = {
-            "kserve-container": (names.RESOURCE_GPU_MEMORY, [f"{CARD_A}-{u}" for u in range(4)])
-        }
+        kubelet.hold(
+            pod_key(namespace, name), "kserve-container", [f"{CARD_A}-{u}" for u in range(4)]
+        )
         write_proc(short_tmp / "proc", process["pid"], uid, CID)
         listed = {**process, "card": CARD_A}
         write_fake(nvml_file, [card(CARD_A, 0), card(CARD_B, 1)], processes=[listed])
@@ -267,9 +267,9 @@ async def test_annotations_that_disagree_with_kubelet_are_corrected(
         },
     )
     pods = await watch_pods()
-    kubelet.assigned[(namespace, "bloom")] = {
-        "kserve-container": (names.RESOURCE_GPU_MEMORY, [f"{CARD_B}-{u}" for u in range(6)])
-    }
+    kubelet.hold(
+        pod_key(namespace, "bloom"), "kserve-container", [f"{CARD_B}-{u}" for u in range(6)]
+    )
     agent = make_agent(isolation="none", api=api, pods=pods, node=node)
     await agent.poll()
     await agent.published()

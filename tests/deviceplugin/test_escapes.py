@@ -12,7 +12,6 @@ from typing import Any, Final
 
 import pytest
 
-from gpushare.core import names
 from gpushare.core.config import Isolation
 from gpushare.core.ids import CardUUID, pod_key
 from gpushare.deviceplugin import escapes, watchdog
@@ -52,9 +51,7 @@ ESCAPE_LABELS: Final = {
 def held_by_bloom(kubelet: TestKubelet, short_tmp: Path, nvml_file: Path) -> list[dict[str, Any]]:
     """Kubelet holds 10 units of card A for bloom's vLLM container, whose process 4242 escapes
     on it; what the fake NVML lists."""
-    kubelet.assigned[("ns", "bloom")] = {
-        "kserve-container": (names.RESOURCE_GPU_MEMORY, [f"{CARD_A}-{u}" for u in range(10)])
-    }
+    kubelet.hold(pod_key("ns", "bloom"), "kserve-container", [f"{CARD_A}-{u}" for u in range(10)])
     write_proc(short_tmp / "proc", 4242, UID, CID)
     write_fake(nvml_file, [card(CARD_A, 0), card(CARD_B, 1)], processes=[OUTSIDE_MPS])
     return [OUTSIDE_MPS]

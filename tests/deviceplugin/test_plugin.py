@@ -12,7 +12,7 @@ import pytest
 
 from gpushare.core import allocations, names
 from gpushare.core.allocations import Allocation
-from gpushare.core.ids import CardUUID
+from gpushare.core.ids import CardUUID, pod_key
 from gpushare.deviceplugin import devices, mps
 from gpushare.deviceplugin.api.deviceplugin.v1beta1 import api_pb2 as dp
 from gpushare.deviceplugin.pods import PodInfo
@@ -247,7 +247,7 @@ async def test_stops_an_mps_daemon_once_its_pod_is_gone(
     async with running(agent, kubelet):
         response = await kubelet.admit("ns", "pod", "c", 4)
         pipe = response.envs[names.ENV_MPS_PIPE_DIRECTORY]
-        kubelet.release("ns", "pod")
+        kubelet.release(pod_key("ns", "pod"))
         await agent.reconcile()
         assert f"{pipe} quit" not in mps_control.lines()  # kubelet may not list it yet: grace
         now[0] += mps.RELEASE_GRACE_SECONDS + 1

@@ -8,6 +8,7 @@ import grpc.aio
 import pytest
 
 from gpushare.core import names
+from gpushare.core.ids import pod_key
 from gpushare.deviceplugin.api.deviceplugin.v1beta1 import api_pb2 as dp
 from tests.deviceplugin.conftest import (
     CARD_A,
@@ -77,13 +78,13 @@ async def test_ids_a_live_container_holds_are_refused(
     async with running(make_agent(isolation="none"), kubelet):
         assert kubelet.stub is not None
         await kubelet.admit("ns", "holder", "c", 4)
-        (held,) = kubelet.assigned["ns", "holder"].values()
-        error = await refused(kubelet.stub.Allocate(allocate_request(*held[1][:2])))
+        (held,) = kubelet.holdings[pod_key("ns", "holder")]
+        error = await refused(kubelet.stub.Allocate(allocate_request(*held.devices[:2])))
         assert error.code() == grpc.StatusCode.INVALID_ARGUMENT
         assert "held by container c of pod ns/holder" in (error.details() or "")
         # Once kubelet has freed them (the pod is gone), the same IDs are granted.
-        kubelet.release("ns", "holder")
-        answer = await kubelet.stub.Allocate(allocate_request(*held[1][:2]))
+        kubelet.release(pod_key("ns", "holder"))
+        answer = await kubelet.stub.Allocate(allocate_request(*held.devices[:2]))
         assert answer.container_responses[0].envs[names.ENV_GRANTED_BYTES] == str(2 * GI)
 
 

@@ -10,6 +10,7 @@ from typing import Any
 import pytest
 
 from gpushare.core import allocations, names
+from gpushare.core.ids import pod_key
 from gpushare.deviceplugin import kube
 from tests import cluster
 from tests.deviceplugin.conftest import (
@@ -91,7 +92,7 @@ async def test_a_two_container_pod_round_trips_between_extender_plugin_and_ledge
             ids = [f"{other}-{u}" for u in range(10)]
             assert kubelet.stub is not None
             await kubelet.stub.Allocate(allocate_request(*ids))
-            kubelet.assigned[namespace, "two"]["sidecar"] = (names.RESOURCE_GPU_MEMORY, ids)
+            kubelet.hold(pod_key(namespace, "two"), "sidecar", ids)
             await agent.reconcile()
     finally:
         watch.cancel()

@@ -98,7 +98,7 @@ async def test_a_plugin_replaced_under_running_servers_loses_nothing(
         assert agent.cards[CARD_A].used_bytes == 30 * GI  # type: ignore[index]
         # And so the card takes no more than is left beside them (47 units and a third server
         # would pass its 79.18 GiB by 15 MiB).
-        held = {i for pod in kubelet.assigned.values() for _, ids in pod.values() for i in ids}
+        held = kubelet.held()
         rest = [f"{CARD_A}-{u}" for u in range(79) if f"{CARD_A}-{u}" not in held]
         assert kubelet.stub is not None
         with pytest.raises(grpc.aio.AioRpcError) as caught:
