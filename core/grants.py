@@ -10,7 +10,7 @@ offers its CUDA total less one server. ``cgroup`` and ``none`` run no server. ``
 
 from dataclasses import dataclass
 
-from gpushare.core import quantities
+from gpushare.core import errors, names, quantities
 
 
 @dataclass(frozen=True, slots=True)
@@ -39,3 +39,15 @@ def largest_grant_bytes(cuda_total_bytes: int, unit_bytes: int, costs: Overheads
     """The largest grant an idle card holds: whole units of what is left after the overheads."""
     room = max(grantable_bytes(cuda_total_bytes, costs) - costs.per_allocation, 0)
     return quantities.card_units(room, unit_bytes) * unit_bytes
+
+
+def compute_share(value: object) -> int:
+    """The ``gpushare.io/compute-share`` value as a whole percentage, 1 to 100 (``"30"`` or
+    ``"30%"``); :class:`~gpushare.core.errors.BadRequest` saying what to write otherwise."""
+    text = str(value).strip().removesuffix("%").strip()
+    if text.isascii() and text.isdigit() and 1 <= int(text) <= 100:
+        return int(text)
+    raise errors.BadRequest(
+        f"{names.ANNOTATION_COMPUTE_SHARE}: {value!r} is not a share of the card's compute;"
+        ' write a whole percentage from 1 to 100, such as "30"'
+    )

@@ -25,6 +25,10 @@ ANNOTATION_GPU_MEMORY: Final = f"{DOMAIN}/gpu-memory"
 ANNOTATION_POLICY: Final = f"{DOMAIN}/policy"
 """Per-pod override of the placement policy (``fill``, ``binpack`` or ``spread``)."""
 
+ANNOTATION_COMPUTE_SHARE: Final = f"{DOMAIN}/compute-share"
+"""Optional: the share of the card's streaming multiprocessors a pod's servers may use, in percent
+(1 to 100): MPS's active-thread percentage (``docs/isolation.md`` says where it is enforced)."""
+
 # --- Annotations written at bind time (on the Binding, so they land with the node) ----------------
 ANNOTATION_CARD_UUID: Final = f"{DOMAIN}/card-uuid"
 ANNOTATION_CARD_INDEX: Final = f"{DOMAIN}/card-index"
@@ -37,6 +41,9 @@ ANNOTATION_ALLOCATIONS: Final = f"{DOMAIN}/allocations"
 Each entry: ``{"container", "card-uuid", "card-index", "card-total-bytes", "granted-bytes"}``.
 The pod-level annotations above always describe the first such container.
 """
+
+USER_ANNOTATIONS: Final = (ANNOTATION_GPU_MEMORY, ANNOTATION_POLICY, ANNOTATION_COMPUTE_SHARE)
+"""Every annotation a user writes; all other ``gpushare.io/`` keys are gpushare's own."""
 
 # --- Annotations written by the webhook and the agent ---------------------------------------------
 ANNOTATION_MUTATED: Final = f"{DOMAIN}/mutated"
@@ -82,6 +89,8 @@ ENV_VLLM_UTILIZATION: Final = "GPUSHARE_VLLM_GPU_MEMORY_UTILIZATION"
 ENV_MPS_PIPE_DIRECTORY: Final = "CUDA_MPS_PIPE_DIRECTORY"
 ENV_MPS_LOG_DIRECTORY: Final = "CUDA_MPS_LOG_DIRECTORY"
 ENV_MPS_MEM_LIMIT: Final = "CUDA_MPS_PINNED_DEVICE_MEM_LIMIT"
+ENV_MPS_ACTIVE_THREAD_PERCENTAGE: Final = "CUDA_MPS_ACTIVE_THREAD_PERCENTAGE"
+"""A client's share of the SMs; it can only lower the control daemon's default, never raise it."""
 ENV_GPU_MEMORY_REQUEST: Final = "NVIDIA_GPU_MEMORY_REQUEST"
 ENV_GPU_MEMORY_LIMIT: Final = "NVIDIA_GPU_MEMORY_LIMIT"
 """Read (in MiB) by the NVIDIA container toolkit's CDI hook ``apply-cuda-memory-limits`` (toolkit

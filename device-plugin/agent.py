@@ -7,13 +7,15 @@ of it runs on one asyncio loop, so state changes need no locks beyond the one th
 """
 
 import asyncio
+import collections
+import dataclasses
 import logging
 import time
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Final
 
-from gpushare.core import errors
+from gpushare.core import errors, grants, names
 from gpushare.core.config import Settings
 from gpushare.core.ids import CardUUID, DeviceID, PodKey
 from gpushare.core.nodereport import CardReport
@@ -30,7 +32,7 @@ from gpushare.deviceplugin import (
 from gpushare.deviceplugin.metrics import CardState, Metrics
 from gpushare.deviceplugin.nvml import CardReading, Nvml, Snapshot
 from gpushare.deviceplugin.podresources import Holding, PodResourcesClient, PodResourcesError
-from gpushare.deviceplugin.pods import PodSource, next_wanted
+from gpushare.deviceplugin.pods import PodSource, Wanted, next_wanted
 from gpushare.deviceplugin.report import Reporter
 from gpushare.deviceplugin.watchdog import PollLocator, ProcessLocator, Watchdog, usage
 
@@ -44,6 +46,8 @@ STALL_SECONDS: Final = 60.0
 """A poll loop that has not finished a round this long (or ten periods, if longer) is stuck:
 ``/healthz`` fails and kubelet restarts the agent. A round reads NVML and may start an MPS daemon
 (five seconds at worst); the API is never awaited in it."""
+STEERED_KEPT: Final = 64
+"""Recent preferences remembered with the container each was for (kubelet allocates right after)."""
 
 
 @dataclass(frozen=True)
@@ -97,6 +101,10 @@ class Agent:
         self._devices: list[tuple[DeviceID, bool]] = []
         self._listed: frozenset[str] = frozenset()
         self._allocating = asyncio.Lock()
+        self._steered: collections.OrderedDict[tuple[str, ...], Wanted] = (
+            collections.OrderedDict()
+        )
+        """The container each recent preference was made for, by its IDs (the newest last)."""
         self.reporter = (
             Reporter(
                 api,
@@ -374,28 +382,59 @@ class Agent:
         """
         self.check_advertised(available)
         self.check_advertised(must_include)
-        target: CardUUID | None = None
-        if self.pods is not None:
-            await self.refresh_holdings()
-            wanted = next_wanted(
-                self.pods.pods(),
-                units=size,
-                unit_bytes=self.settings.unit_bytes,
-                cards=self.cards,
-                held=self.holders(),
+        wanted = await self._wanted(size)
+        if wanted is not None:
+            logger.info(
+                "preferring card %s for %d unit(s): pod %s container %s",
+                wanted.card,
+                size,
+                wanted.pod.key,
+                wanted.container,
             )
-            if wanted is not None:
-                target = wanted.card
-                logger.info(
-                    "preferring card %s for %d unit(s): pod %s container %s",
-                    target,
-                    size,
-                    wanted.pod.key,
-                    wanted.container,
-                )
-            else:
-                logger.info("no bound pod asks for %d unit(s): preferring the fullest card", size)
-        return allocation.preferred(available, must_include, size, target=target)
+        elif self.pods is not None:
+            logger.info("no bound pod asks for %d unit(s): preferring the fullest card", size)
+        target = None if wanted is None else wanted.card
+        chosen = allocation.preferred(available, must_include, size, target=target)
+        if wanted is not None:
+            self._steered[tuple(sorted(chosen))] = wanted
+            while len(self._steered) > STEERED_KEPT:
+                self._steered.popitem(last=False)
+        return chosen
+
+    async def _wanted(self, size: int, card: CardUUID | None = None) -> Wanted | None:
+        """The container kubelet is admitting now for ``size`` units (on ``card``, if named)."""
+        if self.pods is None:
+            return None
+        await self.refresh_holdings()
+        wanted = next_wanted(
+            self.pods.pods(),
+            units=size,
+            unit_bytes=self.settings.unit_bytes,
+            cards=self.cards if card is None else [card],
+            held=self.holders(),
+        )
+        return wanted
+
+    async def _compute_share(self, grant: allocation.Grant) -> int | None:
+        """The ``gpushare.io/compute-share`` of the pod these IDs are for, if it asks for one.
+
+        The pod is the one the preference for these IDs was made for, else the one kubelet is
+        admitting now for this many units of this card; a value the webhook would have refused
+        (it ran before this pod's annotations could change) is ignored, loudly.
+        """
+        wanted = self._steered.get(tuple(sorted(grant.devices)))
+        if wanted is None:
+            wanted = await self._wanted(len(grant.devices), grant.card)
+        if wanted is None:
+            return None
+        value = wanted.pod.annotations.get(names.ANNOTATION_COMPUTE_SHARE)
+        if value is None:
+            return None
+        try:
+            return grants.compute_share(value)
+        except errors.BadRequest as exc:
+            logger.warning("pod %s: %s; no compute share is set", wanted.pod.key, exc)
+            return None
 
     def check_advertised(self, device_ids: Sequence[str]) -> None:
         """Refuse IDs this plugin never listed (or spelled otherwise, or twice), naming one."""
@@ -416,7 +455,8 @@ class Agent:
             self.check_advertised(device_ids)
             grant = allocation.grant_of(device_ids, unit_bytes=self.settings.unit_bytes)
             await self._check_not_held(grant)
-            return await self._grant(grant)
+            share = await self._compute_share(grant)
+            return await self._grant(dataclasses.replace(grant, compute_share=share))
 
         return await self._counted(checked)
 

@@ -23,6 +23,8 @@ class Grant:
     card: CardUUID
     devices: tuple[DeviceID, ...]
     granted_bytes: int
+    compute_share: int | None = None
+    """The pod's ``gpushare.io/compute-share`` (percent of the SMs), when it asks for one."""
 
     @property
     def key(self) -> str:
@@ -123,6 +125,9 @@ def setup(
             raise errors.Conflict(f"isolation {isolation!r} has no MPS daemon for {grant.card}")
         envs[names.ENV_MPS_PIPE_DIRECTORY] = str(pipe_directory)
         envs[names.ENV_MPS_MEM_LIMIT] = f"{grant.card}={grant.limit_mib}M"
+        if grant.compute_share is not None:
+            # Enforced in ``mps`` by the daemon's default; in ``mps-shared`` the client's own.
+            envs[names.ENV_MPS_ACTIVE_THREAD_PERCENTAGE] = str(grant.compute_share)
         mounts = (Mount(container_path=str(pipe_directory), host_path=str(pipe_directory)),)
     # The toolkit's hooks, the memory limit's among them, run for CDI devices.
     named = settings.agent.cdi or isolation == "cgroup"

@@ -27,6 +27,7 @@ running daemon the limit variable is silently ignored, so a mode whose daemon is
 """
 
 import asyncio
+import dataclasses
 import json
 import logging
 import os
@@ -382,6 +383,9 @@ class PerContainer:
         existing = self._daemons.get(grant.key)
         if existing is not None and alive(existing.pipe_directory):
             return existing.pipe_directory
+        if grant.compute_share is None and existing is not None and existing.grant is not None:
+            # A restart before the container starts (PreStartContainer names IDs only).
+            grant = dataclasses.replace(grant, compute_share=existing.grant.compute_share)
         ids = set(grant.devices)
         for key, other in list(self._daemons.items()):
             if key != grant.key and other.grant is not None and ids & set(other.grant.devices):
@@ -407,6 +411,11 @@ class PerContainer:
                 grant.card,
                 f"set_default_device_pinned_mem_limit {LIMIT_DEVICE} {grant.limit_mib}M",
             )
+            if grant.compute_share is not None:
+                # A ceiling: a client's own CUDA_MPS_ACTIVE_THREAD_PERCENTAGE can only lower it.
+                await self._control.command(
+                    pipe, grant.card, f"set_default_active_thread_percentage {grant.compute_share}"
+                )
         except MpsError as exc:
             await self._control.quit(pipe)
             self._failed = (grant.card, str(exc))
@@ -539,6 +548,7 @@ def _write_grant(pipe: Path, grant: Grant) -> None:
         "card": grant.card,
         "devices": list(grant.devices),
         "granted_bytes": grant.granted_bytes,
+        "compute_share": grant.compute_share,
     }
     (pipe / GRANT_FILE).write_text(json.dumps(data))
 
@@ -550,6 +560,7 @@ def _read_grant(pipe: Path) -> Grant | None:
             card=CardUUID(data["card"]),
             devices=tuple(data["devices"]),
             granted_bytes=int(data["granted_bytes"]),
+            compute_share=None if data.get("compute_share") is None else int(data["compute_share"]),
         )
     except (OSError, ValueError, KeyError, TypeError):
         return None

@@ -12,7 +12,7 @@ from typing import Any, Final
 from gpushare.core import config, errors, grants, names, placement, quantities
 from gpushare.webhook import vllm
 
-USER_ANNOTATIONS: Final = (names.ANNOTATION_GPU_MEMORY, names.ANNOTATION_POLICY)
+USER_ANNOTATIONS: Final = names.USER_ANNOTATIONS
 """The annotations a user writes."""
 
 COMPONENTS: Final = ("transformer", "explainer")
@@ -180,7 +180,7 @@ def annotation_keys(
         hint = (
             f"did you mean {suggestion}?"
             if suggestion
-            else f"gpushare reads only {' and '.join(USER_ANNOTATIONS)}"
+            else f"gpushare reads only {', '.join(USER_ANNOTATIONS)}"
         )
         message = f"{where}unknown annotation {key!r}: {hint}"
         reasons.append(Reason("unknown-annotation", message))
@@ -219,6 +219,11 @@ def annotations(
     if names.ANNOTATION_POLICY in values:
         more = policy(values[names.ANNOTATION_POLICY])
         reasons += [Reason(reason.code, where + reason.message) for reason in more]
+    if names.ANNOTATION_COMPUTE_SHARE in values:
+        try:
+            grants.compute_share(values[names.ANNOTATION_COMPUTE_SHARE])
+        except errors.BadRequest as exc:
+            reasons.append(Reason("bad-compute-share", where + str(exc)))
     return Verdict(tuple(reasons), tuple(warnings))
 
 

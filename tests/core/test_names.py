@@ -41,5 +41,5 @@ def test_every_annotation_gpushare_writes_on_pods_is_a_system_annotation() -> No
         value
         for key, value in _constants().items()
         if key.startswith("ANNOTATION_") and key not in ("ANNOTATION_NODE_REPORT",)
-    } - {names.ANNOTATION_GPU_MEMORY, names.ANNOTATION_POLICY}
+    } - set(names.USER_ANNOTATIONS)
     assert written == names.SYSTEM_ANNOTATIONS

@@ -105,7 +105,13 @@ async def test_a_critical_xid_makes_the_card_unhealthy(
 
 
 def bound_pod(
-    name: str, cards: dict[str, str], units: int, *, created: int, bind: int
+    name: str,
+    cards: dict[str, str],
+    units: int,
+    *,
+    created: int,
+    bind: int,
+    annotations: dict[str, str] | None = None,
 ) -> tuple[PodInfo, NewPod]:
     """A pod bound by the extender (``cards``: container to card), as the plugin and kubelet see
     it; times are seconds into 2030."""
@@ -117,7 +123,10 @@ def bound_pod(
     info = PodInfo(
         namespace="ns",
         name=name,
-        annotations=allocations.encode(recorded, bind_time=when + timedelta(seconds=bind)),
+        annotations={
+            **allocations.encode(recorded, bind_time=when + timedelta(seconds=bind)),
+            **(annotations or {}),
+        },
         requests=dict.fromkeys(cards, units),
         created=when + timedelta(seconds=created),
     )
@@ -183,6 +192,68 @@ async def test_allocate_returns_the_contract_environment_under_mps(
     assert [d.name for d in response.cdi_devices] == [f"nvidia.com/gpu={CARD_A}"]
     assert f"{pipe} start CUDA_VISIBLE_DEVICES={CARD_A}" in mps_control.lines()
     assert f"{pipe} set_default_device_pinned_mem_limit 0 20480M" in mps_control.lines()
+
+
+SHARE = names.ANNOTATION_COMPUTE_SHARE
+
+
+async def test_a_compute_share_is_the_mps_daemons_ceiling_and_the_clients_setting(
+    make_agent: AgentFactory, kubelet: TestKubelet, mps_control: FakeControl
+) -> None:
+    capped, capped_new = bound_pod("capped", {"c": CARD_B}, 12, created=1, bind=1,
+                                   annotations={SHARE: "30%"})
+    plain, plain_new = bound_pod("plain", {"c": CARD_A}, 12, created=2, bind=2)
+    agent = make_agent(isolation="mps", pods=StaticPods([capped, plain]))
+    async with running(agent, kubelet):
+        answers = await kubelet.admit_batch([capped_new, plain_new])
+    capped_env, plain_env = answers["capped", "c"].envs, answers["plain", "c"].envs
+    assert capped_env[names.ENV_MPS_ACTIVE_THREAD_PERCENTAGE] == "30"
+    assert names.ENV_MPS_ACTIVE_THREAD_PERCENTAGE not in plain_env
+    capped_pipe = capped_env[names.ENV_MPS_PIPE_DIRECTORY]
+    lines = mps_control.lines()
+    # Set before any client connects, after the memory limit; the other daemon has none.
+    assert lines.index(f"{capped_pipe} set_default_active_thread_percentage 30") > lines.index(
+        f"{capped_pipe} set_default_device_pinned_mem_limit 0 12288M"
+    )
+    assert not [line for line in lines if "active_thread" in line and capped_pipe not in line]
+
+
+async def test_a_restarted_daemon_keeps_its_compute_share(
+    make_agent: AgentFactory, kubelet: TestKubelet, mps_control: FakeControl
+) -> None:
+    capped, capped_new = bound_pod("capped", {"c": CARD_A}, 8, created=1, bind=1,
+                                   annotations={SHARE: "25"})
+    agent = make_agent(isolation="mps", pods=StaticPods([capped]))
+    async with running(agent, kubelet):
+        answers = await kubelet.admit_batch([capped_new])
+        pipe = answers["capped", "c"].envs[names.ENV_MPS_PIPE_DIRECTORY]
+        mps_control.kill_all()
+        assert kubelet.stub is not None
+        ids = list(answers["capped", "c"].devices)
+        await kubelet.stub.PreStartContainer(dp.PreStartContainerRequest(devices_ids=ids))
+    assert mps_control.lines().count(f"{pipe} set_default_active_thread_percentage 25") == 2
+
+
+async def test_under_mps_shared_the_share_is_the_clients_own_setting(
+    make_agent: AgentFactory, kubelet: TestKubelet, mps_control: FakeControl
+) -> None:
+    capped, capped_new = bound_pod("capped", {"c": CARD_A}, 8, created=1, bind=1,
+                                   annotations={SHARE: "40"})
+    async with running(make_agent(isolation="mps-shared", pods=StaticPods([capped])), kubelet):
+        answers = await kubelet.admit_batch([capped_new])
+    assert answers["capped", "c"].envs[names.ENV_MPS_ACTIVE_THREAD_PERCENTAGE] == "40"
+    assert not [line for line in mps_control.lines() if "active_thread" in line]
+
+
+async def test_a_share_the_webhook_would_refuse_sets_nothing(
+    make_agent: AgentFactory, kubelet: TestKubelet, mps_control: FakeControl
+) -> None:
+    odd, odd_new = bound_pod("odd", {"c": CARD_A}, 8, created=1, bind=1,
+                             annotations={SHARE: "all of it"})
+    async with running(make_agent(isolation="mps", pods=StaticPods([odd])), kubelet):
+        answers = await kubelet.admit_batch([odd_new])
+    assert names.ENV_MPS_ACTIVE_THREAD_PERCENTAGE not in answers["odd", "c"].envs
+    assert not [line for line in mps_control.lines() if "active_thread" in line]
 
 
 async def test_allocate_refuses_ids_that_span_cards(

@@ -66,6 +66,7 @@ def test_a_predictor_without_a_gpu_is_warned_about() -> None:
     assert any("KServe may run a CPU image" in w for w in verdict.warnings)
 
 
+SHARE = names.ANNOTATION_COMPUTE_SHARE
 ANNOTATION_REFUSALS = [
     ("words", {KEY: "twenty gigs"}, 'is not a Kubernetes quantity; write a size such as "20Gi"'),
     ("sub-byte suffix", {KEY: "500m"}, "sub-unit suffix 'm'"),
@@ -82,10 +83,15 @@ ANNOTATION_REFUSALS = [
     ("dot for slash", {"gpushare.io.gpu-memory": "20Gi"}, "did you mean gpushare.io/gpu-memory?"),
     ("capitals", {"gpushare.io/GPU-Memory": "20Gi"}, "did you mean gpushare.io/gpu-memory?"),
     ("policy typo", {"gpushare.io/polcy": "spread"}, "did you mean gpushare.io/policy?"),
-    ("far off", {"gpushare.io/zzz": "1"}, "gpushare reads only gpushare.io/gpu-memory and"),
+    ("far off", {"gpushare.io/zzz": "1"}, "gpushare reads only gpushare.io/gpu-memory,"),
     ("extra key beside", {KEY: "20Gi", "gpushare.io/gpu-memroy": "2Gi"}, "did you mean"),
     ("system key", {KEY: "20Gi", names.ANNOTATION_CARD_UUID: "GPU-1"}, "written by gpushare"),
     ("bad policy", {KEY: "20Gi", names.ANNOTATION_POLICY: "packed"}, "fill, binpack, spread"),
+    ("share words", {KEY: "20Gi", SHARE: "half"}, "write a whole percentage from 1 to 100"),
+    ("share zero", {KEY: "20Gi", SHARE: "0"}, 'such as "30"'),
+    ("share above all", {KEY: "20Gi", SHARE: "150%"}, "from 1 to 100"),
+    ("share fraction", {KEY: "20Gi", SHARE: "0.3"}, "whole percentage"),
+    ("share typo", {KEY: "20Gi", "gpushare.io/compute-shares": "30"}, "did you mean"),
 ]
 
 
@@ -101,6 +107,12 @@ def test_bad_annotations_are_refused_saying_what_to_write(
     verdict = check(body)
     assert not verdict.allowed
     assert says in verdict.message
+
+
+@pytest.mark.parametrize("share", ["1", "30", "30%", " 100 "])
+def test_a_compute_share_from_one_to_a_hundred_percent_is_valid(share: str) -> None:
+    body = builders.isvc(builders.FIXTURES[1], **{SHARE: share})
+    assert check(body).allowed
 
 
 @pytest.mark.parametrize("policy", ["fill", "binpack", "spread"])
