@@ -1,0 +1,99 @@
+"""The GPU proof's command line (see :mod:`benchmarks.gpuproof`)."""
+
+import argparse
+import asyncio
+import json
+import math
+import os
+import re
+import sys
+import time
+from pathlib import Path
+
+from benchmarks.gpuproof.common import FAKE_VLLM, Options
+from benchmarks.gpuproof.phases import run
+from benchmarks.gpuproof.report import merge, plot
+from gpushare.deviceplugin import mps
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", type=Path, required=True, help="folder for the JSON and PNG")
+    parser.add_argument("--phases", default="alone,mps,mps-shared")
+    parser.add_argument(
+        "--dry-run", action="store_true", help="no GPU: fake NVML, stand-in MPS control and vLLM"
+    )
+    parser.add_argument(
+        "--fake-server",
+        action="store_true",
+        help="start the vLLM stand-in instead of vLLM (implied by --dry-run)",
+    )
+    parser.add_argument("--model", default="/tmp/model")
+    parser.add_argument(
+        "--python", default=sys.executable, help="the interpreter that runs the containers' python3"
+    )
+    parser.add_argument(
+        "--server-pythonpath",
+        default=os.environ.get("SERVER_PYTHONPATH", ""),
+        help="PYTHONPATH of the servers (where vLLM lives)",
+    )
+    parser.add_argument("--mps-control", default=mps.CONTROL)
+    parser.add_argument("--requests", type=int, default=20)
+    parser.add_argument("--tokens", type=int, default=128)
+    parser.add_argument("--busy-streams", type=int, default=8)
+    parser.add_argument(
+        "--no-eager",
+        action="store_true",
+        help="let vLLM compile and capture CUDA graphs (slower start)",
+    )
+    parser.add_argument(
+        "--deadline",
+        type=float,
+        default=0.0,
+        help="seconds after which no new step starts (0: none)",
+    )
+    parser.add_argument("--merge", type=Path, nargs="+", help="merge these runs' JSON into --out")
+    parser.add_argument("--plot", type=Path, help="only draw the PNG of this JSON into --out")
+    args = parser.parse_args()
+    if args.merge:
+        merge(args.merge, args.out)
+        return 0
+    if args.plot:
+        args.out.mkdir(parents=True, exist_ok=True)
+        plot(json.loads(args.plot.read_text()), args.out / "gpu-proof.png")
+        return 0
+    fake = args.fake_server or args.dry_run
+    pythonpath = str(FAKE_VLLM) if fake else args.server_pythonpath
+    opts = Options(
+        out=args.out,
+        phases=tuple(p for p in args.phases.split(",") if p),
+        dry_run=args.dry_run,
+        fake_server=fake,
+        model=args.model,
+        python=args.python,
+        server_pythonpath=pythonpath,
+        mps_control=args.mps_control,
+        requests=args.requests,
+        tokens=args.tokens,
+        busy_streams=args.busy_streams,
+        eager=not args.no_eager,
+        deadline=time.monotonic() + args.deadline if args.deadline > 0 else math.inf,
+    )
+    unknown = {
+        p
+        for p in opts.phases
+        if p not in ("alone", "mps", "mps-shared", "concurrent")
+        and not re.fullmatch(r"concurrent(-none|-shared)?(-\d+)?", p)
+    }
+    if unknown:
+        parser.error(
+            f"unknown phases {sorted(unknown)}: use alone, mps, mps-shared,"
+            " concurrent[-none|-shared][-N]"
+        )
+    data = asyncio.run(run(opts))
+    print(json.dumps(data.get("summary", {}), indent=1))
+    return 0 if all("error" not in p for p in data.get("phases", {}).values()) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
