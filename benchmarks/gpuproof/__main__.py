@@ -10,10 +10,20 @@ import sys
 import time
 from pathlib import Path
 
-from benchmarks.gpuproof.common import FAKE_VLLM, Options
+from benchmarks.gpuproof.common import FAKE_VLLM, INSTANCES, TARGET, Options
 from benchmarks.gpuproof.phases import run
 from benchmarks.gpuproof.report import merge, plot
 from gpushare.deviceplugin import mps
+
+
+def _instances(parser: argparse.ArgumentParser, text: str) -> tuple[tuple[str, int], ...]:
+    pairs = []
+    for item in text.split(","):
+        name, _, gib = item.partition(":")
+        if not name or not gib.isdigit():
+            parser.error(f"--instances {text!r}: write NAME:GiB,... such as llm-a:24,llm-b:24")
+        pairs.append((name, int(gib)))
+    return tuple(pairs)
 
 
 def main() -> int:
@@ -52,6 +62,19 @@ def main() -> int:
         default=0.0,
         help="seconds after which no new step starts (0: none)",
     )
+    parser.add_argument(
+        "--repeats", type=int, default=3, help="latency runs per condition (default 3)"
+    )
+    parser.add_argument(
+        "--instances",
+        default=",".join(f"{n}:{g}" for n, g in INSTANCES),
+        help="the services packed on the card, NAME:GiB,... (default the four of 10-24 GiB)",
+    )
+    parser.add_argument("--target", default=TARGET, help="the service whose latency is measured")
+    parser.add_argument(
+        "--share", type=int, default=30, help="the neighbour's compute share in the share phase"
+    )
+    parser.add_argument("--max-model-len", type=int, default=4096)
     parser.add_argument("--merge", type=Path, nargs="+", help="merge these runs' JSON into --out")
     parser.add_argument("--plot", type=Path, help="only draw the PNG of this JSON into --out")
     args = parser.parse_args()
@@ -78,16 +101,21 @@ def main() -> int:
         busy_streams=args.busy_streams,
         eager=not args.no_eager,
         deadline=time.monotonic() + args.deadline if args.deadline > 0 else math.inf,
+        repeats=args.repeats,
+        instances=_instances(parser, args.instances),
+        target=args.target,
+        share=args.share,
+        max_model_len=args.max_model_len,
     )
     unknown = {
         p
         for p in opts.phases
-        if p not in ("alone", "mps", "mps-shared", "concurrent")
+        if p not in ("alone", "mps", "mps-shared", "share", "concurrent")
         and not re.fullmatch(r"concurrent(-none|-shared)?(-\d+)?", p)
     }
     if unknown:
         parser.error(
-            f"unknown phases {sorted(unknown)}: use alone, mps, mps-shared,"
+            f"unknown phases {sorted(unknown)}: use alone, mps, mps-shared, share,"
             " concurrent[-none|-shared][-N]"
         )
     data = asyncio.run(run(opts))

@@ -4,7 +4,7 @@ import asyncio
 import dataclasses
 import re
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any, Final
 
@@ -12,78 +12,43 @@ from gpushare.core import names, quantities
 from gpushare.simulator import kserve
 
 GI: Final = quantities.GI
-
-
 MI: Final = quantities.MI
-
-
 NODE: Final = "gpu-node"
-
-
 NAMESPACE: Final = "default"
-
-
 FIRST_PORT: Final = 8100
-
-
 INSTANCES: Final = (("llm-10g", 10), ("llm-16g", 16), ("llm-20g", 20), ("llm-24g", 24))
-"""The four InferenceServices and their annotations in GiB."""
-
-
+"""The four InferenceServices and their annotations in GiB (``--instances`` names others)."""
 TARGET: Final = "llm-20g"
-"""The instance whose latency is measured in every condition."""
-
-
+"""The instance whose latency is measured in every condition (``--target``)."""
+NEIGHBOUR: Final = ("llm-24g", 24)
+"""The busy neighbour of the compute-share phase."""
 TOO_MANY: Final = ("llm-16g-more", 16)
 """A fifth service that the card cannot hold beside the four: the extender refuses it."""
-
-
 GREEDY: Final = ("llm-6g-greedy", 6, "0.30")
 """A service that fits, started with a utilization set by hand far above its grant."""
-
-
-PORTS: Final = {
-    name: FIRST_PORT + i
-    for i, name in enumerate([*(n for n, _ in INSTANCES), TOO_MANY[0], GREEDY[0]])
-}
-"""Every server runs on this host's network: each pod's args name a port of its own."""
-
-
 PROMPT: Final = "San Francisco is a city in California. The quick brown fox jumps over the"
-
-
 READY_SECONDS: Final = 420.0
 """A vLLM start takes ~70-80 s with torch.compile after a first ~210 s (H100); eager, less."""
-
-
 REFUSAL_SECONDS: Final = 240.0
-
-
 STOP_SECONDS: Final = 20.0
-
-
 KV_MARKER: Final = re.compile(r"GPU KV cache size|Available KV cache memory")
-
-
+"""vLLM has sized its cache: the next server may start without disturbing its measurement."""
 REFUSAL: Final = re.compile(r"Free memory on device.*?(?:processes\.|$)", re.MULTILINE)
 """vLLM's start-up check refusing a utilization above the free memory it sees."""
-"""vLLM has sized its cache: the next server may start without disturbing its measurement."""
-
-
 DRY_CARD: Final = "GPU-00000000-0000-4000-8000-0000000000d7"
-
-
 DRY_TOTAL: Final = 81559 * MI
-
-
 DRY_RESERVED: Final = 480 * MI
 """An H100 80GB HBM3 as NVML reports it (measured), for dry runs."""
-
-
 FAKE_VLLM: Final = Path(__file__).resolve().parents[2] / "tests" / "gpu" / "fakevllm"
 
-
 Json = dict[str, Any]
+
+_PORTS: dict[str, int] = {}
+
+
+def port_of(name: str) -> int:
+    """Every server runs on this host's network: each pod's args name a port of its own."""
+    return _PORTS.setdefault(name, FIRST_PORT + len(_PORTS))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -102,6 +67,13 @@ class Options:
     eager: bool
     deadline: float
     """Monotonic time after which no new step begins (inf: none)."""
+    repeats: int = 3
+    """Latency runs per condition (their spread is reported)."""
+    instances: tuple[tuple[str, int], ...] = INSTANCES
+    target: str = TARGET
+    share: int = 30
+    """The busy neighbour's compute share in the share phase, percent."""
+    max_model_len: int = 4096
 
 
 @dataclasses.dataclass
@@ -134,14 +106,24 @@ class Instance:
         return self.log_text().splitlines()[-lines:]
 
 
-def isvc(name: str, gib: int, port: int, model: str, *, eager: bool) -> Json:
-    """An InferenceService as a user writes it: one annotation on a vLLM container."""
+def isvc(
+    name: str,
+    gib: int,
+    port: int,
+    model: str,
+    *,
+    eager: bool,
+    max_model_len: int = 4096,
+    annotations: Mapping[str, str] | None = None,
+) -> Json:
+    """An InferenceService as a user writes it: one annotation on a vLLM container (and any
+    other gpushare annotation given)."""
     args = [
         f"--port={port}",
         f"--model={model}",
         f"--served-model-name={name}",
         "--load-format=dummy",
-        "--max-model-len=4096",
+        f"--max-model-len={max_model_len}",
         "--max-num-seqs=32",
         "--gpu-memory-utilization=0.9",
     ]
@@ -153,7 +135,7 @@ def isvc(name: str, gib: int, port: int, model: str, *, eager: bool) -> Json:
         "metadata": {
             "name": name,
             "namespace": NAMESPACE,
-            "annotations": {names.ANNOTATION_GPU_MEMORY: f"{gib}Gi"},
+            "annotations": {names.ANNOTATION_GPU_MEMORY: f"{gib}Gi", **(annotations or {})},
         },
         "spec": {
             "predictor": {

@@ -113,6 +113,35 @@ async def latency(stack: Stack, instance: Instance, opts: Options) -> Json:
         "tokens_seen": sorted(set(produced)),
         "ttft": stats(ttfts),
         "per_token": stats(tpots),
+        "ttft_samples_ms": [round(v * 1e3, 2) for v in ttfts],
+        "per_token_samples_ms": [round(v * 1e3, 3) for v in tpots if not math.isnan(v)],
+    }
+
+
+async def repeated_latency(stack: Stack, instance: Instance, opts: Options) -> Json:
+    """:func:`latency` ``opts.repeats`` times: pooled figures, each repeat's, and their spread."""
+    runs = [await latency(stack, instance, opts) for _ in range(opts.repeats)]
+    ttfts = [v / 1e3 for run in runs for v in run["ttft_samples_ms"]]
+    tpots = [v / 1e3 for run in runs for v in run["per_token_samples_ms"]]
+
+    def spread(key: str) -> list[float]:
+        medians = [run[key]["p50_ms"] for run in runs if run[key]]
+        return [min(medians), max(medians)] if medians else []
+
+    return {
+        "requests": opts.requests * opts.repeats,
+        "output_tokens": opts.tokens,
+        "tokens_seen": sorted({n for run in runs for n in run["tokens_seen"]}),
+        "ttft": stats(ttfts),
+        "per_token": stats(tpots),
+        "repeats": [
+            {
+                "ttft_p50_ms": run["ttft"].get("p50_ms"),
+                "per_token_p50_ms": run["per_token"].get("p50_ms"),
+            }
+            for run in runs
+        ],
+        "spread": {"ttft_p50_ms": spread("ttft"), "per_token_p50_ms": spread("per_token")},
     }
 
 

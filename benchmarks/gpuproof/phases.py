@@ -1,4 +1,4 @@
-"""The GPU proof's phases: alone, four packed, four started together, refusals."""
+"""The GPU proof's phases: alone, four packed, four started together, refusals, compute share."""
 
 import asyncio
 import contextlib
@@ -11,16 +11,15 @@ import sys
 import tarfile
 import tempfile
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from datetime import UTC, datetime
 from pathlib import Path
 
 from benchmarks.gpuproof.common import (
     GREEDY,
-    INSTANCES,
+    NEIGHBOUR,
     READY_SECONDS,
     REFUSAL,
-    TARGET,
     TOO_MANY,
     Instance,
     Json,
@@ -31,7 +30,7 @@ from benchmarks.gpuproof.measure import (
     card_json,
     complete,
     figures,
-    latency,
+    repeated_latency,
     smi,
     vllm_metrics,
     watchdog_and_exporter,
@@ -48,7 +47,12 @@ def time_left(opts: Options, need: float) -> bool:
 
 
 async def start_all(
-    stack: Stack, results: Results, entry: Json, wanted: Sequence[tuple[str, int]]
+    stack: Stack,
+    results: Results,
+    entry: Json,
+    wanted: Sequence[tuple[str, int]],
+    *,
+    annotations: Mapping[str, str] | None = None,
 ) -> list[Instance]:
     """Submit and start each service; the next starts once the last has sized its cache."""
     submitted = entry.setdefault("submitted", [])
@@ -56,7 +60,7 @@ async def start_all(
     watchers: list[asyncio.Task[bool]] = []
     began = time.monotonic()
     for name, gib in wanted:
-        record = await stack.submit(name, gib)
+        record = await stack.submit(name, gib, annotations=annotations)
         submitted.append(record)
         if "refused_by" in record:
             results.note(f"{name}: refused by {record['refused_by']}: {record['reason']}")
@@ -123,7 +127,7 @@ async def phase_concurrent(opts: Options, results: Results, work: Path, name: st
     stack = Stack(opts, isolation, work, results)
     try:
         await stack.start()
-        ready = await start_together(stack, results, entry, INSTANCES)
+        ready = await start_together(stack, results, entry, opts.instances)
         entry["ready"] = [i.name for i in ready]
         results.save()
         if ready:
@@ -147,13 +151,14 @@ async def phase_alone(opts: Options, results: Results, work: Path) -> None:
     try:
         await stack.start()
         results.note("alone: stack up (isolation none)")
-        ready = await start_all(stack, results, entry, [(TARGET, 20)])
+        wanted = [(n, g) for n, g in opts.instances if n == opts.target]
+        ready = await start_all(stack, results, entry, wanted)
         if not ready:
             return
         target = ready[0]
         entry["completion"] = await complete(stack, target)
         await measure_instances(stack, entry, "ready")
-        entry["latency"] = await latency(stack, target, opts)
+        entry["latency"] = await repeated_latency(stack, target, opts)
         results.note(f"alone: latency {entry['latency']['ttft']} / {entry['latency']['per_token']}")
         await measure_instances(stack, entry, "after load")
     finally:
@@ -168,7 +173,7 @@ async def phase_shared(opts: Options, results: Results, work: Path, isolation: s
     try:
         await stack.start()
         results.note(f"{isolation}: stack up; {stack.kubelet.allocatable} healthy IDs")
-        ready = await start_all(stack, results, entry, INSTANCES)
+        ready = await start_all(stack, results, entry, opts.instances)
         entry["ready"] = [i.name for i in ready]
         results.save()
         if not ready:
@@ -178,22 +183,63 @@ async def phase_shared(opts: Options, results: Results, work: Path, isolation: s
         before = await measure_instances(stack, entry, "ready")
         entry["watchdog"] = await watchdog_and_exporter(stack)
         results.note(f"{isolation}: figures and watchdog recorded")
-        if len(ready) < len(INSTANCES):
+        if len(ready) < len(opts.instances):
             return
         if isolation == "mps":
             await refusals(stack, results, entry, before)
-        target = next(i for i in ready if i.name == TARGET)
+        target = next(i for i in ready if i.name == opts.target)
         others = [i for i in ready if i is not target]
         if time_left(opts, 60):
-            entry["latency_idle"] = await latency(stack, target, opts)
+            entry["latency_idle"] = await repeated_latency(stack, target, opts)
             results.note(f"{isolation}: idle neighbours {entry['latency_idle']['ttft']}")
         if time_left(opts, 60):
             async with busy(stack, others, opts.busy_streams, opts.tokens) as load:
-                measured = await latency(stack, target, opts)
+                measured = await repeated_latency(stack, target, opts)
             entry["latency_busy"] = {**measured, "load": load}
             results.note(f"{isolation}: busy neighbours {measured['ttft']} / {load}")
             await measure_instances(stack, entry, "after load")
             entry["watchdog_after_load"] = await watchdog_and_exporter(stack)
+    finally:
+        await stack.stop()
+        results.save()
+
+
+async def phase_share(opts: Options, results: Results, work: Path) -> None:
+    """A busy neighbour with and without a compute share: the target's latency beside it idle,
+    busy with every SM, and busy capped at ``opts.share`` percent (``gpushare.io/compute-share``
+    on its InferenceService, so the plugin sets its MPS daemon's active-thread percentage)."""
+    entry = results.phase("share")
+    entry["isolation"] = "mps"
+    entry["share_percent"] = opts.share
+    stack = Stack(opts, "mps", work, results)
+    try:
+        await stack.start()
+        target_gib = dict(opts.instances).get(opts.target, 20)
+        ready = await start_all(stack, results, entry, [(opts.target, target_gib), NEIGHBOUR])
+        if len(ready) < 2:
+            return
+        target, neighbour = ready
+        entry["latency_idle"] = await repeated_latency(stack, target, opts)
+        results.note(f"share: idle neighbour {entry['latency_idle']['ttft']}")
+        async with busy(stack, [neighbour], opts.busy_streams, opts.tokens) as load:
+            measured = await repeated_latency(stack, target, opts)
+        entry["latency_busy_uncapped"] = {**measured, "load": load}
+        results.note(f"share: uncapped neighbour {measured['ttft']} / {load}")
+        await stack.release(neighbour)
+        share = {names.ANNOTATION_COMPUTE_SHARE: str(opts.share)}
+        capped_entry = entry.setdefault("capped_start", {})
+        name, gib = NEIGHBOUR
+        wanted = [(f"{name}-capped", gib)]
+        restarted = await start_all(stack, results, capped_entry, wanted, annotations=share)
+        if not restarted:
+            return
+        entry["capped_env"] = {
+            k: v for k, v in restarted[0].env.items() if k.startswith("CUDA_MPS_")
+        }
+        async with busy(stack, restarted, opts.busy_streams, opts.tokens) as load:
+            measured = await repeated_latency(stack, target, opts)
+        entry["latency_busy_capped"] = {**measured, "load": load}
+        results.note(f"share: neighbour capped at {opts.share}% {measured['ttft']} / {load}")
     finally:
         await stack.stop()
         results.save()
@@ -285,8 +331,11 @@ async def run(opts: Options) -> Json:
         "busy_streams": opts.busy_streams,
         "enforce_eager": opts.eager,
         "model": opts.model,
-        "instances": {n: g for n, g in INSTANCES},
-        "target": TARGET,
+        "instances": dict(opts.instances),
+        "target": opts.target,
+        "repeats": opts.repeats,
+        "share_percent": opts.share,
+        "max_model_len": opts.max_model_len,
     }
     results.data["machine"] = machine(opts)
     results.note(f"machine: {results.data['machine']}")
@@ -304,6 +353,8 @@ async def run(opts: Options) -> Json:
             try:
                 if phase == "alone":
                     await phase_alone(opts, results, work / "alone")
+                elif phase == "share":
+                    await phase_share(opts, results, work / "share")
                 elif phase.startswith("concurrent"):
                     await phase_concurrent(opts, results, work / phase, phase)
                 else:

@@ -46,6 +46,9 @@ def summarize(data: Json) -> Json:
         ("mps, busy neighbours", "mps", "latency_busy"),
         ("mps-shared, idle neighbours", "mps-shared", "latency_idle"),
         ("mps-shared, busy neighbours", "mps-shared", "latency_busy"),
+        ("mps, one neighbour idle", "share", "latency_idle"),
+        ("mps, one busy neighbour, every SM", "share", "latency_busy_uncapped"),
+        ("mps, one busy neighbour, compute share", "share", "latency_busy_capped"),
     ]
     for label, phase, key in conditions:
         measured = phases.get(phase, {}).get(key)
@@ -55,7 +58,15 @@ def summarize(data: Json) -> Json:
                 "ttft_p90_ms": measured["ttft"].get("p90_ms"),
                 "per_token_p50_ms": measured["per_token"].get("p50_ms"),
                 "per_token_p90_ms": measured["per_token"].get("p90_ms"),
+                "repeats": len(measured.get("repeats") or [1]),
+                "ttft_p50_spread_ms": (measured.get("spread") or {}).get("ttft_p50_ms"),
+                "per_token_p50_spread_ms": (measured.get("spread") or {}).get("per_token_p50_ms"),
             }
+            load = measured.get("load") or {}
+            if load.get("neighbour_tokens_per_second"):
+                summary["latency"][label]["neighbour_tokens_per_second"] = load[
+                    "neighbour_tokens_per_second"
+                ]
     outside = []
     for phase in ("mps", "mps-shared", "alone"):
         for when, measured in phases.get(phase, {}).get("figures", {}).items():
@@ -199,30 +210,38 @@ def plot(data: Json, path: Path) -> None:
     ttft = [summary[k]["ttft_p50_ms"] or 0 for k in labels]
     tpot = [summary[k]["per_token_p50_ms"] or 0 for k in labels]
 
-    def whisker(key: str) -> list[float]:
-        return [
-            max((summary[k][f"{key}_p90_ms"] or 0) - (summary[k][f"{key}_p50_ms"] or 0), 0)
-            for k in labels
-        ]
+    def whisker(key: str) -> list[list[float]]:
+        """Each condition's spread over its repeats (the p50 of each), else p50 to p90."""
+        low, high = [], []
+        for k in labels:
+            mid = summary[k][f"{key}_p50_ms"] or 0
+            spread = summary[k].get(f"{key}_p50_spread_ms")
+            if spread:
+                low.append(max(mid - spread[0], 0))
+                high.append(max(spread[1] - mid, 0))
+            else:
+                low.append(0)
+                high.append(max((summary[k][f"{key}_p90_ms"] or 0) - mid, 0))
+        return [low, high]
 
-    ttft_up, tpot_up = whisker("ttft"), whisker("per_token")
+    ttft_err, tpot_err = whisker("ttft"), whisker("per_token")
     ys = range(len(labels))
     ax.barh(
         [y - 0.2 for y in ys],
         ttft,
         0.4,
-        xerr=[[0] * len(ttft), ttft_up],
+        xerr=ttft_err,
         capsize=2,
-        label="time to first token (p50, whisker p90)",
+        label="time to first token (p50; whiskers: min-max over repeats)",
         color="#756bb1",
     )
     ax.barh(
         [y + 0.2 for y in ys],
         tpot,
         0.4,
-        xerr=[[0] * len(tpot), tpot_up],
+        xerr=tpot_err,
         capsize=2,
-        label="per output token (p50, whisker p90)",
+        label="per output token (p50; whiskers: min-max over repeats)",
         color="#31a354",
     )
     for y, (a, b) in enumerate(zip(ttft, tpot, strict=True)):
@@ -232,8 +251,10 @@ def plot(data: Json, path: Path) -> None:
     ax.invert_yaxis()
     ax.set_xlabel("ms")
     ax.set_title(
-        f"Latency of {TARGET}: {data.get('options', {}).get('requests', '?')} streamed"
-        f" requests x {data.get('options', {}).get('output_tokens', '?')} tokens"
+        f"Latency of {data.get('options', {}).get('target', TARGET)}:"
+        f" {data.get('options', {}).get('repeats', 1)} x"
+        f" {data.get('options', {}).get('requests', '?')} streamed requests x"
+        f" {data.get('options', {}).get('output_tokens', '?')} tokens"
     )
     ax.legend(fontsize=8, loc="lower right")
     fig.tight_layout()

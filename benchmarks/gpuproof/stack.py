@@ -10,7 +10,7 @@ import random
 import signal
 import subprocess
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -26,7 +26,6 @@ from benchmarks.gpuproof.common import (
     MI,
     NAMESPACE,
     NODE,
-    PORTS,
     REFUSAL,
     REFUSAL_SECONDS,
     STOP_SECONDS,
@@ -34,6 +33,7 @@ from benchmarks.gpuproof.common import (
     Json,
     Options,
     isvc,
+    port_of,
     until,
 )
 from benchmarks.gpuproof.report import Results
@@ -232,12 +232,22 @@ class Stack:
 
     # --- one InferenceService ---
 
-    async def submit(self, name: str, gib: int) -> Json:
+    async def submit(
+        self, name: str, gib: int, *, annotations: Mapping[str, str] | None = None
+    ) -> Json:
         """Admission, scheduling, kubelet's allocation; returns what happened at each step."""
-        record: Json = {"name": name, "annotation": f"{gib}Gi"}
-        port = PORTS[name]
+        record: Json = {"name": name, "annotation": f"{gib}Gi", **dict(annotations or {})}
+        port = port_of(name)
         largest = self.extender.book.largest_card_bytes()
-        manifest = isvc(name, gib, port, self.opts.model, eager=self.opts.eager)
+        manifest = isvc(
+            name,
+            gib,
+            port,
+            self.opts.model,
+            eager=self.opts.eager,
+            max_model_len=self.opts.max_model_len,
+            annotations=annotations,
+        )
         verdict = validation.inference_service(
             manifest, settings=self.settings, largest_cuda_total_bytes=largest
         )

@@ -6,6 +6,9 @@
   processes granted 10, 20 and 30 GiB each run out of memory just under their grant (the limit
   includes the CUDA context) and not much before; under ``mps`` a process that raises its own limit
   variable is still held to its grant; the watchdog attributes each one's use to its container.
+- A compute share under ``mps``: a pod annotated ``gpushare.io/compute-share: "30"`` whose process
+  raises its own active-thread percentage to 100 still sees at most 30% of the card's SMs; a pod
+  without one sees them all.
 
 Needs root (MPS control daemons), the MPS binaries and torch for the MPS part.
 """
@@ -13,19 +16,22 @@ Needs root (MPS control daemons), the MPS binaries and torch for the MPS part.
 import asyncio
 import contextlib
 import importlib.util
+import math
 import os
 import shutil
 import subprocess
 import sys
 import tempfile
 from collections.abc import AsyncIterator, Iterator
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
 import prometheus_client
 import pytest
 
-from gpushare.core import config, names, quantities
+from gpushare.core import allocations, config, names, quantities
+from gpushare.core.allocations import Allocation
 from gpushare.deviceplugin import mps, nvml
 from gpushare.deviceplugin.agent import Agent
 from gpushare.deviceplugin.main import serve
@@ -267,3 +273,54 @@ async def test_mps_holds_each_process_to_its_grant(isolation: str, mps_root: Pat
         )
         assert grant - CONTEXT_SLACK <= allocated[name] < grant, name
         assert allocated[name] <= used.get(name, 0) <= grant + 256 * MI, name
+
+
+SM_CLIENT = """
+import torch
+torch.cuda.init()
+print(torch.cuda.get_device_properties(0).multi_processor_count, flush=True)
+"""
+
+
+async def test_a_compute_share_holds_a_client_that_raises_its_own(mps_root: Path) -> None:
+    _mps_or_skip()
+    pods = StaticPods()
+    when = datetime.now(UTC)
+    sms: dict[str, int] = {}
+    async with _agent(mps_root, "mps", pods, {}) as (agent, kubelet):
+        card = next(iter(agent.cards.values()))
+        for serial, (name, share) in enumerate((("capped", "30"), ("whole", None))):
+            recorded = Allocation("vllm", card.uuid, card.index, card.cuda_total_bytes, 4 * GI)
+            annotations = allocations.encode([recorded], bind_time=when)
+            if share is not None:
+                annotations[names.ANNOTATION_COMPUTE_SHARE] = share
+            created = when + timedelta(seconds=serial)
+            pods.items.append(
+                PodInfo(
+                    namespace="ns",
+                    name=name,
+                    uid=f"uid-{name}",
+                    annotations=annotations,
+                    requests={"vllm": 4},
+                    created=created,
+                )
+            )
+            response = await kubelet.admit("ns", name, "vllm", 4)
+            env = {**os.environ, **dict(response.envs)}
+            env["CUDA_VISIBLE_DEVICES"] = response.envs[names.ENV_VISIBLE_DEVICES]
+            if share is not None:
+                assert env[names.ENV_MPS_ACTIVE_THREAD_PERCENTAGE] == share
+                env[names.ENV_MPS_ACTIVE_THREAD_PERCENTAGE] = "100"  # the tenant raises it
+            done = await asyncio.to_thread(
+                subprocess.run,
+                [sys.executable, "-c", SM_CLIENT],
+                env=env,
+                capture_output=True,
+                text=True,
+                timeout=180,
+                check=False,
+            )
+            assert done.returncode == 0, done.stderr[-2000:]
+            sms[name] = int(done.stdout.split()[-1])
+    print(f"SMs seen: {sms}")
+    assert sms["capped"] <= math.ceil(0.3 * sms["whole"]) + 2  # whole TPCs: two SMs of rounding

@@ -14,6 +14,7 @@ import os
 import shutil
 import subprocess
 import sys
+import tarfile
 from pathlib import Path
 from typing import Any
 
@@ -221,6 +222,47 @@ def test_concurrent_starts_run_through_stand_ins_on_a_cpu(tmp_path: Path) -> Non
         p: data["phases"][p]["isolation"] for p in ("concurrent-1", "concurrent-shared-1")
     }
     assert isolations == {"concurrent-1": "mps", "concurrent-shared-1": "mps-shared"}
+
+
+def check_share(data: Any, *, tokens: int) -> None:
+    """The share phase: the neighbour restarted with a compute share that reached its daemon."""
+    entry = data["phases"]["share"]
+    assert "error" not in entry, entry["error"]
+    capped = entry["capped_start"]["submitted"][0]
+    assert capped["gpushare.io/compute-share"] == "30"
+    assert entry["capped_env"]["CUDA_MPS_ACTIVE_THREAD_PERCENTAGE"] == "30"
+    for key in ("latency_idle", "latency_busy_uncapped", "latency_busy_capped"):
+        measured = entry[key]
+        assert measured["tokens_seen"] == [tokens], measured
+        assert len(measured["repeats"]) == data["options"]["repeats"]
+        low, high = measured["spread"]["ttft_p50_ms"]
+        assert 0 < low <= high
+    for key in ("latency_busy_uncapped", "latency_busy_capped"):
+        assert not entry[key]["load"]["errors"]
+    summary = data["summary"]["latency"]
+    assert summary["mps, one busy neighbour, compute share"]["repeats"] == 2
+
+
+def test_the_compute_share_phase_runs_through_stand_ins_on_a_cpu(tmp_path: Path) -> None:
+    data = run_proof(
+        tmp_path, "--dry-run", "--phases", "share", "--repeats", "2", "--requests", "2",
+        "--tokens", "4", "--busy-streams", "1", timeout=240,
+    )  # fmt: skip
+    check_share(data, tokens=4)
+    with tarfile.open(tmp_path / "logs.tar.gz") as archive:
+        logs = archive.getnames()
+    assert any(name.startswith("share/") for name in logs), logs
+
+
+@pytest.mark.gpu
+@pytest.mark.timeout(900)
+def test_a_compute_share_caps_a_busy_neighbour_on_a_real_card(tmp_path: Path) -> None:
+    site, model = _vllm_or_skip()
+    data = run_proof(
+        tmp_path, "--phases", "share", "--model", model, "--requests", "10",
+        "--tokens", "64", "--deadline", "480", timeout=840, env={"SERVER_PYTHONPATH": site},
+    )  # fmt: skip
+    check_share(data, tokens=64)
 
 
 @pytest.mark.gpu
