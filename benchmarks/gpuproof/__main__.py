@@ -75,6 +75,9 @@ def main() -> int:
         "--share", type=int, default=30, help="the neighbour's compute share in the share phase"
     )
     parser.add_argument("--max-model-len", type=int, default=4096)
+    parser.add_argument(
+        "--reserve", default="", help="reserve_bytes of the configuration, e.g. 1536Mi"
+    )
     parser.add_argument("--merge", type=Path, nargs="+", help="merge these runs' JSON into --out")
     parser.add_argument("--plot", type=Path, help="only draw the PNG of this JSON into --out")
     args = parser.parse_args()
@@ -106,6 +109,7 @@ def main() -> int:
         target=args.target,
         share=args.share,
         max_model_len=args.max_model_len,
+        reserve=args.reserve,
     )
     unknown = {
         p

@@ -74,6 +74,8 @@ class Options:
     share: int = 30
     """The busy neighbour's compute share in the share phase, percent."""
     max_model_len: int = 4096
+    reserve: str = ""
+    """The configuration's ``reserve_bytes`` (a quantity such as ``1536Mi``); empty: default."""
 
 
 @dataclasses.dataclass

@@ -336,6 +336,7 @@ async def run(opts: Options) -> Json:
         "repeats": opts.repeats,
         "share_percent": opts.share,
         "max_model_len": opts.max_model_len,
+        "reserve": opts.reserve or "default",
     }
     results.data["machine"] = machine(opts)
     results.note(f"machine: {results.data['machine']}")

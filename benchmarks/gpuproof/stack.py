@@ -163,6 +163,7 @@ class Stack:
         self.settings = config.validate(
             {
                 "isolation": self.isolation,
+                **({"reserve_bytes": self.opts.reserve} if self.opts.reserve else {}),
                 "agent": {
                     "kubelet_dir": str(self.work / "kubelet"),
                     "mps_root": str(self.mps_root),
