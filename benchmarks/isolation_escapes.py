@@ -52,23 +52,26 @@ ROOT = Path(__file__).resolve().parent.parent
 
 
 def _importable_from_checkout() -> None:
-    """Map the checkout's folders onto ``gpushare.*`` (as pyproject's package-dir does)."""
+    """Map the checkout's folders onto ``gpushare.*`` as pyproject's package-dir does (where the
+    product is not installed), and make ``benchmarks`` importable."""
+    sys.path.insert(0, str(ROOT))
     try:
         import gpushare  # noqa: F401, PLC0415
     except ImportError:
-        tree = Path(tempfile.mkdtemp(prefix="gpushare-tree-")) / "gpushare"
-        tree.mkdir()
-        atexit.register(shutil.rmtree, tree.parent, True)
-        for entry in (ROOT / "core").iterdir():
-            (tree / entry.name).symlink_to(entry)
-        for name, folder in (
-            ("deviceplugin", "device-plugin"),
-            ("scheduler", "scheduler"),
-            ("webhook", "webhook"),
-            ("simulator", "simulator"),
-        ):
-            (tree / name).symlink_to(ROOT / folder)
-        sys.path.insert(0, str(tree.parent))
+        import tomllib  # noqa: PLC0415
+
+        folders = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"][
+            "package-dir"
+        ]
+        tree = Path(tempfile.mkdtemp(prefix="gpushare-tree-"))
+        atexit.register(shutil.rmtree, tree, True)
+        (tree / "gpushare").mkdir()
+        for entry in (ROOT / folders["gpushare"]).iterdir():
+            (tree / "gpushare" / entry.name).symlink_to(entry)
+        for package, folder in folders.items():
+            if package != "gpushare":
+                (tree / package.replace(".", "/")).symlink_to(ROOT / folder)
+        sys.path.insert(0, str(tree))
 
 
 _importable_from_checkout()
@@ -80,7 +83,6 @@ import dataclasses  # noqa: E402
 import json  # noqa: E402
 import os  # noqa: E402
 import signal  # noqa: E402
-import subprocess  # noqa: E402
 import time  # noqa: E402
 import uuid  # noqa: E402
 from collections.abc import AsyncIterator, Mapping  # noqa: E402
@@ -88,6 +90,7 @@ from typing import Any, Final  # noqa: E402
 
 import prometheus_client  # noqa: E402
 
+from benchmarks.gpuproof.stack import quit_daemon, quit_daemons  # noqa: E402
 from gpushare.core import config, names, quantities  # noqa: E402
 from gpushare.core.ids import pod_key  # noqa: E402
 from gpushare.deviceplugin import escapes, mps, nvml  # noqa: E402
@@ -649,27 +652,6 @@ def own_pipes(marker: str, *, besides: Path) -> list[Path]:
                 if entry.startswith(b"CUDA_MPS_PIPE_DIRECTORY="):
                     pipes.add(Path(entry.partition(b"=")[2].decode()))
     return sorted(p for p in pipes if (p / mps.PID_FILE).exists() and not p.is_relative_to(besides))
-
-
-def quit_daemon(pipe: Path, control: str) -> None:
-    env = {**os.environ, "CUDA_MPS_PIPE_DIRECTORY": str(pipe)}
-    with contextlib.suppress(OSError, subprocess.TimeoutExpired):
-        subprocess.run(
-            [control],
-            input="quit\n",
-            text=True,
-            env=env,
-            capture_output=True,
-            timeout=15,
-            check=False,
-        )
-
-
-def quit_daemons(root: Path, control: str) -> None:
-    """Quit every MPS control daemon under ``root``."""
-    for pipe in sorted(root.glob("*")):
-        if (pipe / mps.PID_FILE).exists():
-            quit_daemon(pipe, control)
 
 
 # ----- the run ---------------------------------------------------------------------------------

@@ -407,22 +407,26 @@ async def stop_server(instance: Instance) -> None:
         await proc.wait()
 
 
+def quit_daemon(pipe: Path, control: str) -> None:
+    """Ask the MPS control daemon of ``pipe`` to quit (nothing if it is gone)."""
+    env = {**os.environ, names.ENV_MPS_PIPE_DIRECTORY: str(pipe)}
+    with contextlib.suppress(OSError, subprocess.TimeoutExpired):
+        subprocess.run(
+            [control],
+            input="quit\n",
+            text=True,
+            env=env,
+            capture_output=True,
+            timeout=15,
+            check=False,
+        )
+
+
 def quit_daemons(root: Path, control: str) -> None:
     """Quit every MPS control daemon under ``root`` (the agent leaves them for its successor)."""
     for pipe in sorted(root.glob("*")):
-        if not (pipe / mps.PID_FILE).exists():
-            continue
-        env = {**os.environ, "CUDA_MPS_PIPE_DIRECTORY": str(pipe)}
-        with contextlib.suppress(OSError, subprocess.TimeoutExpired):
-            subprocess.run(
-                [control],
-                input="quit\n",
-                text=True,
-                env=env,
-                capture_output=True,
-                timeout=15,
-                check=False,
-            )
+        if (pipe / mps.PID_FILE).exists():
+            quit_daemon(pipe, control)
 
 
 async def exit_or_refusal(instance: Instance) -> int | None:

@@ -78,7 +78,7 @@ class ControlPlane:
         apiserver_args: Sequence[str] = (),
         start_timeout: float = 90.0,
     ) -> None:
-        self.bin_dir = bin_dir or binaries.find()
+        self.bin_dir = bin_dir or self.default_binaries()
         self._own_workdir = workdir is None
         self.workdir = workdir or Path(tempfile.mkdtemp(prefix="gpushare-cp-"))
         self.keep = bool(os.environ.get(names.ENV_KEEP_CONTROLPLANE)) if keep is None else keep
@@ -104,6 +104,11 @@ class ControlPlane:
         self.kubeconfig = self.workdir / "admin.kubeconfig"
         """Admin kubeconfig (client certificate in group ``system:masters``)."""
         self._ca: pki.CA | None = None
+
+    @staticmethod
+    def default_binaries() -> Path:
+        """The binaries used where none are named: the newest complete build."""
+        return binaries.find()
 
     # -- lifecycle ----------------------------------------------------------------------------
 

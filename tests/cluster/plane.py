@@ -71,22 +71,10 @@ def ensure_service_account(rest: Rest, namespace: str, name: str) -> None:
 class ControlPlane(server.ControlPlane):
     """etcd + kube-apiserver (+ kube-scheduler on demand) of the pinned build, with clients."""
 
-    def __init__(
-        self,
-        bin_dir: Path | None = None,
-        *,
-        workdir: Path | None = None,
-        keep: bool | None = None,
-        apiserver_args: Sequence[str] = (),
-        start_timeout: float = 90.0,
-    ) -> None:
-        super().__init__(
-            bin_dir or find_binaries(),
-            workdir=workdir,
-            keep=keep,
-            apiserver_args=apiserver_args,
-            start_timeout=start_timeout,
-        )
+    @staticmethod
+    def default_binaries() -> Path:
+        """The build at the versions ``tests/controlplane/go.mod`` pins."""
+        return find_binaries()
 
     def bootstrap(self) -> None:
         """What kube-controller-manager would do and tests rely on: ServiceAccount ``default``."""
