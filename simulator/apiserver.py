@@ -17,13 +17,18 @@ import json
 import logging
 import re
 import uuid
-from collections.abc import AsyncIterator, Callable, Mapping
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any, Final
 
-import jsonpatch
 from aiohttp import web
+
+from gpushare.simulator.apierrors import ApiError
+from gpushare.simulator.patches import apply_patch
+from gpushare.simulator.selectors import field_matcher, label_matcher
+
+__all__ = ["RESOURCES", "ApiError", "ApiServer", "Resource", "Store", "resource"]
 
 logger = logging.getLogger(__name__)
 
@@ -84,27 +89,6 @@ RESOURCES: Final = (
 
 Key = tuple[str, str, str, str]
 """(group, plural, namespace, name); ``namespace`` is ``""`` for cluster-scoped objects."""
-
-
-class ApiError(Exception):
-    """An error answered as a Kubernetes ``Status``."""
-
-    def __init__(self, code: int, reason: str, message: str) -> None:
-        super().__init__(message)
-        self.code = code
-        self.reason = reason
-        self.message = message
-
-    def status(self) -> Obj:
-        return {
-            "kind": "Status",
-            "apiVersion": "v1",
-            "metadata": {},
-            "status": "Failure",
-            "message": self.message,
-            "reason": self.reason,
-            "code": self.code,
-        }
 
 
 @dataclass(slots=True)
@@ -234,133 +218,6 @@ def _now() -> str:
     return datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
-# ----- selectors --------------------------------------------------------------------------------
-
-_SET_EXPR: Final = re.compile(r"^\s*([\w./-]+)\s+(in|notin)\s+\(([^)]*)\)\s*$")
-
-
-def _split_selector(text: str) -> list[str]:
-    # Commas inside "in (a,b)" do not separate requirements.
-    parts, depth, current = [], 0, ""
-    for char in text:
-        depth += char == "("
-        depth -= char == ")"
-        if char == "," and depth == 0:
-            parts.append(current)
-            current = ""
-        else:
-            current += char
-    parts.append(current)
-    return [part.strip() for part in parts if part.strip()]
-
-
-def label_matcher(text: str) -> Callable[[Mapping[str, str]], bool]:
-    """A predicate over labels for a Kubernetes label selector."""
-    requirements: list[tuple[str, str, frozenset[str]]] = []
-    for req in _split_selector(text):
-        if match := _SET_EXPR.match(req):
-            values = frozenset(v.strip() for v in match[3].split(","))
-            requirements.append((match[1], match[2], values))
-        elif "!=" in req:
-            key, value = (s.strip() for s in req.split("!=", 1))
-            requirements.append((key, "notin", frozenset({value})))
-        elif "=" in req:
-            key, value = (s.strip() for s in req.replace("==", "=").split("=", 1))
-            requirements.append((key, "in", frozenset({value})))
-        elif req.startswith("!"):
-            requirements.append((req[1:].strip(), "absent", frozenset()))
-        else:
-            requirements.append((req, "present", frozenset()))
-
-    def matches(labels: Mapping[str, str]) -> bool:
-        for key, op, values in requirements:
-            value = labels.get(key)
-            ok = {
-                "in": value in values,
-                "notin": value not in values,
-                "absent": value is None,
-                "present": value is not None,
-            }[op]
-            if not ok:
-                return False
-        return True
-
-    return matches
-
-
-def field_matcher(text: str) -> Callable[[Obj], bool]:
-    """A predicate over objects for a field selector (``spec.nodeName=n1,status.phase!=Failed``)."""
-    checks: list[Callable[[Obj], bool]] = []
-    for req in _split_selector(text):
-        negate = "!=" in req
-        path, value = (s.strip() for s in req.replace("==", "=").replace("!=", "=").split("=", 1))
-
-        def check(obj: Obj, path: str = path, value: str = value, negate: bool = negate) -> bool:
-            node: Any = obj
-            for part in path.split("."):
-                node = node.get(part) if isinstance(node, dict) else None
-            actual = "" if node is None else str(node)
-            return (actual != value) if negate else (actual == value)
-
-        checks.append(check)
-    return lambda obj: all(check(obj) for check in checks)
-
-
-# ----- patches ----------------------------------------------------------------------------------
-
-
-def merge_patch(target: Any, patch: Any, *, strategic: bool = False) -> Any:
-    """RFC 7386 merge patch; ``strategic`` also merges lists of named objects by ``name``."""
-    if not isinstance(patch, dict):
-        if strategic and isinstance(patch, list) and isinstance(target, list):
-            return _merge_named(target, patch)
-        return copy.deepcopy(patch)
-    result = copy.deepcopy(target) if isinstance(target, dict) else {}
-    for key, value in patch.items():
-        if key.startswith("$"):
-            continue
-        if value is None:
-            result.pop(key, None)
-        else:
-            result[key] = merge_patch(result.get(key), value, strategic=strategic)
-    return result
-
-
-def _merge_named(target: list[Any], patch: list[Any]) -> list[Any]:
-    named = all(isinstance(item, dict) and "name" in item for item in [*target, *patch])
-    if not named:
-        return copy.deepcopy(patch)
-    result = copy.deepcopy(target)
-    index = {item["name"]: i for i, item in enumerate(result)}
-    for item in patch:
-        if item.get("$patch") == "delete":
-            result = [kept for kept in result if kept["name"] != item["name"]]
-            index = {kept["name"]: i for i, kept in enumerate(result)}
-        elif item["name"] in index:
-            at = index[item["name"]]
-            result[at] = merge_patch(result[at], item, strategic=True)
-        else:
-            index[item["name"]] = len(result)
-            result.append(copy.deepcopy(item))
-    return result
-
-
-def apply_patch(obj: Obj, content_type: str, body: Any) -> Obj:
-    """Apply a PATCH body of the given content type to a copy of ``obj``."""
-    kind = content_type.split(";", maxsplit=1)[0].strip()
-    if kind == "application/json-patch+json":
-        try:
-            patched: Obj = jsonpatch.apply_patch(obj, body)
-        except (jsonpatch.JsonPatchException, jsonpatch.JsonPointerException) as exc:
-            raise ApiError(422, "Invalid", f"the JSON patch does not apply: {exc}") from exc
-        return patched
-    if kind in ("application/merge-patch+json", "application/strategic-merge-patch+json"):
-        merged: Obj = merge_patch(obj, body, strategic=kind.startswith("application/strategic"))
-        return merged
-    raise ApiError(415, "UnsupportedMediaType", f"the patch type {kind!r} is not supported here")
-
-
-# ----- HTTP ------------------------------------------------------------------------------------
 
 _PATH: Final = re.compile(
     r"^/(?:api/(?P<core>v1)|apis/(?P<group>[^/]+)/(?P<version>[^/]+))"

@@ -28,7 +28,7 @@ from typing import Any, Final, Literal, Protocol
 from prometheus_client.parser import text_string_to_metric_families
 
 from gpushare.core import errors, names
-from gpushare.simulator import admission, apiserver, scheduling
+from gpushare.simulator import admission, apiserver, patches, scheduling
 from gpushare.simulator.controlplane import binaries, server
 from gpushare.simulator.controlplane.rest import ApiError, Rest
 from gpushare.webhook import paths
@@ -142,7 +142,7 @@ class Embedded:
         self, res: apiserver.Resource, namespace: str, name: str, status: Obj
     ) -> None:
         obj = copy.deepcopy(self.api.store.get(res, namespace, name))
-        obj["status"] = apiserver.merge_patch(obj.get("status") or {}, status)
+        obj["status"] = patches.merge_patch(obj.get("status") or {}, status)
         await self.api.store.put(res, obj, event="MODIFIED")
 
     async def delete(self, res: apiserver.Resource, namespace: str, name: str) -> None:

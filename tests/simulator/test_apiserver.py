@@ -11,7 +11,7 @@ import pytest
 from kubernetes_asyncio import client, config, watch
 from kubernetes_asyncio.client.exceptions import ApiException
 
-from gpushare.simulator import apiserver
+from gpushare.simulator import apiserver, patches, selectors
 
 
 @pytest.fixture
@@ -164,27 +164,27 @@ async def test_watch_sees_changes_made_while_it_waits(core: client.CoreV1Api) ->
     ],
 )
 def test_label_selectors_follow_kubernetes_grammar(selector: str, matches: bool) -> None:
-    assert apiserver.label_matcher(selector)({"app": "x", "tier": "gpu"}) is matches
+    assert selectors.label_matcher(selector)({"app": "x", "tier": "gpu"}) is matches
 
 
 def test_field_selectors_read_nested_fields() -> None:
     pod = {"spec": {"nodeName": "n1"}, "status": {"phase": "Running"}}
-    assert apiserver.field_matcher("spec.nodeName=n1,status.phase!=Failed")(pod)
-    assert not apiserver.field_matcher("spec.nodeName=n2")(pod)
+    assert selectors.field_matcher("spec.nodeName=n1,status.phase!=Failed")(pod)
+    assert not selectors.field_matcher("spec.nodeName=n2")(pod)
 
 
 def test_a_strategic_merge_patch_merges_containers_by_name() -> None:
     pod = {"spec": {"containers": [{"name": "a", "image": "1"}, {"name": "b", "image": "2"}]}}
     patch = {"spec": {"containers": [{"name": "b", "image": "3"}]}}
-    merged = apiserver.apply_patch(pod, "application/strategic-merge-patch+json", patch)
+    merged = patches.apply_patch(pod, "application/strategic-merge-patch+json", patch)
     assert merged["spec"]["containers"] == [
         {"name": "a", "image": "1"}, {"name": "b", "image": "3"}
     ]
-    plain = apiserver.apply_patch(pod, "application/merge-patch+json", patch)
+    plain = patches.apply_patch(pod, "application/merge-patch+json", patch)
     assert plain["spec"]["containers"] == [{"name": "b", "image": "3"}]
 
 
 def test_an_unknown_patch_type_is_415() -> None:
     with pytest.raises(apiserver.ApiError) as refused:
-        apiserver.apply_patch({}, "application/apply-patch+yaml", {})
+        patches.apply_patch({}, "application/apply-patch+yaml", {})
     assert refused.value.code == 415
