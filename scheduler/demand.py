@@ -18,6 +18,8 @@ from gpushare.scheduler import wire
 __all__ = ["Demand", "PodRequest", "from_pod", "policy_of"]
 
 TERMINAL_PHASES: Final = frozenset({"Succeeded", "Failed"})
+TEMPLATE_HASH_LABEL: Final = "pod-template-hash"
+"""The label a Deployment's ReplicaSet puts on its pods, and the suffix of the ReplicaSet's name."""
 """A pod in these phases has stopped its containers and holds no memory."""
 
 
@@ -31,6 +33,14 @@ class Demand:
 
 
 @dataclass(frozen=True, slots=True)
+class Revision:
+    """A Deployment's revision: its ReplicaSets are named ``<deployment>-<pod-template-hash>``."""
+
+    deployment: str
+    template_hash: str
+
+
+@dataclass(frozen=True, slots=True)
 class PodRequest:
     """Everything the extender needs to place a pod, keyed by the pod's UID."""
 
@@ -41,6 +51,8 @@ class PodRequest:
     """The pod's own policy (annotation :data:`names.ANNOTATION_POLICY`), if it names one."""
     priority: int = 0
     """The pod's priority (``spec.priority``): preemption evicts only pods below its preemptor."""
+    revision: Revision | None = None
+    """Which Deployment revision the pod belongs to, when a ReplicaSet controls it."""
 
     @property
     def namespace(self) -> str:
@@ -82,7 +94,21 @@ def from_pod(pod: wire.Pod, *, unit_bytes: int, read_policy: bool = True) -> Pod
         demands=tuple(demands),
         policy=policy_of(meta.annotations) if read_policy else None,
         priority=pod.spec.priority or 0,
+        revision=revision_of(meta),
     )
+
+
+def revision_of(meta: wire.ObjectMeta) -> Revision | None:
+    """The revision of a pod a ReplicaSet controls (from its owner and ``pod-template-hash``)."""
+    template_hash = meta.labels.get(TEMPLATE_HASH_LABEL)
+    if not template_hash:
+        return None
+    for owner in meta.owner_references:
+        if owner.controller and owner.kind == "ReplicaSet":
+            deployment = owner.name.removesuffix(f"-{template_hash}")
+            if deployment != owner.name:
+                return Revision(deployment, template_hash)
+    return None
 
 
 def policy_of(annotations: Mapping[str, str]) -> placement.Policy | None:

@@ -8,12 +8,20 @@ card in the cluster, fails every node as unresolvable: preemption cannot help it
 
 from collections import Counter
 from dataclasses import dataclass
+from typing import Final
 
 from gpushare.core import config, errors
 from gpushare.scheduler import demand, ledger, wire
 from gpushare.scheduler.candidates import Candidates
 
-__all__ = ["Outcome", "filter_nodes"]
+__all__ = ["ROLLOUT_HINT", "Outcome", "filter_nodes"]
+
+ROLLOUT_HINT: Final = (
+    " (a rollout: the previous revision still holds its grant; maxSurge: 0 replaces pods in"
+    " place, see docs/install.md, Rollouts)"
+)
+"""Added to each node's reason when the pod's Deployment is rolling out and no card has room:
+kube-scheduler's FailedScheduling Event then names the setting that lets the rollout finish."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -62,12 +70,15 @@ def filter_nodes(
     if too_large is not None:
         return _unresolvable(candidates, too_large)
     passed, failed = book.split(candidates, request, policy=request.policy or settings.policy)
-    return Outcome(
-        passed,
-        {name: f.message for name, f in failed.items()},
-        {},
-        Counter(f.reason for f in failed.values()),
-    )
+    messages = {name: f.message for name, f in failed.items()}
+    if (
+        not passed.names
+        and failed
+        and all(f.reason == ledger.Reason.NO_ROOM for f in failed.values())
+        and book.other_revision_holds(request)
+    ):
+        messages = {name: message + ROLLOUT_HINT for name, message in messages.items()}
+    return Outcome(passed, messages, {}, Counter(f.reason for f in failed.values()))
 
 
 def _unresolvable(candidates: Candidates, failure: ledger.Failure) -> Outcome:

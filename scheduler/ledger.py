@@ -35,7 +35,7 @@ from gpushare.core.ids import CardUUID, NodeName, PodKey
 from gpushare.core.nodereport import NodeReport
 from gpushare.core.quantities import format_bytes
 from gpushare.scheduler.candidates import Candidates
-from gpushare.scheduler.demand import Demand, PodRequest
+from gpushare.scheduler.demand import Demand, PodRequest, Revision
 from gpushare.scheduler.failures import Failure, Reason
 from gpushare.scheduler.roomindex import RoomIndex, Scores
 
@@ -65,6 +65,8 @@ class Grant:
     """Clock time of the last change of state."""
     priority: int = 0
     """The pod's priority, for preemption."""
+    revision: Revision | None = None
+    """The Deployment revision of the pod, when a ReplicaSet controls it (rollouts)."""
 
 
 class _Node:
@@ -306,7 +308,14 @@ class Ledger:
             for demand, fit in placed
         )
         grant = Grant(
-            request.uid, request.key, name, allocations, "reserved", moment, request.priority
+            request.uid,
+            request.key,
+            name,
+            allocations,
+            "reserved",
+            moment,
+            request.priority,
+            request.revision,
         )
         self._add(grant)
         return grant
@@ -336,19 +345,21 @@ class Ledger:
         allocations: tuple[Allocation, ...],
         *,
         priority: int = 0,
+        revision: Revision | None = None,
     ) -> None:
         """Record what the API says a bound pod holds (its annotations are the truth)."""
         self._requests.pop(uid, None)
         existing = self._grants.get(uid)
         if existing is not None and existing.node == name and existing.allocations == allocations:
             existing.priority = priority
+            existing.revision = revision
             if existing.state != "observed":
                 existing.state = "observed"
                 existing.since = self.clock()
             return
         if existing is not None:
             self.release(uid)
-        self._add(Grant(uid, pod, name, allocations, "observed", self.clock(), priority))
+        self._add(Grant(uid, pod, name, allocations, "observed", self.clock(), priority, revision))
 
     def resync(
         self,
@@ -356,6 +367,7 @@ class Ledger:
         *,
         listed_at: float,
         priorities: Mapping[str, int] | None = None,
+        revisions: Mapping[str, Revision] | None = None,
     ) -> None:
         """Replace observed grants by a fresh listing of every bound pod's allocations.
 
@@ -364,7 +376,14 @@ class Ledger:
         flight stay (their bind settles them), and so do pods bound after the listing began.
         """
         for uid, (pod, name, allocations) in listed.items():
-            self.observe(uid, pod, name, allocations, priority=(priorities or {}).get(uid, 0))
+            self.observe(
+                uid,
+                pod,
+                name,
+                allocations,
+                priority=(priorities or {}).get(uid, 0),
+                revision=(revisions or {}).get(uid),
+            )
         for uid, grant in list(self._grants.items()):
             if uid in listed:
                 continue
@@ -384,6 +403,20 @@ class Ledger:
             (card.node, card.uuid): (card.granted_bytes, card.capacity_bytes)
             for card in self.cards()
         }
+
+    def other_revision_holds(self, request: PodRequest) -> bool:
+        """Whether another revision of the pod's Deployment holds a grant: a rollout is under
+        way, and the old pod keeps its memory until the new one runs (``maxSurge`` >= 1)."""
+        revision = request.revision
+        if revision is None:
+            return False
+        return any(
+            grant.revision is not None
+            and grant.revision.deployment == revision.deployment
+            and grant.revision != revision
+            and grant.pod.partition("/")[0] == request.namespace
+            for grant in self._grants.values()
+        )
 
     def grant_count(self) -> int:
         return len(self._grants)

@@ -199,6 +199,7 @@ class Watcher:
     def _replace_pods(self, items: list[dict[str, Any]], listed_at: float) -> None:
         listed: dict[str, tuple[PodKey, NodeName, tuple[ledger.Allocation, ...]]] = {}
         priorities: dict[str, int] = {}
+        revisions: dict[str, demand.Revision] = {}
         pending: list[str] = []
         for item in items:
             parsed = self._parse_pod(item)
@@ -213,7 +214,9 @@ class Watcher:
             if allocations is not None:
                 listed[request.uid] = (request.key, NodeName(pod.spec.node_name), allocations)
                 priorities[request.uid] = request.priority
-        self._book.resync(listed, listed_at=listed_at, priorities=priorities)
+                if request.revision is not None:
+                    revisions[request.uid] = request.revision
+        self._book.resync(listed, listed_at=listed_at, priorities=priorities, revisions=revisions)
         self._book.forget_requests(pending, before=listed_at)
 
     def _apply_pod(self, kind: str, obj: dict[str, Any]) -> None:
@@ -239,6 +242,7 @@ class Watcher:
                 NodeName(pod.spec.node_name),
                 allocations,
                 priority=request.priority,
+                revision=request.revision,
             )
 
     def _parse_pod(self, obj: dict[str, Any]) -> tuple[wire.Pod, demand.PodRequest] | None:

@@ -72,11 +72,21 @@ QuantityMap = Annotated[dict[str, Quantity], pydantic.BeforeValidator(_none_to_e
 # --- Kubernetes objects (camelCase, as the API writes them) -------------------------------------
 
 
+class OwnerReference(_Model):
+    kind: str = ""
+    name: str = ""
+    controller: bool | None = None
+
+
 class ObjectMeta(_Model):
     name: Name = ""
     namespace: Name = ""
     uid: str = ""
+    labels: StrMap = {}
     annotations: StrMap = {}
+    owner_references: Annotated[list[OwnerReference], pydantic.BeforeValidator(_none_to_list)] = (
+        pydantic.Field(default=[], alias="ownerReferences")
+    )
     deletion_timestamp: str | None = pydantic.Field(default=None, alias="deletionTimestamp")
     resource_version: str = pydantic.Field(default="", alias="resourceVersion")
 

@@ -254,3 +254,52 @@ async def test_concurrent_binds_never_overcommit_a_card(
     assert all("no card with 8.1 GiB free: best is GPU 0 with 7.9 GiB" in a for a in refusals)
     bound = [p for p in list_pods(rest, namespace) if p["spec"].get("nodeName")]
     assert len(bound) == 2
+
+
+def _revision(name: str, units: int, namespace: str, template_hash: str) -> dict[str, Any]:
+    """A pod of Deployment ``web``'s revision ``template_hash``, as its ReplicaSet makes it."""
+    body = pod(name, units, namespace=namespace)
+    body["metadata"]["labels"] = {"app": "web", "pod-template-hash": template_hash}
+    body["metadata"]["ownerReferences"] = [
+        {"apiVersion": "apps/v1", "kind": "ReplicaSet", "name": f"web-{template_hash}",
+         "uid": f"00000000-0000-4000-8000-{template_hash:0>12}", "controller": True}
+    ]  # fmt: skip
+    return body
+
+
+def test_a_rollout_on_a_full_card_names_the_setting_that_lets_it_finish(
+    control_plane: cluster.ControlPlane, namespace: str, extender: ExtenderProcess
+) -> None:
+    rest = control_plane.rest()
+    pods = f"/api/v1/namespaces/{namespace}/pods"
+    # Two cards: the node's total has room for 60 GiB more (kube-scheduler lets the pod through
+    # to the extender), no card has (the extender refuses it).
+    gpu_nodes(control_plane, namespace, {"h0": (2, CARD_80)})
+    with kube_scheduler(control_plane, extender):
+        rest.create(pods, _revision("web-old", 60, namespace, "5d4b9c7f8a"))
+        rest.create(pods, pod("filler", 30, namespace=namespace))
+
+        def both_bound() -> bool:
+            return all(
+                rest.get(f"{pods}/{n}")["spec"].get("nodeName") for n in ("web-old", "filler")
+            )
+
+        cluster.wait_for(both_bound, timeout=60, what="web-old and filler bound")
+        # The new revision's pod cannot fit beside the old one: the reason names maxSurge.
+        rest.create(pods, _revision("web-new", 60, namespace, "6f8c2d9b1e"))
+        # Another Deployment's pod that does not fit is told no more than that.
+        other = pod("batch", 60, namespace=namespace)
+        rest.create(pods, other)
+
+        def notes() -> dict[str, str] | None:
+            found = {
+                e["regarding"]["name"]: e["note"]
+                for e in events(rest, namespace, "FailedScheduling")
+            }
+            return found if {"web-new", "batch"} <= set(found) else None
+
+        found = cluster.wait_for(notes, timeout=60, what="FailedScheduling for both")
+    assert "no card with 60.1 GiB free" in found["web-new"]
+    assert "maxSurge: 0 replaces pods in place" in found["web-new"]
+    assert "no card with 60.1 GiB free" in found["batch"]
+    assert "maxSurge" not in found["batch"]
