@@ -3,6 +3,7 @@
     python benchmarks/simulate_default.py            # every case, binpack and fill side by side
     python benchmarks/simulate_default.py --runs 3   # each case three times (wall time: min/max)
     python benchmarks/simulate_default.py --seed 2   # another arrival order (and churn, rollouts)
+    python benchmarks/simulate_default.py --control-plane embedded   # without kube-scheduler
 
 Each case is the installed command in a fresh process (``gpushare simulate --json``), so the wall
 time includes the Python start, the parts' start, the services and the offline optimum. Cases: the
@@ -12,7 +13,10 @@ churn on each fleet, ten rolling updates (maxSurge 1) on a fleet just large enou
 (the new one). Printed per run: wall time, GPUs used and the optimum's, their cost (a card weighs
 its usable memory in GiB unless the configuration says otherwise) and the optimum's, the ratios to
 the optimum in cost and in GPUs (none when the two place different numbers of services), services
-placed, stranded memory, and for the rollouts how many got stuck or opened an empty card.
+placed, stranded memory, and for the rollouts how many got stuck or opened an empty card. The
+first line says which control plane scheduled the pods: the real kube-apiserver and kube-scheduler
+where ``tests/controlplane/build.sh`` has built them (``gpushare simulate``'s ``auto``), else the
+embedded API server with one simulated kube-scheduler cycle per pod.
 """
 
 import argparse
@@ -73,6 +77,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--runs", type=int, default=1, help="runs per case (default 1)")
     parser.add_argument("--seed", type=int, default=0, help="gpushare simulate --seed (default 0)")
+    parser.add_argument(
+        "--control-plane", default="auto", help="gpushare simulate --control-plane (default auto)"
+    )
     args = parser.parse_args()
     print(
         f"{'case':38} {'policy':8} {'wall s':>9} {'GPUs':>5} {'opt':>5} {'cost':>8} {'opt':>8}"
@@ -83,12 +90,18 @@ def main() -> None:
         for name, extra in CASES.items()
         for policy in POLICIES
     ] + [(f"{name} (reference)", name, extra) for name, extra in REFERENCE.items()]
+    said = False
     for name, policy, extra in runs:
         walls: list[float] = []
         data: dict[str, Any] = {}
         for _ in range(args.runs):
-            wall, data = _run([*extra, "--seed", str(args.seed)])
+            wall, data = _run(
+                [*extra, "--seed", str(args.seed), "--control-plane", args.control_plane]
+            )
             walls.append(wall)
+        if not said:
+            print(f"scheduled by: {data.get('control_plane', '?')}", flush=True)
+            said = True
         print(_row(name, policy, walls, data), flush=True)
 
 
