@@ -9,14 +9,14 @@ import os
 from pathlib import Path
 from typing import Final
 
-from gpushare.core import names
+from gpushare.core import errors, names
 
 __all__ = ["BINARIES", "BinariesMissingError", "built", "cache", "find"]
 
 BINARIES: Final = ("etcd", "kube-apiserver", "kube-scheduler", "kubectl")
 
 
-class BinariesMissingError(RuntimeError):
+class BinariesMissingError(errors.ConfigError):
     """The control-plane binaries are not built (run ``tests/controlplane/build.sh``)."""
 
 

@@ -13,6 +13,8 @@ from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import IO, TypeVar
 
+from gpushare.core import errors
+
 __all__ = [
     "ControlPlaneError",
     "Process",
@@ -26,7 +28,7 @@ __all__ = [
 T = TypeVar("T")
 
 
-class ControlPlaneError(RuntimeError):
+class ControlPlaneError(errors.Conflict):
     """A control-plane process exited or did not become ready; the message has its log's tail."""
 
 

@@ -142,3 +142,17 @@ def test_auto_is_real_where_the_control_plane_is_built(tmp_path: Path) -> None:
     )
     assert run.returncode == 0, run.stderr
     assert json.loads(run.stdout)["control_plane"].startswith("kube-apiserver and kube-scheduler")
+
+
+def test_real_where_no_control_plane_is_built_is_refused_saying_how_to_build_it(
+    tmp_path: Path,
+) -> None:
+    env = {k: v for k, v in os.environ.items() if k != names.ENV_CONTROLPLANE_BIN}
+    env[names.ENV_CONTROLPLANE_CACHE] = str(tmp_path / "empty")
+    run = subprocess.run(
+        [str(Path(sys.executable).with_name("gpushare")), "simulate", "--control-plane", "real"],
+        capture_output=True, text=True, timeout=120, check=False, env=env,
+    )
+    assert run.returncode == 2
+    assert "control plane not built: run tests/controlplane/build.sh" in run.stderr
+    assert "Traceback" not in run.stderr
