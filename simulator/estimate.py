@@ -62,6 +62,8 @@ KV_CACHE_DTYPES: Final = {
     "fp8_e5m2": 1,
 }
 """vLLM's ``--kv-cache-dtype`` values and their bytes per element (``auto``: the model's dtype)."""
+GRAPHS_RESERVE_BYTES: Final = 1536 * quantities.MI
+"""The reserve that let every server with CUDA graphs start (docs/gpu-proof.md, round two)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -176,6 +178,7 @@ def estimate(
         forward=forward,
         sampler=sampler,
         defaulted_length=max_model_len is None,
+        graphs_reserve_short=not enforce_eager and reserve_bytes < GRAPHS_RESERVE_BYTES,
     )
     return Estimate(
         model=shape.name,
@@ -254,6 +257,7 @@ def _notes(
     forward: int,
     sampler: int,
     defaulted_length: bool,
+    graphs_reserve_short: bool,
 ) -> tuple[str, ...]:
     notes = [
         f"KV cache for {tokens} tokens ({max_num_seqs} sequences of {length}, each rounded up to"
@@ -272,6 +276,16 @@ def _notes(
         "Not counted: tensor parallelism, LoRA adapters, speculative decoding, multimodal"
         " inputs, and layers outside the Llama layout.",
     ]
+    if graphs_reserve_short:
+        notes.insert(
+            0,
+            f"CUDA graphs are on (no --enforce-eager): vLLM's start-up needs more room outside"
+            f" its budget than eager mode; measured on an H100 with an 8B model, servers under a"
+            f" reserve of 716 MiB failed at start-up and under"
+            f" {format_bytes(GRAPHS_RESERVE_BYTES)} all started. Set reserve_bytes to"
+            f" {quantities.to_quantity(GRAPHS_RESERVE_BYTES)} in the cluster's configuration"
+            f" and pass --reserve {quantities.to_quantity(GRAPHS_RESERVE_BYTES)} here.",
+        )
     if defaulted_length:
         notes.insert(
             0,

@@ -465,3 +465,21 @@ def test_bad_flags_are_usage_errors(flags: list[str], fragment: str) -> None:
     assert result.returncode == 2
     assert fragment in result.stderr
     assert "Traceback" not in result.stderr
+
+
+@pytest.mark.parametrize(
+    ("eager", "reserve", "warned"),
+    [(False, RESERVE, True), (True, RESERVE, False), (False, 1536 * MI, False)],
+    ids=["graphs-default-reserve", "eager", "graphs-raised-reserve"],
+)
+def test_with_cuda_graphs_a_reserve_under_the_measured_one_is_pointed_out(
+    eager: bool, reserve: int, warned: bool
+) -> None:
+    shape = models.from_config(LLAMA_3_8B, name="Llama-3-8B")
+    result = estimate.estimate(
+        shape, reserve_bytes=reserve, unit_bytes=GI, max_model_len=4096, enforce_eager=eager
+    )
+    said = [note for note in result.notes if note.startswith("CUDA graphs are on")]
+    assert bool(said) is warned
+    if warned:
+        assert "Set reserve_bytes to 1536Mi" in said[0]
