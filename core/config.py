@@ -7,7 +7,7 @@ key is named with its allowed values; unknown keys are refused, so a typo never 
 import os
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Final, Literal
 
 import pydantic
 import yaml
@@ -16,6 +16,8 @@ from gpushare.core import errors, grants, names, placement, quantities
 
 Isolation = Literal["cgroup", "mps", "mps-shared", "none"]
 """A node's isolation: per-cgroup driver limits, an MPS daemon per container or per node, none."""
+MPS_MODES: Final[frozenset[Isolation]] = frozenset({"mps", "mps-shared"})
+"""The isolations that run MPS daemons (memory limit and compute share through MPS)."""
 IsolationSetting = Literal["auto", "cgroup", "mps", "mps-shared", "none"]
 """The configured isolation: ``auto`` is the strongest the node supports (``cgroup`` or ``mps``)."""
 Backend = Literal["extender", "dra"]

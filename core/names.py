@@ -71,6 +71,9 @@ LABEL_ENABLED: Final = f"{DOMAIN}/enabled"
 
 LABEL_COMPONENT: Final = "app.kubernetes.io/component"
 LABEL_PART_OF: Final = "app.kubernetes.io/part-of"
+LABEL_POD_TEMPLATE_HASH: Final = "pod-template-hash"
+"""Kubernetes': a Deployment's ReplicaSet puts it on its pods and ends its own name with it (the
+extender tells a rollout's revisions apart by it)."""
 
 # --- Scheduler ------------------------------------------------------------------------------------
 SCHEDULER_NAME: Final = "gpushare-scheduler"

@@ -15,7 +15,7 @@ from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Final
 
-from gpushare.core import errors, grants, names
+from gpushare.core import config, errors, grants, names
 from gpushare.core.config import Settings
 from gpushare.core.ids import CardUUID, DeviceID, PodKey
 from gpushare.core.nodereport import CardReport
@@ -101,9 +101,7 @@ class Agent:
         self._devices: list[tuple[DeviceID, bool]] = []
         self._listed: frozenset[str] = frozenset()
         self._allocating = asyncio.Lock()
-        self._steered: collections.OrderedDict[tuple[str, ...], Wanted] = (
-            collections.OrderedDict()
-        )
+        self._steered: collections.OrderedDict[tuple[str, ...], Wanted] = collections.OrderedDict()
         """The container each recent preference was made for, by its IDs (the newest last)."""
         self.reporter = (
             Reporter(
@@ -406,14 +404,13 @@ class Agent:
         if self.pods is None:
             return None
         await self.refresh_holdings()
-        wanted = next_wanted(
+        return next_wanted(
             self.pods.pods(),
             units=size,
             unit_bytes=self.settings.unit_bytes,
             cards=self.cards if card is None else [card],
             held=self.holders(),
         )
-        return wanted
 
     async def _compute_share(self, grant: allocation.Grant) -> int | None:
         """The ``gpushare.io/compute-share`` of the pod these IDs are for, if it asks for one.
@@ -455,8 +452,10 @@ class Agent:
             self.check_advertised(device_ids)
             grant = allocation.grant_of(device_ids, unit_bytes=self.settings.unit_bytes)
             await self._check_not_held(grant)
-            share = await self._compute_share(grant)
-            return await self._grant(dataclasses.replace(grant, compute_share=share))
+            if self.mode.name in config.MPS_MODES:  # only MPS applies a compute share
+                share = await self._compute_share(grant)
+                grant = dataclasses.replace(grant, compute_share=share)
+            return await self._grant(grant)
 
         return await self._counted(checked)
 

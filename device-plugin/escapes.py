@@ -27,7 +27,7 @@ from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Final, Literal
 
-from gpushare.core import quantities
+from gpushare.core import config, quantities
 from gpushare.core.config import Isolation
 from gpushare.core.ids import CardUUID, PodKey
 from gpushare.deviceplugin import kube
@@ -42,7 +42,6 @@ Escape = Literal["outside-mps", "own-mps-daemon", "over-limit"]
 
 REASON: Final = "GpuIsolationEscape"
 """The Event's reason (``kubectl describe pod`` shows it)."""
-MPS_MODES: Final = frozenset({"mps", "mps-shared"})
 
 _WHAT: Final[Mapping[Escape, str]] = {
     "outside-mps": "holds a CUDA context outside its MPS daemon (no memory limit applies)",
@@ -132,7 +131,7 @@ def _escape_of(
     grant: tuple[CardUUID, int] | None,
     slack_bytes: int,
 ) -> Escape | None:
-    if isolation not in MPS_MODES:
+    if isolation not in config.MPS_MODES:
         return None
     if process.kind == "mps-server":
         return "own-mps-daemon"

@@ -18,8 +18,6 @@ from gpushare.scheduler import wire
 __all__ = ["Demand", "PodRequest", "from_pod", "policy_of"]
 
 TERMINAL_PHASES: Final = frozenset({"Succeeded", "Failed"})
-TEMPLATE_HASH_LABEL: Final = "pod-template-hash"
-"""The label a Deployment's ReplicaSet puts on its pods, and the suffix of the ReplicaSet's name."""
 """A pod in these phases has stopped its containers and holds no memory."""
 
 
@@ -100,7 +98,7 @@ def from_pod(pod: wire.Pod, *, unit_bytes: int, read_policy: bool = True) -> Pod
 
 def revision_of(meta: wire.ObjectMeta) -> Revision | None:
     """The revision of a pod a ReplicaSet controls (from its owner and ``pod-template-hash``)."""
-    template_hash = meta.labels.get(TEMPLATE_HASH_LABEL)
+    template_hash = meta.labels.get(names.LABEL_POD_TEMPLATE_HASH)
     if not template_hash:
         return None
     for owner in meta.owner_references:

@@ -20,11 +20,11 @@ from gpushare.core import placement
 from gpushare.scheduler.candidates import Candidates, Slots
 from gpushare.scheduler.failures import Failure
 
-__all__ = ["NO_ROOM", "RoomIndex", "Scores", "best_scores"]
+__all__ = ["FIRST_SLOTS", "RoomIndex", "Scores"]
 
 Scores = npt.NDArray[np.int8]
 
-NO_ROOM: Final = -1
+_NO_ROOM: Final = -1
 """The room of a node or card that may take nothing now."""
 _UNSCORED: Final = -1
 _MAX_CACHE_KEYS: Final = 256
@@ -42,9 +42,9 @@ class RoomIndex:
         """Each node name ever seen, its position in the arrays (0: names never seen)."""
         self._version = 0
         """Changes whenever a name gets a slot, so that candidate lists map their names again."""
-        self._rooms: npt.NDArray[np.int64] = np.full(FIRST_SLOTS, NO_ROOM, dtype=np.int64)
+        self._rooms: npt.NDArray[np.int64] = np.full(FIRST_SLOTS, _NO_ROOM, dtype=np.int64)
         """Best room of every node that may take pods now; -1 for the others and unused slots."""
-        self._card_rooms = np.full((FIRST_SLOTS, _FIRST_CARDS), NO_ROOM, dtype=np.int64)
+        self._card_rooms = np.full((FIRST_SLOTS, _FIRST_CARDS), _NO_ROOM, dtype=np.int64)
         """Per slot, each healthy card's room (-1: unhealthy, or no such card), for scoring."""
         self._card_sizes = np.ones((FIRST_SLOTS, _FIRST_CARDS), dtype=np.int64)
         """Per slot, each card's capacity (1 where there is no card, never divided by zero)."""
@@ -54,10 +54,6 @@ class RoomIndex:
         """Per policy and cost, each slot's score (-1: not known yet; slot 0 scores 0)."""
         self._failures: dict[int, dict[str, Failure]] = {}
         """Per cost, why each known node that was asked about cannot take it."""
-
-    def __len__(self) -> int:
-        """Slots in use."""
-        return len(self._slots)
 
     def add(self, name: str) -> None:
         """Give ``name`` a slot if it has none (its room stays -1 until :meth:`update`)."""
@@ -75,14 +71,14 @@ class RoomIndex:
             return
         self.forget(name)
         self._set_cards(slot, cards)
-        best = max((card.room_bytes for card in cards if card.healthy), default=NO_ROOM)
-        self._rooms[slot] = best if takes_pods else NO_ROOM
+        best = max((card.room_bytes for card in cards if card.healthy), default=_NO_ROOM)
+        self._rooms[slot] = best if takes_pods else _NO_ROOM
 
     def close(self, name: str) -> None:
         """The node may take no pod now (its agent went silent); its cards are kept."""
         slot = self._slots.get(name)
         if slot is not None:
-            self._rooms[slot] = NO_ROOM
+            self._rooms[slot] = _NO_ROOM
             self.forget(name)
 
     def remove(self, name: str) -> None:
@@ -91,7 +87,7 @@ class RoomIndex:
         if slot is not None:
             self.forget(name)
             self._set_cards(slot, ())
-            self._rooms[slot] = NO_ROOM
+            self._rooms[slot] = _NO_ROOM
 
     def forget(self, name: str) -> None:
         """Drop the node's cached scores and failure reasons: it changed."""
@@ -126,7 +122,7 @@ class RoomIndex:
         missing = np.flatnonzero(result == _UNSCORED)
         if missing.size:
             rows = slots[missing]
-            fresh = best_scores(
+            fresh = _best_scores(
                 self._card_rooms[rows],
                 self._card_sizes[rows],
                 self._card_in_use[rows],
@@ -151,7 +147,7 @@ class RoomIndex:
 
     def _grow(self) -> None:
         size = len(self._rooms)
-        self._rooms = np.concatenate([self._rooms, np.full(size, NO_ROOM, dtype=np.int64)])
+        self._rooms = np.concatenate([self._rooms, np.full(size, _NO_ROOM, dtype=np.int64)])
         self._card_rooms = np.concatenate([self._card_rooms, np.full_like(self._card_rooms, -1)])
         self._card_sizes = np.concatenate([self._card_sizes, np.ones_like(self._card_sizes)])
         self._card_in_use = np.concatenate([self._card_in_use, np.zeros_like(self._card_in_use)])
@@ -168,7 +164,7 @@ class RoomIndex:
         rooms = self._card_rooms[slot]
         sizes = self._card_sizes[slot]
         in_use = self._card_in_use[slot]
-        rooms[:] = NO_ROOM
+        rooms[:] = _NO_ROOM
         sizes[:] = 1
         in_use[:] = False
         for column, card in enumerate(cards):
@@ -189,7 +185,7 @@ class RoomIndex:
         return cache
 
 
-def best_scores(
+def _best_scores(
     rooms: npt.NDArray[np.int64],
     sizes: npt.NDArray[np.int64],
     in_use: npt.NDArray[np.bool_],
