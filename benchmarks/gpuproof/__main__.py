@@ -78,6 +78,12 @@ def main() -> int:
     parser.add_argument(
         "--reserve", default="", help="reserve_bytes of the configuration, e.g. 1536Mi"
     )
+    parser.add_argument(
+        "--throughput-seconds",
+        type=float,
+        default=10.0,
+        help="each throughput window, one per repeat (0: no throughput)",
+    )
     parser.add_argument("--merge", type=Path, nargs="+", help="merge these runs' JSON into --out")
     parser.add_argument("--plot", type=Path, help="only draw the PNG of this JSON into --out")
     args = parser.parse_args()
@@ -110,16 +116,17 @@ def main() -> int:
         share=args.share,
         max_model_len=args.max_model_len,
         reserve=args.reserve,
+        throughput_seconds=args.throughput_seconds,
     )
     unknown = {
         p
         for p in opts.phases
-        if p not in ("alone", "mps", "mps-shared", "share", "concurrent")
+        if p not in ("alone", "sequential", "mps", "mps-shared", "share", "concurrent")
         and not re.fullmatch(r"concurrent(-none|-shared)?(-\d+)?", p)
     }
     if unknown:
         parser.error(
-            f"unknown phases {sorted(unknown)}: use alone, mps, mps-shared, share,"
+            f"unknown phases {sorted(unknown)}: use alone, sequential, mps, mps-shared, share,"
             " concurrent[-none|-shared][-N]"
         )
     data = asyncio.run(run(opts))

@@ -76,6 +76,8 @@ class Options:
     max_model_len: int = 4096
     reserve: str = ""
     """The configuration's ``reserve_bytes`` (a quantity such as ``1536Mi``); empty: default."""
+    throughput_seconds: float = 10.0
+    """Each throughput window (0: throughput is not measured)."""
 
 
 @dataclasses.dataclass

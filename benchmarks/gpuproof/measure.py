@@ -145,6 +145,79 @@ async def repeated_latency(stack: Stack, instance: Instance, opts: Options) -> J
     }
 
 
+async def throughput(stack: Stack, servers: Sequence[Instance], opts: Options) -> Json:
+    """Output tokens per second of each server in ``servers`` decoding at once.
+
+    ``opts.busy_streams`` streamed requests per server without pause; after a three-second
+    ramp, ``opts.repeats`` windows of ``opts.throughput_seconds`` each count the tokens of the
+    requests that finished inside them (the figure per server is the windows' median, their
+    lowest and highest beside it)."""
+    finished: dict[str, list[tuple[float, int]]] = {s.name: [] for s in servers}
+    errors: list[str] = []
+    stop = asyncio.Event()
+
+    async def loop(server: Instance) -> None:
+        while not stop.is_set():
+            try:
+                _, _, n = await stream_once(stack, server, opts.tokens)
+                finished[server.name].append((time.perf_counter(), n))
+            except (aiohttp.ClientError, TimeoutError, RuntimeError) as exc:
+                errors.append(f"{server.name}: {exc!r}")
+                await asyncio.sleep(1)
+
+    tasks = [asyncio.create_task(loop(s)) for s in servers for _ in range(opts.busy_streams)]
+    try:
+        await asyncio.sleep(3)
+        windows = []
+        for _ in range(opts.repeats):
+            began = time.perf_counter()
+            await asyncio.sleep(opts.throughput_seconds)
+            ended = time.perf_counter()
+            windows.append((began, ended))
+    finally:
+        stop.set()
+        await asyncio.gather(*tasks, return_exceptions=True)
+    per_server: Json = {}
+    for name, done in finished.items():
+        rates = [
+            sum(n for at, n in done if began <= at < ended) / (ended - began)
+            for began, ended in windows
+        ]
+        per_server[name] = {
+            "tokens_per_second": round(statistics.median(rates), 1),
+            "spread": [round(min(rates), 1), round(max(rates), 1)],
+        }
+    return {
+        "servers": [s.name for s in servers],
+        "streams_per_server": opts.busy_streams,
+        "output_tokens": opts.tokens,
+        "window_seconds": opts.throughput_seconds,
+        "windows": len(windows),
+        "per_server": per_server,
+        "errors": errors[:10],
+    }
+
+
+async def dedicated_and_shared(
+    stack: Stack, target: Instance, ready: Sequence[Instance], opts: Options
+) -> Json:
+    """Throughput of ``target`` decoding with its neighbours idle (the card's compute to itself:
+    as dedicated as a shared card gets), then of every server in ``ready`` decoding at once,
+    each as a share of the first figure (the servers run the same model)."""
+    alone = (await throughput(stack, [target], opts))["per_server"][target.name]
+    together = await throughput(stack, ready, opts)
+    base = alone["tokens_per_second"]
+    rates = {name: row["tokens_per_second"] for name, row in together["per_server"].items()}
+    return {
+        "target_alone": {"name": target.name, **alone},
+        "together": together,
+        "share_of_alone_percent": {
+            name: round(100 * rate / base, 1) for name, rate in rates.items() if base
+        },
+        "sum_of_alone_percent": round(100 * sum(rates.values()) / base, 1) if base else None,
+    }
+
+
 @contextlib.asynccontextmanager
 async def busy(
     stack: Stack, others: Sequence[Instance], streams: int, tokens: int

@@ -29,6 +29,7 @@ from benchmarks.gpuproof.measure import (
     busy,
     card_json,
     complete,
+    dedicated_and_shared,
     figures,
     repeated_latency,
     smi,
@@ -137,6 +138,38 @@ async def phase_concurrent(opts: Options, results: Results, work: Path, name: st
         results.save()
 
 
+async def phase_sequential(opts: Options, results: Results, work: Path) -> None:
+    """The services started one after another under ``mps`` (the next once the last has sized
+    its KV cache): the reference of the concurrent starts, and the throughput of the servers."""
+    entry = results.phase("sequential")
+    entry["isolation"] = "mps"
+    entry["start"] = "sequential"
+    stack = Stack(opts, "mps", work, results)
+    try:
+        await stack.start()
+        ready = await start_all(stack, results, entry, opts.instances)
+        entry["ready"] = [i.name for i in ready]
+        results.save()
+        if ready:
+            await measure_instances(stack, entry, "ready")
+            await measure_throughput(stack, results, entry, ready, opts)
+    finally:
+        await stack.stop()
+        results.save()
+
+
+async def measure_throughput(
+    stack: Stack, results: Results, entry: Json, ready: Sequence[Instance], opts: Options
+) -> None:
+    """Each server's throughput beside idle and beside busy neighbours, if asked and time allows."""
+    target = next((i for i in ready if i.name == opts.target), None)
+    windows = (opts.repeats * opts.throughput_seconds + 5) * 2
+    if target is None or opts.throughput_seconds <= 0 or not time_left(opts, windows):
+        return
+    entry["throughput"] = await dedicated_and_shared(stack, target, ready, opts)
+    results.note(f"throughput: {entry['throughput']['share_of_alone_percent']} % of alone")
+
+
 async def measure_instances(stack: Stack, entry: Json, when: str) -> Json:
     budgets = {inst.name: await vllm_metrics(stack, inst) for inst in stack.instances.values()}
     measured = await figures(stack, budgets=budgets)
@@ -199,6 +232,7 @@ async def phase_shared(opts: Options, results: Results, work: Path, isolation: s
             results.note(f"{isolation}: busy neighbours {measured['ttft']} / {load}")
             await measure_instances(stack, entry, "after load")
             entry["watchdog_after_load"] = await watchdog_and_exporter(stack)
+        await measure_throughput(stack, results, entry, ready, opts)
     finally:
         await stack.stop()
         results.save()
@@ -354,6 +388,8 @@ async def run(opts: Options) -> Json:
             try:
                 if phase == "alone":
                     await phase_alone(opts, results, work / "alone")
+                elif phase == "sequential":
+                    await phase_sequential(opts, results, work / "sequential")
                 elif phase == "share":
                     await phase_share(opts, results, work / "share")
                 elif phase.startswith("concurrent"):

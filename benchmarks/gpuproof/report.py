@@ -5,6 +5,7 @@ import os
 import time
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 from benchmarks.gpuproof.common import MI, TARGET, Json
 from gpushare.core import config
@@ -88,6 +89,24 @@ def summarize(data: Json) -> Json:
     mps_figures = phases.get("mps", {}).get("figures", {}).get("ready")
     if mps_figures:
         summary["card"] = mps_figures["card"]
+    throughput = {
+        phase: {
+            "isolation": entry.get("isolation"),
+            "target_alone_tokens_per_second": entry["throughput"]["target_alone"][
+                "tokens_per_second"
+            ],
+            "together_tokens_per_second": {
+                name: row["tokens_per_second"]
+                for name, row in entry["throughput"]["together"]["per_server"].items()
+            },
+            "share_of_alone_percent": entry["throughput"]["share_of_alone_percent"],
+            "sum_of_alone_percent": entry["throughput"]["sum_of_alone_percent"],
+        }
+        for phase, entry in phases.items()
+        if "throughput" in entry
+    }
+    if throughput:
+        summary["throughput"] = throughput
     concurrent = _concurrent_summary(phases)
     if concurrent:
         summary["concurrent_starts"] = concurrent
@@ -100,9 +119,11 @@ def _blocks(phase: Json) -> dict[str, int]:
 
 
 def _concurrent_summary(phases: Json) -> list[Json]:
-    """Each concurrent start against the sequential ``mps`` phase: KV blocks per instance, the
-    largest difference, failures, and the time until every server answered."""
-    reference = _blocks(phases.get("mps", {}))
+    """Each concurrent start against the sequential start (the ``sequential`` phase, else
+    ``mps``): KV blocks per instance, the largest difference, failures, and the time until every
+    server answered."""
+    sequential = phases.get("sequential") or phases.get("mps", {})
+    reference = _blocks(sequential)
     out = []
     for name, phase in phases.items():
         if phase.get("start") != "concurrent":
@@ -121,7 +142,7 @@ def _concurrent_summary(phases: Json) -> list[Json]:
             "largest_difference_percent": max(map(abs, differences.values()), default=None),
             "failed": sorted(phase.get("failed", {})),
             "all_ready_seconds": phase.get("all_ready_seconds"),
-            "sequential_all_ready_seconds": phases.get("mps", {}).get("all_ready_seconds"),
+            "sequential_all_ready_seconds": sequential.get("all_ready_seconds"),
         })  # fmt: skip
     return out
 
@@ -141,7 +162,11 @@ def plot(data: Json, path: Path) -> None:
         return
     rows = measured["instances"]
     card = measured["card"]
-    fig, axes = plt.subplots(1, 3, figsize=(17, 5.6), gridspec_kw={"width_ratios": [3, 1.1, 2.4]})
+    throughput = summarize(data).get("throughput", {})
+    ratios = [3, 1.1, 2.4] + ([1.6] if throughput else [])
+    fig, axes = plt.subplots(
+        1, len(ratios), figsize=(5.8 * sum(ratios) / 2.6, 5.6), gridspec_kw={"width_ratios": ratios}
+    )
     ax = axes[0]
     xs = range(len(rows))
     width = 0.27
@@ -257,9 +282,35 @@ def plot(data: Json, path: Path) -> None:
         f" {data.get('options', {}).get('output_tokens', '?')} tokens"
     )
     ax.legend(fontsize=8, loc="lower right")
+    if throughput:
+        _plot_throughput(axes[3], data, throughput)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
+
+
+def _plot_throughput(ax: Any, data: Json, throughput: Json) -> None:
+    """Per phase, each server's tokens/s with all decoding, as a share of the target alone;
+    whiskers: the lowest and highest window."""
+    labels, values, low, high = [], [], [], []
+    for phase, row in throughput.items():
+        together = data["phases"][phase]["throughput"]["together"]["per_server"]
+        base = row["target_alone_tokens_per_second"] or 1
+        for name, percent in row["share_of_alone_percent"].items():
+            spread = together[name]["spread"]
+            labels.append(f"{name} ({phase})")
+            values.append(percent)
+            low.append(max(percent - 100 * spread[0] / base, 0))
+            high.append(max(100 * spread[1] / base - percent, 0))
+    ys = range(len(labels))
+    ax.barh(list(ys), values, 0.6, xerr=[low, high], capsize=2, color="#fd8d3c")
+    for y, value in zip(ys, values, strict=True):
+        ax.annotate(f"{value:.0f} %", (value, y), va="center", fontsize=7)
+    ax.axvline(100, color="black", lw=1)
+    ax.set_yticks(list(ys), labels, fontsize=7)
+    ax.invert_yaxis()
+    ax.set_xlabel("% of the target alone (tokens/s)")
+    ax.set_title("Throughput, every server decoding", fontsize=10)
 
 
 def merge(files: Sequence[Path], out: Path) -> Json:

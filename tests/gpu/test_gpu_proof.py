@@ -224,6 +224,42 @@ def test_concurrent_starts_run_through_stand_ins_on_a_cpu(tmp_path: Path) -> Non
     assert isolations == {"concurrent-1": "mps", "concurrent-shared-1": "mps-shared"}
 
 
+def check_throughput(data: Any, phase: str) -> None:
+    """A throughput figure per server beside idle and busy neighbours, windows as asked."""
+    measured = data["phases"][phase]["throughput"]
+    servers = data["phases"][phase]["ready"]
+    assert measured["target_alone"]["name"] == data["options"]["target"]
+    assert measured["target_alone"]["tokens_per_second"] > 0
+    together = measured["together"]
+    assert together["servers"] == servers
+    assert together["windows"] == data["options"]["repeats"]
+    assert not together["errors"], together["errors"]
+    for row in together["per_server"].values():
+        low, high = row["spread"]
+        assert 0 < low <= row["tokens_per_second"] <= high
+    assert set(measured["share_of_alone_percent"]) == set(servers)
+    summary = data["summary"]["throughput"][phase]
+    assert summary["share_of_alone_percent"] == measured["share_of_alone_percent"]
+
+
+def test_the_sequential_reference_and_throughput_run_through_stand_ins_on_a_cpu(
+    tmp_path: Path,
+) -> None:
+    data = run_proof(
+        tmp_path, "--dry-run", "--phases", "sequential,concurrent-1", "--repeats", "2",
+        "--requests", "2", "--tokens", "4", "--busy-streams", "1", "--throughput-seconds", "1",
+        timeout=240,
+    )  # fmt: skip
+    check_concurrent(data)
+    start = data["summary"]["concurrent_starts"][0]
+    sequential = data["phases"]["sequential"]
+    assert sequential["start"] == "sequential"
+    assert start["sequential_all_ready_seconds"] == sequential["all_ready_seconds"]
+    assert set(start["sequential_num_gpu_blocks"].values()) != {None}, start
+    check_throughput(data, "sequential")
+    assert "throughput" not in data["phases"]["concurrent-1"]
+
+
 def check_share(data: Any, *, tokens: int) -> None:
     """The share phase: the neighbour restarted with a compute share that reached its daemon."""
     entry = data["phases"]["share"]
