@@ -133,6 +133,7 @@ async def phase_concurrent(opts: Options, results: Results, work: Path, name: st
         results.save()
         if ready:
             await measure_instances(stack, entry, "ready")
+            await measure_throughput(stack, results, entry, ready, opts)
     finally:
         await stack.stop()
         results.save()

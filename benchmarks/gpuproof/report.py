@@ -119,10 +119,12 @@ def _blocks(phase: Json) -> dict[str, int]:
 
 
 def _concurrent_summary(phases: Json) -> list[Json]:
-    """Each concurrent start against the sequential start (the ``sequential`` phase, else
-    ``mps``): KV blocks per instance, the largest difference, failures, and the time until every
+    """Each concurrent start against a sequential start of the same services (the phase
+    ``sequential``, else ``mps``, else ``mps-shared``: each server's limit is its grant in all
+    three): KV blocks per instance, the largest difference, failures, and the time until every
     server answered."""
-    sequential = phases.get("sequential") or phases.get("mps", {})
+    named = next((p for p in ("sequential", "mps", "mps-shared") if _blocks(phases.get(p, {}))), "")
+    sequential = phases.get(named, {})
     reference = _blocks(sequential)
     out = []
     for name, phase in phases.items():
@@ -137,6 +139,7 @@ def _concurrent_summary(phases: Json) -> list[Json]:
         out.append({
             "phase": name,
             "num_gpu_blocks": blocks,
+            "sequential_phase": named or None,
             "sequential_num_gpu_blocks": {n: reference.get(n) for n in blocks},
             "difference_percent": differences,
             "largest_difference_percent": max(map(abs, differences.values()), default=None),
