@@ -192,7 +192,7 @@ def plot(data: Json, path: Path) -> None:
     ax.set_xticks(list(xs), [r["name"] for r in rows])
     ax.set_ylabel("GiB")
     ax.set_title("Per instance (isolation mps)")
-    ax.legend(fontsize=8, loc="upper left")
+    ax.legend(fontsize=8, loc="lower left", framealpha=0.9)
     ax = axes[1]
     bottom = 0.0
     palette = ["#fdae6b", "#fd8d3c", "#e6550d", "#a63603", "#7f2704"]
@@ -313,7 +313,7 @@ def _plot_throughput(ax: Any, data: Json, throughput: Json) -> None:
     ax.set_yticks(list(ys), labels, fontsize=7)
     ax.invert_yaxis()
     ax.set_xlabel("% of the target alone (tokens/s)")
-    ax.set_title("Throughput, every server decoding", fontsize=10)
+    ax.set_title("Throughput, all decoding", fontsize=10)
 
 
 def merge(files: Sequence[Path], out: Path) -> Json:
