@@ -1,12 +1,13 @@
 """The simulated cluster: the real parts as processes on loopback, driven as Kubernetes drives them.
 
-The in-process API server (:mod:`.apiserver`) stands in for kube-apiserver; the simulator plays
-kube-apiserver's admission (AdmissionReview over HTTPS to the real webhook), KServe (the predictor
-pod), kube-scheduler (filter, prioritize and bind over HTTP to the real extender) and kubelet (the
-device manager over gRPC to one real device plugin per node, then a simulated vLLM start against
-the node's fake NVML). The parts run as ``gpushare <part>`` processes with the command lines of a
-cluster (forked from a warm server, see :mod:`.processes`), each reading the same configuration
-file and the API server's kubeconfig; MPS daemons are the stand-in of :mod:`.mpsfake`.
+A control plane (:mod:`.planes`: the in-process API server of :mod:`.apiserver`, or the real
+kube-apiserver and kube-scheduler) sends admission over HTTPS to the real webhook and scheduling
+over HTTP to the real extender; the simulator plays KServe (the predictor pod) and, in
+:mod:`.nodes`, kubelet (the device manager over gRPC to one real device plugin per node, then a
+simulated vLLM start against the node's fake NVML). The parts run as ``gpushare <part>``
+processes with the command lines of a cluster (forked from a warm server, see :mod:`.processes`),
+each reading the same configuration file and the API server's kubeconfig; MPS daemons are the
+stand-in of :mod:`.mpsfake`.
 
 A program that runs a :class:`Simulation` must guard its top level with
 ``if __name__ == "__main__"``, as ``multiprocessing`` requires of its start methods.
@@ -17,13 +18,12 @@ import contextlib
 import logging
 import os
 import shutil
-import signal
 import tempfile
 import time
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Final
+from typing import Final
 
 import aiohttp
 import yaml
@@ -31,21 +31,12 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from gpushare.core import config, errors, names, nodereport
 from gpushare.core.ids import CardUUID, PodKey, pod_key
-from gpushare.deviceplugin import devices
-from gpushare.simulator import (
-    apiserver,
-    kserve,
-    kubelet,
-    mpsfake,
-    planes,
-    processes,
-    scheduling,
-)
-from gpushare.simulator import vllm as vllm_sim
+from gpushare.simulator import apiserver, kserve, kubelet, mpsfake, planes, processes, scheduling
 from gpushare.simulator.controlplane.launch import free_port
 from gpushare.simulator.controlplane.rest import ApiError
 from gpushare.simulator.fleet import Fleet, Node
 from gpushare.simulator.gpus import NodeGpus
+from gpushare.simulator.nodes import Nodes, Running, failure, stop_daemons
 from gpushare.simulator.outcome import CardState, Failure, Placement
 from gpushare.simulator.workload import Service
 from gpushare.webhook import certs
@@ -71,19 +62,6 @@ NAMESPACES: Final = apiserver.resource("", "namespaces")
 
 
 @dataclass(slots=True)
-class _Running:
-    """A placed service: its pod, where it runs, and the simulated vLLM process."""
-
-    service: Service
-    pod: PodKey
-    node: str
-    card: CardUUID
-    pid: int | None
-    placement: Placement | None
-    pipe: Path | None
-
-
-@dataclass(slots=True)
 class Simulation:
     """The cluster for one run. Use as ``async with Simulation(...) as sim``."""
 
@@ -100,10 +78,8 @@ class Simulation:
     workdir: Path = field(init=False)
     settings: config.Settings = field(init=False)
     plane: planes.Plane = field(init=False)
-    kubelets: dict[str, kubelet.Kubelet] = field(default_factory=dict)
-    node_gpus: dict[str, NodeGpus] = field(default_factory=dict)
-    running: dict[str, _Running] = field(default_factory=dict)
-    """Placed or start-failed services by key; they hold devices."""
+    nodes: Nodes = field(init=False)
+    """The nodes' kubelets and GPUs, and the services they run."""
     pending: dict[str, Service] = field(default_factory=dict)
     """Services whose pod waits for a node."""
     submitted: dict[str, Service] = field(default_factory=dict)
@@ -116,6 +92,20 @@ class Simulation:
 
     def __post_init__(self) -> None:
         self.plane = planes.choose(self.control_plane, seed=self.seed)
+        self.nodes = Nodes(self.base, self._set_phase)
+
+    @property
+    def kubelets(self) -> dict[str, kubelet.Kubelet]:
+        return self.nodes.kubelets
+
+    @property
+    def node_gpus(self) -> dict[str, NodeGpus]:
+        return self.nodes.node_gpus
+
+    @property
+    def running(self) -> dict[str, Running]:
+        """Placed or start-failed services by key; they hold devices."""
+        return self.nodes.running
 
     async def __aenter__(self) -> "Simulation":
         try:
@@ -145,16 +135,27 @@ class Simulation:
         logs.mkdir(exist_ok=True)
         self._processes.append(
             processes.Part(
-                "gpushare scheduler", [*cli, "scheduler", "--kubeconfig", env["KUBECONFIG"]],
-                env=env, log=logs / "scheduler.log",
+                "gpushare scheduler",
+                [*cli, "scheduler", "--kubeconfig", env["KUBECONFIG"]],
+                env=env,
+                log=logs / "scheduler.log",
             )
         )
         self._processes.append(
             processes.Part(
                 "gpushare webhook",
-                [*cli, "webhook", "--tls-cert", str(tls[1]), "--tls-key", str(tls[2]),
-                 "--probe-listen", f"127.0.0.1:{probe_port}"],
-                env=env, log=logs / "webhook.log",
+                [
+                    *cli,
+                    "webhook",
+                    "--tls-cert",
+                    str(tls[1]),
+                    "--tls-key",
+                    str(tls[2]),
+                    "--probe-listen",
+                    f"127.0.0.1:{probe_port}",
+                ],
+                env=env,
+                log=logs / "webhook.log",
             )
         )
         control = mpsfake.install(self.workdir / "bin")
@@ -187,6 +188,7 @@ class Simulation:
         raw["agent"]["poll_seconds"] = AGENT_POLL_SECONDS
         raw["agent"]["heartbeat_seconds"] = AGENT_HEARTBEAT_SECONDS
         self.settings = config.validate(raw)
+        self.nodes.settings = self.settings
         config_file = self.workdir / "config.yaml"
         config_file.write_text(yaml.safe_dump(raw))
         # The file carries the whole configuration (this process read the environment into
@@ -204,25 +206,11 @@ class Simulation:
     ) -> None:
         """The Node object, its fake NVML file, its kubelet and its device-plugin process."""
         await self._register_node(node.name)
-        folder = self.workdir / node.name
-        folder.mkdir(exist_ok=True)
-        node_gpus = NodeGpus(node, folder / "nvml.json")
-        node_gpus.write()
-        self.node_gpus[node.name] = node_gpus
-        agent = kubelet.Kubelet(node.name, folder / "kubelet", names.RESOURCE_GPU_MEMORY)
-        await agent.start()
-        self.kubelets[node.name] = agent
-        self._processes.append(
-            processes.Part(
-                f"gpushare device-plugin ({node.name})",
-                [*cli, "device-plugin", "--kubelet-dir", str(agent.kubelet_dir),
-                 "--nvml", f"fake:{node_gpus.path}", "--metrics-listen",
-                 f"127.0.0.1:{free_port()}", "--node-name", node.name,
-                 "--mps-control", str(control), "--kubeconfig", env["KUBECONFIG"]],
-                env={**env, f"{names.ENV_PREFIX}AGENT__MPS_ROOT": str(folder / "mps")},
-                log=logs / f"device-plugin-{node.name}.log",
-            )
+        log = logs / f"device-plugin-{node.name}.log"
+        part = await self.nodes.add(
+            node, self.workdir / node.name, cli=cli, env=env, control=control, log=log
         )
+        self._processes.append(part)
 
     async def _wait_ready(self, webhook_probe: str) -> None:
         self.progress("device plugins registering")
@@ -283,7 +271,7 @@ class Simulation:
             await asyncio.sleep(0.05)
 
     async def _plugins_listed(self) -> bool:
-        return all(agent.listed.is_set() and agent.devices for agent in self.kubelets.values())
+        return self.nodes.listed()
 
     async def _reports_in(self) -> bool:
         for node in self.fleet.nodes:
@@ -325,8 +313,7 @@ class Simulation:
 
     async def stop(self) -> None:
         """Stop the parts, the kubelets and the API server; remove the work folder."""
-        for agent in self.kubelets.values():
-            await agent.stop()
+        await self.nodes.stop()
         for process in self._processes:
             process.terminate()
         deadline = time.monotonic() + STOP_SECONDS
@@ -336,17 +323,9 @@ class Simulation:
             await self._http.close()
         await self.plane.stop()
         if hasattr(self, "workdir"):
-            self._stop_daemons()
+            stop_daemons(self.workdir)
             if self.keep is None:
                 shutil.rmtree(self.workdir, ignore_errors=True)
-
-    def _stop_daemons(self) -> None:
-        """End the MPS stand-ins the plugins started (each also ends on its own with us)."""
-        for pid_file in self.workdir.glob(f"*/mps/*/{mpsfake.PID_FILE}"):
-            pid = mpsfake.daemon_pid(pid_file.parent)
-            if pid is not None:
-                with contextlib.suppress(ProcessLookupError, PermissionError):
-                    os.kill(pid, signal.SIGTERM)
 
     # ----- one InferenceService --------------------------------------------------------------
 
@@ -356,11 +335,11 @@ class Simulation:
         await self._ensure_namespace(service.namespace)
         denied = await self.plane.admit_inference_service(service.manifest)
         if denied is not None:
-            return self._failure(service, "admission", denied)
+            return failure(service, "admission", denied)
         admitted = await self.plane.admit_pod(kserve.predictor_pod(service))
         if isinstance(admitted, str):
             await self.plane.delete(ISVCS, service.namespace, service.name)
-            return self._failure(service, "mutation", admitted)
+            return failure(service, "mutation", admitted)
         return await self._schedule(service, retry=False)
 
     async def schedule(self, service: Service) -> Placement | Failure:
@@ -374,90 +353,14 @@ class Simulation:
         result = await self.plane.schedule(pod, nodes, retry=retry)
         if isinstance(result, scheduling.Unschedulable):
             self.pending[service.key] = service
-            return self._failure(service, "scheduling", result.message)
+            return failure(service, "scheduling", result.message)
         if isinstance(result, scheduling.BindFailed):
             self.pending[service.key] = service
-            return self._failure(service, "binding", result.message)
+            return failure(service, "binding", result.message)
         self.pending.pop(service.key, None)
-        return await self._start_pod(service, key, result.node)
-
-    async def _start_pod(self, service: Service, key: PodKey, node: str) -> Placement | Failure:
         namespace, name = key.split("/", 1)
         pod = await self.plane.get(PODS, namespace, name)
-        target = _gpu_container(pod)
-        if target is None:
-            return self._failure(service, "allocation", "no container requests GPU memory")
-        container, units = target
-        agent = self.kubelets[node]
-        try:
-            allocated = await agent.allocate(key, container["name"], units)
-        except (errors.NoFit, errors.Conflict) as exc:
-            await self._set_phase(namespace, name, "Failed", "UnexpectedAdmissionError", str(exc))
-            return self._failure(service, "allocation", str(exc))
-        card = CardUUID(devices.card_of(allocated.devices))
-        pipe_text = allocated.envs.get(names.ENV_MPS_PIPE_DIRECTORY)
-        pipe = Path(pipe_text) if pipe_text else None
-        running = _Running(service, key, node, card, None, None, pipe)
-        self.running[service.key] = running
-        env = vllm_sim.container_env(container, allocated.envs)
-        words = vllm_sim.argv(container, env)
-        visible = env.get(names.ENV_VISIBLE_DEVICES, "")
-        node_gpus = self.node_gpus[node]
-        if visible != card:
-            message = f"{names.ENV_VISIBLE_DEVICES}={visible!r}, but the IDs name {card}"
-            return self._failure(service, "start", message)
-        self._update_servers(node)  # the first client of a daemon starts its MPS server
-        outcome = vllm_sim.start(
-            words,
-            card_free_bytes=node_gpus.free_bytes(card),
-            cuda_total_bytes=node_gpus.card(card).model.cuda_total_bytes,
-            limit_bytes=self._limit(pipe, env, card),
-            minimum_budget_bytes=service.minimum_budget_bytes,
-        )
-        if isinstance(outcome, vllm_sim.Refused):
-            await self._set_phase(namespace, name, "Running", "CrashLoopBackOff", outcome.message)
-            return self._failure(service, "start", outcome.message)
-        running.pid = node_gpus.start(card, outcome.used_bytes)
-        await self._set_phase(namespace, name, "Running", "", "")
-        card_index = node_gpus.card(card).index
-        running.placement = Placement(
-            service=service.key,
-            label=service.label,
-            pod=name,
-            node=node,
-            card_uuid=card,
-            card_index=card_index,
-            requested_bytes=service.requested_bytes or 0,
-            granted_bytes=len(allocated.devices) * self.settings.unit_bytes,
-            utilization=str(outcome.utilization),
-            used_bytes=outcome.used_bytes,
-            chosen_card=str((pod["metadata"].get("annotations") or {}).get(
-                names.ANNOTATION_CARD_UUID, ""
-            )),
-        )
-        return running.placement
-
-    def _limit(self, pipe: Path | None, env: Mapping[str, str], card: str) -> int | None:
-        """The MPS limit the client runs under; none when no daemon serves its pipe directory."""
-        if pipe is None or not mpsfake.running(pipe):
-            return None
-        limits = [
-            limit
-            for limit in (mpsfake.default_limit_bytes(pipe), vllm_sim.mps_limit_bytes(env, card))
-            if limit is not None
-        ]
-        return min(limits, default=None)
-
-    def _update_servers(self, node: str) -> None:
-        """One MPS server per daemon with a client on each card (66 MiB each, measured)."""
-        per_card: dict[CardUUID, set[Path]] = {}
-        for running in self.running.values():
-            if running.node == node and running.pipe is not None and mpsfake.running(running.pipe):
-                per_card.setdefault(running.card, set()).add(running.pipe)
-        node_gpus = self.node_gpus[node]
-        for card in node_gpus.node.cards:
-            servers = len(per_card.get(card.uuid, ()))
-            node_gpus.set_servers(card.uuid, servers * self.settings.agent.mps_server_bytes)
+        return await self.nodes.start_pod(service, key, result.node, pod)
 
     async def _set_phase(
         self, namespace: str, name: str, phase: str, reason: str, message: str
@@ -473,9 +376,6 @@ class Simulation:
                 await self.plane.create(NAMESPACES, {"metadata": {"name": namespace}})
             self._namespaces.add(namespace)
 
-    def _failure(self, service: Service, stage: Any, reason: str) -> Failure:
-        return Failure(service.key, service.label, service.requested_bytes, stage, reason)
-
     async def remove(self, service: Service) -> None:
         """``kubectl delete`` of the InferenceService: its pod goes, kubelet stops it."""
         key = _pod_key(service)
@@ -483,13 +383,7 @@ class Simulation:
         await self.plane.delete(PODS, namespace, name)
         await self.plane.delete(ISVCS, service.namespace, service.name)
         self.pending.pop(service.key, None)
-        running = self.running.pop(service.key, None)
-        if running is None:
-            return
-        self.kubelets[running.node].release(running.pod)
-        if running.pid is not None:
-            self.node_gpus[running.node].stop(running.pid)
-        self._update_servers(running.node)
+        self.nodes.stop_pod(service)
 
     async def settle(self, timeout: float = SETTLE_SECONDS) -> bool:
         """Wait until the extender's ledger shows every card as kubelet's IDs and NVML leave it.
@@ -501,10 +395,8 @@ class Simulation:
         deadline = time.monotonic() + timeout
         while True:
             samples = await self.extender_samples()
-            held = self.kubelet_grants()
-            holders: dict[CardUUID, int] = {}
-            for running in self.running.values():
-                holders[running.card] = holders.get(running.card, 0) + 1
+            held = self.nodes.kubelet_grants()
+            holders = self.nodes.allocations()
             behind = False
             for card in self.fleet.cards:
                 label = f'card="{card.uuid}",index="{card.index}",node="{card.node}"'
@@ -543,17 +435,14 @@ class Simulation:
         """Every card as the extender's ledger and the node's NVML see it."""
         samples = await self.extender_samples()
         overhead = self.settings.allocation_overhead_bytes
-        holders: dict[CardUUID, list[str]] = {}
-        for running in self.running.values():
-            if running.placement is not None:
-                holders.setdefault(running.card, []).append(running.service.key)
+        holders = self.nodes.holders()
+        allocations = self.nodes.allocations()
         states = []
         for node in self.fleet.nodes:
             node_gpus = self.node_gpus[node.name]
             for card in node.cards:
                 label = f'card="{card.uuid}",index="{card.index}",node="{node.name}"'
                 granted = int(samples.get(f"gpushare_scheduler_card_granted_bytes{{{label}}}", 0))
-                holding = sum(1 for r in self.running.values() if r.card == card.uuid)
                 states.append(
                     CardState(
                         node=node.name,
@@ -565,7 +454,7 @@ class Simulation:
                         capacity_bytes=card.model.cuda_total_bytes,
                         granted_bytes=granted,
                         used_bytes=node_gpus.used_bytes(card.uuid),
-                        overhead_bytes=holding * overhead,
+                        overhead_bytes=allocations.get(card.uuid, 0) * overhead,
                         services=tuple(sorted(holders.get(card.uuid, ()))),
                         cost=self.settings.card_cost(
                             card.model.product, card.model.cuda_total_bytes
@@ -576,13 +465,7 @@ class Simulation:
 
     def kubelet_grants(self) -> dict[CardUUID, int]:
         """Bytes held on each card by the IDs kubelet handed out (the truth)."""
-        held: dict[CardUUID, int] = {}
-        for agent in self.kubelets.values():
-            for holdings in agent.holdings.values():
-                for holding in holdings:
-                    card = CardUUID(devices.card_of(holding.devices))
-                    held[card] = held.get(card, 0) + len(holding.devices) * self.settings.unit_bytes
-        return held
+        return self.nodes.kubelet_grants()
 
     @property
     def unit_bytes(self) -> int:
@@ -598,15 +481,3 @@ class Simulation:
 def _pod_key(service: Service) -> PodKey:
     pod = kserve.predictor_pod(service)
     return pod_key(pod["metadata"]["namespace"], pod["metadata"]["name"])
-
-
-def _gpu_container(pod: Mapping[str, Any]) -> tuple[dict[str, Any], int] | None:
-    """The container that requests GPU memory, and how many units."""
-    for container in pod.get("spec", {}).get("containers") or []:
-        resources = container.get("resources") or {}
-        amount = (resources.get("limits") or {}).get(names.RESOURCE_GPU_MEMORY) or (
-            resources.get("requests") or {}
-        ).get(names.RESOURCE_GPU_MEMORY)
-        if amount is not None:
-            return container, int(str(amount))
-    return None
