@@ -90,7 +90,6 @@ from typing import Any, Final  # noqa: E402
 
 import prometheus_client  # noqa: E402
 
-from benchmarks.gpuproof.stack import quit_daemon, quit_daemons  # noqa: E402
 from gpushare.core import config, names, quantities  # noqa: E402
 from gpushare.core.ids import pod_key  # noqa: E402
 from gpushare.deviceplugin import escapes, mps, nvml  # noqa: E402
@@ -102,6 +101,7 @@ from gpushare.deviceplugin.podresources import PodResourcesClient  # noqa: E402
 from gpushare.deviceplugin.pods import PodInfo  # noqa: E402
 from gpushare.deviceplugin.watchdog import Location  # noqa: E402
 from gpushare.simulator import kubelet, mpsfake  # noqa: E402
+from gpushare.simulator.nodes import quit_daemon, quit_daemons  # noqa: E402
 
 MI: Final = quantities.MI
 GI: Final = quantities.GI

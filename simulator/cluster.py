@@ -36,7 +36,15 @@ from gpushare.simulator.controlplane.launch import free_port
 from gpushare.simulator.controlplane.rest import ApiError
 from gpushare.simulator.fleet import Fleet, Node
 from gpushare.simulator.gpus import NodeGpus
-from gpushare.simulator.nodes import Nodes, Running, failure, stop_daemons
+from gpushare.simulator.nodes import (
+    Admitted,
+    NodeBackend,
+    Nodes,
+    Running,
+    failure,
+    quit_daemons,
+    stop_daemons,
+)
 from gpushare.simulator.outcome import CardState, Failure, Placement
 from gpushare.simulator.workload import Service
 from gpushare.webhook import certs
@@ -75,6 +83,8 @@ class Simulation:
     """Told each start-up step, for a progress display."""
     control_plane: planes.ControlPlaneName = "embedded"
     """``embedded``, ``real`` (kube-apiserver and kube-scheduler), or ``auto`` (real when built)."""
+    node_backend: NodeBackend = field(default_factory=NodeBackend)
+    """What the nodes' device plugins run against (simulated nodes unless told otherwise)."""
     workdir: Path = field(init=False)
     settings: config.Settings = field(init=False)
     plane: planes.Plane = field(init=False)
@@ -92,7 +102,7 @@ class Simulation:
 
     def __post_init__(self) -> None:
         self.plane = planes.choose(self.control_plane, seed=self.seed)
-        self.nodes = Nodes(self.base, self._set_phase)
+        self.nodes = Nodes(self.base, self._set_phase, self.node_backend)
 
     @property
     def kubelets(self) -> dict[str, kubelet.Kubelet]:
@@ -323,7 +333,11 @@ class Simulation:
             await self._http.close()
         await self.plane.stop()
         if hasattr(self, "workdir"):
-            stop_daemons(self.workdir)
+            roots = list(self.nodes.mps_roots.values())
+            if self.node_backend.mps_control is not None:
+                for root in roots:
+                    await asyncio.to_thread(quit_daemons, root, self.node_backend.mps_control)
+            stop_daemons(roots)
             if self.keep is None:
                 shutil.rmtree(self.workdir, ignore_errors=True)
 
@@ -331,6 +345,28 @@ class Simulation:
 
     async def submit(self, service: Service) -> Placement | Failure:
         """``kubectl apply`` of one InferenceService, and everything that follows."""
+        bound = await self._bind(service)
+        if isinstance(bound, Failure):
+            return bound
+        return await self.nodes.start_pod(service, *bound)
+
+    async def admit(self, service: Service) -> Admitted | Failure:
+        """:meth:`submit` up to kubelet's admission: the pod holds its IDs, and starting its
+        container is the caller's (a real process, as the GPU proof runs)."""
+        bound = await self._bind(service)
+        if isinstance(bound, Failure):
+            return bound
+        return await self.nodes.admit(service, *bound)
+
+    async def schedule(self, service: Service) -> Placement | Failure:
+        """Another kube-scheduler cycle for a pending service's pod, then kubelet's start."""
+        bound = await self._schedule(service, retry=True)
+        if isinstance(bound, Failure):
+            return bound
+        return await self.nodes.start_pod(service, *bound)
+
+    async def _bind(self, service: Service) -> tuple[PodKey, str, planes.Obj] | Failure:
+        """Admission of the InferenceService and its predictor pod, then scheduling."""
         self.submitted[service.key] = service
         await self._ensure_namespace(service.namespace)
         denied = await self.plane.admit_inference_service(service.manifest)
@@ -342,13 +378,13 @@ class Simulation:
             return failure(service, "mutation", admitted)
         return await self._schedule(service, retry=False)
 
-    async def schedule(self, service: Service) -> Placement | Failure:
-        """Another kube-scheduler cycle for a pending service's pod, then kubelet's start."""
-        return await self._schedule(service, retry=True)
-
-    async def _schedule(self, service: Service, *, retry: bool) -> Placement | Failure:
+    async def _schedule(
+        self, service: Service, *, retry: bool
+    ) -> tuple[PodKey, str, planes.Obj] | Failure:
+        """One kube-scheduler cycle: the pod's key, its node and the bound pod."""
         key = _pod_key(service)
-        pod = await self.plane.get(PODS, service.namespace, key.split("/", 1)[1])
+        namespace, name = key.split("/", 1)
+        pod = await self.plane.get(PODS, namespace, name)
         nodes = [node.name for node in self.fleet.nodes]
         result = await self.plane.schedule(pod, nodes, retry=retry)
         if isinstance(result, scheduling.Unschedulable):
@@ -358,9 +394,7 @@ class Simulation:
             self.pending[service.key] = service
             return failure(service, "binding", result.message)
         self.pending.pop(service.key, None)
-        namespace, name = key.split("/", 1)
-        pod = await self.plane.get(PODS, namespace, name)
-        return await self.nodes.start_pod(service, key, result.node, pod)
+        return key, result.node, await self.plane.get(PODS, namespace, name)
 
     async def _set_phase(
         self, namespace: str, name: str, phase: str, reason: str, message: str

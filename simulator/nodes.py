@@ -6,7 +6,8 @@ vLLM start against the node's NVML, the pod's phase) and with a deleted one.
 import contextlib
 import os
 import signal
-from collections.abc import Awaitable, Callable, Mapping
+import subprocess
+from collections.abc import Awaitable, Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -24,6 +25,43 @@ from gpushare.simulator.workload import Service
 
 SetPhase = Callable[[str, str, str, str, str], Awaitable[None]]
 """Write a pod's status: namespace, name, phase, reason, message (kubelet's status manager)."""
+
+
+@dataclass(frozen=True, slots=True)
+class NodeBackend:
+    """What each node's device plugin runs against. The default is a simulated node: its fake
+    NVML file, the MPS stand-in, ``/proc`` of this host. A real card takes ``nvml="real"``,
+    the real MPS control program and a ``proc_root`` where the runtime writes each container
+    process's cgroup (processes on a host without containers have none of their own)."""
+
+    nvml: str | None = None
+    """``real`` or ``fake:FILE``; ``None``: the node's own fake NVML file."""
+    mps_control: Path | None = None
+    """The MPS control program; ``None``: the stand-in of :mod:`.mpsfake`."""
+    proc_root: Path | None = None
+    """Where the plugin reads ``<pid>/cgroup``; ``None``: ``/proc``."""
+    mps_root: Path | None = None
+    """Where each node's plugin keeps its MPS pipe directories (``<mps_root>/<node>``); ``None``:
+    the node's work folder. Real MPS daemons need it short: their sockets' paths must fit in 107
+    bytes."""
+
+
+@dataclass(frozen=True, slots=True)
+class Admitted:
+    """A pod kubelet admitted on a node: Allocate's answer and the container it starts."""
+
+    service: Service
+    pod: PodKey
+    node: str
+    card: CardUUID
+    granted_bytes: int
+    allocate_env: Mapping[str, str]
+    """The environment and mounts Allocate answered."""
+    mounts: tuple[tuple[str, str], ...]
+    env: Mapping[str, str]
+    """The container's environment: its spec's, then Allocate's (as the runtime merges them)."""
+    argv: tuple[str, ...]
+    """The container's command and arguments, ``$(VAR)`` expanded by kubelet's rules."""
 
 
 @dataclass(slots=True)
@@ -45,10 +83,15 @@ class Nodes:
 
     settings: config.Settings
     set_phase: SetPhase
+    backend: NodeBackend = field(default_factory=NodeBackend)
     kubelets: dict[str, kubelet.Kubelet] = field(default_factory=dict)
     node_gpus: dict[str, NodeGpus] = field(default_factory=dict)
     running: dict[str, Running] = field(default_factory=dict)
     """Placed or start-failed services by key; they hold devices."""
+    metrics_urls: dict[str, str] = field(default_factory=dict)
+    """Each node's device plugin: the base URL of its ``/metrics``."""
+    mps_roots: dict[str, Path] = field(default_factory=dict)
+    """Each node's MPS pipe directories."""
 
     async def add(
         self,
@@ -68,13 +111,18 @@ class Nodes:
         agent = kubelet.Kubelet(node.name, folder / "kubelet", names.RESOURCE_GPU_MEMORY)
         await agent.start()
         self.kubelets[node.name] = agent
+        self.metrics_urls[node.name] = f"http://127.0.0.1:{free_port()}"
+        root = self.backend.mps_root
+        self.mps_roots[node.name] = root / node.name if root else folder / "mps"
+        where = self.backend.proc_root
         return processes.Part(
             f"gpushare device-plugin ({node.name})",
             [*cli, "device-plugin", "--kubelet-dir", str(agent.kubelet_dir),
-             "--nvml", f"fake:{node_gpus.path}", "--metrics-listen",
-             f"127.0.0.1:{free_port()}", "--node-name", node.name,
-             "--mps-control", str(control), "--kubeconfig", env["KUBECONFIG"]],
-            env={**env, f"{names.ENV_PREFIX}AGENT__MPS_ROOT": str(folder / "mps")},
+             "--nvml", self.backend.nvml or f"fake:{node_gpus.path}", "--metrics-listen",
+             self.metrics_urls[node.name].removeprefix("http://"), "--node-name", node.name,
+             "--mps-control", str(self.backend.mps_control or control),
+             "--kubeconfig", env["KUBECONFIG"], *(["--proc-root", str(where)] if where else [])],
+            env={**env, f"{names.ENV_PREFIX}AGENT__MPS_ROOT": str(self.mps_roots[node.name])},
             log=log,
         )  # fmt: skip
 
@@ -86,10 +134,11 @@ class Nodes:
         for agent in self.kubelets.values():
             await agent.stop()
 
-    async def start_pod(
+    async def admit(
         self, service: Service, key: PodKey, node: str, pod: Mapping[str, Any]
-    ) -> Placement | Failure:
-        """kubelet's admission (Allocate) and the container's start on ``node``."""
+    ) -> Admitted | Failure:
+        """kubelet's admission on ``node``: Allocate, then the container's environment and
+        command line. The pod then holds its IDs until :meth:`stop_pod`."""
         namespace, name = key.split("/", 1)
         target = gpu_container(pod)
         if target is None:
@@ -103,10 +152,31 @@ class Nodes:
         card = CardUUID(devices.card_of(allocated.devices))
         pipe_text = allocated.envs.get(names.ENV_MPS_PIPE_DIRECTORY)
         pipe = Path(pipe_text) if pipe_text else None
-        running = Running(service, key, node, card, None, None, pipe)
-        self.running[service.key] = running
+        self.running[service.key] = Running(service, key, node, card, None, None, pipe)
         env = vllm_sim.container_env(container, allocated.envs)
-        words = vllm_sim.argv(container, env)
+        return Admitted(
+            service=service,
+            pod=key,
+            node=node,
+            card=card,
+            granted_bytes=len(allocated.devices) * self.settings.unit_bytes,
+            allocate_env=allocated.envs,
+            mounts=allocated.mounts,
+            env=env,
+            argv=tuple(vllm_sim.argv(container, env)),
+        )
+
+    async def start_pod(
+        self, service: Service, key: PodKey, node: str, pod: Mapping[str, Any]
+    ) -> Placement | Failure:
+        """kubelet's admission (Allocate) and the container's simulated vLLM start on ``node``."""
+        admitted = await self.admit(service, key, node, pod)
+        if isinstance(admitted, Failure):
+            return admitted
+        namespace, name = key.split("/", 1)
+        card, env, words = admitted.card, admitted.env, list(admitted.argv)
+        running = self.running[service.key]
+        pipe = running.pipe
         visible = env.get(names.ENV_VISIBLE_DEVICES, "")
         node_gpus = self.node_gpus[node]
         if visible != card:
@@ -133,7 +203,7 @@ class Nodes:
             card_uuid=card,
             card_index=node_gpus.card(card).index,
             requested_bytes=service.requested_bytes or 0,
-            granted_bytes=len(allocated.devices) * self.settings.unit_bytes,
+            granted_bytes=admitted.granted_bytes,
             utilization=str(outcome.utilization),
             used_bytes=outcome.used_bytes,
             chosen_card=str((pod["metadata"].get("annotations") or {}).get(
@@ -189,13 +259,36 @@ class Nodes:
         return held
 
 
-def stop_daemons(workdir: Path) -> None:
+def stop_daemons(roots: Iterable[Path]) -> None:
     """End the MPS stand-ins the plugins started (each also ends on its own with us)."""
-    for pid_file in workdir.glob(f"*/mps/*/{mpsfake.PID_FILE}"):
-        pid = mpsfake.daemon_pid(pid_file.parent)
-        if pid is not None:
-            with contextlib.suppress(ProcessLookupError, PermissionError):
-                os.kill(pid, signal.SIGTERM)
+    for root in roots:
+        for pid_file in root.glob(f"*/{mpsfake.PID_FILE}"):
+            pid = mpsfake.daemon_pid(pid_file.parent)
+            if pid is not None:
+                with contextlib.suppress(ProcessLookupError, PermissionError):
+                    os.kill(pid, signal.SIGTERM)
+
+
+def quit_daemon(pipe: Path, control: Path | str) -> None:
+    """Ask the MPS control daemon of ``pipe`` to quit (nothing if it is gone)."""
+    env = {**os.environ, names.ENV_MPS_PIPE_DIRECTORY: str(pipe)}
+    with contextlib.suppress(OSError, subprocess.TimeoutExpired):
+        subprocess.run(
+            [str(control)],
+            input="quit\n",
+            text=True,
+            env=env,
+            capture_output=True,
+            timeout=15,
+            check=False,
+        )
+
+
+def quit_daemons(root: Path, control: Path | str) -> None:
+    """Quit every MPS control daemon under ``root`` (the agent leaves them for its successor)."""
+    for pipe in sorted(root.glob("*")):
+        if (pipe / mpsfake.PID_FILE).exists():
+            quit_daemon(pipe, control)
 
 
 def failure(service: Service, stage: Any, reason: str) -> Failure:

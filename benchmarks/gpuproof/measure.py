@@ -12,10 +12,8 @@ import time
 from collections.abc import AsyncIterator, Mapping, Sequence
 
 import aiohttp
-import prometheus_client
-from prometheus_client.parser import text_string_to_metric_families
 
-from benchmarks.gpuproof.common import GI, MI, PROMPT, Instance, Json, Options, until
+from benchmarks.gpuproof.common import GI, MI, PROMPT, Instance, Json, Options
 from benchmarks.gpuproof.stack import Stack, command_of
 from gpushare.core import names
 from gpushare.deviceplugin import nvml
@@ -253,7 +251,7 @@ async def busy(
 
 
 async def snapshot(stack: Stack) -> nvml.Snapshot:
-    return await asyncio.to_thread(stack.nvml.snapshot)
+    return await asyncio.to_thread(stack.snapshot)
 
 
 def per_instance_use(stack: Stack, snap: nvml.Snapshot) -> tuple[dict[str, int], list[Json]]:
@@ -334,26 +332,10 @@ def smi() -> Json:
     }
 
 
-def exporter_samples(stack: Stack) -> dict[str, float]:
-    text = prometheus_client.generate_latest(stack.agent.metrics.registry).decode()
-    samples = {}
-    for family in text_string_to_metric_families(text):
-        for sample in family.samples:
-            if sample.name in ("gpushare_container_used_bytes", "gpushare_container_granted_bytes"):
-                samples[f"{sample.name}/{sample.labels['pod']}"] = sample.value
-            elif sample.name in (
-                "gpushare_card_used_bytes",
-                "gpushare_card_granted_bytes",
-                "gpushare_card_mps_servers",
-                "gpushare_grant_violations_total",
-            ):
-                samples[sample.name] = samples.get(sample.name, 0.0) + sample.value
-    return samples
-
-
 async def figures(stack: Stack, *, budgets: Mapping[str, Json]) -> Json:
     """Per instance: grant, vLLM budget, NVML use, use outside grant and budget; the card."""
-    await stack.agent.poll()
+    await stack.after_poll()
+    samples = await stack.plugin_samples()
     snap = await snapshot(stack)
     card = next(c for c in snap.cards if c.error is None)
     used, processes = per_instance_use(stack, snap)
@@ -378,8 +360,8 @@ async def figures(stack: Stack, *, budgets: Mapping[str, Json]) -> Json:
             "block_size": info.get("block_size"),
         }
         rows.append(row)
-    granted = stack.agent.granted_on(card.uuid)
-    servers = stack.agent.mode.servers_on(card.uuid)
+    granted = samples.get("gpushare_card_granted_bytes", 0.0)
+    servers = int(samples.get("gpushare_card_mps_servers", 0.0))
     return {
         "instances": rows,
         "card": {
@@ -389,10 +371,7 @@ async def figures(stack: Stack, *, budgets: Mapping[str, Json]) -> Json:
             "mps_server_bytes_assumed": stack.settings.agent.mps_server_bytes,
             "sum_instances_used_gib": round(sum(used.values()) / GI, 3),
             "left_gib": round((card.cuda_total_bytes - card.used_bytes) / GI, 3),
-            "ledger": {
-                f"{node}/{uuid}": [round(g / GI, 3), round(c / GI, 3)]
-                for (node, uuid), (g, c) in stack.extender.book.card_usage().items()
-            },
+            "ledger": await stack.ledger(card.uuid, card.cuda_total_bytes),
         },
         "processes": processes,
     }
@@ -400,19 +379,13 @@ async def figures(stack: Stack, *, budgets: Mapping[str, Json]) -> Json:
 
 async def watchdog_and_exporter(stack: Stack) -> Json:
     """The agent attributes each server's use to its pod; its figures against nvidia-smi's."""
-    await until(
-        lambda: all(
-            p.container_ids
-            for p in stack.pods.pods()
-            if p.name in {i.pod for i in stack.instances.values()}
-        ),
-        30,
-        "the agent's pod cache has the container IDs",
-    )
-    await stack.agent.refresh_holdings()
-    await stack.agent.poll()
-    await stack.agent.published()  # the container metrics come from the poll's own task
-    samples = exporter_samples(stack)
+    deadline = time.monotonic() + 30
+    while True:
+        await stack.after_poll()
+        samples = await stack.plugin_samples()
+        keys = {f"gpushare_container_used_bytes/{i.pod}" for i in stack.instances.values()}
+        if keys <= samples.keys() or time.monotonic() > deadline:
+            break
     snap = await snapshot(stack)
     used, _ = per_instance_use(stack, snap)
     view: Json = smi() if not stack.opts.dry_run else {"error": "dry run: no nvidia-smi"}

@@ -428,3 +428,5 @@ def keep_logs(work: Path, out: Path) -> None:
     with tarfile.open(out / "logs.tar.gz", "w:gz") as archive:
         for log in sorted(work.glob("*/*.log")):
             archive.add(log, arcname=f"{log.parent.name}/{log.name}")
+        for log in sorted(work.glob("*/cluster/logs/*.log")):  # the parts' own
+            archive.add(log, arcname=f"{log.parents[2].name}/parts/{log.name}")

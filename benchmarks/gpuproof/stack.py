@@ -1,27 +1,36 @@
-"""The parts of one node under one isolation mode, on loopback and unix sockets."""
+"""One node of the simulated cluster on the real card: the parts as processes, the servers as
+real processes, on loopback and unix sockets.
+
+The cluster is :class:`gpushare.simulator.cluster.Simulation`, as ``gpushare simulate`` runs it
+(the embedded API server, the webhook and the extender as processes, the kubelet stand-in), with
+one node whose device plugin reads the real card (``--nvml real``) and starts real MPS daemons.
+What a container runtime would add, this module adds: each server is the process tree of its
+container, and :class:`ProcMirror` writes a cgroup line for each of its processes where the
+plugin's ``--proc-root`` reads them, as the runtime's cgroups would show them. A dry run reads a
+fake NVML file fed by the stand-in servers instead (:class:`DryNvmlFile`).
+"""
 
 import asyncio
 import contextlib
-import copy
 import hashlib
 import json
 import os
-import random
+import shutil
 import signal
 import subprocess
+import tempfile
 import time
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
-from typing import Any
 
 import aiohttp
-import jsonpatch
-import prometheus_client
+from prometheus_client.parser import text_string_to_metric_families
 
 from benchmarks.gpuproof.common import (
     DRY_CARD,
     DRY_RESERVED,
     DRY_TOTAL,
+    GI,
     KV_MARKER,
     MI,
     NAMESPACE,
@@ -34,47 +43,51 @@ from benchmarks.gpuproof.common import (
     Options,
     isvc,
     port_of,
-    until,
 )
 from benchmarks.gpuproof.report import Results
-from gpushare.core import config, errors, names
-from gpushare.core.ids import pod_key
-from gpushare.deviceplugin import kube as agent_kube
-from gpushare.deviceplugin import mps, nvml
-from gpushare.deviceplugin.agent import Agent
-from gpushare.deviceplugin.main import serve
-from gpushare.deviceplugin.metrics import Metrics
-from gpushare.deviceplugin.podresources import PodResourcesClient
+from gpushare.core import config, names
+from gpushare.core.ids import CardUUID, NodeName
+from gpushare.deviceplugin import nvml
 from gpushare.deviceplugin.watchdog import Location
-from gpushare.scheduler.kube import Kube
-from gpushare.scheduler.service import Extender
-from gpushare.simulator import apiserver, kserve, kubelet, mpsfake, scheduling
-from gpushare.simulator import vllm as kubelet_rules
+from gpushare.simulator import apiserver, kubelet, mpsfake
+from gpushare.simulator.cluster import Simulation
+from gpushare.simulator.fleet import CATALOGUE, Card, Fleet, Node, lookup
+from gpushare.simulator.nodes import NodeBackend
+from gpushare.simulator.outcome import Failure
 from gpushare.simulator.workload import Service
-from gpushare.webhook import mutation, validation
+
+PODS = apiserver.resource("", "pods")
+REFUSED_BY = {
+    "admission": "webhook validation",
+    "mutation": "webhook mutation",
+    "scheduling": "extender",
+    "binding": "extender",
+    "allocation": "kubelet / device plugin",
+}
+"""The simulation's stage of a failure, as the proof names who refused."""
+MIRROR_SECONDS = 0.1
+"""How often the process mirror looks for new processes of a container."""
 
 
-class DryNvml(nvml.FakeNvml):
-    """NVML of one simulated H100: the stand-in servers' reported use and the MPS servers.
+class DryNvmlFile:
+    """The fake NVML file of a dry run: one simulated H100, the stand-in servers' reported use
+    and the MPS servers, rewritten whenever they change (the plugin's fake backend reloads it)."""
 
-    The fake backend's arithmetic and its answers to events and limits (none), with the state
-    read afresh from the stand-ins at each look."""
-
-    def __init__(self, state_dir: Path, mps_roots: Callable[[], list[Path]]) -> None:
-        super().__init__()
+    def __init__(self, path: Path, state_dir: Path, mps_roots: Callable[[], list[Path]]) -> None:
+        self.path = path
         self.state_dir = state_dir
         self._mps_roots = mps_roots
+        self._last = ""
 
-    @property
     def state(self) -> nvml.FakeState:
         processes = []
-        for path in self.state_dir.glob("*.json"):
-            pid = int(path.stem)
+        for file in self.state_dir.glob("*.json"):
+            pid = int(file.stem)
             if not Path(f"/proc/{pid}").exists():
-                path.unlink(missing_ok=True)
+                file.unlink(missing_ok=True)
                 continue
             with contextlib.suppress(OSError, ValueError):
-                data = json.loads(path.read_text())
+                data = json.loads(file.read_text())
                 processes.append({"pid": pid, "card": DRY_CARD, "used": int(data["used"])})
         servers = sum(
             1 for root in self._mps_roots() for pipe in root.glob("*") if mpsfake.running(pipe)
@@ -87,6 +100,19 @@ class DryNvml(nvml.FakeNvml):
             "used": servers * 66 * MI if processes else 0,
         }
         return nvml.FakeState.model_validate({"cards": [card], "processes": processes})
+
+    def write(self) -> None:
+        text = self.state().model_dump_json()
+        if text != self._last:
+            temporary = self.path.with_suffix(".tmp")
+            temporary.write_text(text)
+            temporary.replace(self.path)
+            self._last = text
+
+    async def run(self) -> None:
+        while True:
+            await asyncio.to_thread(self.write)
+            await asyncio.sleep(0.1)
 
 
 def parent_of(pid: int) -> int | None:
@@ -105,7 +131,7 @@ def command_of(pid: int) -> str:
 
 
 class TreeLocator:
-    """Processes to containers: a container here is the process tree of its server (no cgroups)."""
+    """Processes to containers: a container here is the process tree of its server."""
 
     def __init__(self) -> None:
         self.roots: dict[int, Location] = {}
@@ -125,111 +151,129 @@ class TreeLocator:
         return None if root is None else self.roots[root]
 
 
+class ProcMirror:
+    """``<root>/<pid>/cgroup`` for every process of a container, naming its pod and container
+    as kubelet's cgroups do (cgroup v1 layout), and nothing for any other process."""
+
+    def __init__(self, root: Path, locator: TreeLocator) -> None:
+        self.root = root
+        self.locator = locator
+        self._written: set[int] = set()
+
+    def refresh(self) -> None:
+        alive = set()
+        for entry in Path("/proc").iterdir():
+            if not entry.name.isdigit():
+                continue
+            pid = int(entry.name)
+            where = self.locator.locate(pid)
+            if where is None:
+                continue
+            alive.add(pid)
+            if pid not in self._written:
+                folder = self.root / str(pid)
+                folder.mkdir(parents=True, exist_ok=True)
+                path = f"/kubepods/burstable/pod{where.pod_uid}/{where.container_id}"
+                (folder / "cgroup").write_text(f"12:memory:{path}\n0::{path}\n")
+                self._written.add(pid)
+        for pid in self._written - alive:
+            with contextlib.suppress(OSError):
+                (self.root / str(pid) / "cgroup").unlink()
+                (self.root / str(pid)).rmdir()
+        self._written &= alive
+
+    async def run(self) -> None:
+        while True:
+            await asyncio.to_thread(self.refresh)
+            await asyncio.sleep(MIRROR_SECONDS)
+
+
 class Stack:
-    """The parts of one node under one isolation mode, on loopback and unix sockets."""
+    """One node of the simulated cluster on the card, under one isolation mode."""
 
     def __init__(self, opts: Options, isolation: str, work: Path, results: Results) -> None:
         self.opts = opts
         self.isolation = isolation
         self.work = work
         self.results = results
-        self.api = apiserver.ApiServer()
         self.locator = TreeLocator()
         self.instances: dict[str, Instance] = {}
+        self.services: dict[str, Service] = {}
         self.http: aiohttp.ClientSession | None = None
         self._tasks: list[asyncio.Task[None]] = []
-        self._closers: list[Callable[[], Any]] = []
+        self._sim: Simulation | None = None
+        self.nvml: nvml.Nvml | None = None
+        self.mps_root = Path(tempfile.mkdtemp(prefix="gpm-"))
+        """Short: an MPS daemon's socket path must fit in 107 bytes."""
 
     @property
-    def mps_root(self) -> Path:
-        return self.work / "mps"
+    def sim(self) -> Simulation:
+        assert self._sim is not None, "the stack is not started"
+        return self._sim
+
+    @property
+    def settings(self) -> config.Settings:
+        return self.sim.settings
+
+    @property
+    def kubelet(self) -> kubelet.Kubelet:
+        return self.sim.kubelets[NODE]
 
     async def start(self) -> None:
         self.work.mkdir(parents=True, exist_ok=True)
-        await self.api.start()
-        self._closers.append(self.api.stop)
-        kubeconfig = self.work / "kubeconfig"
-        kubeconfig.write_text(self.api.kubeconfig())
-        store = self.api.store
-        await store.create(apiserver.resource("", "namespaces"), {"metadata": {"name": NAMESPACE}})
-        await store.create(
-            apiserver.resource("", "nodes"),
-            {
-                "metadata": {"name": NODE, "labels": {names.LABEL_ENABLED: "true"}},
-                "spec": {},
-                "status": {"capacity": {"cpu": "16"}, "allocatable": {"cpu": "16"}},
-            },
-        )
-        self.settings = config.validate(
-            {
-                "isolation": self.isolation,
-                **({"reserve_bytes": self.opts.reserve} if self.opts.reserve else {}),
-                "agent": {
-                    "kubelet_dir": str(self.work / "kubelet"),
-                    "mps_root": str(self.mps_root),
-                    "poll_seconds": 1.0,
-                    "heartbeat_seconds": 10.0,
-                },
-            }
-        )
-        self.kubelet = kubelet.Kubelet(NODE, self.work / "kubelet", names.RESOURCE_GPU_MEMORY)
-        await self.kubelet.start()
-        self._closers.append(self.kubelet.stop)
-        self.nvml: nvml.Nvml
+        mirror = ProcMirror(self.work / "proc", self.locator)
+        mirror.root.mkdir(exist_ok=True)
+        self._tasks.append(asyncio.create_task(mirror.run()))
+        cluster = self.work / "cluster"
         if self.opts.dry_run:
             state = self.work / "nvml-state"
             state.mkdir(exist_ok=True)
-            self.nvml = DryNvml(state, lambda: [self.mps_root])
+            dry = DryNvmlFile(self.work / "nvml.json", state, lambda: [self.mps_root / NODE])
+            dry.write()
+            self._tasks.append(asyncio.create_task(dry.run()))
+            spec = f"fake:{dry.path}"
         else:
-            self.nvml = nvml.RealNvml()
-        self.node_api = await agent_kube.KubeApi.connect(kubeconfig)
-        self._closers.append(self.node_api.close)
-        self.pods = agent_kube.PodCache(self.node_api, NODE)
-        self.agent = Agent(
-            self.settings,
-            node=NODE,
-            nvml=self.nvml,
-            mode=mps.make(self.settings.isolation, self.mps_root, control=self.opts.mps_control),
-            metrics=Metrics(prometheus_client.CollectorRegistry(), node=NODE),
-            api=self.node_api,
-            pods=self.pods,
-            podresources=PodResourcesClient(self.work / "kubelet/pod-resources/kubelet.sock"),
-            locator=self.locator,
+            spec = "real"
+        self.nvml = nvml.open_backend(spec)
+        card = next(c for c in self.nvml.snapshot().cards if c.error is None)
+        model = next((m for m in CATALOGUE.values() if m.product == card.model), None)
+        node = NodeName(NODE)
+        only = Card(node, 0, CardUUID(card.uuid), model or lookup("H100-80GB"))
+        fleet = Fleet(spec="gpu-proof", nodes=(Node(node, (only,)),))
+        base = config.validate(
+            {
+                "isolation": self.isolation,
+                **({"reserve_bytes": self.opts.reserve} if self.opts.reserve else {}),
+            }
         )
-        plugin = serve(self.agent, kubelet_dir=self.work / "kubelet", pods=self.pods)
-        self._tasks.append(asyncio.create_task(plugin))
-        await until(self.kubelet.listed.is_set, 60, "the device plugin lists its IDs")
-        node = copy.deepcopy(store.get(apiserver.resource("", "nodes"), "", NODE))
-        for key in ("capacity", "allocatable"):
-            node["status"][key][names.RESOURCE_GPU_MEMORY] = str(self.kubelet.allocatable)
-        await store.put(apiserver.resource("", "nodes"), node, event="MODIFIED")
-        self.kube = await Kube.connect(kubeconfig)
-        self._closers.append(self.kube.close)
-        self.extender = Extender(self.settings, self.kube, instance="gpu-proof")
-        await self.extender.start()
-        self._closers.append(self.extender.stop)
-        await until(
-            lambda: self.extender.ready() and self.extender.book.largest_card_bytes() > 0,
-            60,
-            "the extender has the agent's node report",
+        self._sim = Simulation(
+            fleet,
+            base=base,
+            keep=cluster,
+            node_backend=NodeBackend(
+                nvml=spec,
+                mps_control=Path(self.opts.mps_control),
+                proc_root=mirror.root,
+                mps_root=self.mps_root,
+            ),
         )
-        self.scheduler = scheduling.SchedulerClient(self.extender.url, rng=random.Random(0))
-        self._closers.append(self.scheduler.close)
+        await self._sim.start()
         self.http = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=120))
-        self._closers.append(self.http.close)
 
     async def stop(self) -> None:
         for instance in self.instances.values():
             await stop_server(instance)
+        if self._sim is not None:
+            await self._sim.stop()
         for task in self._tasks:
             task.cancel()
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await task
-        for close in reversed(self._closers):
-            with contextlib.suppress(Exception):
-                await close()
-        quit_daemons(self.mps_root, self.opts.mps_control)
-        self.nvml.close()
+        if self.http is not None:
+            await self.http.close()
+        if self.nvml is not None:
+            self.nvml.close()
+        shutil.rmtree(self.mps_root, ignore_errors=True)
 
     # --- one InferenceService ---
 
@@ -239,7 +283,6 @@ class Stack:
         """Admission, scheduling, kubelet's allocation; returns what happened at each step."""
         record: Json = {"name": name, "annotation": f"{gib}Gi", **dict(annotations or {})}
         port = port_of(name)
-        largest = self.extender.book.largest_card_bytes()
         manifest = isvc(
             name,
             gib,
@@ -249,62 +292,43 @@ class Stack:
             max_model_len=self.opts.max_model_len,
             annotations=annotations,
         )
-        verdict = validation.inference_service(
-            manifest, settings=self.settings, largest_cuda_total_bytes=largest
-        )
-        if not verdict.allowed:
-            record["refused_by"] = "webhook validation"
-            record["reason"] = verdict.message
+        service = Service(manifest, "gpu-proof")
+        admitted = await self.sim.admit(service)
+        if isinstance(admitted, Failure):
+            record["refused_by"] = REFUSED_BY.get(admitted.stage, admitted.stage)
+            record["reason"] = admitted.reason
             return record
-        await self.api.store.create(
-            apiserver.resource("serving.kserve.io", "inferenceservices"), manifest
-        )
-        pod = kserve.predictor_pod(Service(manifest, "gpu-proof"))
-        mutated = mutation.pod(pod, settings=self.settings, largest_cuda_total_bytes=largest)
-        if not mutated.allowed:
-            record["refused_by"] = "webhook mutation"
-            record["reason"] = mutated.message
-            return record
-        patched = jsonpatch.apply_patch(pod, [dict(op) for op in mutated.patch])
-        record["mutation"] = {"patch": list(mutated.patch), "warnings": list(mutated.warnings)}
-        created = await self.api.store.create(apiserver.resource("", "pods"), patched)
-        outcome = await self.scheduler.schedule(created, [NODE])
-        if isinstance(outcome, scheduling.Unschedulable | scheduling.BindFailed):
-            record["refused_by"] = "extender"
-            record["reason"] = outcome.message
-            return record
-        meta = created["metadata"]
-        bound = self.api.store.get(apiserver.resource("", "pods"), NAMESPACE, meta["name"])
+        pod_name = admitted.pod.split("/", 1)[1]
+        bound = await self.sim.plane.get(PODS, NAMESPACE, pod_name)
+        container = next(c for c in bound["spec"]["containers"] if c["name"] == "kserve-container")
+        record["mutation"] = {
+            "args": container.get("args"),
+            "resources": container.get("resources"),
+            "schedulerName": bound["spec"].get("schedulerName"),
+        }
         record["bind_annotations"] = {
             k: v for k, v in bound["metadata"]["annotations"].items() if k.startswith(names.DOMAIN)
         }
-        container = bound["spec"]["containers"][0]
-        units = int(container["resources"]["limits"][names.RESOURCE_GPU_MEMORY])
-        key = pod_key(NAMESPACE, meta["name"])
-        await until(
-            lambda: any(p.key == key for p in self.pods.pods()), 30, "the agent sees the pod"
-        )
-        try:
-            allocated = await self.kubelet.allocate(key, container["name"], units)
-        except (errors.NoFit, errors.Conflict) as exc:
-            record["refused_by"] = "kubelet / device plugin"
-            record["reason"] = str(exc)
-            return record
-        envs = dict(allocated.envs)
-        env = kubelet_rules.container_env(container, envs)
-        words = kubelet_rules.argv(container, env)
-        record["allocate_env"] = envs
-        record["mounts"] = [list(m) for m in allocated.mounts]
-        record["argv"] = words
-        leftover = [w for w in words if "$(" in w]
+        record["allocate_env"] = dict(admitted.allocate_env)
+        record["mounts"] = [list(m) for m in admitted.mounts]
+        record["argv"] = list(admitted.argv)
+        leftover = [w for w in admitted.argv if "$(" in w]
         if leftover:
             raise RuntimeError(f"{name}: kubelet left {leftover} unexpanded")
-        instance = Instance(name, gib, port, pod=meta["name"], uid=meta["uid"], argv=words, env=env)
-        self.instances[name] = instance
+        self.services[name] = service
+        self.instances[name] = Instance(
+            name,
+            gib,
+            port,
+            pod=pod_name,
+            uid=bound["metadata"]["uid"],
+            argv=list(admitted.argv),
+            env=dict(admitted.env),
+        )
         return record
 
     async def spawn(self, instance: Instance, *, extra: Sequence[str] = ()) -> None:
-        """Start the container's process as kubelet would, and report it Running."""
+        """Start the container's process as the runtime would, and report it Running."""
         words = [*instance.argv, *extra]
         if words[0] == "python3":
             words[0] = self.opts.python
@@ -336,21 +360,18 @@ class Stack:
         instance.spawned = time.monotonic()
         container_id = hashlib.sha256(instance.uid.encode()).hexdigest()
         self.locator.roots[instance.proc.pid] = Location(instance.uid, container_id)
-        pods = apiserver.resource("", "pods")
-        pod = copy.deepcopy(self.api.store.get(pods, NAMESPACE, instance.pod))
-        pod["status"] = {
-            **pod.get("status", {}),
+        status = {
             "phase": "Running",
             "containerStatuses": [
                 {
-                    "name": kserve.CONTAINER,
+                    "name": "kserve-container",
                     "containerID": f"containerd://{container_id}",
                     "ready": False,
                     "restartCount": 0,
                 }
             ],
         }
-        await self.api.store.put(pods, pod, event="MODIFIED")
+        await self.sim.plane.patch_status(PODS, NAMESPACE, instance.pod, status)
 
     async def wait_sized_or_ready(self, instance: Instance, timeout: float) -> None:
         """Until vLLM has sized its KV cache (or is ready, or gone)."""
@@ -387,10 +408,53 @@ class Stack:
     async def release(self, instance: Instance) -> None:
         """The pod is deleted: kubelet stops it and frees its IDs."""
         await stop_server(instance)
-        self.kubelet.release(pod_key(NAMESPACE, instance.pod))
-        with contextlib.suppress(apiserver.ApiError):
-            await self.api.store.delete(apiserver.resource("", "pods"), NAMESPACE, instance.pod)
+        service = self.services.pop(instance.name, None)
+        if service is not None:
+            await self.sim.remove(service)
         self.instances.pop(instance.name, None)
+
+    # --- what the parts report ---
+
+    def snapshot(self) -> nvml.Snapshot:
+        assert self.nvml is not None
+        return self.nvml.snapshot()
+
+    async def after_poll(self) -> None:
+        """Two of the agent's polls: what NVML shows now is in its metrics and node report."""
+        await asyncio.sleep(2 * self.settings.agent.poll_seconds + 0.2)
+
+    async def plugin_samples(self) -> dict[str, float]:
+        """The device plugin's metrics, scraped as Prometheus does: containers by pod, cards
+        summed (one card)."""
+        assert self.http is not None
+        async with self.http.get(f"{self.sim.nodes.metrics_urls[NODE]}/metrics") as response:
+            text = await response.text()
+        samples: dict[str, float] = {}
+        for family in text_string_to_metric_families(text):
+            for sample in family.samples:
+                if sample.name in (
+                    "gpushare_container_used_bytes",
+                    "gpushare_container_granted_bytes",
+                ):
+                    samples[f"{sample.name}/{sample.labels['pod']}"] = sample.value
+                elif sample.name in (
+                    "gpushare_card_used_bytes",
+                    "gpushare_card_granted_bytes",
+                    "gpushare_card_mps_servers",
+                    "gpushare_grant_violations_total",
+                ):
+                    samples[sample.name] = samples.get(sample.name, 0.0) + sample.value
+        return samples
+
+    async def ledger(self, card: str, capacity: int) -> dict[str, list[float]]:
+        """The extender's view of the card, from its metrics: [memory taken, capacity] in GiB
+        (taken = grants and their MPS servers = capacity less the room it reports)."""
+        samples = await self.sim.extender_samples()
+        labels = f'card="{card}",index="0",node="{NODE}"'
+        room = samples.get(f"gpushare_scheduler_card_room_bytes{{{labels}}}")
+        if room is None:
+            return {}
+        return {f"{NODE}/{card}": [round((capacity - room) / GI, 3), round(capacity / GI, 3)]}
 
 
 async def stop_server(instance: Instance) -> None:
@@ -405,28 +469,6 @@ async def stop_server(instance: Instance) -> None:
         with contextlib.suppress(ProcessLookupError):
             os.killpg(proc.pid, signal.SIGKILL)
         await proc.wait()
-
-
-def quit_daemon(pipe: Path, control: str) -> None:
-    """Ask the MPS control daemon of ``pipe`` to quit (nothing if it is gone)."""
-    env = {**os.environ, names.ENV_MPS_PIPE_DIRECTORY: str(pipe)}
-    with contextlib.suppress(OSError, subprocess.TimeoutExpired):
-        subprocess.run(
-            [control],
-            input="quit\n",
-            text=True,
-            env=env,
-            capture_output=True,
-            timeout=15,
-            check=False,
-        )
-
-
-def quit_daemons(root: Path, control: str) -> None:
-    """Quit every MPS control daemon under ``root`` (the agent leaves them for its successor)."""
-    for pipe in sorted(root.glob("*")):
-        if (pipe / mps.PID_FILE).exists():
-            quit_daemon(pipe, control)
 
 
 async def exit_or_refusal(instance: Instance) -> int | None:
