@@ -69,6 +69,16 @@ def request_policy(*, capacity: int, unit_bytes: int, overhead_bytes: int) -> Js
     }
 
 
+def device_class() -> JsonObject:
+    """The DeviceClass of the backend: devices of gpushare's driver (as ``manifests/dra``)."""
+    return {
+        "apiVersion": "resource.k8s.io/v1",
+        "kind": "DeviceClass",
+        "metadata": {"name": names.DRA_DEVICE_CLASS},
+        "spec": {"selectors": [{"cel": {"expression": f'device.driver == "{names.DRA_DRIVER}"'}}]},
+    }
+
+
 def device_name(index: int) -> str:
     """A card's device name in the slice (a DNS label): ``gpu-0``."""
     return f"gpu-{index}"

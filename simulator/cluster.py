@@ -29,7 +29,7 @@ import aiohttp
 import yaml
 from prometheus_client.parser import text_string_to_metric_families
 
-from gpushare.core import config, errors, names, nodereport
+from gpushare.core import config, dra, errors, names, nodereport
 from gpushare.core.ids import CardUUID, PodKey, pod_key
 from gpushare.simulator import apiserver, kserve, kubelet, mpsfake, planes, processes, scheduling
 from gpushare.simulator.controlplane.launch import free_port
@@ -37,6 +37,7 @@ from gpushare.simulator.controlplane.rest import ApiError
 from gpushare.simulator.fleet import Fleet, Node
 from gpushare.simulator.gpus import NodeGpus
 from gpushare.simulator.nodes import (
+    CLAIMS,
     Admitted,
     NodeBackend,
     Nodes,
@@ -67,6 +68,12 @@ ISVCS: Final = apiserver.resource("serving.kserve.io", "inferenceservices")
 PODS: Final = apiserver.resource("", "pods")
 NODES: Final = apiserver.resource("", "nodes")
 NAMESPACES: Final = apiserver.resource("", "namespaces")
+SLICES: Final = apiserver.Resource(
+    "resource.k8s.io", "v1", "resourceslices", "ResourceSlice", False
+)
+DEVICE_CLASSES: Final = apiserver.Resource(
+    "resource.k8s.io", "v1", "deviceclasses", "DeviceClass", False
+)
 
 
 @dataclass(slots=True)
@@ -101,8 +108,9 @@ class Simulation:
     _namespaces: set[str] = field(default_factory=lambda: {"default"})
 
     def __post_init__(self) -> None:
-        self.plane = planes.choose(self.control_plane, seed=self.seed)
-        self.nodes = Nodes(self.base, self._set_phase, self.node_backend)
+        dra = self.base.backend == "dra"
+        self.plane = planes.choose(self.control_plane, seed=self.seed, dra=dra)
+        self.nodes = Nodes(self.base, self._set_phase, self.plane.get, self.node_backend)
 
     @property
     def kubelets(self) -> dict[str, kubelet.Kubelet]:
@@ -223,10 +231,19 @@ class Simulation:
         self._processes.append(part)
 
     async def _wait_ready(self, webhook_probe: str) -> None:
-        self.progress("device plugins registering")
-        await self._until(self._plugins_listed, "every device plugin registers and lists its cards")
-        for name, agent in self.kubelets.items():
-            await self._set_allocatable(name, agent.allocatable)
+        if self.nodes.dra:
+            self.progress("DRA plugins registering")
+            await self.nodes.register_dra(START_SECONDS)
+            await self._until(self._slices_published, "every node publishes its ResourceSlice")
+            with contextlib.suppress(ApiError):  # there already: fine
+                await self.plane.create(DEVICE_CLASSES, dra.device_class())
+        else:
+            self.progress("device plugins registering")
+            await self._until(
+                self._plugins_listed, "every device plugin registers and lists its cards"
+            )
+            for name, agent in self.kubelets.items():
+                await self._set_allocatable(name, agent.allocatable)
         self.progress("node reports")
         await self._until(self._reports_in, "every node carries its agent's report")
         self.progress("extender and webhook")
@@ -282,6 +299,10 @@ class Simulation:
 
     async def _plugins_listed(self) -> bool:
         return self.nodes.listed()
+
+    async def _slices_published(self) -> bool:
+        published = {s["spec"].get("nodeName") for s in await self.plane.items(SLICES)}
+        return all(node.name in published for node in self.fleet.nodes)
 
     async def _reports_in(self) -> bool:
         for node in self.fleet.nodes:
@@ -417,7 +438,7 @@ class Simulation:
         await self.plane.delete(PODS, namespace, name)
         await self.plane.delete(ISVCS, service.namespace, service.name)
         self.pending.pop(service.key, None)
-        self.nodes.stop_pod(service)
+        await self.nodes.stop_pod(service)
 
     async def settle(self, timeout: float = SETTLE_SECONDS) -> bool:
         """Wait until the extender's ledger shows every card as kubelet's IDs and NVML leave it.
@@ -427,6 +448,12 @@ class Simulation:
         them before it does. Returns whether the ledger caught up within ``timeout`` seconds.
         """
         deadline = time.monotonic() + timeout
+        while self.nodes.dra:  # kube-controller-manager deallocates a deleted pod's claim
+            if await self.allocated_claims() <= len(self.running):
+                return True
+            if time.monotonic() > deadline:
+                return False
+            await asyncio.sleep(AGENT_POLL_SECONDS / 2)
         while True:
             samples = await self.extender_samples()
             held = self.nodes.kubelet_grants()
@@ -444,6 +471,11 @@ class Simulation:
             if time.monotonic() > deadline:
                 return False
             await asyncio.sleep(AGENT_POLL_SECONDS / 2)
+
+    async def allocated_claims(self) -> int:
+        """ResourceClaims that hold an allocation (the DRA backend's grants)."""
+        claims = await self.plane.items(CLAIMS)
+        return sum(1 for claim in claims if (claim.get("status") or {}).get("allocation"))
 
     # ----- reading the state --------------------------------------------------------------------
 
@@ -471,12 +503,17 @@ class Simulation:
         overhead = self.settings.allocation_overhead_bytes
         holders = self.nodes.holders()
         allocations = self.nodes.allocations()
+        held = self.nodes.kubelet_grants()
         states = []
         for node in self.fleet.nodes:
             node_gpus = self.node_gpus[node.name]
             for card in node.cards:
                 label = f'card="{card.uuid}",index="{card.index}",node="{node.name}"'
-                granted = int(samples.get(f"gpushare_scheduler_card_granted_bytes{{{label}}}", 0))
+                granted = int(
+                    held.get(card.uuid, 0)
+                    if self.nodes.dra
+                    else samples.get(f"gpushare_scheduler_card_granted_bytes{{{label}}}", 0)
+                )
                 states.append(
                     CardState(
                         node=node.name,

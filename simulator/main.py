@@ -1,12 +1,16 @@
 """``gpushare simulate``: the whole system on one machine, as a capacity planner.
 
     gpushare simulate [--nodes 4x8xH100-80GB,...] [--trace FILE|DIR] [--policy fill|binpack|spread]
-                      [--churn N] [--rollouts N] [--seed N] [--json] [--report report.png]
+                      [--churn N] [--rollouts N] [--backend extender|dra] [--seed N] [--json]
+                      [--report report.png]
 
 It starts the real webhook, extender and one device plugin per simulated node on loopback, drives
 them as kube-apiserver, kube-scheduler and kubelet do for every InferenceService of the trace, and
 prints where each landed, how many GPUs that takes against one model per GPU and against the
-offline optimum, and what did not fit and why.
+offline optimum, and what did not fit and why. ``--backend dra`` runs the trace through
+kube-scheduler's DRA allocator (the real control plane, with kube-controller-manager's ResourceClaim
+controller; the plugins publish ResourceSlices and prepare claims), then through the extender, and
+prints both backends' cards used beside the optimum.
 """
 
 import argparse
@@ -55,6 +59,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         " per pod; real: kube-apiserver and kube-scheduler built by tests/controlplane/build.sh;"
         " auto (default): real where those are built, else embedded",
     )
+    parser.add_argument(
+        "--backend", choices=["extender", "dra"], default=None,
+        help="who places the pods (default: configured, extender); dra runs the trace through"
+        " kube-scheduler's DRA allocator on the real control plane, then through the extender,"
+        " and prints both",
+    )  # fmt: skip
     parser.add_argument("--seed", type=int, default=0, help="arrival order and churn (default 0)")
     parser.add_argument("--json", action="store_true", help="print the outcome as JSON only")
     parser.add_argument("--report", type=Path, metavar="FILE.png", help="draw every card to a PNG")
@@ -86,7 +96,9 @@ def run(args: argparse.Namespace) -> int:
 
     from gpushare.simulator import report, scenario, trace, workload  # noqa: PLC0415
 
-    settings = config.load(overrides={"policy": args.policy, "isolation": args.isolation})
+    settings = config.load(
+        overrides={"policy": args.policy, "isolation": args.isolation, "backend": args.backend}
+    )
     the_fleet = fleet.parse(args.nodes)
     if args.trace is not None:
         services = workload.load(args.trace)
@@ -110,14 +122,25 @@ def run(args: argparse.Namespace) -> int:
         TextColumn("{task.description}"), console=console, transient=True,
         disable=not console.is_terminal,
     ) as progress:
-        task = progress.add_task("starting", total=len(services) + args.churn + args.rollouts)
-        outcome = asyncio.run(
-            scenario.run(
-                the_fleet, services, options, settings=settings,
-                step=lambda what: progress.update(task, description=what),
-                advance=lambda n: progress.advance(task, n),
+        backends = ["dra", "extender"] if settings.backend == "dra" else [settings.backend]
+        per_run = len(services) + args.churn + args.rollouts
+        task = progress.add_task("starting", total=per_run * len(backends))
+        outcomes = [
+            asyncio.run(
+                scenario.run(
+                    the_fleet, services, options,
+                    settings=settings.model_copy(update={"backend": backend}),
+                    step=lambda what: progress.update(task, description=what),
+                    advance=lambda n: progress.advance(task, n),
+                )
             )
-        )
+            for backend in backends
+        ]  # fmt: skip
+    outcome = outcomes[0]
+    if len(outcomes) > 1:
+        outcome.backends = {
+            o.backend: {"cards_used": o.cards_used, "placed": len(o.placements)} for o in outcomes
+        }
     if args.report is not None:
         from gpushare.simulator import picture  # noqa: PLC0415 - matplotlib only when drawing
 

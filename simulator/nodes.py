@@ -4,20 +4,23 @@ vLLM start against the node's NVML, the pod's phase) and with a deleted one.
 """
 
 import contextlib
+import json
 import os
 import signal
 import subprocess
 from collections.abc import Awaitable, Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Final
 
 from gpushare.core import config, errors, names
 from gpushare.core.ids import CardUUID, PodKey
 from gpushare.deviceplugin import devices
-from gpushare.simulator import kubelet, mpsfake, processes
+from gpushare.deviceplugin.dra import cdi
+from gpushare.simulator import apiserver, kubelet, mpsfake, processes
 from gpushare.simulator import vllm as vllm_sim
 from gpushare.simulator.controlplane.launch import free_port
+from gpushare.simulator.drakubelet import DraKubelet
 from gpushare.simulator.fleet import Node
 from gpushare.simulator.gpus import NodeGpus
 from gpushare.simulator.outcome import Failure, Placement
@@ -25,6 +28,10 @@ from gpushare.simulator.workload import Service
 
 SetPhase = Callable[[str, str, str, str, str], Awaitable[None]]
 """Write a pod's status: namespace, name, phase, reason, message (kubelet's status manager)."""
+GetObject = Callable[[apiserver.Resource, str, str], Awaitable[dict[str, Any]]]
+"""Read an object from the API server: resource, namespace, name."""
+CLAIMS: Final = apiserver.Resource("resource.k8s.io", "v1", "resourceclaims", "ResourceClaim", True)
+"""Served by kube-apiserver only (the DRA backend runs on the real control plane)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -75,6 +82,9 @@ class Running:
     pid: int | None
     placement: Placement | None
     pipe: Path | None
+    granted_bytes: int = 0
+    claim: tuple[str, str, str] | None = None
+    """Under the DRA backend: the ResourceClaim (namespace, name, uid) prepared on the node."""
 
 
 @dataclass(slots=True)
@@ -83,6 +93,7 @@ class Nodes:
 
     settings: config.Settings
     set_phase: SetPhase
+    get: GetObject
     backend: NodeBackend = field(default_factory=NodeBackend)
     kubelets: dict[str, kubelet.Kubelet] = field(default_factory=dict)
     node_gpus: dict[str, NodeGpus] = field(default_factory=dict)
@@ -92,6 +103,12 @@ class Nodes:
     """Each node's device plugin: the base URL of its ``/metrics``."""
     mps_roots: dict[str, Path] = field(default_factory=dict)
     """Each node's MPS pipe directories."""
+    dra_kubelets: dict[str, DraKubelet] = field(default_factory=dict)
+    """Under the DRA backend: each node's kubelet DRA manager (the device manager idles)."""
+
+    @property
+    def dra(self) -> bool:
+        return self.settings.backend == "dra"
 
     async def add(
         self,
@@ -111,6 +128,10 @@ class Nodes:
         agent = kubelet.Kubelet(node.name, folder / "kubelet", names.RESOURCE_GPU_MEMORY)
         await agent.start()
         self.kubelets[node.name] = agent
+        extra_env = {}
+        if self.dra:
+            self.dra_kubelets[node.name] = DraKubelet(agent.kubelet_dir)
+            extra_env[f"{names.ENV_PREFIX}AGENT__CDI_SPEC_DIR"] = str(folder / "cdi")
         self.metrics_urls[node.name] = f"http://127.0.0.1:{free_port()}"
         root = self.backend.mps_root
         self.mps_roots[node.name] = root / node.name if root else folder / "mps"
@@ -122,7 +143,11 @@ class Nodes:
              self.metrics_urls[node.name].removeprefix("http://"), "--node-name", node.name,
              "--mps-control", str(self.backend.mps_control or control),
              "--kubeconfig", env["KUBECONFIG"], *(["--proc-root", str(where)] if where else [])],
-            env={**env, f"{names.ENV_PREFIX}AGENT__MPS_ROOT": str(self.mps_roots[node.name])},
+            env={
+                **env,
+                **extra_env,
+                f"{names.ENV_PREFIX}AGENT__MPS_ROOT": str(self.mps_roots[node.name]),
+            },
             log=log,
         )  # fmt: skip
 
@@ -130,7 +155,14 @@ class Nodes:
         """Whether every device plugin has registered and listed its IDs."""
         return all(agent.listed.is_set() and agent.devices for agent in self.kubelets.values())
 
+    async def register_dra(self, timeout: float) -> None:
+        """Each node's DRA plugin registered with its kubelet, as kubelet's plugin watcher does."""
+        for dra_kubelet in self.dra_kubelets.values():
+            await dra_kubelet.register(timeout)
+
     async def stop(self) -> None:
+        for dra_kubelet in self.dra_kubelets.values():
+            await dra_kubelet.close()
         for agent in self.kubelets.values():
             await agent.stop()
 
@@ -139,6 +171,8 @@ class Nodes:
     ) -> Admitted | Failure:
         """kubelet's admission on ``node``: Allocate, then the container's environment and
         command line. The pod then holds its IDs until :meth:`stop_pod`."""
+        if self.dra:
+            return await self._admit_claim(service, key, node, pod)
         namespace, name = key.split("/", 1)
         target = gpu_container(pod)
         if target is None:
@@ -152,19 +186,56 @@ class Nodes:
         card = CardUUID(devices.card_of(allocated.devices))
         pipe_text = allocated.envs.get(names.ENV_MPS_PIPE_DIRECTORY)
         pipe = Path(pipe_text) if pipe_text else None
-        self.running[service.key] = Running(service, key, node, card, None, None, pipe)
+        granted = len(allocated.devices) * self.settings.unit_bytes
+        self.running[service.key] = Running(service, key, node, card, None, None, pipe, granted)
         env = vllm_sim.container_env(container, allocated.envs)
         return Admitted(
             service=service,
             pod=key,
             node=node,
             card=card,
-            granted_bytes=len(allocated.devices) * self.settings.unit_bytes,
+            granted_bytes=granted,
             allocate_env=allocated.envs,
             mounts=allocated.mounts,
             env=env,
             argv=tuple(vllm_sim.argv(container, env)),
         )
+
+    async def _admit_claim(
+        self, service: Service, key: PodKey, node: str, pod: Mapping[str, Any]
+    ) -> Admitted | Failure:
+        """kubelet's DRA manager: NodePrepareResources for the pod's claim, then the container's
+        environment from the CDI spec the plugin wrote (the runtime applies it)."""
+        namespace, name = key.split("/", 1)
+        statuses = (pod.get("status") or {}).get("resourceClaimStatuses") or []
+        claim_name = next((s.get("resourceClaimName") for s in statuses), None)
+        containers = pod.get("spec", {}).get("containers") or []
+        container = next((c for c in containers if (c.get("resources") or {}).get("claims")), None)
+        if claim_name is None or container is None:
+            return failure(service, "allocation", "the pod names no prepared ResourceClaim")
+        claim = await self.get(CLAIMS, namespace, claim_name)
+        uid = str(claim["metadata"]["uid"])
+        answer = await self.dra_kubelets[node].prepare(namespace, claim_name, uid)
+        if answer.error:
+            reason = "FailedPrepareDynamicResources"
+            await self.set_phase(namespace, name, "Pending", reason, answer.error)
+            return failure(service, "allocation", answer.error)
+        folder = self.kubelets[node].kubelet_dir.parent / "cdi"
+        edits = json.loads(cdi.path(folder, uid).read_text())["devices"][0]["containerEdits"]
+        envs = dict(item.split("=", 1) for item in edits.get("env") or [])
+        mounts = tuple((m["hostPath"], m["containerPath"]) for m in edits.get("mounts") or [])
+        card = CardUUID(envs[names.ENV_VISIBLE_DEVICES])
+        pipe_text = envs.get(names.ENV_MPS_PIPE_DIRECTORY)
+        granted = int(envs[names.ENV_GRANTED_BYTES])
+        self.running[service.key] = Running(
+            service, key, node, card, None, None, Path(pipe_text) if pipe_text else None, granted,
+            (namespace, claim_name, uid),
+        )  # fmt: skip
+        env = vllm_sim.container_env(container, envs)
+        return Admitted(
+            service=service, pod=key, node=node, card=card, granted_bytes=granted,
+            allocate_env=envs, mounts=mounts, env=env, argv=tuple(vllm_sim.argv(container, env)),
+        )  # fmt: skip
 
     async def start_pod(
         self, service: Service, key: PodKey, node: str, pod: Mapping[str, Any]
@@ -212,11 +283,13 @@ class Nodes:
         )  # fmt: skip
         return running.placement
 
-    def stop_pod(self, service: Service) -> None:
-        """The pod is gone: kubelet frees its IDs and its process ends."""
+    async def stop_pod(self, service: Service) -> None:
+        """The pod is gone: kubelet frees its IDs (or unprepares its claim); its process ends."""
         running = self.running.pop(service.key, None)
         if running is None:
             return
+        if running.claim is not None:
+            await self.dra_kubelets[running.node].unprepare(*running.claim)
         self.kubelets[running.node].release(running.pod)
         if running.pid is not None:
             self.node_gpus[running.node].stop(running.pid)
@@ -249,8 +322,12 @@ class Nodes:
         return out
 
     def kubelet_grants(self) -> dict[CardUUID, int]:
-        """Bytes held on each card by the IDs kubelet handed out (the truth)."""
+        """Bytes held on each card by the IDs kubelet handed out, or the claims it prepared
+        (the truth)."""
         held: dict[CardUUID, int] = {}
+        for running in self.running.values():
+            if running.claim is not None:
+                held[running.card] = held.get(running.card, 0) + running.granted_bytes
         for agent in self.kubelets.values():
             for holdings in agent.holdings.values():
                 for holding in holdings:

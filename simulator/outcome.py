@@ -136,6 +136,10 @@ class Outcome:
     services: int
     """InferenceServices submitted, churn arrivals included."""
     control_plane: str = ""
+    backend: str = "extender"
+    """Who placed the pods: the extender, or kube-scheduler's DRA allocator (``dra``)."""
+    backends: dict[str, dict[str, int]] = field(default_factory=dict)
+    """With ``--backend dra``: each backend's cards used and services placed on the same trace."""
     """Which API server and scheduler produced the figures."""
     placements: list[Placement] = field(default_factory=list)
     failures: list[Failure] = field(default_factory=list)
@@ -248,6 +252,8 @@ class Outcome:
             "isolation": self.isolation,
             "seed": self.seed,
             "control_plane": self.control_plane,
+            "backend": self.backend,
+            **({"backends": self.backends} if self.backends else {}),
             "seconds": round(self.seconds, 3),
             "summary": {
                 "services": self.services,

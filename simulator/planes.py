@@ -86,8 +86,16 @@ class Plane(Protocol):
     async def stop(self) -> None: ...
 
 
-def choose(name: ControlPlaneName, *, seed: int) -> Plane:
-    """``auto`` is :class:`Real` where the binaries are built, else :class:`Embedded`."""
+def choose(name: ControlPlaneName, *, seed: int, dra: bool = False) -> Plane:
+    """``auto`` is :class:`Real` where the binaries are built, else :class:`Embedded`. The DRA
+    backend needs the real one: its allocator lives in kube-scheduler."""
+    if dra:
+        if name == "embedded":
+            raise errors.BadRequest(
+                "--backend dra needs the real control plane (kube-scheduler allocates claims):"
+                " use --control-plane real or auto"
+            )
+        return Real(dra=True)
     if name == "real" or (name == "auto" and binaries.built() is not None):
         return Real()
     return Embedded(seed=seed)
@@ -297,10 +305,13 @@ def _webhook_configurations(webhook_url: str, ca_pem: bytes) -> list[Obj]:
 class Real:
     """etcd, kube-apiserver and kube-scheduler as processes; the webhook called by the apiserver."""
 
-    def __init__(self) -> None:
+    def __init__(self, *, dra: bool = False) -> None:
         self.plane: server.ControlPlane | None = None
         self._rest: Rest | None = None
         self._scheduler: contextlib.ExitStack = contextlib.ExitStack()
+        self.dra = dra
+        """kube-scheduler's default profile places the pods (its DRA allocator), and
+        kube-controller-manager's ResourceClaim controller makes each pod's claim."""
         self.label = "kube-apiserver and kube-scheduler"
 
     async def start(self, workdir: Path) -> None:
@@ -313,6 +324,9 @@ class Real:
         )
         self.plane = plane
         await asyncio.to_thread(plane.start)
+        if self.dra:
+            plane.start_controller_manager(["resourceclaim-controller"])
+            self.label += " with kube-controller-manager's ResourceClaim controller"
         self._rest = plane.rest()
         await self._call(self._rest.create, _path(_CRDS), INFERENCE_SERVICE_CRD)
         await self._until_established()
@@ -352,6 +366,8 @@ class Real:
             )
         assert self.plane is not None
         config = scheduler_configuration(extender_url, self.plane.kubeconfig)
+        if self.dra:
+            config["profiles"].append({"schedulerName": "default-scheduler"})
         running = self.plane.start_scheduler(config)
         await asyncio.to_thread(self._scheduler.enter_context, running)
 

@@ -43,7 +43,15 @@ def _header(outcome: Outcome) -> Text:
         f" {len(outcome.failures)} not · {outcome.seconds:.1f} s"
     )
     if outcome.control_plane:
-        text.append(f"\nscheduled by: {outcome.control_plane}", style="dim")
+        backend = "" if outcome.backend == "extender" else f" · backend {outcome.backend}"
+        text.append(f"\nscheduled by: {outcome.control_plane}{backend}", style="dim")
+    if outcome.backends:
+        optimum = outcome.optimum.cards_used if outcome.optimum is not None else None
+        each = ", ".join(
+            f"{name} {row['cards_used']} ({row['placed']} placed)"
+            for name, row in outcome.backends.items()
+        )
+        text.append(f"\ncards used on this trace: {each}; optimum {optimum}", style="bold")
     return text
 
 
@@ -92,8 +100,13 @@ def _gib(n: int) -> str:
 
 
 def _summary(outcome: Outcome) -> Table:
-    table = Table(title="Summary", box=box.SIMPLE_HEAD, show_header=False, title_justify="left",
-                  pad_edge=False)
+    table = Table(
+        title="Summary",
+        box=box.SIMPLE_HEAD,
+        show_header=False,
+        title_justify="left",
+        pad_edge=False,
+    )
     table.add_column("figure")
     table.add_column("value")
     table.add_row("GPUs used, sharing", f"[bold]{outcome.cards_used}[/] of {len(outcome.cards)}")
@@ -159,28 +172,46 @@ def _summary(outcome: Outcome) -> Table:
 
 def _rounds(outcome: Outcome) -> Table:
     table = Table(title="Churn", box=box.SIMPLE_HEAD, title_justify="left", pad_edge=False)
-    for column in ("round", "departed", "arrived", "placed", "not running", "running", "GPUs used",
-                   "stranded"):
+    for column in (
+        "round",
+        "departed",
+        "arrived",
+        "placed",
+        "not running",
+        "running",
+        "GPUs used",
+        "stranded",
+    ):
         table.add_column(column, justify="right")
     for r in outcome.rounds:
         table.add_row(
-            str(r.number), str(r.departed), str(r.arrived), str(r.placed), str(r.failed),
-            str(r.running), str(r.cards_used), format_bytes(r.stranded_bytes),
+            str(r.number),
+            str(r.departed),
+            str(r.arrived),
+            str(r.placed),
+            str(r.failed),
+            str(r.running),
+            str(r.cards_used),
+            format_bytes(r.stranded_bytes),
         )
     return table
 
 
 def _rollouts(outcome: Outcome) -> Table:
-    table = Table(title="Rollouts (maxSurge 1)", box=box.SIMPLE_HEAD, title_justify="left",
-                  pad_edge=False)
+    table = Table(
+        title="Rollouts (maxSurge 1)", box=box.SIMPLE_HEAD, title_justify="left", pad_edge=False
+    )
     for column in ("InferenceService", "request", "new pod", "GPUs at peak", "GPUs after"):
-        table.add_column(column, justify="left" if column in ("InferenceService", "new pod")
-                         else "right")
+        table.add_column(
+            column, justify="left" if column in ("InferenceService", "new pod") else "right"
+        )
     for r in outcome.rollouts:
         table.add_row(
-            r.service.split("/", 1)[-1], format_bytes(r.requested_bytes),
+            r.service.split("/", 1)[-1],
+            format_bytes(r.requested_bytes),
             "stuck: no card has room for a second copy" if r.landed == "stuck" else r.landed,
-            str(r.cards_at_peak), str(r.cards_after),
+            str(r.cards_at_peak),
+            str(r.cards_after),
         )
     return table
 

@@ -86,7 +86,10 @@ async def run(
     """Simulate ``services`` on ``fleet``; ``advance(n)`` counts submitted services."""
     began = time.perf_counter()
     async with Simulation(
-        fleet, base=settings, seed=options.seed, progress=step,
+        fleet,
+        base=settings,
+        seed=options.seed,
+        progress=step,
         control_plane=options.control_plane,
     ) as sim:
         outcome = Outcome(
@@ -99,6 +102,7 @@ async def run(
             overhead_bytes=sim.overhead_bytes,
             reserve_bytes=sim.settings.reserve_bytes,
             control_plane=sim.plane.label,
+            backend=settings.backend,
         )
         try:
             results = await _drive(sim, services, options, outcome, step=step, advance=advance)
@@ -145,8 +149,12 @@ async def _drive(
         cards = await sim.cards()
         outcome.rounds.append(
             Round(
-                number=number, departed=departed, arrived=arrived, placed=placed_now,
-                failed=len(failed), running=len(placed),
+                number=number,
+                departed=departed,
+                arrived=arrived,
+                placed=placed_now,
+                failed=len(failed),
+                running=len(placed),
                 cards_used=sum(1 for c in cards if c.services),
                 stranded_bytes=stranded(cards, _smallest(failed, placed, sim.overhead_bytes)),
             )
@@ -180,8 +188,10 @@ async def _roll(
         return Rollout(key, old.requested_bytes, "stuck", used, used, placed.reason), results
     peak = sum(1 for card in await sim.cards() if card.services)
     landed: RolloutLanding = (
-        "same-card" if placed.card_uuid == old.card_uuid
-        else "card-in-use" if placed.card_uuid in in_use
+        "same-card"
+        if placed.card_uuid == old.card_uuid
+        else "card-in-use"
+        if placed.card_uuid in in_use
         else "empty-card"
     )
     await sim.remove(service)
@@ -221,8 +231,11 @@ async def _churn(
 
 
 def _smallest(failed: Sequence[Failure], placed: Sequence[Placement], overhead: int) -> int | None:
-    waiting = [f.requested_bytes for f in failed
-               if f.requested_bytes and f.stage not in ("admission", "mutation")]
+    waiting = [
+        f.requested_bytes
+        for f in failed
+        if f.requested_bytes and f.stage not in ("admission", "mutation")
+    ]
     sizes = waiting or [p.requested_bytes for p in placed]
     return min(sizes) + overhead if sizes else None
 
@@ -240,9 +253,7 @@ def _check_no_overcommit(sim: Simulation, outcome: Outcome) -> None:
             )
 
 
-def _optimum(
-    fleet: Fleet, outcome: Outcome, sim: Simulation, seconds: float
-) -> optimum.Packing:
+def _optimum(fleet: Fleet, outcome: Outcome, sim: Simulation, seconds: float) -> optimum.Packing:
     """The cheapest cards for the services admitted (running or waiting), solved offline."""
     items = []
     results: list[Placement | Failure] = [*outcome.placements, *outcome.failures]

@@ -433,6 +433,30 @@ class ControlPlane:
         finally:
             process.stop()
 
+    def start_controller_manager(self, controllers: Sequence[str]) -> Process:
+        """kube-controller-manager running only ``controllers``, acting as the admin; it stops
+        with the control plane."""
+        process = Process(
+            "kube-controller-manager",
+            [
+                str(self.bin_dir / "kube-controller-manager"),
+                f"--kubeconfig={self.kubeconfig}",
+                f"--authentication-kubeconfig={self.kubeconfig}",
+                f"--authorization-kubeconfig={self.kubeconfig}",
+                "--leader-elect=false",
+                "--bind-address=127.0.0.1",
+                f"--secure-port={free_port()}",
+                f"--cert-dir={self.workdir / 'kcm-certs'}",
+                f"--root-ca-file={self.ca_cert}",
+                f"--service-account-private-key-file={self.sa_key}",
+                "--use-service-account-credentials=false",
+                f"--controllers={','.join(controllers)}",
+            ],
+            self.workdir / "logs" / "kube-controller-manager.log",
+        )
+        self.processes["kube-controller-manager"] = process
+        return process
+
     # -- diagnostics --------------------------------------------------------------------------
 
     def logs(self, max_lines: int = 60) -> dict[str, str]:

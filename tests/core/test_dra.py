@@ -173,16 +173,23 @@ def test_an_allocation_without_consumed_memory_is_refused_with_the_likely_cause(
         dra.allocated(claim)
 
 
+def test_the_device_class_is_the_manifests_less_its_labels() -> None:
+    manifest = yaml.safe_load(DEVICE_CLASS.read_text())
+    manifest["metadata"].pop("labels")
+    assert dra.device_class() == manifest
+
+
 @pytest.mark.parametrize(
     "body",
     [
         yaml.safe_load(DEVICE_CLASS.read_text()),
+        dra.device_class(),
         dra.resource_slice(
             "node-a", [_card(0)], generation=1, unit_bytes=UNIT, overhead_bytes=MPS_SERVER
         ),
         dra.claim_template("ns", 20 * GI, unit_bytes=UNIT, overhead_bytes=MPS_SERVER),
     ],
-    ids=["device-class", "resource-slice", "claim-template"],
+    ids=["device-class", "device-class-in-code", "resource-slice", "claim-template"],
 )
 def test_objects_match_the_published_schema(body: dict[str, object]) -> None:
     kubernetes_validate.validate(body, "1.36", strict=True)

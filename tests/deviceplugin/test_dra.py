@@ -19,6 +19,7 @@ from gpushare.deviceplugin.dra import cdi
 from gpushare.deviceplugin.dra import main as dra_main
 from gpushare.deviceplugin.dra.kube import KubeDraApi
 from gpushare.deviceplugin.dra.publisher import Publisher, check_exclusive
+from gpushare.simulator.drakubelet import DraKubelet
 from tests import cluster
 from tests.deviceplugin.conftest import (
     CARD_A,
@@ -29,7 +30,6 @@ from tests.deviceplugin.conftest import (
     running,
     write_fake,
 )
-from tests.deviceplugin.dra_kubelet import DraKubelet
 from tests.deviceplugin.kubelet import TestKubelet
 from tests.dra import objects
 from tests.webhook import builders

@@ -188,7 +188,7 @@ def start(folder: Path) -> Iterator[RealNode]:
         images = {name: ref for name, (_, ref) in built.items()}
         control_plane = cluster.ControlPlane(bin_dir, apiserver_args=runtime.APISERVER_ARGS)
         cp = stack.enter_context(control_plane)
-        kcm = runtime.start_controller_manager(cp, CONTROLLERS)
+        kcm = cp.start_controller_manager(CONTROLLERS)
         stack.callback(kcm.stop)
         # The cluster's own scheduler: it places gpushare's pods; the gpushare-scheduler (a pod)
         # places the annotated ones.

@@ -23,7 +23,7 @@ import os
 import shutil
 import subprocess
 import tempfile
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any, Final
 
@@ -406,29 +406,3 @@ class Kubelet:
 
     def log(self, lines: int = 80) -> str:
         return cluster.tail(self.process.log_path, lines) if self.process else ""
-
-
-def start_controller_manager(
-    cp: cluster.ControlPlane, controllers: Sequence[str]
-) -> cluster.Process:
-    """kube-controller-manager with only ``controllers``, acting as the admin."""
-    process = cluster.Process(
-        "kube-controller-manager",
-        [
-            str(cp.bin_dir / "kube-controller-manager"),
-            f"--kubeconfig={cp.kubeconfig}",
-            f"--authentication-kubeconfig={cp.kubeconfig}",
-            f"--authorization-kubeconfig={cp.kubeconfig}",
-            "--leader-elect=false",
-            "--bind-address=127.0.0.1",
-            f"--secure-port={cluster.free_port()}",
-            f"--cert-dir={cp.workdir / 'kcm-certs'}",
-            f"--root-ca-file={cp.ca_cert}",
-            f"--service-account-private-key-file={cp.sa_key}",
-            "--use-service-account-credentials=false",
-            f"--controllers={','.join(controllers)}",
-        ],
-        cp.workdir / "logs" / "kube-controller-manager.log",
-    )
-    cp.processes["kube-controller-manager"] = process
-    return process
