@@ -1,4 +1,4 @@
-"""A test kubelet for the DRA plugin: kubelet's plugin watcher and DRA manager over unix sockets.
+"""kubelet's DRA side, for one simulated node: its plugin watcher and DRA manager over unix sockets.
 
 As kubelet does: find ``<driver>-reg.sock`` in ``<dir>/plugins_registry``, ask ``GetInfo``, check
 the type and that ``v1.DRAPlugin`` is offered, dial the endpoint it names, report the outcome with
