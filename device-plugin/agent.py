@@ -32,7 +32,7 @@ from gpushare.deviceplugin import (
 from gpushare.deviceplugin.metrics import CardState, Metrics
 from gpushare.deviceplugin.nvml import CardReading, Nvml, Snapshot
 from gpushare.deviceplugin.podresources import Holding, PodResourcesClient, PodResourcesError
-from gpushare.deviceplugin.pods import PodSource, Wanted, next_wanted
+from gpushare.deviceplugin.pods import PodInfo, PodSource, Wanted, next_wanted
 from gpushare.deviceplugin.report import Reporter
 from gpushare.deviceplugin.watchdog import PollLocator, ProcessLocator, Watchdog, usage
 
@@ -92,6 +92,9 @@ class Agent:
         self.holdings: list[Holding] | None = None
         """Which containers hold our IDs (kubelet's PodResources); ``None`` until first read."""
         self.claimed: Callable[[], Mapping[str, allocation.Grant]] = dict
+        self.claim_grants: Callable[[], Mapping[str, allocation.Grant]] = dict
+        """The DRA backend's prepared claims by ``namespace/name``: the containers that use
+        them are held to them as the device plugin's are held to their IDs."""
         """Grants held outside PodResources, by key: the DRA backend's prepared claims."""
         self.last_snapshot = Snapshot(cards=())
         self.polled_at = clock()
@@ -271,8 +274,9 @@ class Agent:
             for h in self.holdings or []
             if _single_card(h.devices)
         }
-        held = {k: (g.card, g.granted_bytes) for k, g in grants.items()}
         pods = self.pods.pods()
+        grants.update(self._claim_holdings(pods))
+        held = {k: (g.card, g.granted_bytes) for k, g in grants.items()}
         if isinstance(self.mode, cgrouplimit.CgroupLimit):
             containers = {
                 (pod.uid, cid): (pod.key, name)
@@ -365,8 +369,26 @@ class Agent:
         return True
 
     def holders(self) -> set[tuple[PodKey, str]]:
-        """Pods and containers that hold devices (PodResources) now."""
-        return {(h.pod, h.container) for h in self.holdings or []}
+        """Pods and containers that hold devices (PodResources) or prepared claims now."""
+        held = {(h.pod, h.container) for h in self.holdings or []}
+        if self.pods is not None:
+            held.update(self._claim_holdings(self.pods.pods()))
+        return held
+
+    def _claim_holdings(
+        self, pods: Sequence[PodInfo]
+    ) -> dict[tuple[PodKey, str], allocation.Grant]:
+        """Containers of ``pods`` that use a claim prepared here, and its grant."""
+        prepared = self.claim_grants()
+        if not prepared:
+            return {}
+        return {
+            (pod.key, container): prepared[claim]
+            for pod in pods
+            for container, claims in pod.claims.items()
+            for claim in claims
+            if claim in prepared
+        }
 
     # --- the device plugin calls ------------------------------------------------------------
 

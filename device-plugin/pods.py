@@ -36,6 +36,8 @@ class PodInfo:
     """Units of ``gpushare.io/gpu-memory`` per container name (containers that ask for some)."""
     container_ids: Mapping[str, str] = field(default_factory=dict)
     """Runtime container ID (scheme stripped) to container name, from the pod's status."""
+    claims: Mapping[str, tuple[str, ...]] = field(default_factory=dict)
+    """ResourceClaims (``namespace/name``) each container uses, by container name (DRA backend)."""
     created: datetime = _EPOCH
     deleting: bool = False
     """The pod has a deletion timestamp: kubelet will not start it."""
@@ -76,12 +78,28 @@ class PodInfo:
                 except errors.QuantityError:
                     continue
         container_ids = {}
+        namespace = meta.get("namespace", "")
+        pod_claims = {  # the pod's claim names to ResourceClaims: named, or made from a template
+            entry["name"]: entry["resourceClaimName"]
+            for entry in [*(spec.get("resourceClaims") or []),
+                          *(status.get("resourceClaimStatuses") or [])]
+            if entry.get("name") and entry.get("resourceClaimName")
+        }  # fmt: skip
+        claims = {}
+        for container in spec.get("containers") or []:
+            used = tuple(
+                f"{namespace}/{pod_claims[ref['name']]}"
+                for ref in (container.get("resources") or {}).get("claims") or []
+                if ref.get("name") in pod_claims
+            )
+            if used:
+                claims[container["name"]] = used
         for state in status.get("containerStatuses") or []:
             raw = state.get("containerID") or ""
             if raw:
                 container_ids[raw.partition("://")[2] or raw] = state["name"]
         return cls(
-            namespace=meta.get("namespace", ""),
+            namespace=namespace,
             name=meta.get("name", ""),
             uid=meta.get("uid", ""),
             node=spec.get("nodeName") or "",
@@ -89,6 +107,7 @@ class PodInfo:
             annotations=dict(meta.get("annotations") or {}),
             requests=requests,
             container_ids=container_ids,
+            claims=claims,
             created=_parse_time(_as_text(meta.get("creationTimestamp"))) or _EPOCH,
             deleting=meta.get("deletionTimestamp") is not None,
         )

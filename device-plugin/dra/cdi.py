@@ -37,14 +37,16 @@ def path(folder: Path, claim_uid: str) -> Path:
     return folder / f"{names.DRA_DRIVER}-{claim_uid}.json"
 
 
-def spec(claim_uid: str, grant: Grant, setup: ContainerSetup) -> dict[str, Any]:
-    """The CDI spec of one prepared claim: the environment and mounts of the contract."""
+def spec(claim_uid: str, grant: Grant, setup: ContainerSetup, *, claim: str) -> dict[str, Any]:
+    """The CDI spec of one prepared claim (``claim`` is its ``namespace/name``): the environment
+    and mounts of the contract."""
     return {
         "cdiVersion": VERSION,
         "kind": KIND,
         "annotations": {
             names.ANNOTATION_CARD_UUID: grant.card,
             names.ANNOTATION_GRANTED_BYTES: str(grant.granted_bytes),
+            names.ANNOTATION_CLAIM: claim,
         },
         "devices": [
             {
@@ -85,19 +87,21 @@ def grant_of(claim_uid: str) -> DeviceID:
     return DeviceID(claim_uid)
 
 
-def adopt(folder: Path) -> dict[str, Grant]:
-    """The grants of the claims whose specs are in ``folder``, by claim UID."""
-    found: dict[str, Grant] = {}
+def adopt(folder: Path) -> dict[str, tuple[Grant, str]]:
+    """The grants of the claims whose specs are in ``folder`` and their ``namespace/name``
+    (empty where a spec predates it), by claim UID."""
+    found: dict[str, tuple[Grant, str]] = {}
     for file in sorted(folder.glob(f"{names.DRA_DRIVER}-*.json")):
         try:
             body = json.loads(file.read_text())
             uid = str(body["devices"][0]["name"])
             annotations = body["annotations"]
-            found[uid] = Grant(
+            grant = Grant(
                 card=CardUUID(annotations[names.ANNOTATION_CARD_UUID]),
                 devices=(grant_of(uid),),
                 granted_bytes=int(annotations[names.ANNOTATION_GRANTED_BYTES]),
             )
+            found[uid] = (grant, str(annotations.get(names.ANNOTATION_CLAIM, "")))
         except (OSError, ValueError, KeyError, IndexError, TypeError) as exc:
             logger.warning("ignoring CDI spec %s, which is not gpushare's: %s", file, exc)
     return found

@@ -29,6 +29,8 @@ class Prepared:
     """A claim's device as kubelet is told it, and the grant behind it."""
 
     grant: Grant
+    claim: str
+    """The claim's ``namespace/name``."""
     request: str
     pool: str
     device: str
@@ -44,19 +46,27 @@ class Claims:
         self._api = api
         self._cdi_dir = cdi_dir
         self._prepared: dict[str, Prepared] = {}
-        self._adopted: dict[str, Grant] = {}
+        self._adopted: dict[str, tuple[Grant, str]] = {}
         agent.claimed = self.held  # the agent keeps these booked and their daemons running
+        agent.claim_grants = self.by_claim  # and judges the containers that use them
 
     def adopt(self) -> None:
         """Take back the grants of claims prepared before a restart (from their CDI specs)."""
         self._adopted = cdi.adopt(self._cdi_dir)
-        for grant in self._adopted.values():
+        for grant, _claim in self._adopted.values():
             self._agent.book.setdefault(grant.key, Booked(grant, self._agent.clock()))
 
     def held(self) -> dict[str, Grant]:
         """The grant of every prepared claim, by key (booked, their MPS daemons kept)."""
-        grants = [p.grant for p in self._prepared.values()] + list(self._adopted.values())
+        grants = [p.grant for p in self._prepared.values()]
+        grants += [grant for grant, _claim in self._adopted.values()]
         return {grant.key: grant for grant in grants}
+
+    def by_claim(self) -> dict[str, Grant]:
+        """The grant of every prepared claim, by its ``namespace/name``."""
+        found = {claim: grant for grant, claim in self._adopted.values() if claim}
+        found.update({p.claim: p.grant for p in self._prepared.values()})
+        return found
 
     async def prepare(self, namespace: str, name: str, uid: str) -> Prepared:
         """Grant the claim's allocation on this node and write its CDI spec."""
@@ -78,7 +88,8 @@ class Claims:
         grant = Grant(card=card, devices=(cdi.grant_of(uid),), granted_bytes=granted)
         setup = await self._agent.grant(grant)
         try:
-            cdi.write(self._cdi_dir, uid, cdi.spec(uid, grant, setup))
+            body = cdi.spec(uid, grant, setup, claim=f"{namespace}/{name}")
+            cdi.write(self._cdi_dir, uid, body)
         except OSError as exc:
             self._agent.book.pop(grant.key, None)
             raise errors.Conflict(
@@ -87,6 +98,7 @@ class Claims:
             ) from exc
         prepared = Prepared(
             grant=grant,
+            claim=f"{namespace}/{name}",
             request=result.request,
             pool=result.pool,
             device=result.device,
@@ -102,7 +114,7 @@ class Claims:
         """Forget the claim: its spec goes, its grant leaves the book, its daemon is released."""
         prepared = self._prepared.pop(uid, None)
         adopted = self._adopted.pop(uid, None)
-        grant = prepared.grant if prepared is not None else adopted
+        grant = prepared.grant if prepared is not None else adopted[0] if adopted else None
         cdi.remove(self._cdi_dir, uid)
         if grant is not None:
             self._agent.book.pop(grant.key, None)

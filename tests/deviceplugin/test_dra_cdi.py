@@ -25,7 +25,7 @@ def _setup() -> tuple[Grant, ContainerSetup]:
 
 def test_the_spec_names_the_claim_and_carries_the_environment_and_mounts(tmp_path: Path) -> None:
     grant, setup = _setup()
-    cdi.write(tmp_path, UID, cdi.spec(UID, grant, setup))
+    cdi.write(tmp_path, UID, cdi.spec(UID, grant, setup, claim="ns/claim"))
     body = json.loads(cdi.path(tmp_path, UID).read_text())
     assert body["kind"] == "gpu.gpushare.io/claim"
     assert cdi.device_id(UID) == f"gpu.gpushare.io/claim={UID}"
@@ -39,8 +39,8 @@ def test_the_spec_names_the_claim_and_carries_the_environment_and_mounts(tmp_pat
 
 def test_a_restarted_agent_adopts_the_grants_of_the_specs_it_finds(tmp_path: Path) -> None:
     grant, setup = _setup()
-    cdi.write(tmp_path, UID, cdi.spec(UID, grant, setup))
-    assert cdi.adopt(tmp_path) == {UID: grant}
+    cdi.write(tmp_path, UID, cdi.spec(UID, grant, setup, claim="ns/claim"))
+    assert cdi.adopt(tmp_path) == {UID: (grant, "ns/claim")}
     cdi.remove(tmp_path, UID)
     assert cdi.adopt(tmp_path) == {}
 
