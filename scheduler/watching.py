@@ -202,17 +202,12 @@ class Watcher:
         revisions: dict[str, demand.Revision] = {}
         pending: list[str] = []
         for item in items:
-            parsed = self._parse_pod(item)
-            if parsed is None:
-                continue
-            pod, request = parsed
-            if not pod.spec.node_name:
-                self._book.remember(request)
-                pending.append(request.uid)
-                continue
-            allocations = self._allocations(pod, request)
-            if allocations is not None:
-                listed[request.uid] = (request.key, NodeName(pod.spec.node_name), allocations)
+            found = self._read_pod(item)
+            if isinstance(found, demand.PodRequest):
+                pending.append(found.uid)
+            elif found is not None:
+                request, node, allocations = found
+                listed[request.uid] = (request.key, node, allocations)
                 priorities[request.uid] = request.priority
                 if request.revision is not None:
                     revisions[request.uid] = request.revision
@@ -227,23 +222,36 @@ class Watcher:
                 self._book.release(uid)
                 self._warned.pop(f"pod/{uid}", None)
             return
-        parsed = self._parse_pod(obj)
-        if parsed is None:
-            return
-        pod, request = parsed
-        if not pod.spec.node_name:
-            self._book.remember(request)
-            return
-        allocations = self._allocations(pod, request)
-        if allocations is not None:
+        found = self._read_pod(obj)
+        if found is not None and not isinstance(found, demand.PodRequest):
+            request, node, allocations = found
             self._book.observe(
                 request.uid,
                 request.key,
-                NodeName(pod.spec.node_name),
+                node,
                 allocations,
                 priority=request.priority,
                 revision=request.revision,
             )
+
+    def _read_pod(
+        self, obj: dict[str, Any]
+    ) -> (
+        tuple[demand.PodRequest, NodeName, tuple[ledger.Allocation, ...]] | demand.PodRequest | None
+    ):
+        """A bound pod's request, node and allocations; a pending pod's request alone (the book
+        remembers it for its bind); ``None`` for a pod that is not ours or cannot be read."""
+        parsed = self._parse_pod(obj)
+        if parsed is None:
+            return None
+        pod, request = parsed
+        if not pod.spec.node_name:
+            self._book.remember(request)
+            return request
+        allocations = self._allocations(pod, request)
+        if allocations is None:
+            return None
+        return request, NodeName(pod.spec.node_name), allocations
 
     def _parse_pod(self, obj: dict[str, Any]) -> tuple[wire.Pod, demand.PodRequest] | None:
         try:

@@ -122,33 +122,36 @@ async def phase_concurrent(opts: Options, results: Results, work: Path, name: st
     mis-size each other): each one's KV cache, start failures, time to all ready. The isolation
     is ``mps`` unless the phase's name says ``none`` or ``shared`` (``concurrent-none-1``)."""
     isolation = "none" if "-none" in name else "mps-shared" if "-shared" in name else "mps"
-    entry = results.phase(name)
-    entry["isolation"] = isolation
-    entry["start"] = "concurrent"
-    stack = Stack(opts, isolation, work, results)
-    try:
-        await stack.start()
-        ready = await start_together(stack, results, entry, opts.instances)
-        entry["ready"] = [i.name for i in ready]
-        results.save()
-        if ready:
-            await measure_instances(stack, entry, "ready")
-            await measure_throughput(stack, results, entry, ready, opts)
-    finally:
-        await stack.stop()
-        results.save()
+    await _start_and_measure(opts, results, work, name, isolation, together=True)
 
 
 async def phase_sequential(opts: Options, results: Results, work: Path) -> None:
     """The services started one after another under ``mps`` (the next once the last has sized
     its KV cache): the reference of the concurrent starts, and the throughput of the servers."""
-    entry = results.phase("sequential")
-    entry["isolation"] = "mps"
-    entry["start"] = "sequential"
-    stack = Stack(opts, "mps", work, results)
+    await _start_and_measure(opts, results, work, "sequential", "mps", together=False)
+
+
+async def _start_and_measure(
+    opts: Options,
+    results: Results,
+    work: Path,
+    name: str,
+    isolation: str,
+    *,
+    together: bool,
+) -> None:
+    """Start the services (at once, or each once the last has sized its cache), then record
+    their figures and throughput."""
+    entry = results.phase(name)
+    entry["isolation"] = isolation
+    entry["start"] = "concurrent" if together else "sequential"
+    stack = Stack(opts, isolation, work, results)
     try:
         await stack.start()
-        ready = await start_all(stack, results, entry, opts.instances)
+        if together:
+            ready = await start_together(stack, results, entry, opts.instances)
+        else:
+            ready = await start_all(stack, results, entry, opts.instances)
         entry["ready"] = [i.name for i in ready]
         results.save()
         if ready:
