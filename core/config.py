@@ -7,7 +7,7 @@ key is named with its allowed values; unknown keys are refused, so a typo never 
 import os
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Annotated, Any, Final, Literal
+from typing import Annotated, Any, Final, Literal, cast, get_args
 
 import pydantic
 import yaml
@@ -84,6 +84,19 @@ class AgentSettings(_Section):
     """Name the card as a CDI device (``nvidia.com/gpu=<uuid>``) in Allocate's response."""
     cdi_spec_dir: Path = Path("/var/run/cdi")
     """Where the DRA backend writes each prepared claim's CDI spec (the runtime reads it)."""
+
+
+def backend_for(labels: Mapping[str, str], configured: Backend) -> Backend:
+    """The backend of a node (or namespace) labelled ``gpushare.io/backend``, else ``configured``;
+    a value that names no backend is a ConfigError saying what to write."""
+    value = labels.get(names.LABEL_BACKEND)
+    if value is None:
+        return configured
+    if value not in get_args(Backend):
+        raise errors.ConfigError(
+            f"label {names.LABEL_BACKEND}={value!r}: write {' or '.join(get_args(Backend))}"
+        )
+    return cast(Backend, value)
 
 
 class Settings(_Section):

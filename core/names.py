@@ -70,6 +70,9 @@ SYSTEM_ANNOTATIONS: Final = frozenset(
 """Pod annotations gpushare writes itself; a user never sets them."""
 
 # --- Labels ---------------------------------------------------------------------------------------
+LABEL_BACKEND: Final = f"{DOMAIN}/backend"
+"""On Namespaces and Nodes of a cluster that runs both backends (``manifests/overlays/mixed``):
+``dra`` puts a namespace's pods, and a node's cards, on the DRA backend."""
 LABEL_ENABLED: Final = f"{DOMAIN}/enabled"
 """On Nodes that share GPUs (value ``true``): the device plugin runs there."""
 

@@ -20,7 +20,7 @@ from typing import get_args
 import aiohttp.web
 import prometheus_client
 
-from gpushare.core import config, errors
+from gpushare.core import config, errors, names
 from gpushare.core.config import Settings
 from gpushare.deviceplugin import kube, mps, nvml, probes
 from gpushare.deviceplugin.agent import Agent, guard
@@ -89,6 +89,17 @@ async def _main(
     registry = prometheus_client.CollectorRegistry()
     metrics = Metrics(registry, node=node)
     api = await kube.KubeApi.connect(args.kubeconfig)
+    dra_api = dra_kube.KubeDraApi(api.api_client)
+    try:
+        labels = await dra_api.node_labels(node)
+    except errors.GpushareError as exc:
+        await api.close()
+        backend.close()
+        raise errors.ConfigError(f"cannot read node {node}'s labels: {exc}") from exc
+    chosen = config.backend_for(labels, settings.backend)
+    if chosen != settings.backend:
+        logger.info("node %s is labelled %s=%s", node, names.LABEL_BACKEND, chosen)
+        settings = settings.model_copy(update={"backend": chosen})
     pods = kube.PodCache(api, node)
     kubelet_dir = settings.agent.kubelet_dir
     agent = Agent(
@@ -117,7 +128,6 @@ async def _main(
     task = asyncio.current_task()
     assert task is not None
     loop.add_signal_handler(signal.SIGTERM, task.cancel)
-    dra_api = dra_kube.KubeDraApi(api.api_client)
     try:
         await dra_publisher.check_exclusive(dra_api, node=node, backend=settings.backend)
         if settings.backend == "dra":

@@ -48,32 +48,36 @@ def routes(
 ) -> dict[str, server.Route]:
     """The admission routes, by URL path (without its ``/``).
 
-    ``templates`` (the DRA backend) creates the claim template a mutated pod names, except on a
-    dry run; a template it cannot create refuses the pod.
+    ``templates`` creates the claim template a pod mutated for the DRA backend names (the
+    configured backend, or :data:`paths.MUTATE_PODS_DRA`'s), except on a dry run; a template it
+    cannot create refuses the pod.
     """
 
-    async def mutate_pod(request: Mapping[str, Any]) -> server.Answer:
-        body = request["object"]
-        result = mutation.pod(body, settings=settings, largest_cuda_total_bytes=cards.largest())
-        if not result.allowed:
-            return _deny(paths.MUTATE_PODS, request, result, metrics)
-        if result.patch and templates is not None and not request.get("dryRun"):
-            mutated = jsonpatch.apply_patch(body, [dict(op) for op in result.patch])
-            try:
-                await templates.ensure(mutated)
-            except errors.Conflict as exc:
-                refusal = validation.Verdict(
-                    reasons=(validation.Reason("claim-template", str(exc)),),
-                    warnings=result.warnings,
+    def mutate_pods(chosen: config.Settings, path: str) -> server.Decide:
+        async def mutate_pod(request: Mapping[str, Any]) -> server.Answer:
+            body = request["object"]
+            result = mutation.pod(body, settings=chosen, largest_cuda_total_bytes=cards.largest())
+            if not result.allowed:
+                return _deny(path, request, result, metrics)
+            if result.patch and templates is not None and not request.get("dryRun"):
+                mutated = jsonpatch.apply_patch(body, [dict(op) for op in result.patch])
+                try:
+                    await templates.ensure(mutated)
+                except errors.Conflict as exc:
+                    refusal = validation.Verdict(
+                        reasons=(validation.Reason("claim-template", str(exc)),),
+                        warnings=result.warnings,
+                    )
+                    return _deny(path, request, refusal, metrics)
+            if result.patch:
+                logger.info(
+                    "pod %s mutated: %s",
+                    server.describe(request),
+                    server.printable("; ".join(result.warnings)),
                 )
-                return _deny(paths.MUTATE_PODS, request, refusal, metrics)
-        if result.patch:
-            logger.info(
-                "pod %s mutated: %s",
-                server.describe(request),
-                server.printable("; ".join(result.warnings)),
-            )
-        return server.Answer(patch=result.patch, warnings=result.warnings)
+            return server.Answer(patch=result.patch, warnings=result.warnings)
+
+        return mutate_pod
 
     async def validate_inference_service(request: Mapping[str, Any]) -> server.Answer:
         old = request.get("oldObject") if request["operation"] == "UPDATE" else None
@@ -88,7 +92,14 @@ def routes(
         return server.Answer(warnings=verdict.warnings)
 
     return {
-        paths.MUTATE_PODS: server.Route(("", "v1", "pods"), frozenset({"CREATE"}), mutate_pod),
+        paths.MUTATE_PODS: server.Route(
+            ("", "v1", "pods"), frozenset({"CREATE"}), mutate_pods(settings, paths.MUTATE_PODS)
+        ),
+        paths.MUTATE_PODS_DRA: server.Route(
+            ("", "v1", "pods"),
+            frozenset({"CREATE"}),
+            mutate_pods(settings.model_copy(update={"backend": "dra"}), paths.MUTATE_PODS_DRA),
+        ),
         paths.VALIDATE_INFERENCE_SERVICES: server.Route(
             ("serving.kserve.io", "v1beta1", "inferenceservices"),
             frozenset({"CREATE", "UPDATE"}),

@@ -95,7 +95,7 @@ async def serve(
 
     registry = kopf.OperatorRegistry()
     kopf.on.login(registry=registry)(login.handler(kubeconfig))
-    templates = await Templates.connect(kubeconfig, settings) if settings.backend == "dra" else None
+    templates = await Templates.connect(kubeconfig, settings)  # pods put on the DRA backend
     handlers.register(registry, cards=cards)
     admission = server.AdmissionServer(
         routes=handlers.routes(

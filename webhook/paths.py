@@ -9,4 +9,7 @@ without loading the webhook's server or kopf.
 from typing import Final
 
 MUTATE_PODS: Final = "mutate-pods"
+MUTATE_PODS_DRA: Final = "mutate-pods-dra"
+"""The pods of namespaces labelled ``gpushare.io/backend: dra`` in a cluster that runs both
+backends (``manifests/overlays/mixed``): the DRA backend's output whatever is configured."""
 VALIDATE_INFERENCE_SERVICES: Final = "validate-inferenceservices"

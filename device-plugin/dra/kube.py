@@ -42,6 +42,10 @@ class DraApi(Protocol):
         """The node's allocatable ``gpushare.io/gpu-memory`` units (0 when it has none)."""
         ...
 
+    async def node_labels(self, node: str) -> dict[str, str]:
+        """The node's labels."""
+        ...
+
 
 class KubeDraApi:
     """:class:`DraApi` over kubernetes_asyncio's generic custom-object client."""
@@ -106,3 +110,9 @@ class KubeDraApi:
             found = await self._core.read_node(node, _request_timeout=self._deadline)
         allocatable = (found.status.allocatable if found.status else None) or {}
         return int(allocatable.get(names.RESOURCE_GPU_MEMORY) or 0)
+
+    async def node_labels(self, node: str) -> dict[str, str]:
+        """Read the Node's labels."""
+        async with Translated(f"get node {node}"):
+            found = await self._core.read_node(node, _request_timeout=self._deadline)
+        return dict((found.metadata.labels if found.metadata else None) or {})

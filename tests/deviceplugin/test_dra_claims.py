@@ -58,6 +58,9 @@ class Claimed:
     async def gpu_memory_allocatable(self, node: str) -> int:
         raise AssertionError("not used")
 
+    async def node_labels(self, node: str) -> dict[str, str]:
+        raise AssertionError("not used")
+
 
 def _consumed(granted: int) -> int:
     return dra.request_bytes(granted, unit_bytes=GI, overhead_bytes=66 * 1024**2)

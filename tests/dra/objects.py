@@ -20,7 +20,7 @@ from tests.webhook import builders
 
 RESOURCE: Final = f"/apis/{names.DRA_API_VERSION}"
 DEVICE_CLASS_MANIFEST: Final = (
-    Path(__file__).resolve().parents[2] / "manifests" / "dra" / "deviceclass.yaml"
+    Path(__file__).resolve().parents[2] / "manifests" / "components" / "dra" / "deviceclass.yaml"
 )
 H100_TOTAL: Final = "81559Mi"
 H100_RESERVED: Final = "480Mi"

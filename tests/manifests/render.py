@@ -13,7 +13,7 @@ from tests import cluster
 
 ROOT: Final = Path(__file__).resolve().parents[2]
 MANIFESTS: Final = ROOT / "manifests"
-OVERLAYS: Final = ("cert-manager", "prometheus-operator")
+OVERLAYS: Final = ("cert-manager", "prometheus-operator", "mixed")
 
 
 class KubectlMissing(RuntimeError):

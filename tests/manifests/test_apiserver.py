@@ -74,6 +74,7 @@ WEBHOOK: Final = {
     ("customresourcedefinitions.apiextensions.k8s.io", "", "watch"),
 }
 DEVICE_PLUGIN: Final = {
+    ("nodes", "", "get"),  # its node's gpushare.io/backend label, at start-up
     ("nodes", "", "patch"),
     ("pods", "", "list"),
     ("pods", "", "watch"),
@@ -151,6 +152,11 @@ def _dry_run(cp: cluster.ControlPlane, path: Path) -> None:
 
 def test_the_apiserver_accepts_the_manifests(prepared: cluster.ControlPlane) -> None:
     _dry_run(prepared, MANIFESTS)
+
+
+@pytest.mark.parametrize("path", ["dra", "overlays/mixed"])
+def test_the_apiserver_accepts_the_dra_installs(prepared: cluster.ControlPlane, path: str) -> None:
+    _dry_run(prepared, MANIFESTS / path)
 
 
 def test_the_apiserver_accepts_the_cert_manager_overlay(prepared: cluster.ControlPlane) -> None:

@@ -2,7 +2,7 @@
 
 import contextlib
 import json
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -68,12 +68,14 @@ def registration(
     control_plane: cluster.ControlPlane,
     webhook: Webhook,
     mutated: Callable[[dict[str, Any]], bool],
+    rendered: Sequence[dict[str, Any]] | None = None,
 ) -> Iterator[Webhook]:
-    """The manifests' webhook configurations pointed at ``webhook`` (removed afterwards).
+    """The manifests' webhook configurations (or ``rendered`` ones) pointed at ``webhook``
+    (removed afterwards).
 
     The apiserver reads webhook configurations through an informer: this waits until a server
     dry run of a Job's pod comes back as ``mutated`` says the webhook leaves it."""
-    bodies = configurations(webhook)
+    bodies = configurations(webhook, rendered)
     control_plane.kubectl(
         "apply", "--server-side", "--force-conflicts", "-f", "-",
         input=yaml.safe_dump_all(bodies),

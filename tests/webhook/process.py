@@ -5,6 +5,7 @@ import copy
 import os
 import subprocess
 import sys
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -142,12 +143,18 @@ class Webhook:
         )
 
 
-def configurations(webhook: Webhook) -> list[dict[str, Any]]:
-    """The manifests' webhook configurations, pointed at the test webhook (URL and CA bundle)."""
+def configurations(
+    webhook: Webhook, bodies: Sequence[dict[str, Any]] | None = None
+) -> list[dict[str, Any]]:
+    """The manifests' webhook configurations (or ``bodies``, as an overlay renders them), pointed
+    at the test webhook (URL and CA bundle)."""
     bundle = base64.b64encode((webhook.pair / "ca.crt").read_bytes()).decode()
     out = []
-    for path in sorted(MANIFESTS.glob("*-webhook-configuration.yaml")):
-        body = copy.deepcopy(yaml.safe_load(path.read_text()))
+    if bodies is None:
+        paths = sorted(MANIFESTS.glob("*-webhook-configuration.yaml"))
+        bodies = [yaml.safe_load(path.read_text()) for path in paths]
+    for found in bodies:
+        body = copy.deepcopy(found)
         for hook in body["webhooks"]:
             service = hook["clientConfig"].pop("service")
             hook["clientConfig"] = {"url": webhook.url + service["path"], "caBundle": bundle}
