@@ -1,6 +1,8 @@
 """The simulated nodes: per node a kubelet stand-in, a fake NVML file and a device-plugin process,
-and what kubelet does with a bound pod (Allocate, the container's ``$(VAR)`` expansion, a simulated
-vLLM start against the node's NVML, the pod's phase) and with a deleted one.
+and what kubelet does with a bound pod (Allocate, or under the DRA backend NodePrepareResources for
+its claim; the container's environment and ``$(VAR)`` expansion; a simulated vLLM start against
+the node's NVML; the pod's phase) and with a deleted one. :class:`NodeBackend` puts a node on a
+real card instead (the GPU proof).
 """
 
 import contextlib
@@ -63,7 +65,7 @@ class Admitted:
     card: CardUUID
     granted_bytes: int
     allocate_env: Mapping[str, str]
-    """The environment and mounts Allocate answered."""
+    """The environment Allocate answered (or the prepared claim's CDI spec holds)."""
     mounts: tuple[tuple[str, str], ...]
     env: Mapping[str, str]
     """The container's environment: its spec's, then Allocate's (as the runtime merges them)."""
