@@ -114,12 +114,26 @@ class FakeControl:
         return self.log.read_text().splitlines()
 
     def kill_all(self) -> None:
-        """Stop every daemon it started (by pid)."""
+        """Stop every daemon it started (by pid), and return once each is gone (or a zombie): a
+        SIGKILL takes effect later than the call, the more so on a loaded machine."""
         pids = self.log.with_suffix(".log.pids")
-        if pids.exists():
-            for pid in pids.read_text().split():
-                with contextlib.suppress(ProcessLookupError):
-                    os.kill(int(pid), signal.SIGKILL)
+        if not pids.exists():
+            return
+        killed = [int(pid) for pid in pids.read_text().split()]
+        for pid in killed:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+        deadline = time.monotonic() + 10
+        while any(_running(pid) for pid in killed) and time.monotonic() < deadline:
+            time.sleep(0.01)
+
+
+def _running(pid: int) -> bool:
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return False
+    return stat.rpartition(")")[2].split()[0] != "Z"
 
 
 @pytest.fixture
