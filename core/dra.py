@@ -70,7 +70,7 @@ def request_policy(*, capacity: int, unit_bytes: int, overhead_bytes: int) -> Js
 
 
 def device_class() -> JsonObject:
-    """The DeviceClass of the backend: devices of gpushare's driver (as ``manifests/components/dra``)."""
+    """The DeviceClass of the backend: the devices of gpushare's driver."""
     return {
         "apiVersion": "resource.k8s.io/v1",
         "kind": "DeviceClass",

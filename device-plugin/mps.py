@@ -312,6 +312,9 @@ class PerContainer:
         self._daemons: dict[str, Daemon] = {}
         self._failed: tuple[CardUUID, str] | None = None
         """The card of the last daemon that would not start, and why (cleared by one that does)."""
+        self._changing = asyncio.Lock()
+        """One daemon change at a time: the poll's restart of a dead daemon and kubelet's
+        PreStartContainer for it would otherwise both restart it."""
 
     async def start(self) -> None:
         """Adopt the daemons a previous agent left (their pods still use them)."""
@@ -328,6 +331,10 @@ class PerContainer:
     async def check(self) -> None:
         """Restart any daemon that died, in its own pipe directory and with its grant as before;
         after a failed start, try a trial daemon until one starts again."""
+        async with self._changing:
+            await self._restart_dead()
+
+    async def _restart_dead(self) -> None:
         for daemon in list(self._daemons.values()):
             if alive(daemon.pipe_directory) or daemon.grant is None:
                 continue
@@ -380,6 +387,10 @@ class PerContainer:
 
     async def prepare(self, grant: Grant) -> Path:
         """Start the grant's daemon (or keep the live one) with the grant as its default limit."""
+        async with self._changing:
+            return await self._prepare(grant)
+
+    async def _prepare(self, grant: Grant) -> Path:
         existing = self._daemons.get(grant.key)
         if existing is not None and alive(existing.pipe_directory):
             return existing.pipe_directory
@@ -426,10 +437,11 @@ class PerContainer:
 
     async def release(self, held: Collection[str]) -> None:
         """Stop daemons that no pod holds any more, once past the grace."""
-        now = self._clock()
-        for key, daemon in list(self._daemons.items()):
-            if key not in held and now - daemon.started > RELEASE_GRACE_SECONDS:
-                await self._stop(key, "no pod holds its devices")
+        async with self._changing:
+            now = self._clock()
+            for key, daemon in list(self._daemons.items()):
+                if key not in held and now - daemon.started > RELEASE_GRACE_SECONDS:
+                    await self._stop(key, "no pod holds its devices")
 
     async def _stop(self, key: str, why: str) -> None:
         daemon = self._daemons.pop(key)

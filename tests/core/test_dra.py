@@ -13,7 +13,9 @@ from gpushare.core.nodereport import CardReport
 from gpushare.core.quantities import GI, MI
 
 UNIT = GI
-DEVICE_CLASS = Path(__file__).resolve().parents[2] / "manifests" / "components" / "dra" / "deviceclass.yaml"
+DEVICE_CLASS = (
+    Path(__file__).resolve().parents[2] / "manifests" / "components" / "dra" / "deviceclass.yaml"
+)
 """The DeviceClass as installed."""
 MPS_SERVER = 66 * MI
 H100_CUDA_TOTAL = int(79.18 * GI)
