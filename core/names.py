@@ -49,9 +49,9 @@ USER_ANNOTATIONS: Final = (ANNOTATION_GPU_MEMORY, ANNOTATION_POLICY, ANNOTATION_
 ANNOTATION_MUTATED: Final = f"{DOMAIN}/mutated"
 """Set by the webhook on pods it rewrote: the units granted (marks idempotent re-invocation)."""
 
-ANNOTATION_CLAIM: Final = f"{DOMAIN}/claim"
-"""In a prepared claim's CDI spec (the DRA backend): the claim's ``namespace/name``, so that the
-agent finds the pods that use the claim again after a restart."""
+CDI_ANNOTATION_CLAIM: Final = f"{DOMAIN}/claim"
+"""Not on pods: in a prepared claim's CDI spec (the DRA backend), the claim's ``namespace/name``, so
+that the agent finds the pods that use the claim again after a restart."""
 
 ANNOTATION_NODE_REPORT: Final = f"{DOMAIN}/node-report"
 """On Nodes: the agent's JSON report of every card (see :mod:`gpushare.core.nodereport`)."""

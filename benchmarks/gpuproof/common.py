@@ -10,12 +10,12 @@ from typing import Any, Final
 
 from gpushare.core import names, quantities
 from gpushare.simulator import kserve
+from gpushare.simulator.controlplane.launch import free_port
 
 GI: Final = quantities.GI
 MI: Final = quantities.MI
 NODE: Final = "gpu-node"
 NAMESPACE: Final = "default"
-FIRST_PORT: Final = 8100
 INSTANCES: Final = (("llm-10g", 10), ("llm-16g", 16), ("llm-20g", 20), ("llm-24g", 24))
 """The four InferenceServices and their annotations in GiB (``--instances`` names others)."""
 TARGET: Final = "llm-20g"
@@ -47,8 +47,11 @@ _PORTS: dict[str, int] = {}
 
 
 def port_of(name: str) -> int:
-    """Every server runs on this host's network: each pod's args name a port of its own."""
-    return _PORTS.setdefault(name, FIRST_PORT + len(_PORTS))
+    """Every server runs on this host's network: each pod's args name a port of its own, free
+    when first named (a fixed one could be another run's, which would answer for it)."""
+    if name not in _PORTS:
+        _PORTS[name] = free_port()
+    return _PORTS[name]
 
 
 @dataclasses.dataclass(frozen=True)

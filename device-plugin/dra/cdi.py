@@ -46,7 +46,7 @@ def spec(claim_uid: str, grant: Grant, setup: ContainerSetup, *, claim: str) -> 
         "annotations": {
             names.ANNOTATION_CARD_UUID: grant.card,
             names.ANNOTATION_GRANTED_BYTES: str(grant.granted_bytes),
-            names.ANNOTATION_CLAIM: claim,
+            names.CDI_ANNOTATION_CLAIM: claim,
         },
         "devices": [
             {
@@ -101,7 +101,7 @@ def adopt(folder: Path) -> dict[str, tuple[Grant, str]]:
                 devices=(grant_of(uid),),
                 granted_bytes=int(annotations[names.ANNOTATION_GRANTED_BYTES]),
             )
-            found[uid] = (grant, str(annotations.get(names.ANNOTATION_CLAIM, "")))
+            found[uid] = (grant, str(annotations.get(names.CDI_ANNOTATION_CLAIM, "")))
         except (OSError, ValueError, KeyError, IndexError, TypeError) as exc:
             logger.warning("ignoring CDI spec %s, which is not gpushare's: %s", file, exc)
     return found

@@ -6,7 +6,6 @@ from pathlib import Path
 
 import pytest
 
-from gpushare.core import names
 from gpushare.core.ids import CardUUID, DeviceID
 from gpushare.core.quantities import GI
 from gpushare.deviceplugin.allocation import Grant
@@ -90,4 +89,3 @@ async def test_a_container_over_its_claims_grant_is_reported(
     else:  # a claim prepared elsewhere (or not yet): nothing here to hold the container to
         assert violations is None
         assert ("ns/bloom", "kserve-container") not in agent.holders()
-    assert names.ANNOTATION_CLAIM.startswith(names.DOMAIN)
