@@ -286,8 +286,16 @@ def alive(pipe: Path) -> bool:
     """Whether the daemon of ``pipe`` runs (its pid file names a live process, not a zombie)."""
     try:
         pid = int((pipe / PID_FILE).read_text().strip())
-        stat = Path(f"/proc/{pid}/stat").read_text()
     except (OSError, ValueError):
+        return False
+    return running(pid)
+
+
+def running(pid: int) -> bool:
+    """Whether process ``pid`` runs (it exists and is not a zombie)."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
         return False
     return stat.rpartition(")")[2].split()[0] != "Z"
 

@@ -124,16 +124,8 @@ class FakeControl:
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGKILL)
         deadline = time.monotonic() + 10
-        while any(_running(pid) for pid in killed) and time.monotonic() < deadline:
+        while any(mps.running(pid) for pid in killed) and time.monotonic() < deadline:
             time.sleep(0.01)
-
-
-def _running(pid: int) -> bool:
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return False
-    return stat.rpartition(")")[2].split()[0] != "Z"
 
 
 @pytest.fixture

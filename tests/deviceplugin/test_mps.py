@@ -114,14 +114,6 @@ def read_at(folder: int, name: str) -> str:
         return file.read().strip()
 
 
-def running_pid(pid: int) -> bool:
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return False
-    return stat.rpartition(")")[2].split()[0] != "Z"
-
-
 @pytest.mark.parametrize("how", ["supervised", "adopted"])
 async def test_a_new_process_in_a_running_container_finds_the_restarted_daemon(
     short_tmp: Path, mps_control: FakeControl, how: str
@@ -141,7 +133,7 @@ async def test_a_new_process_in_a_running_container_finds_the_restarted_daemon(
         await mode.check()
         # Through its mount, a new process finds a live daemon with the grant as its limit.
         second = int(read_at(mounted, mps.PID_FILE))
-        assert second != first and running_pid(second)
+        assert second != first and mps.running(second)
         assert read_at(mounted, "default-limit") == "0 2048M"
         assert os.stat(pipe).st_ino == os.fstat(mounted).st_ino
     finally:
