@@ -6,7 +6,6 @@ real card instead (the GPU proof).
 """
 
 import contextlib
-import json
 import os
 import signal
 import subprocess
@@ -107,6 +106,8 @@ class Nodes:
     """Each node's MPS pipe directories."""
     dra_kubelets: dict[str, DraKubelet] = field(default_factory=dict)
     """Under the DRA backend: each node's kubelet DRA manager (the device manager idles)."""
+    cdi_dirs: dict[str, Path] = field(default_factory=dict)
+    """Under the DRA backend: where each node's plugin writes prepared claims' CDI specs."""
 
     @property
     def dra(self) -> bool:
@@ -133,7 +134,8 @@ class Nodes:
         extra_env = {}
         if self.dra:
             self.dra_kubelets[node.name] = DraKubelet(agent.kubelet_dir)
-            extra_env[f"{names.ENV_PREFIX}AGENT__CDI_SPEC_DIR"] = str(folder / "cdi")
+            self.cdi_dirs[node.name] = folder / "cdi"
+            extra_env[f"{names.ENV_PREFIX}AGENT__CDI_SPEC_DIR"] = str(self.cdi_dirs[node.name])
         self.metrics_urls[node.name] = f"http://127.0.0.1:{free_port()}"
         root = self.backend.mps_root
         self.mps_roots[node.name] = root / node.name if root else folder / "mps"
@@ -222,10 +224,7 @@ class Nodes:
             reason = "FailedPrepareDynamicResources"
             await self.set_phase(namespace, name, "Pending", reason, answer.error)
             return failure(service, "allocation", answer.error)
-        folder = self.kubelets[node].kubelet_dir.parent / "cdi"
-        edits = json.loads(cdi.path(folder, uid).read_text())["devices"][0]["containerEdits"]
-        envs = dict(item.split("=", 1) for item in edits.get("env") or [])
-        mounts = tuple((m["hostPath"], m["containerPath"]) for m in edits.get("mounts") or [])
+        envs, mounts = cdi.edits(self.cdi_dirs[node], uid)
         card = CardUUID(envs[names.ENV_VISIBLE_DEVICES])
         pipe_text = envs.get(names.ENV_MPS_PIPE_DIRECTORY)
         granted = int(envs[names.ENV_GRANTED_BYTES])

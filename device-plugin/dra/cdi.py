@@ -76,6 +76,16 @@ def write(folder: Path, claim_uid: str, body: dict[str, Any]) -> None:
     os.replace(partial, target)
 
 
+def edits(folder: Path, claim_uid: str) -> tuple[dict[str, str], tuple[tuple[str, str], ...]]:
+    """What the runtime applies from a claim's spec: its environment, and its mounts as (host
+    path, container path)."""
+    body = json.loads(path(folder, claim_uid).read_text())
+    container = body["devices"][0]["containerEdits"]
+    env = dict(item.split("=", 1) for item in container.get("env") or [])
+    mounts = tuple((m["hostPath"], m["containerPath"]) for m in container.get("mounts") or [])
+    return env, mounts
+
+
 def remove(folder: Path, claim_uid: str) -> None:
     """Delete a claim's spec (absent: fine)."""
     with contextlib.suppress(FileNotFoundError):
