@@ -102,6 +102,9 @@ class CgroupLimit:
     async def release(self, held: Collection[str]) -> None:
         """Nothing to release."""
 
+    async def end(self, key: str) -> None:
+        """No daemon to stop."""
+
     @property
     def limited(self) -> Mapping[tuple[CardUUID, str], int]:
         """The limits the agent has set: (card, cgroup) to bytes."""

@@ -150,6 +150,10 @@ class Mode(Protocol):
         """Stop daemons whose grant key is not in ``held`` (after a grace)."""
         ...
 
+    async def end(self, key: str) -> None:
+        """Stop the grant's isolation now: no container uses it any more (an unprepared claim)."""
+        ...
+
 
 class Off:
     """``none``: no MPS."""
@@ -180,6 +184,9 @@ class Off:
 
     async def release(self, held: Collection[str]) -> None:
         """Nothing to release."""
+
+    async def end(self, key: str) -> None:
+        """Nothing to stop."""
 
 
 @dataclass(frozen=True)
@@ -451,6 +458,12 @@ class PerContainer:
                 if key not in held and now - daemon.started > RELEASE_GRACE_SECONDS:
                     await self._stop(key, "no pod holds its devices")
 
+    async def end(self, key: str) -> None:
+        """Stop the grant's daemon now (none: nothing to do)."""
+        async with self._changing:
+            if key in self._daemons:
+                await self._stop(key, "its claim was unprepared")
+
     async def _stop(self, key: str, why: str) -> None:
         daemon = self._daemons.pop(key)
         await self._control.quit(daemon.pipe_directory)
@@ -522,6 +535,9 @@ class Shared:
         return self._pipe
 
     async def release(self, held: Collection[str]) -> None:
+        """The shared daemon stays."""
+
+    async def end(self, key: str) -> None:
         """The shared daemon stays."""
 
 

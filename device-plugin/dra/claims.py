@@ -111,13 +111,19 @@ class Claims:
         return prepared
 
     async def unprepare(self, uid: str) -> None:
-        """Forget the claim: its spec goes, its grant leaves the book, its daemon is released."""
+        """Forget the claim: its spec goes, its grant leaves the book, its daemon stops.
+
+        kubelet unprepares a claim once none of its pod's containers runs, and the allocator
+        hands its memory, the MPS server's share included, to the next claim at once: the
+        daemon does not wait out the release grace that the device plugin's grants need.
+        """
         prepared = self._prepared.pop(uid, None)
         adopted = self._adopted.pop(uid, None)
         grant = prepared.grant if prepared is not None else adopted[0] if adopted else None
         cdi.remove(self._cdi_dir, uid)
         if grant is not None:
             self._agent.book.pop(grant.key, None)
+            await self._agent.mode.end(grant.key)
             logger.info("unprepared claim %s: card %s", uid, grant.card)
 
     def _ours(self, namespace: str, name: str, claim: dict[str, object]) -> dra.Allocated:

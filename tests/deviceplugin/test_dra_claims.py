@@ -90,6 +90,26 @@ async def test_a_claim_is_granted_once_and_forgotten_on_unprepare(
     assert not cdi.path(short_tmp / "cdi", "uid-a").exists()
 
 
+async def test_unprepare_stops_the_claims_mps_daemon_at_once(
+    make_agent: AgentFactory, short_tmp: Path
+) -> None:
+    # kubelet unprepares a claim once no container uses it, and the allocator gives its capacity
+    # (the MPS server's share included) to the next claim at once: the daemon must not linger
+    # for the release grace the device plugin's grants need.
+    agent = make_agent(settings=make_settings(short_tmp).model_copy(update={"backend": "dra"}))
+    await agent.start()
+    api = Claimed()
+    prepared = Claims(agent, api, cdi_dir=short_tmp / "cdi")
+    api.allocate("a", "uid-a", consumed=_consumed(20 * GI))
+    grant = (await prepared.prepare("ns", "a", "uid-a")).grant
+    assert agent.mode.servers_on(CardUUID(CARD_A)) == 1
+    daemon = agent.settings.agent.mps_root / grant.key
+    assert mps.alive(daemon)
+    await prepared.unprepare("uid-a")
+    assert agent.mode.servers_on(CardUUID(CARD_A)) == 0
+    assert not mps.alive(daemon)
+
+
 async def test_the_node_refuses_what_the_card_cannot_hold_even_if_allocated(
     claims: tuple[Claims, Claimed],
 ) -> None:

@@ -27,17 +27,15 @@ from typing import Any, Final
 
 import yaml
 
-from gpushare.core import config, names
+from gpushare.core import dra, names
 from tests import cluster
 from tests.deviceplugin.conftest import CARD_A, FakeControl, card, write_fake
 from tests.manifests.parts import install_kserve_crds
-from tests.node import kserve, runtime
+from tests.node import kserve, runtime, workloads
 
 OVERLAY: Final = Path(__file__).resolve().parent / "overlay"
 HOST_FOLDER: Final = Path("/run/gpushare-test")
 """The fake NVML file and the MPS control stand-in, mounted into the device plugin's pod."""
-MPS_ROOT: Final = config.AgentSettings().mps_root
-"""The device plugin's MPS pipe folders on the host (the shipped ``agent.mps_root``)."""
 CONTROLLERS: Final = (
     "deployment-controller",
     "replicaset-controller",
@@ -52,9 +50,11 @@ CONTROLLERS: Final = (
     "node-lifecycle-controller",
     "serviceaccount-controller",
     "root-ca-certificate-publisher-controller",
+    "resourceclaim-controller",
 )
 """What turns Deployments, DaemonSets and Jobs into pods, gives Services their endpoints, deletes
-what owners and namespaces owned, and lets a new node take pods."""
+what owners and namespaces owned, lets a new node take pods, and makes the ResourceClaims of pods
+that name a ResourceClaimTemplate (the DRA backend)."""
 DEPLOYMENTS: Final = ("gpushare-webhook", "gpushare-scheduler")
 DAEMONSET: Final = "gpushare-device-plugin"
 
@@ -160,17 +160,66 @@ def install(cp: cluster.ControlPlane, images: dict[str, str], folder: Path) -> N
     )
 
 
+def _agent_ready(cp: cluster.ControlPlane, node: str) -> bool:
+    """The node's one agent pod Ready (its readiness probe: registered with kubelet and, under
+    DRA, its ResourceSlice written)."""
+    items = cp.rest().get(
+        f"/api/v1/namespaces/{names.NAMESPACE}/pods",
+        labelSelector=f"app.kubernetes.io/name={DAEMONSET}",
+        fieldSelector=f"spec.nodeName={node}",
+    )["items"]
+    live = [p for p in items if not p["metadata"].get("deletionTimestamp")]
+    return len(live) == 1 and workloads.ready(live[0])
+
+
+def _restart_agent(cp: cluster.ControlPlane, node: str, backend: str) -> None:
+    """Label the node ``gpushare.io/backend=<backend>`` and delete its agent pod (waiting until it
+    is gone): the DaemonSet's next pod reads the label at start-up."""
+    cp.kubectl("label", "node", node, f"{names.LABEL_BACKEND}={backend}", "--overwrite")
+    cp.kubectl(
+        "delete", "pod", "-n", names.NAMESPACE, "-l", f"app.kubernetes.io/name={DAEMONSET}",
+        f"--field-selector=spec.nodeName={node}", "--wait=true", "--timeout=60s", timeout=90,
+    )  # fmt: skip
+
+
+@contextlib.contextmanager
+def on_dra(node: RealNode) -> Iterator[None]:
+    """The node moved to the DRA backend the way docs/install.md says, and back on exit.
+
+    To DRA: label it, restart its agent (which refuses to start until kubelet has zeroed the
+    device plugin's ``gpushare.io/gpu-memory``), and wait for the agent Ready: its ResourceSlice
+    written and the real kubelet's plugin watcher through registration. Back: relabel, restart,
+    delete the slice (the extender's agent refuses while it exists) and wait for the node's
+    units and report. The caller removes its DRA pods first (drained, as the docs say).
+    """
+    cp = node.cp
+    _restart_agent(cp, node.name, "dra")
+    try:
+        cluster.wait_for(
+            lambda: _agent_ready(cp, node.name), timeout=240, interval=1,
+            what="the DRA agent Ready (its ResourceSlice written, registered with kubelet)",
+        )  # fmt: skip
+        yield
+    finally:
+        _restart_agent(cp, node.name, "extender")
+        cp.kubectl("delete", "resourceslice", dra.slice_name(node.name), "--ignore-not-found")
+        cluster.wait_for(
+            lambda: _node_ready(cp, node.name) and _agent_ready(cp, node.name), timeout=240,
+            interval=1, what="the node back on the extender backend, its units offered",
+        )  # fmt: skip
+
+
 @contextlib.contextmanager
 def _host_folders() -> Iterator[Path]:
-    """:data:`HOST_FOLDER`, new; :data:`MPS_ROOT` empty before and after (the node is alone on
-    the machine: :func:`runtime.node_lock`)."""
-    for folder in (HOST_FOLDER, MPS_ROOT):
+    """:data:`HOST_FOLDER`, new; :data:`runtime.MPS_ROOT` empty before and after (the node is
+    alone on the machine: :func:`runtime.node_lock`)."""
+    for folder in (HOST_FOLDER, runtime.MPS_ROOT):
         shutil.rmtree(folder, ignore_errors=True)
     HOST_FOLDER.mkdir(parents=True)
     try:
         yield HOST_FOLDER
     finally:
-        for folder in (HOST_FOLDER, MPS_ROOT):
+        for folder in (HOST_FOLDER, runtime.MPS_ROOT):
             shutil.rmtree(folder, ignore_errors=True)
 
 
@@ -195,7 +244,9 @@ def start(folder: Path) -> Iterator[RealNode]:
         stack.enter_context(cp.start_scheduler())
         runtime.claim_kubelet_dir()
         stack.callback(runtime.release_kubelet_dir)
-        containerd = stack.enter_context(runtime.Containerd(images["pause"]))
+        containerd = stack.enter_context(
+            runtime.Containerd(runtime.build_containerd(), images["pause"])
+        )
         for archive, _ in built.values():
             containerd.import_image(archive)
         install_kserve_crds(cp)

@@ -1,8 +1,11 @@
-"""A real node for the tests: containerd and runc (Debian's), the real kubelet, and the
+"""A real node for the tests: containerd (built from its Go module by
+``tests/node/containerd/build.sh``) and runc (Debian's), the real kubelet, and the
 kube-controller-manager that turns Deployments into pods, joined to a test control plane.
 
 :class:`Containerd` runs containerd with its own root, state, socket and CNI folders (a bridge of
 its own, host-local addresses, no masquerading) and removes every container it ran when it stops.
+It applies the CDI specs in :data:`CDI_DIR`, where the DRA backend's agent writes a prepared
+claim's environment and mounts (Debian's containerd 1.6 has no CDI).
 :class:`Kubelet` runs the kubelet built from the pinned Kubernetes source against it. The machines
 these tests run on mount cgroup v1, so the kubelet is configured with ``failCgroupV1: false``
 (the pinned release refuses cgroup v1 by default) and ``cgroupDriver: cgroupfs`` (no systemd);
@@ -29,11 +32,17 @@ from typing import Any, Final
 
 import yaml
 
+from gpushare.core import config
 from tests import cluster
 
 KUBELET_DIR: Final = Path("/var/lib/kubelet")
 """kubelet's root folder; its device-plugin socket is under it whatever ``--root-dir`` says."""
 IMAGES_SCRIPT: Final = Path(__file__).resolve().parent / "images.sh"
+CONTAINERD_SCRIPT: Final = Path(__file__).resolve().parent / "containerd" / "build.sh"
+MPS_ROOT: Final = config.AgentSettings().mps_root
+"""The agent's MPS pipe folders on the host (the shipped ``agent.mps_root``)."""
+CDI_DIR: Final = Path("/var/run/cdi")
+"""Where the agent writes CDI specs (the DRA install's host folder) and containerd reads them."""
 LOCK: Final = Path("/run/gpushare-test-node.lock")
 CNI_BIN: Final = Path("/usr/lib/cni")
 BRIDGE: Final = "gpushare-test0"
@@ -55,9 +64,7 @@ APISERVER_ARGS: Final = (
 K8S_NAMESPACE: Final = "k8s.io"
 """containerd's namespace for the CRI's images and containers."""
 NODE_BINARIES: Final = ("kubelet", "kube-controller-manager")
-TOOLS: Final = (
-    "containerd", "containerd-shim-runc-v2", "runc", "ctr", "buildah", "mmdebstrap", "iptables",
-)  # fmt: skip
+TOOLS: Final = ("runc", "buildah", "mmdebstrap", "iptables")
 
 
 class NodeUnavailableError(RuntimeError):
@@ -71,8 +78,7 @@ def check_machine(bin_dir: Path) -> None:
     missing = [tool for tool in TOOLS if shutil.which(tool) is None]
     if missing:
         raise NodeUnavailableError(
-            f"{', '.join(missing)} not on PATH"
-            " (apt-get install containerd runc buildah mmdebstrap iptables)"
+            f"{', '.join(missing)} not on PATH (apt-get install runc buildah mmdebstrap iptables)"
         )
     absent = [b for b in NODE_BINARIES if not os.access(bin_dir / b, os.X_OK)]
     if absent:
@@ -95,6 +101,19 @@ def node_lock() -> Iterator[None]:
             yield
         finally:
             fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def build_containerd() -> Path:
+    """Run ``tests/node/containerd/build.sh`` (a no-op when built): the folder of containerd, its
+    runc shim and ``ctr``."""
+    result = subprocess.run(
+        ["bash", str(CONTAINERD_SCRIPT)], capture_output=True, text=True, check=False, timeout=1800
+    )
+    if result.returncode != 0:
+        raise NodeUnavailableError(
+            f"tests/node/containerd/build.sh failed:\n{result.stderr[-3000:]}"
+        )
+    return Path(result.stdout.strip().splitlines()[-1])
 
 
 def build_images(bin_dir: Path) -> dict[str, tuple[Path, str]]:
@@ -190,7 +209,8 @@ def service_route(apiserver_port: int) -> Iterator[None]:
 class Containerd:
     """containerd with folders of its own under :attr:`workdir`; use as a context manager."""
 
-    def __init__(self, sandbox_image: str) -> None:
+    def __init__(self, bin_dir: Path, sandbox_image: str) -> None:
+        self.bin_dir = bin_dir
         # Short: unix socket paths must stay under 108 bytes.
         self.workdir = Path(tempfile.mkdtemp(prefix="gsn-", dir="/tmp"))
         self.socket = self.workdir / "containerd.sock"
@@ -203,32 +223,35 @@ class Containerd:
 
     def config(self) -> str:
         w = self.workdir
-        cri = 'plugins."io.containerd.grpc.v1.cri"'
-        return f"""version = 2
+        runtime = "plugins.'io.containerd.cri.v1.runtime'"
+        return f"""version = 3
 root = "{w / "root"}"
 state = "{w / "state"}"
 [grpc]
   address = "{self.socket}"
 [ttrpc]
   address = "{self.socket}.ttrpc"
-[plugins."io.containerd.internal.v1.opt"]
+[plugins.'io.containerd.internal.v1.opt']
   path = "{w / "opt"}"
-[{cri}]
-  sandbox_image = "{self.sandbox_image}"
-  stream_server_address = "127.0.0.1"
-  stream_server_port = "0"
+[plugins.'io.containerd.cri.v1.images'.pinned_images]
+  sandbox = "{self.sandbox_image}"
+[{runtime}]
   disable_hugetlb_controller = true
   # Test processes may not lower their oom_score_adj (kubelet asks -998 for sandboxes): clamp it.
   restrict_oom_score_adj = true
-[{cri}.containerd]
+  cdi_spec_dirs = ["{CDI_DIR}"]
+[{runtime}.containerd]
   default_runtime_name = "runc"
-[{cri}.containerd.runtimes.runc]
+[{runtime}.containerd.runtimes.runc]
   runtime_type = "io.containerd.runc.v2"
-[{cri}.containerd.runtimes.runc.options]
+[{runtime}.containerd.runtimes.runc.options]
   SystemdCgroup = false
-[{cri}.cni]
-  bin_dir = "{CNI_BIN}"
+[{runtime}.cni]
+  bin_dirs = ["{CNI_BIN}"]
   conf_dir = "{w / "net.d"}"
+[plugins.'io.containerd.grpc.v1.cri']
+  stream_server_address = "127.0.0.1"
+  stream_server_port = "0"
 """
 
     def network(self) -> dict[str, Any]:
@@ -271,10 +294,13 @@ state = "{w / "state"}"
         )
         config = self.workdir / "config.toml"
         config.write_text(self.config())
+        # containerd finds its shim on PATH: the one built beside it, not a packaged one.
+        path = f"{self.bin_dir}:{os.environ.get('PATH', '')}"
         process = self.process = cluster.Process(
             "containerd",
-            ["containerd", f"--config={config}", "--log-level=info"],
+            [str(self.bin_dir / "containerd"), f"--config={config}", "--log-level=info"],
             self.workdir / "containerd.log",
+            env={**os.environ, "PATH": path},
         )
 
         def ready() -> bool:
@@ -288,7 +314,12 @@ state = "{w / "state"}"
     ) -> subprocess.CompletedProcess[str]:
         """Run ``ctr`` against this containerd, in the CRI's namespace."""
         return subprocess.run(
-            ["ctr", f"--address={self.socket}", f"--namespace={K8S_NAMESPACE}", *args],
+            [
+                str(self.bin_dir / "ctr"),
+                f"--address={self.socket}",
+                f"--namespace={K8S_NAMESPACE}",
+                *args,
+            ],
             capture_output=True,
             text=True,
             check=check,

@@ -2,9 +2,6 @@
 the new pod registers again, the running container keeps its grant, nothing is granted twice, and
 kubelet's PodResources, the checkpoint and the extender's ledger agree."""
 
-import contextlib
-import os
-from pathlib import Path
 from typing import Any
 
 import pytest
@@ -12,24 +9,9 @@ import pytest
 from gpushare.core import names
 from tests import cluster
 from tests.node import workloads
-from tests.node.local import DAEMONSET, MPS_ROOT, RealNode
+from tests.node.local import DAEMONSET, RealNode
 
 pytestmark = pytest.mark.timeout(600)
-
-
-def _ready(pod: dict[str, Any]) -> bool:
-    conditions = pod.get("status", {}).get("conditions") or []
-    return any(c["type"] == "Ready" and c["status"] == "True" for c in conditions)
-
-
-def live_daemons() -> list[Path]:
-    """The MPS pipe folders whose control daemon runs."""
-    live = []
-    for pidfile in MPS_ROOT.glob("*/nvidia-cuda-mps-control.pid"):
-        with contextlib.suppress(ValueError, OSError):
-            os.kill(int(pidfile.read_text()), 0)
-            live.append(pidfile.parent)
-    return live
 
 
 def test_a_replaced_device_plugin_pod_keeps_grants_and_grants_nothing_twice(
@@ -41,7 +23,7 @@ def test_a_replaced_device_plugin_pod_keeps_grants_and_grants_nothing_twice(
     held = {(h.namespace, h.name): h.devices for h in workloads.kubelet_holdings()}
     kept_ids = set(held[ns, before["metadata"]["name"]])
     assert len(kept_ids) == 30
-    [pipe] = live_daemons()
+    [pipe] = workloads.live_daemons()
 
     [old] = real_node.system_pods(DAEMONSET)
     cp.rest().delete(f"/api/v1/namespaces/{names.NAMESPACE}/pods/{old['metadata']['name']}")
@@ -49,7 +31,7 @@ def test_a_replaced_device_plugin_pod_keeps_grants_and_grants_nothing_twice(
     def replaced() -> dict[str, Any] | None:
         pods = real_node.system_pods(DAEMONSET)
         fresh = [p for p in pods if p["metadata"]["uid"] != old["metadata"]["uid"]]
-        return fresh[0] if len(pods) == 1 and fresh and _ready(fresh[0]) else None
+        return fresh[0] if len(pods) == 1 and fresh and workloads.ready(fresh[0]) else None
 
     cluster.wait_for(replaced, timeout=120, interval=1, what="a new device-plugin pod Ready")
 
@@ -63,7 +45,10 @@ def test_a_replaced_device_plugin_pod_keeps_grants_and_grants_nothing_twice(
     # Its MPS daemon runs in the same pipe folder: adopted where it outlived the old pod (cgroup
     # v2), started again by the new plugin where it ended with it (cgroup v1).
     cluster.wait_for(
-        lambda: live_daemons() == [pipe], timeout=60, interval=1, what="the kept daemon to run"
+        lambda: workloads.live_daemons() == [pipe],
+        timeout=60,
+        interval=1,
+        what="the kept daemon to run",
     )
 
     # 40 GiB beside the 30 fit on the 79 GiB card; the new plugin hands out none of the 30's IDs.

@@ -2,8 +2,10 @@
 how to read back what their containers got."""
 
 import asyncio
+import contextlib
 import copy
 import json
+import os
 import urllib.request
 from collections import Counter
 from pathlib import Path
@@ -107,6 +109,21 @@ def pods(cp: cluster.ControlPlane, namespace: str, app: str) -> list[dict[str, A
 def running(pod: dict[str, Any]) -> bool:
     statuses = pod.get("status", {}).get("containerStatuses") or []
     return bool(statuses) and all("running" in s.get("state", {}) for s in statuses)
+
+
+def ready(pod: dict[str, Any]) -> bool:
+    conditions = pod.get("status", {}).get("conditions") or []
+    return any(c["type"] == "Ready" and c["status"] == "True" for c in conditions)
+
+
+def live_daemons() -> list[Path]:
+    """The MPS pipe folders (under the agent's MPS root) whose control daemon runs."""
+    live = []
+    for pidfile in runtime.MPS_ROOT.glob("*/nvidia-cuda-mps-control.pid"):
+        with contextlib.suppress(ValueError, OSError):
+            os.kill(int(pidfile.read_text()), 0)
+            live.append(pidfile.parent)
+    return live
 
 
 def standin_line(cp: cluster.ControlPlane, namespace: str, pod: str) -> dict[str, Any]:

@@ -1,0 +1,212 @@
+"""The DRA backend under the real kubelet and container runtime: KServe's controller → Deployment →
+pod → gpushare's webhook (its DRA output: a claim from a ResourceClaimTemplate) →
+kube-controller-manager's ResourceClaim controller → kube-scheduler's DRA allocator → the real
+kubelet's ``NodePrepareResources`` over the agent's socket → containerd applying the claim's CDI
+spec → the stand-in vLLM, started with the environment the device plugin gives the same grant.
+
+The node moves to the DRA backend for this module and back afterwards (:func:`local.on_dra`); the
+reference is the same service on the extender backend, through the device plugin's ``Allocate``,
+first.
+"""
+
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from gpushare.core import config, names, quantities
+from gpushare.deviceplugin.dra import cdi
+from tests import cluster
+from tests.deviceplugin.conftest import CARD_A
+from tests.node import kserve, local, runtime, workloads
+from tests.node.local import RealNode
+from tests.node.test_kserve import ISVC_API, create, isvc_ready, predictor_pods
+
+pytestmark = [pytest.mark.timeout(900), pytest.mark.usefixtures("kserve_manager")]
+
+MEMORY = "20Gi"
+PER_GRANT = {names.ENV_MPS_PIPE_DIRECTORY}
+"""The one variable that differs between two grants of the same size on the same card: each
+grant has its own MPS daemon, so its own pipe folder."""
+
+
+def _serve(node: RealNode, namespace: str) -> tuple[dict[str, Any], dict[str, Any]]:
+    """The seed's service at :data:`MEMORY` in ``namespace``, Ready: its pod and stand-in line."""
+    create(node, kserve.seed(node.nvml_file, "isvc-vllm-openai.yaml", "bloom", namespace, MEMORY))
+    isvc_ready(node, namespace, "bloom")
+    [pod] = predictor_pods(node, namespace, "bloom")
+    line = workloads.standin_line(node.cp, namespace, pod["metadata"]["name"])
+    assert line["result"] == "started", line
+    return pod, line
+
+
+def _namespace(node: RealNode, prefix: str, labels: dict[str, str]) -> str:
+    name = cluster.unique_name(prefix, max_len=40)
+    cluster.create_namespace(node.cp, name, labels=labels)
+    return name
+
+
+def _drain(node: RealNode, namespace: str) -> None:
+    node.cp.kubectl("delete", "namespace", namespace, "--timeout=120s", check=False, timeout=150)
+
+
+@pytest.fixture(scope="module")
+def extender_env(real_node: RealNode) -> dict[str, str]:
+    """What the device plugin's ``Allocate`` gave the service through the real kubelet, on the
+    extender backend (the node's start)."""
+    namespace = _namespace(real_node, "dra-ref", {})
+    try:
+        pod, line = _serve(real_node, namespace)
+        assert pod["spec"]["schedulerName"] == names.SCHEDULER_NAME
+        env: dict[str, str] = line["env"]
+        return env
+    finally:
+        _drain(real_node, namespace)
+
+
+@pytest.fixture(scope="module")
+def dra_node(real_node: RealNode, extender_env: dict[str, str]) -> Iterator[RealNode]:
+    with local.on_dra(real_node):
+        yield real_node
+
+
+@pytest.fixture
+def dra_namespace(dra_node: RealNode) -> Iterator[str]:
+    """A namespace labelled for the DRA backend; drained afterwards."""
+    namespace = _namespace(dra_node, "dra", {names.LABEL_BACKEND: "dra"})
+    yield namespace
+    _drain(dra_node, namespace)
+
+
+def _claim(node: RealNode, pod: dict[str, Any]) -> dict[str, Any]:
+    [status] = pod["status"]["resourceClaimStatuses"]
+    assert status["name"] == names.DRA_CLAIM_NAME
+    namespace = pod["metadata"]["namespace"]
+    return node.cp.rest().get(
+        f"/apis/{names.DRA_API_VERSION}/namespaces/{namespace}/resourceclaims/{status['resourceClaimName']}"
+    )
+
+
+def test_the_seed_service_runs_on_a_claim_the_real_kubelet_prepared(
+    dra_node: RealNode, dra_namespace: str, extender_env: dict[str, str]
+) -> None:
+    pod, line = _serve(dra_node, dra_namespace)
+
+    # No extender: the cluster's own kube-scheduler placed it by its claim, not by gpu-memory.
+    assert pod["spec"]["schedulerName"] == "default-scheduler"
+    assert pod["spec"]["nodeName"] == dra_node.name
+    [container] = pod["spec"]["containers"]
+    assert names.RESOURCE_GPU_MEMORY not in container["resources"].get("limits", {})
+    assert {"name": names.DRA_CLAIM_NAME} in container["resources"]["claims"]
+
+    # kube-scheduler's allocator wrote the card and the memory into the claim's status.
+    claim = _claim(dra_node, pod)
+    [result] = claim["status"]["allocation"]["devices"]["results"]
+    assert result["driver"] == names.DRA_DRIVER
+    assert result["pool"] == dra_node.name
+    consumed = result["consumedCapacity"][names.DRA_CAPACITY_MEMORY]
+    [reserved] = claim["status"]["reservedFor"]
+    assert reserved["uid"] == pod["metadata"]["uid"]
+
+    # The real kubelet prepared it over the agent's socket; containerd applied the CDI spec it
+    # named, so the container has the environment the device plugin gives the same grant.
+    spec = cdi.path(runtime.CDI_DIR, claim["metadata"]["uid"])
+    assert spec.exists(), sorted(p.name for p in runtime.CDI_DIR.glob("*"))
+    env = line["env"]
+    assert env[names.ENV_CARD_UUID] == CARD_A
+    assert {k: v for k, v in env.items() if k not in PER_GRANT} == {
+        k: v for k, v in extender_env.items() if k not in PER_GRANT
+    }
+    assert env.keys() >= PER_GRANT
+    assert int(env[names.ENV_GRANTED_BYTES]) == 20 * 1024**3
+    # It consumed the grant and the per-grant MPS server, as the extender's ledger counts them.
+    overhead = config.validate({}).allocation_overhead_bytes
+    assert quantities.parse_bytes(consumed) == 20 * 1024**3 + overhead
+    # kubelet never sees a CDI spec's variables: the webhook wrote vLLM's utilization out.
+    assert f"{names.VLLM_UTILIZATION_FLAG}={env[names.ENV_VLLM_UTILIZATION]}" in line["argv"]
+
+    pipe = Path(env[names.ENV_MPS_PIPE_DIRECTORY])
+    assert pipe in workloads.live_daemons()
+
+    # Deleting the service ends the pod: kubelet unprepares the claim (its CDI spec goes, its MPS
+    # daemon stops) and the claim, made from the template for this pod, is deleted with it.
+    dra_node.cp.rest().delete(f"{ISVC_API.format(ns=dra_namespace)}/bloom")
+    claims = f"/apis/{names.DRA_API_VERSION}/namespaces/{dra_namespace}/resourceclaims"
+    cluster.wait_for(
+        lambda: not spec.exists() and not dra_node.cp.rest().get(claims)["items"],
+        timeout=120, interval=1, what="the claim unprepared (its CDI spec removed) and deleted",
+    )  # fmt: skip
+    assert pipe not in workloads.live_daemons()
+
+
+def test_a_service_that_finds_no_room_waits_with_the_schedulers_reason_then_takes_the_freed_memory(
+    dra_node: RealNode, dra_namespace: str
+) -> None:
+    def seed(name: str) -> dict[str, Any]:
+        return kserve.seed(dra_node.nvml_file, "isvc-vllm-openai.yaml", name, dra_namespace, "50Gi")
+
+    create(dra_node, seed("first"))
+    isvc_ready(dra_node, dra_namespace, "first")
+    create(dra_node, seed("second"))
+
+    def unschedulable() -> str | None:
+        for pod in predictor_pods(dra_node, dra_namespace, "second"):
+            for condition in pod["status"].get("conditions") or []:
+                if condition["type"] == "PodScheduled" and condition["status"] == "False":
+                    return str(condition.get("message"))
+        return None
+
+    message = cluster.wait_for(unschedulable, timeout=120, interval=1, what="second unschedulable")
+    assert "cannot allocate all claims" in message, message
+
+    # The first one's claim deallocated when its pod ended: the allocator places the second.
+    dra_node.cp.rest().delete(f"{ISVC_API.format(ns=dra_namespace)}/first")
+    isvc_ready(dra_node, dra_namespace, "second")
+    [pod] = predictor_pods(dra_node, dra_namespace, "second")
+    line = workloads.standin_line(dra_node.cp, dra_namespace, pod["metadata"]["name"])
+    assert line["result"] == "started", line
+    assert int(line["env"][names.ENV_GRANTED_BYTES]) == 50 * 1024**3
+
+
+def test_a_replaced_dra_agent_keeps_the_claims_grant_and_unprepares_it_later(
+    dra_node: RealNode, dra_namespace: str
+) -> None:
+    pod, line = _serve(dra_node, dra_namespace)
+    spec = cdi.path(runtime.CDI_DIR, _claim(dra_node, pod)["metadata"]["uid"])
+    pipe = Path(line["env"][names.ENV_MPS_PIPE_DIRECTORY])
+    assert pipe in workloads.live_daemons()
+
+    # A DaemonSet rollout or an eviction: the new agent adopts the claim from its CDI spec, and
+    # kubelet's plugin watcher registers it again; the container runs on.
+    [old] = dra_node.system_pods(local.DAEMONSET)
+    dra_node.cp.rest().delete(
+        f"/api/v1/namespaces/{names.NAMESPACE}/pods/{old['metadata']['name']}"
+    )
+
+    def replaced() -> bool:
+        pods = dra_node.system_pods(local.DAEMONSET)
+        return (
+            len(pods) == 1
+            and pods[0]["metadata"]["uid"] != old["metadata"]["uid"]
+            and (workloads.ready(pods[0]))
+        )
+
+    cluster.wait_for(replaced, timeout=180, interval=1, what="a new DRA agent pod Ready")
+    [after] = predictor_pods(dra_node, dra_namespace, "bloom")
+    assert after["status"]["containerStatuses"][0]["restartCount"] == 0
+    assert spec.exists()
+    # Its MPS daemon runs in the same pipe folder (started again where it ended with the old pod's
+    # cgroup, on cgroup v1).
+    cluster.wait_for(
+        lambda: pipe in workloads.live_daemons(), timeout=60, interval=1,
+        what="the claim's daemon to run",
+    )  # fmt: skip
+
+    # The new agent unprepares what the old one prepared: spec and daemon go with the pod.
+    dra_node.cp.rest().delete(f"{ISVC_API.format(ns=dra_namespace)}/bloom")
+    cluster.wait_for(
+        lambda: not spec.exists() and pipe not in workloads.live_daemons(), timeout=120,
+        interval=1,
+        what="the claim unprepared by the new agent: CDI spec removed, daemon stopped",
+    )  # fmt: skip
