@@ -263,7 +263,9 @@ class Agent:
         if self.locator is None or self.pods is None:
             return
         locator = PollLocator(self.locator)  # four checks below, one cgroup read per process
-        if self._unheld_pod_on_card(snapshot, locator):
+        pods = self.pods.pods()
+        claimed = self._claim_holdings(pods)
+        if self._unheld_pod_on_card(snapshot, locator, pods, self._holders(claimed)):
             # A container may start within one reconcile of its Allocate: ask kubelet now, so its
             # processes are judged against its grant on this poll, not the next.
             await self.refresh_holdings()
@@ -274,8 +276,7 @@ class Agent:
             for h in self.holdings or []
             if _single_card(h.devices)
         }
-        pods = self.pods.pods()
-        grants.update(self._claim_holdings(pods))
+        grants.update(claimed)
         held = {k: (g.card, g.granted_bytes) for k, g in grants.items()}
         if isinstance(self.mode, cgrouplimit.CgroupLimit):
             containers = {
@@ -304,10 +305,15 @@ class Agent:
         self.metrics.set_containers(usages)
         await self.watchdog.check(usages)
 
-    def _unheld_pod_on_card(self, snapshot: Snapshot, locator: ProcessLocator) -> bool:
-        assert self.pods is not None
-        held = {pod for pod, _container in self.holders()}
-        uids = {pod.uid for pod in self.pods.pods() if pod.key not in held}
+    @staticmethod
+    def _unheld_pod_on_card(
+        snapshot: Snapshot,
+        locator: ProcessLocator,
+        pods: Sequence[PodInfo],
+        holders: set[tuple[PodKey, str]],
+    ) -> bool:
+        held = {pod for pod, _container in holders}
+        uids = {pod.uid for pod in pods if pod.key not in held}
         for process in snapshot.processes:
             where = locator.locate(process.pid)
             if where is not None and where.pod_uid in uids:
@@ -370,10 +376,13 @@ class Agent:
 
     def holders(self) -> set[tuple[PodKey, str]]:
         """Pods and containers that hold devices (PodResources) or prepared claims now."""
-        held = {(h.pod, h.container) for h in self.holdings or []}
-        if self.pods is not None:
-            held.update(self._claim_holdings(self.pods.pods()))
-        return held
+        claimed = self._claim_holdings(self.pods.pods()) if self.pods is not None else {}
+        return self._holders(claimed)
+
+    def _holders(
+        self, claimed: Mapping[tuple[PodKey, str], allocation.Grant]
+    ) -> set[tuple[PodKey, str]]:
+        return {(h.pod, h.container) for h in self.holdings or []} | claimed.keys()
 
     def _claim_holdings(
         self, pods: Sequence[PodInfo]

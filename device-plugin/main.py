@@ -131,7 +131,9 @@ async def _main(
     try:
         await dra_publisher.check_exclusive(dra_api, node=node, backend=settings.backend)
         if settings.backend == "dra":
-            await dra_main.serve(agent, api=dra_api, kubelet_dir=kubelet_dir, listen=(host, port))
+            await dra_main.serve(
+                agent, api=dra_api, kubelet_dir=kubelet_dir, pods=pods, listen=(host, port)
+            )
         else:
             await serve(agent, kubelet_dir=kubelet_dir, pods=pods, listen=(host, port))
     except asyncio.CancelledError:

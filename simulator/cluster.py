@@ -20,7 +20,7 @@ import os
 import shutil
 import tempfile
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Final
@@ -74,6 +74,16 @@ SLICES: Final = apiserver.Resource(
 DEVICE_CLASSES: Final = apiserver.Resource(
     "resource.k8s.io", "v1", "deviceclasses", "DeviceClass", False
 )
+
+GRANTED: Final = "gpushare_scheduler_card_granted_bytes"
+ROOM: Final = "gpushare_scheduler_card_room_bytes"
+
+
+def card_sample(
+    samples: Mapping[str, float], metric: str, *, node: str, card: str, index: int
+) -> float | None:
+    """One per-card sample of the extender's metrics (:meth:`Simulation.extender_samples`)."""
+    return samples.get(f'{metric}{{card="{card}",index="{index}",node="{node}"}}')
 
 
 @dataclass(slots=True)
@@ -460,8 +470,7 @@ class Simulation:
             holders = self.nodes.allocations()
             behind = False
             for card in self.fleet.cards:
-                label = f'card="{card.uuid}",index="{card.index}",node="{card.node}"'
-                room = samples.get(f"gpushare_scheduler_card_room_bytes{{{label}}}")
+                room = card_sample(samples, ROOM, node=card.node, card=card.uuid, index=card.index)
                 granted = held.get(card.uuid, 0) + holders.get(card.uuid, 0) * self.overhead_bytes
                 if room is not None and room not in (0, card.model.cuda_total_bytes - granted):
                     behind = True
@@ -508,11 +517,13 @@ class Simulation:
         for node in self.fleet.nodes:
             node_gpus = self.node_gpus[node.name]
             for card in node.cards:
-                label = f'card="{card.uuid}",index="{card.index}",node="{node.name}"'
                 granted = int(
                     held.get(card.uuid, 0)
                     if self.nodes.dra
-                    else samples.get(f"gpushare_scheduler_card_granted_bytes{{{label}}}", 0)
+                    else card_sample(
+                        samples, GRANTED, node=node.name, card=card.uuid, index=card.index
+                    )
+                    or 0
                 )
                 states.append(
                     CardState(

@@ -49,7 +49,7 @@ from gpushare.core import config, names
 from gpushare.core.ids import CardUUID, NodeName
 from gpushare.deviceplugin import nvml
 from gpushare.deviceplugin.watchdog import Location
-from gpushare.simulator import apiserver, kubelet, mpsfake
+from gpushare.simulator import apiserver, cluster, kubelet, mpsfake
 from gpushare.simulator.cluster import Simulation
 from gpushare.simulator.fleet import CATALOGUE, Card, Fleet, Node, lookup
 from gpushare.simulator.nodes import NodeBackend
@@ -450,8 +450,7 @@ class Stack:
         """The extender's view of the card, from its metrics: [memory taken, capacity] in GiB
         (taken = grants and their MPS servers = capacity less the room it reports)."""
         samples = await self.sim.extender_samples()
-        labels = f'card="{card}",index="0",node="{NODE}"'
-        room = samples.get(f"gpushare_scheduler_card_room_bytes{{{labels}}}")
+        room = cluster.card_sample(samples, cluster.ROOM, node=NODE, card=card, index=0)
         if room is None:
             return {}
         return {f"{NODE}/{card}": [round((capacity - room) / GI, 3), round(capacity / GI, 3)]}

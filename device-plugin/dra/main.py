@@ -11,6 +11,7 @@ from pathlib import Path
 
 import aiohttp.web
 
+from gpushare.deviceplugin import kube
 from gpushare.deviceplugin.agent import Agent, guard
 from gpushare.deviceplugin.dra.claims import Claims
 from gpushare.deviceplugin.dra.kube import DraApi
@@ -24,16 +25,21 @@ async def serve(
     *,
     api: DraApi,
     kubelet_dir: Path,
+    pods: kube.PodCache | None = None,
     listen: tuple[str, int] | None = None,
 ) -> None:
-    """Start ``agent``; publish its slice and serve the DRA plugin until cancelled."""
+    """Start ``agent``; publish its slice and serve the DRA plugin until cancelled, with the watch
+    of the node's pods (``pods``: the agent's cache, through which the watchdog and the escape
+    checks find the containers that use a prepared claim)."""
     publisher = Publisher(api, node=agent.node, settings=agent.settings)
     claims = Claims(agent, api, cdi_dir=agent.settings.agent.cdi_spec_dir)
-    server = DraServer(
-        claims,
-        kubelet_dir=kubelet_dir,
-        on_registration=lambda ok: agent.metrics.registered.set(1 if ok else 0),
-    )
+
+    def registered(ok: bool) -> None:
+        agent.metrics.registered.set(1 if ok else 0)
+        if ok:  # a kubelet that just started has wiped the node's slices
+            publisher.forget()
+
+    server = DraServer(claims, kubelet_dir=kubelet_dir, on_registration=registered)
 
     def not_ready() -> str | None:
         if not publisher.published:
@@ -60,3 +66,5 @@ async def serve(
             group.create_task(agent.run_loops())
             group.create_task(guard("dra-plugin", server.run))
             group.create_task(guard("resourceslice", every_poll))
+            if pods is not None:
+                group.create_task(guard("pod-watch", pods.run))

@@ -6,12 +6,17 @@ agent, accounts for what claims consume. The pool's generation starts at the age
 in seconds and grows by one per change, so it keeps growing across restarts as the API asks.
 The slice stays when the agent stops, so a restart does not take the node's cards away from new
 claims for long; handing the node to the extender backend means deleting it (docs/install.md).
+
+kubelet deletes every ResourceSlice of its node when it starts, and a driver's slices 30 s after
+the driver unregisters for good. So the slice is also written again, unchanged, when kubelet
+registers the plugin (:meth:`Publisher.forget`: a restarted kubelet may just have wiped it) and
+every :data:`RESYNC_SECONDS` (a wipe that came after that registration, or any other deletion).
 """
 
 import logging
 import time
 from collections.abc import Callable, Iterable
-from typing import Any
+from typing import Any, Final
 
 from gpushare.core import dra, errors, names
 from gpushare.core.config import Settings
@@ -20,6 +25,9 @@ from gpushare.deviceplugin.dra.kube import DraApi
 from gpushare.runtime.errors import ApiError
 
 logger = logging.getLogger(__name__)
+
+RESYNC_SECONDS: Final = 30.0
+"""How often an unchanged slice is written again (server-side apply: a no-op while it exists)."""
 
 
 class Publisher:
@@ -37,8 +45,11 @@ class Publisher:
         self._node = node
         self._unit = settings.unit_bytes
         self._overhead = settings.allocation_overhead_bytes
+        self._clock = clock
         self._generation = int(clock())
         self._last: list[Any] | None = None
+        self._written_at = 0.0
+        self._stale = False
 
     @property
     def name(self) -> str:
@@ -50,33 +61,45 @@ class Publisher:
         """Whether the slice is written as last offered."""
         return self._last is not None
 
+    def forget(self) -> None:
+        """The slice may be gone (kubelet registered the plugin again): write it next offer."""
+        self._stale = True
+
     async def offer(self, cards: Iterable[CardReport]) -> bool:
-        """Write the slice if its devices changed; returns whether it was written."""
-        body = dra.resource_slice(
-            self._node,
-            list(cards),
-            generation=self._generation + 1,
-            unit_bytes=self._unit,
-            overhead_bytes=self._overhead,
-        )
-        devices = body["spec"]["devices"]
-        if devices == self._last:
+        """Write the slice if its devices changed, or it may be gone, or it is due a resync;
+        returns whether it was written."""
+        offered = list(cards)
+        devices = self._body(offered, self._generation)["spec"]["devices"]
+        changed = devices != self._last
+        now = self._clock()
+        if not changed and not self._stale and now - self._written_at < RESYNC_SECONDS:
             return False
+        generation = self._generation + 1 if changed else self._generation
         try:
-            await self._api.apply_slice(body)
+            await self._api.apply_slice(self._body(offered, generation))
         except ApiError as exc:
             logger.warning("node %s: cannot write ResourceSlice %s: %s", self._node, self.name, exc)
             return False
-        self._generation += 1
-        self._last = devices
-        logger.info(
-            "node %s: ResourceSlice %s offers %d card(s), generation %d",
-            self._node,
-            self.name,
-            len(devices),
-            self._generation,
-        )
+        self._written_at, self._stale = now, False
+        if changed:
+            self._generation, self._last = generation, devices
+            logger.info(
+                "node %s: ResourceSlice %s offers %d card(s), generation %d",
+                self._node,
+                self.name,
+                len(devices),
+                generation,
+            )
         return True
+
+    def _body(self, cards: list[CardReport], generation: int) -> dict[str, Any]:
+        return dra.resource_slice(
+            self._node,
+            cards,
+            generation=generation,
+            unit_bytes=self._unit,
+            overhead_bytes=self._overhead,
+        )
 
 
 async def check_exclusive(api: DraApi, *, node: str, backend: str) -> None:

@@ -17,6 +17,7 @@ from gpushare.deviceplugin import kube
 from gpushare.deviceplugin.agent import Agent
 from gpushare.deviceplugin.dra import cdi
 from gpushare.deviceplugin.dra import main as dra_main
+from gpushare.deviceplugin.dra import publisher as publisher_module
 from gpushare.deviceplugin.dra.kube import KubeDraApi
 from gpushare.deviceplugin.dra.publisher import Publisher, check_exclusive
 from gpushare.simulator.drakubelet import DraKubelet
@@ -114,6 +115,37 @@ async def test_the_agent_publishes_its_healthy_cards_and_republishes_on_change(
     assert second is not None
     assert [d["name"] for d in second["spec"]["devices"]] == ["gpu-0"]
     assert second["spec"]["pool"]["generation"] > first["spec"]["pool"]["generation"]
+
+
+async def test_a_slice_deleted_under_the_agent_is_written_again(
+    control_plane: cluster.ControlPlane,
+    node: str,
+    dra_api: KubeDraApi,
+    make_agent: AgentFactory,
+    short_tmp: Path,
+) -> None:
+    # kubelet deletes every ResourceSlice of its node when it starts, and a driver's 30 s after
+    # it unregisters: the node's cards must not stay unoffered until a card changes.
+    rest = control_plane.rest()
+    now = [1000.0]
+    agent = make_agent(node=node, settings=dra_settings(short_tmp))
+    await agent.poll()
+    publisher = Publisher(dra_api, node=node, settings=agent.settings, clock=lambda: now[0])
+    assert await publisher.offer(agent.card_reports())
+    generation = read_slice(rest, node)["spec"]["pool"]["generation"]  # type: ignore[index]
+
+    rest.delete(f"{RESOURCE}/resourceslices/{dra.slice_name(node)}")
+    publisher.forget()  # kubelet registered the plugin again: its start may have wiped the slice
+    assert await publisher.offer(agent.card_reports())
+    again = read_slice(rest, node)
+    assert again is not None
+    assert again["spec"]["pool"]["generation"] == generation  # same devices, same generation
+
+    rest.delete(f"{RESOURCE}/resourceslices/{dra.slice_name(node)}")  # with no word from kubelet
+    assert not await publisher.offer(agent.card_reports())
+    now[0] += publisher_module.RESYNC_SECONDS
+    assert await publisher.offer(agent.card_reports())
+    assert read_slice(rest, node) is not None
 
 
 async def test_each_backend_refuses_a_node_the_other_serves(

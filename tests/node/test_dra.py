@@ -10,15 +10,17 @@ first.
 """
 
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import pytest
 
 from gpushare.core import config, names, quantities
+from gpushare.deviceplugin import escapes
 from gpushare.deviceplugin.dra import cdi
 from tests import cluster
-from tests.deviceplugin.conftest import CARD_A
+from tests.deviceplugin.conftest import CARD_A, card, write_fake
 from tests.node import kserve, local, runtime, workloads
 from tests.node.local import RealNode
 from tests.node.test_kserve import ISVC_API, create, isvc_ready, predictor_pods
@@ -88,10 +90,29 @@ def _claim(node: RealNode, pod: dict[str, Any]) -> dict[str, Any]:
     )
 
 
+@dataclass(frozen=True)
+class OnClaim:
+    """The seed's service served on a claim: its pod, stand-in line, claim, CDI spec, MPS pipe."""
+
+    pod: dict[str, Any]
+    line: dict[str, Any]
+    claim: dict[str, Any]
+    spec: Path
+    pipe: Path
+
+
+def _serve_on_claim(node: RealNode, namespace: str) -> OnClaim:
+    pod, line = _serve(node, namespace)
+    claim = _claim(node, pod)
+    spec = cdi.path(runtime.CDI_DIR, claim["metadata"]["uid"])
+    return OnClaim(pod, line, claim, spec, Path(line["env"][names.ENV_MPS_PIPE_DIRECTORY]))
+
+
 def test_the_seed_service_runs_on_a_claim_the_real_kubelet_prepared(
     dra_node: RealNode, dra_namespace: str, extender_env: dict[str, str]
 ) -> None:
-    pod, line = _serve(dra_node, dra_namespace)
+    served = _serve_on_claim(dra_node, dra_namespace)
+    pod, line, claim, spec, pipe = (served.pod, served.line, served.claim, served.spec, served.pipe)
 
     # No extender: the cluster's own kube-scheduler placed it by its claim, not by gpu-memory.
     assert pod["spec"]["schedulerName"] == "default-scheduler"
@@ -101,7 +122,6 @@ def test_the_seed_service_runs_on_a_claim_the_real_kubelet_prepared(
     assert {"name": names.DRA_CLAIM_NAME} in container["resources"]["claims"]
 
     # kube-scheduler's allocator wrote the card and the memory into the claim's status.
-    claim = _claim(dra_node, pod)
     [result] = claim["status"]["allocation"]["devices"]["results"]
     assert result["driver"] == names.DRA_DRIVER
     assert result["pool"] == dra_node.name
@@ -111,7 +131,6 @@ def test_the_seed_service_runs_on_a_claim_the_real_kubelet_prepared(
 
     # The real kubelet prepared it over the agent's socket; containerd applied the CDI spec it
     # named, so the container has the environment the device plugin gives the same grant.
-    spec = cdi.path(runtime.CDI_DIR, claim["metadata"]["uid"])
     assert spec.exists(), sorted(p.name for p in runtime.CDI_DIR.glob("*"))
     env = line["env"]
     assert env[names.ENV_CARD_UUID] == CARD_A
@@ -126,7 +145,6 @@ def test_the_seed_service_runs_on_a_claim_the_real_kubelet_prepared(
     # kubelet never sees a CDI spec's variables: the webhook wrote vLLM's utilization out.
     assert f"{names.VLLM_UTILIZATION_FLAG}={env[names.ENV_VLLM_UTILIZATION]}" in line["argv"]
 
-    pipe = Path(env[names.ENV_MPS_PIPE_DIRECTORY])
     assert pipe in workloads.live_daemons()
 
     # Deleting the service ends the pod: kubelet unprepares the claim (its CDI spec goes, its MPS
@@ -172,9 +190,8 @@ def test_a_service_that_finds_no_room_waits_with_the_schedulers_reason_then_take
 def test_a_replaced_dra_agent_keeps_the_claims_grant_and_unprepares_it_later(
     dra_node: RealNode, dra_namespace: str
 ) -> None:
-    pod, line = _serve(dra_node, dra_namespace)
-    spec = cdi.path(runtime.CDI_DIR, _claim(dra_node, pod)["metadata"]["uid"])
-    pipe = Path(line["env"][names.ENV_MPS_PIPE_DIRECTORY])
+    served = _serve_on_claim(dra_node, dra_namespace)
+    spec, pipe = served.spec, served.pipe
     assert pipe in workloads.live_daemons()
 
     # A DaemonSet rollout or an eviction: the new agent adopts the claim from its CDI spec, and
@@ -209,4 +226,75 @@ def test_a_replaced_dra_agent_keeps_the_claims_grant_and_unprepares_it_later(
         lambda: not spec.exists() and pipe not in workloads.live_daemons(), timeout=120,
         interval=1,
         what="the claim unprepared by the new agent: CDI spec removed, daemon stopped",
+    )  # fmt: skip
+
+
+def test_a_dra_container_that_leaves_mps_is_caught_through_its_claim_and_evicted(
+    dra_node: RealNode, dra_namespace: str
+) -> None:
+    pod, _ = _serve(dra_node, dra_namespace)
+    name = pod["metadata"]["name"]
+    [status] = pod["status"]["containerStatuses"]
+    container_id = status["containerID"].split("://")[1]
+    tasks = dra_node.containerd.ctr("tasks", "list").stdout.splitlines()[1:]
+    [pid] = [int(fields[1]) for fields in (t.split() for t in tasks) if fields[0] == container_id]
+
+    # NVML lists the container's process with a context outside MPS: the agent finds its grant
+    # through the pod's claim (kube-controller-manager's resourceClaimStatuses, the claim prepared
+    # here) and the cgroup runc gave the process, and acts as on the device plugin's grants.
+    escaped = [{"pid": pid, "card": CARD_A, "used": "2Gi", "kind": "cuda"}]
+    write_fake(dra_node.nvml_file, [card(CARD_A, 0)], processes=escaped)
+    try:
+
+        def caught() -> dict[str, Any] | None:
+            found = dra_node.cp.rest().get(f"/api/v1/namespaces/{dra_namespace}/events")["items"]
+            for event in found:
+                if event["reason"] == escapes.REASON and event["involvedObject"]["name"] == name:
+                    return dict(event)
+            return None
+
+        event = cluster.wait_for(caught, timeout=60, interval=1, what="the escape's Event")
+        assert status["name"] in event["message"], event["message"]
+        cluster.wait_for(
+            lambda: all(p["metadata"]["name"] != name for p in predictor_pods(
+                dra_node, dra_namespace, "bloom"
+            )),
+            timeout=60, interval=1, what=f"{name} evicted",
+        )  # fmt: skip
+    finally:
+        write_fake(dra_node.nvml_file, [card(CARD_A, 0)])
+
+
+def test_a_kubelet_restart_keeps_the_prepared_claim_and_unprepares_it_from_its_checkpoint(
+    dra_node: RealNode, dra_namespace: str
+) -> None:
+    served = _serve_on_claim(dra_node, dra_namespace)
+    spec, pipe = served.spec, served.pipe
+    [before] = served.pod["status"]["containerStatuses"]
+
+    dra_node.kubelet.stop()
+    dra_node.kubelet.start()
+
+    # The plugin watcher registers the agent again: a service created now is prepared and runs.
+    create(
+        dra_node,
+        kserve.seed(dra_node.nvml_file, "isvc-vllm-openai.yaml", "late", dra_namespace, "8Gi"),
+    )
+    isvc_ready(dra_node, dra_namespace, "late")
+    [late] = predictor_pods(dra_node, dra_namespace, "late")
+    late_line = workloads.standin_line(dra_node.cp, dra_namespace, late["metadata"]["name"])
+    assert int(late_line["env"][names.ENV_GRANTED_BYTES]) == 8 * 1024**3
+
+    # The first container runs on, never restarted, its claim still prepared.
+    [after] = predictor_pods(dra_node, dra_namespace, "bloom")
+    [status] = after["status"]["containerStatuses"]
+    assert (status["containerID"], status["restartCount"]) == (before["containerID"], 0)
+    assert spec.exists()
+    assert pipe in workloads.live_daemons()
+
+    # The restarted kubelet unprepares it from its own checkpoint when the pod goes.
+    dra_node.cp.rest().delete(f"{ISVC_API.format(ns=dra_namespace)}/bloom")
+    cluster.wait_for(
+        lambda: not spec.exists() and pipe not in workloads.live_daemons(), timeout=120,
+        interval=1, what="the claim unprepared after kubelet's restart",
     )  # fmt: skip
