@@ -17,7 +17,10 @@ if [[ -x "$dest/manager" && -s "$dest/VERSION" ]]; then
     exit 0
 fi
 start=$SECONDS
+# Fetch the module first: with an empty module cache `go list -m` names no folder.
+go mod download github.com/kserve/kserve
 source_dir="$(go list -m -f '{{.Dir}}' github.com/kserve/kserve)"
+[[ -d "$source_dir" ]] || { echo "build.sh: no source folder for github.com/kserve/kserve" >&2; exit 1; }
 stage="$(mktemp -d)"
 trap 'rm -rf "$stage"' EXIT
 echo "building KServe's manager $version ..." >&2
