@@ -172,6 +172,20 @@ def _agent_ready(cp: cluster.ControlPlane, node: str) -> bool:
     return len(live) == 1 and workloads.ready(live[0])
 
 
+def replace_agent(node: RealNode, *, timeout: float = 120) -> None:
+    """Delete the node's agent pod (a DaemonSet rollout, an eviction) and wait until the
+    DaemonSet's new one is Ready."""
+    [old] = node.system_pods(DAEMONSET)
+    node.cp.rest().delete(f"/api/v1/namespaces/{names.NAMESPACE}/pods/{old['metadata']['name']}")
+
+    def replaced() -> bool:
+        pods = node.system_pods(DAEMONSET)
+        fresh = [p for p in pods if p["metadata"]["uid"] != old["metadata"]["uid"]]
+        return len(pods) == 1 and bool(fresh) and workloads.ready(fresh[0])
+
+    cluster.wait_for(replaced, timeout=timeout, interval=1, what="a new agent pod Ready")
+
+
 def _restart_agent(cp: cluster.ControlPlane, node: str, backend: str) -> None:
     """Label the node ``gpushare.io/backend=<backend>`` and delete its agent pod (waiting until it
     is gone): the DaemonSet's next pod reads the label at start-up."""

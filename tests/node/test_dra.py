@@ -196,20 +196,7 @@ def test_a_replaced_dra_agent_keeps_the_claims_grant_and_unprepares_it_later(
 
     # A DaemonSet rollout or an eviction: the new agent adopts the claim from its CDI spec, and
     # kubelet's plugin watcher registers it again; the container runs on.
-    [old] = dra_node.system_pods(local.DAEMONSET)
-    dra_node.cp.rest().delete(
-        f"/api/v1/namespaces/{names.NAMESPACE}/pods/{old['metadata']['name']}"
-    )
-
-    def replaced() -> bool:
-        pods = dra_node.system_pods(local.DAEMONSET)
-        return (
-            len(pods) == 1
-            and pods[0]["metadata"]["uid"] != old["metadata"]["uid"]
-            and (workloads.ready(pods[0]))
-        )
-
-    cluster.wait_for(replaced, timeout=180, interval=1, what="a new DRA agent pod Ready")
+    local.replace_agent(dra_node, timeout=180)
     [after] = predictor_pods(dra_node, dra_namespace, "bloom")
     assert after["status"]["containerStatuses"][0]["restartCount"] == 0
     assert spec.exists()

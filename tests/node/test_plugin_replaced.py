@@ -2,14 +2,11 @@
 the new pod registers again, the running container keeps its grant, nothing is granted twice, and
 kubelet's PodResources, the checkpoint and the extender's ledger agree."""
 
-from typing import Any
-
 import pytest
 
-from gpushare.core import names
 from tests import cluster
-from tests.node import workloads
-from tests.node.local import DAEMONSET, RealNode
+from tests.node import local, workloads
+from tests.node.local import RealNode
 
 pytestmark = pytest.mark.timeout(600)
 
@@ -25,15 +22,7 @@ def test_a_replaced_device_plugin_pod_keeps_grants_and_grants_nothing_twice(
     assert len(kept_ids) == 30
     [pipe] = workloads.live_daemons()
 
-    [old] = real_node.system_pods(DAEMONSET)
-    cp.rest().delete(f"/api/v1/namespaces/{names.NAMESPACE}/pods/{old['metadata']['name']}")
-
-    def replaced() -> dict[str, Any] | None:
-        pods = real_node.system_pods(DAEMONSET)
-        fresh = [p for p in pods if p["metadata"]["uid"] != old["metadata"]["uid"]]
-        return fresh[0] if len(pods) == 1 and fresh and workloads.ready(fresh[0]) else None
-
-    cluster.wait_for(replaced, timeout=120, interval=1, what="a new device-plugin pod Ready")
+    local.replace_agent(real_node)
 
     [after] = workloads.wait_running(real_node, ns, "kept-predictor", 1)
     status, earlier = (
